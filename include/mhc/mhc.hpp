@@ -1,0 +1,7 @@
+// Umbrella header of the mhc library.
+#pragma once
+
+#include "mhc/config.hpp"
+#include "mhc/errors.hpp"
+#include "mhc/ops.hpp"
+#include "mhc/tensor.hpp"

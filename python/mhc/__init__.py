@@ -1,0 +1,1 @@
+"""mhc: Manifold-Constrained Hyper-Connections for PyTorch."""

@@ -1,0 +1,289 @@
+// Front end of every n-stream op: validate, optionally scan for non-finite inputs, dispatch.
+#include "mhc/ops.hpp"
+
+#include "backend.hpp"
+#include "common/validate.hpp"
+
+namespace mhc {
+
+using detail::ArgChecker;
+using detail::check_finite;
+using detail::coef_dtype;
+using detail::Dim;
+
+namespace {
+
+// Shapes and types fixed by the leading stream tensor x [T, n, C].
+struct Streams {
+  Dim T, n, C, m, nC;
+  DType storage, coef;
+  Device device;
+};
+
+Streams leading_streams(const ArgChecker& check, const TensorView& x, const char* name, const MhcConfig& cfg) {
+  check.config(cfg);
+  check.leading(x, name, 3, "[T, n, C]");
+  check.streams(x.shape[1], cfg, name);
+  if (x.shape[2] < 1) check.fail(std::string(name) + ": the width C must be >= 1, got 0");
+  const std::int64_t n = x.shape[1];
+  return {{x.shape[0], "T"},   {n, "n"},          {x.shape[2], "C"}, {n * n + 2 * n, "n*n+2n"},
+          {n * x.shape[2], "n*C"}, x.dtype, coef_dtype(x.dtype), x.device};
+}
+
+// fn/base/scale of a pre site (m rows) or a head (n rows); static mode when fn is absent.
+void check_params(const ArgChecker& check, const Streams& s, Dim rows, Dim scales, const TensorView& fn,
+                  const TensorView& base, const TensorView& scale) {
+  check.optional(fn, "fn", {rows, s.nC}, s.coef, s.device);
+  check.tensor(base, "base", {rows}, s.coef, s.device);
+  if (fn.present() && !scale.present()) check.fail("scale: required when fn is given");
+  check.optional(scale, "scale", {scales}, s.coef, s.device);
+}
+
+void check_param_grads(const ArgChecker& check, const Streams& s, Dim rows, Dim scales, const TensorView& fn,
+                       const TensorView& scale, const TensorView& grad_fn, const TensorView& grad_base,
+                       const TensorView& grad_scale) {
+  if (fn.present()) check.tensor(grad_fn, "grad_fn", {rows, s.nC}, s.coef, s.device);
+  else if (grad_fn.present()) check.fail("grad_fn: given but fn is absent (static mode)");
+  check.tensor(grad_base, "grad_base", {rows}, s.coef, s.device);
+  if (scale.present()) check.tensor(grad_scale, "grad_scale", {scales}, s.coef, s.device);
+  else if (grad_scale.present()) check.fail("grad_scale: given but scale is absent");
+}
+
+void check_workspace(const ArgChecker& check, const TensorView& ws, std::size_t needed, Device device) {
+  if (needed == 0) return;
+  check.present(ws, "workspace");
+  const std::size_t have = static_cast<std::size_t>(ws.numel()) * dtype_size(ws.dtype);
+  if (have < needed)
+    check.fail("workspace: expected at least " + std::to_string(needed) + " bytes, got " + std::to_string(have));
+  if (!(ws.device == device)) check.fail_device("workspace: expected a buffer on " + device_name(device));
+}
+
+void check_pre_outputs(const ArgChecker& check, const Streams& s, const TensorView& layer_input,
+                       const TensorView& h_pre, const TensorView& h_post, const TensorView& comb,
+                       const TensorView& mixes, const TensorView& rstd, const char* h_post_name,
+                       const char* comb_name) {
+  check.tensor(layer_input, "layer_input", {s.T, s.C}, s.storage, s.device);
+  check.tensor(h_pre, "h_pre", {s.T, s.n}, s.coef, s.device);
+  check.tensor(h_post, h_post_name, {s.T, s.n}, s.coef, s.device);
+  check.tensor(comb, comb_name, {s.T, s.n, s.n}, s.coef, s.device);
+  check.optional(mixes, "mixes", {s.T, s.m}, s.coef, s.device);
+  check.optional(rstd, "rstd", {s.T}, s.coef, s.device);
+}
+
+std::size_t backward_workspace(const PreBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  if (detail::select_backend(a.x.device, ctx) != Backend::cuda) return 0;
+  return cuda_impl::pre_backward_workspace_bytes(a, cfg);
+}
+std::size_t backward_workspace(const HeadBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  if (detail::select_backend(a.x.device, ctx) != Backend::cuda) return 0;
+  return cuda_impl::head_backward_workspace_bytes(a, cfg);
+}
+
+}  // namespace
+
+void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("pre_forward");
+  const Streams s = leading_streams(check, a.x, "x", cfg);
+  check_params(check, s, s.m, {3, "3"}, a.fn, a.base, a.scale);
+  check_pre_outputs(check, s, a.layer_input, a.h_pre, a.h_post, a.comb, a.mixes, a.rstd, "h_post", "comb");
+  check_finite(a.x, "x", "pre_forward", cfg, ctx);
+  check_finite(a.fn, "fn", "pre_forward", cfg, ctx);
+  check_finite(a.base, "base", "pre_forward", cfg, ctx);
+  check_finite(a.scale, "scale", "pre_forward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, pre_forward(a, cfg, ctx));
+}
+
+std::size_t pre_backward_workspace_bytes(const PreBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("pre_backward");
+  leading_streams(check, a.x, "x", cfg);
+  return backward_workspace(a, cfg, ctx);
+}
+
+void pre_backward(const PreBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("pre_backward");
+  const Streams s = leading_streams(check, a.x, "x", cfg);
+  check_params(check, s, s.m, {3, "3"}, a.fn, a.base, a.scale);
+  check.tensor(a.mixes, "mixes", {s.T, s.m}, s.coef, s.device);
+  check.tensor(a.rstd, "rstd", {s.T}, s.coef, s.device);
+  check.optional(a.grad_layer_input, "grad_layer_input", {s.T, s.C}, s.storage, s.device);
+  check.optional(a.grad_h_pre, "grad_h_pre", {s.T, s.n}, s.coef, s.device);
+  check.optional(a.grad_h_post, "grad_h_post", {s.T, s.n}, s.coef, s.device);
+  check.optional(a.grad_comb, "grad_comb", {s.T, s.n, s.n}, s.coef, s.device);
+  check.optional(a.grad_x_accum, "grad_x_accum", {s.T, s.n, s.C}, s.storage, s.device);
+  check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
+  check_param_grads(check, s, s.m, {3, "3"}, a.fn, a.scale, a.grad_fn, a.grad_base, a.grad_scale);
+  check_workspace(check, a.workspace, backward_workspace(a, cfg, ctx), s.device);
+  for (auto [t, name] : {std::pair{&a.grad_layer_input, "grad_layer_input"}, {&a.grad_h_pre, "grad_h_pre"},
+                         {&a.grad_h_post, "grad_h_post"}, {&a.grad_comb, "grad_comb"},
+                         {&a.grad_x_accum, "grad_x_accum"}})
+    check_finite(*t, name, "pre_backward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, pre_backward(a, cfg, ctx));
+}
+
+void post_forward(const PostForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("post_forward");
+  const Streams s = leading_streams(check, a.x, "x", cfg);
+  check.tensor(a.y, "y", {s.T, s.C}, s.storage, s.device);
+  check.tensor(a.h_post, "h_post", {s.T, s.n}, s.coef, s.device);
+  check.tensor(a.comb, "comb", {s.T, s.n, s.n}, s.coef, s.device);
+  check.tensor(a.x_next, "x_next", {s.T, s.n, s.C}, s.storage, s.device);
+  check_finite(a.x, "x", "post_forward", cfg, ctx);
+  check_finite(a.y, "y", "post_forward", cfg, ctx);
+  check_finite(a.h_post, "h_post", "post_forward", cfg, ctx);
+  check_finite(a.comb, "comb", "post_forward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, post_forward(a, cfg, ctx));
+}
+
+void post_backward(const PostBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("post_backward");
+  const Streams s = leading_streams(check, a.x, "x", cfg);
+  check.tensor(a.grad_x_next, "grad_x_next", {s.T, s.n, s.C}, s.storage, s.device);
+  check.tensor(a.y, "y", {s.T, s.C}, s.storage, s.device);
+  check.tensor(a.h_post, "h_post", {s.T, s.n}, s.coef, s.device);
+  check.tensor(a.comb, "comb", {s.T, s.n, s.n}, s.coef, s.device);
+  check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
+  check.tensor(a.grad_y, "grad_y", {s.T, s.C}, s.storage, s.device);
+  check.tensor(a.grad_h_post, "grad_h_post", {s.T, s.n}, s.coef, s.device);
+  check.tensor(a.grad_comb, "grad_comb", {s.T, s.n, s.n}, s.coef, s.device);
+  check_finite(a.grad_x_next, "grad_x_next", "post_backward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, post_backward(a, cfg, ctx));
+}
+
+void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("post_pre_forward");
+  const Streams s = leading_streams(check, a.x, "x", cfg);
+  check.tensor(a.y, "y", {s.T, s.C}, s.storage, s.device);
+  check.tensor(a.h_post, "h_post", {s.T, s.n}, s.coef, s.device);
+  check.tensor(a.comb, "comb", {s.T, s.n, s.n}, s.coef, s.device);
+  check_params(check, s, s.m, {3, "3"}, a.fn, a.base, a.scale);
+  check.tensor(a.x_next, "x_next", {s.T, s.n, s.C}, s.storage, s.device);
+  check_pre_outputs(check, s, a.layer_input, a.h_pre, a.h_post_next, a.comb_next, a.mixes, a.rstd,
+                    "h_post_next", "comb_next");
+  for (auto [t, name] : {std::pair{&a.x, "x"}, {&a.y, "y"}, {&a.h_post, "h_post"}, {&a.comb, "comb"},
+                         {&a.fn, "fn"}, {&a.base, "base"}, {&a.scale, "scale"}})
+    check_finite(*t, name, "post_pre_forward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, post_pre_forward(a, cfg, ctx));
+}
+
+void sinkhorn_forward(const SinkhornForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("sinkhorn_forward");
+  check.config(cfg);
+  check.leading(a.logits, "logits", 3, "[T, n, n]");
+  const Dim T{a.logits.shape[0], "T"}, n{a.logits.shape[1], "n"};
+  check.streams(n.value, cfg, "logits");
+  if (a.logits.shape[2] != n.value) check.fail("logits: expected square [T, n, n] matrices, got " + a.logits.shape_string());
+  const DType k = a.logits.dtype;
+  if (k != DType::f32 && k != DType::f64)
+    check.fail_dtype(std::string("logits: expected dtype float32 or float64, got ") + dtype_name(k));
+  check.tensor(a.comb, "comb", {T, n, n}, k, a.logits.device);
+  check_finite(a.logits, "logits", "sinkhorn_forward", cfg, ctx);
+  MHC_DISPATCH(a.logits.device, ctx, sinkhorn_forward(a, cfg, ctx));
+}
+
+void sinkhorn_backward(const SinkhornBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("sinkhorn_backward");
+  check.config(cfg);
+  check.leading(a.logits, "logits", 3, "[T, n, n]");
+  const Dim T{a.logits.shape[0], "T"}, n{a.logits.shape[1], "n"};
+  check.streams(n.value, cfg, "logits");
+  if (a.logits.shape[2] != n.value) check.fail("logits: expected square [T, n, n] matrices, got " + a.logits.shape_string());
+  const DType k = a.logits.dtype;
+  if (k != DType::f32 && k != DType::f64)
+    check.fail_dtype(std::string("logits: expected dtype float32 or float64, got ") + dtype_name(k));
+  check.tensor(a.grad_comb, "grad_comb", {T, n, n}, k, a.logits.device);
+  check.tensor(a.grad_logits, "grad_logits", {T, n, n}, k, a.logits.device);
+  check_finite(a.grad_comb, "grad_comb", "sinkhorn_backward", cfg, ctx);
+  MHC_DISPATCH(a.logits.device, ctx, sinkhorn_backward(a, cfg, ctx));
+}
+
+void expand_forward(const ExpandForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("expand_forward");
+  check.config(cfg);
+  check.leading(a.x, "x", 2, "[T, C]");
+  check.streams(cfg.n, cfg, "n");
+  if (a.x.shape[1] < 1) check.fail("x: the width C must be >= 1, got 0");
+  check.tensor(a.out, "out", {{a.x.shape[0], "T"}, {cfg.n, "n"}, {a.x.shape[1], "C"}}, a.x.dtype, a.x.device);
+  check_finite(a.x, "x", "expand_forward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, expand_forward(a, cfg, ctx));
+}
+
+void expand_backward(const ExpandBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("expand_backward");
+  const Streams s = leading_streams(check, a.grad_out, "grad_out", cfg);
+  check.tensor(a.grad_x, "grad_x", {s.T, s.C}, s.storage, s.device);
+  MHC_DISPATCH(a.grad_out.device, ctx, expand_backward(a, cfg, ctx));
+}
+
+void head_forward(const HeadForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("head_forward");
+  const Streams s = leading_streams(check, a.x, "x", cfg);
+  check_params(check, s, s.n, {1, "1"}, a.fn, a.base, a.scale);
+  check.tensor(a.out, "out", {s.T, s.C}, s.storage, s.device);
+  check.tensor(a.weights, "weights", {s.T, s.n}, s.coef, s.device);
+  check.optional(a.mixes, "mixes", {s.T, s.n}, s.coef, s.device);
+  check.optional(a.rstd, "rstd", {s.T}, s.coef, s.device);
+  check_finite(a.x, "x", "head_forward", cfg, ctx);
+  check_finite(a.fn, "fn", "head_forward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, head_forward(a, cfg, ctx));
+}
+
+std::size_t head_backward_workspace_bytes(const HeadBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("head_backward");
+  leading_streams(check, a.x, "x", cfg);
+  return backward_workspace(a, cfg, ctx);
+}
+
+void head_backward(const HeadBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("head_backward");
+  const Streams s = leading_streams(check, a.x, "x", cfg);
+  check_params(check, s, s.n, {1, "1"}, a.fn, a.base, a.scale);
+  check.tensor(a.mixes, "mixes", {s.T, s.n}, s.coef, s.device);
+  check.tensor(a.rstd, "rstd", {s.T}, s.coef, s.device);
+  check.optional(a.grad_out, "grad_out", {s.T, s.C}, s.storage, s.device);
+  check.optional(a.grad_weights, "grad_weights", {s.T, s.n}, s.coef, s.device);
+  check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
+  check_param_grads(check, s, s.n, {1, "1"}, a.fn, a.scale, a.grad_fn, a.grad_base, a.grad_scale);
+  check_workspace(check, a.workspace, backward_workspace(a, cfg, ctx), s.device);
+  check_finite(a.grad_out, "grad_out", "head_backward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, head_backward(a, cfg, ctx));
+}
+
+void residual_add_agg_forward(const ResidualAddAggForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("residual_add_agg_forward");
+  const Streams s = leading_streams(check, a.x, "x", cfg);
+  check.tensor(a.res, "res", {s.T, s.n, s.C}, s.storage, s.device);
+  check.tensor(a.h_pre, "h_pre", {s.T, s.n}, s.coef, s.device);
+  check.tensor(a.x_out, "x_out", {s.T, s.n, s.C}, s.storage, s.device);
+  check.tensor(a.agg, "agg", {s.T, s.C}, s.storage, s.device);
+  check_finite(a.x, "x", "residual_add_agg_forward", cfg, ctx);
+  check_finite(a.res, "res", "residual_add_agg_forward", cfg, ctx);
+  check_finite(a.h_pre, "h_pre", "residual_add_agg_forward", cfg, ctx);
+  MHC_DISPATCH(a.x.device, ctx, residual_add_agg_forward(a, cfg, ctx));
+}
+
+void residual_add_agg_backward(const ResidualAddAggBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("residual_add_agg_backward");
+  const Streams s = leading_streams(check, a.x_out, "x_out", cfg);
+  check.optional(a.grad_x_out, "grad_x_out", {s.T, s.n, s.C}, s.storage, s.device);
+  check.optional(a.grad_agg, "grad_agg", {s.T, s.C}, s.storage, s.device);
+  check.tensor(a.h_pre, "h_pre", {s.T, s.n}, s.coef, s.device);
+  check.tensor(a.grad_sum, "grad_sum", {s.T, s.n, s.C}, s.storage, s.device);
+  check.tensor(a.grad_h_pre, "grad_h_pre", {s.T, s.n}, s.coef, s.device);
+  check_finite(a.grad_x_out, "grad_x_out", "residual_add_agg_backward", cfg, ctx);
+  check_finite(a.grad_agg, "grad_agg", "residual_add_agg_backward", cfg, ctx);
+  MHC_DISPATCH(a.x_out.device, ctx, residual_add_agg_backward(a, cfg, ctx));
+}
+
+const char* version() { return MHC_VERSION_STRING; }
+
+bool built_with_cuda() {
+#ifdef MHC_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int cuda_device_count() { return built_with_cuda() ? cuda_impl::device_count() : 0; }
+
+}  // namespace mhc
