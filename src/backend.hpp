@@ -25,20 +25,28 @@
 
 #define MHC_DECLARE_OP(name, Args) void name(const Args& args, const MhcConfig& cfg, const Context& ctx);
 
+// Workspace queries of the backward ops that reduce parameter gradients over tokens.
+#define MHC_DECLARE_WORKSPACE_QUERIES                                                               \
+  std::size_t pre_backward_workspace_bytes(const PreBackward& args, const MhcConfig& cfg,          \
+                                           const Context& ctx);                                    \
+  std::size_t head_backward_workspace_bytes(const HeadBackward& args, const MhcConfig& cfg,        \
+                                            const Context& ctx);
+
 namespace mhc {
 
 namespace cpu_ref {  // src/cpu/reference.cpp: plain loops, fp64 accumulation
 MHC_FOR_EACH_OP(MHC_DECLARE_OP)
-}
+MHC_DECLARE_WORKSPACE_QUERIES
+}  // namespace cpu_ref
 
-namespace cpu_fast {  // src/cpu/fast.cpp: threaded, vectorisable
+namespace cpu_fast {  // src/cpu/fast*.cpp: threaded, vectorisable
 MHC_FOR_EACH_OP(MHC_DECLARE_OP)
-}
+MHC_DECLARE_WORKSPACE_QUERIES
+}  // namespace cpu_fast
 
 namespace cuda_impl {  // src/cuda/*.cu (or src/ops_nocuda.cpp when built without CUDA)
 MHC_FOR_EACH_OP(MHC_DECLARE_OP)
-std::size_t pre_backward_workspace_bytes(const PreBackward& args, const MhcConfig& cfg);
-std::size_t head_backward_workspace_bytes(const HeadBackward& args, const MhcConfig& cfg);
+MHC_DECLARE_WORKSPACE_QUERIES
 std::int64_t count_nonfinite(const TensorView& t, const Context& ctx);  // synchronises the stream
 int device_count();
 }  // namespace cuda_impl

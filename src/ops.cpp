@@ -71,12 +71,10 @@ void check_pre_outputs(const ArgChecker& check, const Streams& s, const TensorVi
 }
 
 std::size_t backward_workspace(const PreBackward& a, const MhcConfig& cfg, const Context& ctx) {
-  if (detail::select_backend(a.x.device, ctx) != Backend::cuda) return 0;
-  return cuda_impl::pre_backward_workspace_bytes(a, cfg);
+  MHC_DISPATCH(a.x.device, ctx, pre_backward_workspace_bytes(a, cfg, ctx));
 }
 std::size_t backward_workspace(const HeadBackward& a, const MhcConfig& cfg, const Context& ctx) {
-  if (detail::select_backend(a.x.device, ctx) != Backend::cuda) return 0;
-  return cuda_impl::head_backward_workspace_bytes(a, cfg);
+  MHC_DISPATCH(a.x.device, ctx, head_backward_workspace_bytes(a, cfg, ctx));
 }
 
 }  // namespace

@@ -12,8 +12,8 @@ namespace {
   void name(const Args&, const MhcConfig&, const Context&) { unavailable(); }
 MHC_FOR_EACH_OP(MHC_UNAVAILABLE_OP)
 
-std::size_t pre_backward_workspace_bytes(const PreBackward&, const MhcConfig&) { unavailable(); }
-std::size_t head_backward_workspace_bytes(const HeadBackward&, const MhcConfig&) { unavailable(); }
+std::size_t pre_backward_workspace_bytes(const PreBackward&, const MhcConfig&, const Context&) { unavailable(); }
+std::size_t head_backward_workspace_bytes(const HeadBackward&, const MhcConfig&, const Context&) { unavailable(); }
 std::int64_t count_nonfinite(const TensorView&, const Context&) { unavailable(); }
 int device_count() { return 0; }
 
