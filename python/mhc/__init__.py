@@ -1,1 +1,40 @@
-"""mhc: Manifold-Constrained Hyper-Connections for PyTorch."""
+"""mhc: Manifold-Constrained Hyper-Connections for PyTorch.
+
+The engine is the C++/CUDA extension ``mhc._C``; :mod:`mhc.ops` registers its ops with ``torch.library``
+(autograd, fake tensors, torch.compile), :mod:`mhc.modules` builds the layers on them, and
+:mod:`mhc.reference` holds the plain-PyTorch implementations used as test oracle and baseline.
+"""
+
+from . import _C
+from . import ops, reference
+from .modules import MHC, MHCHead, MHCLayer, MHCState, StreamExpand
+from .ops import (
+    expand_streams,
+    mhc_head,
+    mhc_post,
+    mhc_post_pre,
+    mhc_pre,
+    residual_add_agg,
+    sinkhorn,
+    use_backend,
+)
+
+__version__ = _C.version()
+
+__all__ = [
+    "MHC",
+    "MHCHead",
+    "MHCLayer",
+    "MHCState",
+    "StreamExpand",
+    "expand_streams",
+    "mhc_head",
+    "mhc_post",
+    "mhc_post_pre",
+    "mhc_pre",
+    "residual_add_agg",
+    "sinkhorn",
+    "use_backend",
+    "ops",
+    "reference",
+]

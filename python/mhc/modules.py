@@ -1,0 +1,223 @@
+"""nn.Modules of the n-stream mHC layer: one site (:class:`MHC`), the seed-004 drop-in (:class:`MHCLayer`),
+stream expansion (:class:`StreamExpand`) and the head collapse (:class:`MHCHead`).
+
+Initialisation (every learned site): a fresh model computes exactly what a plain residual network
+computes, up to ``alpha_init``-sized perturbations. With the embedding expanded to ``n`` identical
+streams ``x_i = e``:
+
+- ``h_pre = 1/n`` (``base_pre = logit(1/n)``), so ``layer_input = sum_i h_pre[i] x_i = e``;
+- ``h_post = 1`` (``base_post = logit(1/post_mult)``, 0 for the default ``post_mult = 2``), so every stream
+  receives ``+F(layer_input)``;
+- ``comb`` is doubly stochastic with 0.95 on the diagonal and 0.05/(n-1) elsewhere
+  (``base_comb`` = ``log(19 (n-1))`` on the diagonal, 0 off it; the softmax already is doubly stochastic, so
+  Sinkhorn keeps it). Identical streams stay identical under any doubly stochastic ``comb``, and near-identity
+  keeps streams apart once they diverge, while the logits stay far from saturation so they still learn;
+- ``fn ~ N(0, 1/(n*C))`` so the RMS-normalised ``mixes`` have unit variance, and ``scale = alpha_init``
+  (0.01, paper Table 5): the dynamic part perturbs the logits by about 0.01 and breaks the symmetry
+  between streams. ``n = 1`` uses ``h_pre = 0.99`` (``logit(1)`` is infinite).
+
+So ``x_next_i = e + F(e)`` for every stream at step 0 (to within about 1%), i.e. the residual network
+``x + F(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+
+__all__ = ["MHCState", "MHC", "MHCLayer", "StreamExpand", "MHCHead"]
+
+_COMB_INIT_DIAG = 0.95  # initial diagonal of comb (H_res): near identity, not saturated
+_IMPLS = {"fused": ops, "torch": reference}
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def _pre_base(n: int) -> float:
+    return _logit(min(1.0 / n, 0.99))
+
+
+def _impl(name: str):
+    if name not in _IMPLS:
+        raise ValueError(f"mhc: impl: expected 'fused' or 'torch', got {name!r}")
+    return _IMPLS[name]
+
+
+class MHCState(NamedTuple):
+    """Per-token coefficients of one site, computed by :meth:`MHC.pre` and consumed by :meth:`MHC.post`."""
+
+    h_pre: Tensor   # [..., n]
+    h_post: Tensor  # [..., n]
+    comb: Tensor    # [..., n, n], comb[i, o] = H_res[o, i]
+
+
+class MHC(nn.Module):
+    """One mHC site around a sub-layer F: ``layer_input, state = site.pre(x)``, ``y = F(norm(layer_input))``,
+    ``x = site.post(x, y, state)``.
+
+    Args:
+        n: number of residual streams (1..64); C: width of each stream.
+        iters, post_mult, eps, norm_eps, pre_eps: SPEC section 1 hyper-parameters (paper defaults).
+        alpha_init: initial gating scales (alpha_pre, alpha_post, alpha_res).
+        static: no projection (``fn`` and ``scale`` are None): coefficients come from ``base`` alone.
+        impl: ``"fused"`` (mhc.ops, the C++/CUDA kernels) or ``"torch"`` (mhc.reference, plain PyTorch).
+
+    Parameters (float32): ``fn [n*n+2n, n*C]``, ``base [n*n+2n]``, ``scale [3]``. See the module docstring
+    for the initialisation, which starts the model as a plain residual network.
+    """
+
+    def __init__(self, n: int, C: int, *, iters: int = 20, post_mult: float = 2.0, eps: float = 1e-6,
+                 norm_eps: float = 1e-6, pre_eps: float = 1e-6, alpha_init: float = 0.01, static: bool = False,
+                 impl: str = "fused"):
+        super().__init__()
+        if not 1 <= n <= 64:
+            raise ValueError(f"mhc.MHC: n: expected 1..64 streams, got {n}")
+        if C < 1:
+            raise ValueError(f"mhc.MHC: C: expected a width >= 1, got {C}")
+        self.n, self.C = n, C
+        self.iters, self.post_mult, self.eps, self.norm_eps, self.pre_eps = iters, post_mult, eps, norm_eps, pre_eps
+        self.alpha_init, self.static = alpha_init, static
+        _impl(impl)
+        self.impl = impl
+        m = n * n + 2 * n
+        self.fn = None if static else nn.Parameter(torch.empty(m, n * C))
+        self.base = nn.Parameter(torch.empty(m))
+        self.scale = None if static else nn.Parameter(torch.empty(3))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        n = self.n
+        base = torch.zeros(n * n + 2 * n)
+        base[:n] = _pre_base(n)
+        base[n:2 * n] = _logit(1.0 / self.post_mult) if self.post_mult > 1 else 0.0
+        if n > 1:
+            base[2 * n:].view(n, n).diagonal().fill_(math.log(_COMB_INIT_DIAG * (n - 1) / (1 - _COMB_INIT_DIAG)))
+        self.base.copy_(base)
+        if self.fn is not None:
+            nn.init.normal_(self.fn, std=1.0 / math.sqrt(n * self.C))
+            self.scale.fill_(self.alpha_init)
+
+    @property
+    def _ops(self):
+        return _IMPLS[self.impl]  # a property: module objects must not be attributes (deepcopy, pickle)
+
+    def _hyper(self) -> dict:
+        return dict(iters=self.iters, post_mult=self.post_mult, eps=self.eps, norm_eps=self.norm_eps,
+                    pre_eps=self.pre_eps)
+
+    def pre(self, x: Tensor) -> Tuple[Tensor, MHCState]:
+        """``x [..., n, C]`` -> ``(layer_input [..., C], state)``."""
+        layer_input, h_pre, h_post, comb = self._ops.mhc_pre(x, self.fn, self.base, self.scale, **self._hyper())
+        return layer_input, MHCState(h_pre, h_post, comb)
+
+    def post(self, x: Tensor, y: Tensor, state: MHCState) -> Tensor:
+        """``x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i]``; y is F's output ``[..., C]``."""
+        return self._ops.mhc_post(x, y, state.h_post, state.comb)
+
+    def post_pre(self, x: Tensor, y: Tensor, state: MHCState, next_site: "MHC") -> Tuple[Tensor, Tensor, MHCState]:
+        """This site's post fused with ``next_site``'s pre (one pass over the residual):
+        -> ``(x_next, layer_input of next_site, state of next_site)``."""
+        x_next, layer_input, h_pre, h_post, comb = self._ops.mhc_post_pre(
+            x, y, state.h_post, state.comb, next_site.fn, next_site.base, next_site.scale, **next_site._hyper())
+        return x_next, layer_input, MHCState(h_pre, h_post, comb)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, MHCState]:
+        """Same as :meth:`pre`."""
+        return self.pre(x)
+
+    def extra_repr(self) -> str:
+        return (f"n={self.n}, C={self.C}, iters={self.iters}, post_mult={self.post_mult}, static={self.static}, "
+                f"impl={self.impl!r}")
+
+
+class MHCLayer(nn.Module):
+    """Seed 004's drop-in layer: one mHC site around ``sublayer`` (F), streams in, streams out.
+
+    Input ``[B, n, C]`` or ``[B, S, n, C]``; returns the same shape:
+    ``layer_input, state = pre(x); x_next = post(x, sublayer(layer_input), state)``.
+    With ``sublayer=None``, F is an RMSNorm over C (as in mhc-mlx). Other keywords go to :class:`MHC`.
+    """
+
+    def __init__(self, n: int, C: int, sublayer: Optional[nn.Module] = None, **mhc_kwargs):
+        super().__init__()
+        self.n, self.C = n, C
+        self.mhc = MHC(n, C, **mhc_kwargs)
+        self.sublayer = sublayer if sublayer is not None else nn.RMSNorm(C, eps=self.mhc.norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (3, 4) or tuple(x.shape[-2:]) != (self.n, self.C):
+            raise ValueError(f"mhc.MHCLayer: x: expected shape [B, n, C] or [B, S, n, C] with n = {self.n}, "
+                             f"C = {self.C}, got {list(x.shape)}")
+        layer_input, state = self.mhc.pre(x)
+        return self.mhc.post(x, self.sublayer(layer_input), state)
+
+
+class StreamExpand(nn.Module):
+    """``[..., C]`` -> ``[..., n, C]``: the embedding copied into every stream (its gradient is the sum)."""
+
+    def __init__(self, n: int, *, impl: str = "fused"):
+        super().__init__()
+        self.n = n
+        _impl(impl)
+        self.impl = impl
+
+    @property
+    def _ops(self):
+        return _IMPLS[self.impl]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._ops.expand_streams(x, self.n)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"
+
+
+class MHCHead(nn.Module):
+    """Collapse ``[..., n, C]`` to ``[..., C]`` before the final norm and output projection.
+
+    ``mode="learned"`` (DeepSeek-V4 style): ``w = sigmoid(mixes * scale + base) + eps``, ``out = sum_i w[i] x[i]``
+    with ``fn [n, n*C]``, ``base [n]``, ``scale [1]`` initialised so ``w = 1/n`` up to ``alpha_init``
+    perturbations (``fn ~ N(0, 1/(n*C))``, ``base = logit(1/n)``, ``scale = alpha_init``); ``mode="mean"``: plain mean
+    over streams, no parameters.
+    """
+
+    def __init__(self, n: int, C: int, mode: str = "learned", *, eps: float = 1e-6, alpha_init: float = 0.01,
+                 impl: str = "fused"):
+        super().__init__()
+        if mode not in ("learned", "mean"):
+            raise ValueError(f"mhc.MHCHead: mode: expected 'learned' or 'mean', got {mode!r}")
+        self.n, self.C, self.mode, self.eps, self.alpha_init = n, C, mode, eps, alpha_init
+        _impl(impl)
+        self.impl = impl
+        if mode == "learned":
+            self.fn = nn.Parameter(torch.empty(n, n * C))
+            self.base = nn.Parameter(torch.empty(n))
+            self.scale = nn.Parameter(torch.empty(1))
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.mode == "learned":
+            nn.init.normal_(self.fn, std=1.0 / math.sqrt(self.n * self.C))
+            self.base.fill_(_pre_base(self.n))
+            self.scale.fill_(self.alpha_init)
+
+    @property
+    def _ops(self):
+        return _IMPLS[self.impl]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "mean":
+            return x.mean(dim=-2)
+        return self._ops.mhc_head(x, self.fn, self.base, self.scale, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, C={self.C}, mode={self.mode!r}"
