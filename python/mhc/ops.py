@@ -104,15 +104,28 @@ def _config(n: int, iters: int = 20, post_mult: float = 2.0, eps: float = 1e-6, 
     return _C.Config(n=n, iters=iters, eps=eps, norm_eps=norm_eps, pre_eps=pre_eps, post_mult=post_mult)
 
 
+# Tests set this: every output is NaN-filled before the op runs, so elements it fails to write show.
+_poison_outputs = False
+
+
+def _new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An output buffer with like's device (and shape / dtype unless given)."""
+    shape = like.shape if shape is None else shape
+    dtype = like.dtype if dtype is None else dtype
+    if _poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
 def _workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
     if nbytes == 0:
         return None
-    return torch.empty(math.ceil(nbytes / 4), dtype=torch.float32, device=like.device)
+    return _new(like, (math.ceil(nbytes / 4),), torch.float32)  # poisoned too: backends may not assume zeros
 
 
-def _empty_or_placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
+def _new_or_placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
     # Custom ops cannot return None: an absent parameter's gradient is a [0] placeholder.
-    return torch.empty_like(t) if t is not None else like.new_empty((0,))
+    return _new(t) if t is not None else like.new_empty((0,))
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -126,8 +139,8 @@ def _pre_outputs(x: Tensor):
     T, n, C = x.shape
     k = coef_dtype(x.dtype)
     m = n * n + 2 * n
-    return (x.new_empty((T, C)), x.new_empty((T, n), dtype=k), x.new_empty((T, n), dtype=k),
-            x.new_empty((T, n, n), dtype=k), x.new_empty((T, m), dtype=k), x.new_empty((T,), dtype=k))
+    return (_new(x, (T, C)), _new(x, (T, n), k), _new(x, (T, n), k), _new(x, (T, n, n), k), _new(x, (T, m), k),
+            _new(x, (T,), k))
 
 
 @torch.library.custom_op("mhc::pre", mutates_args=())
@@ -157,9 +170,9 @@ def _pre_backward_op(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optio
                      iters: int, post_mult: float, eps: float, norm_eps: float, pre_eps: float, backend: str
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_x, grad_fn, grad_base, grad_scale); grad_fn / grad_scale are [0] when fn / scale are None."""
-    grad_x = torch.empty_like(x)
-    grad_fn, grad_scale = _empty_or_placeholder(fn, base), _empty_or_placeholder(scale, base)
-    grad_base = torch.empty_like(base)
+    grad_x = _new(x)
+    grad_fn, grad_scale = _new_or_placeholder(fn, base), _new_or_placeholder(scale, base)
+    grad_base = _new(base)
     cfg = _config(x.shape[1], iters, post_mult, eps, norm_eps, pre_eps)
     with _device(x):
         stream = _stream(x)
@@ -177,8 +190,8 @@ def _pre_backward_op(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optio
 @_pre_backward_op.register_fake
 def _(x, fn, base, scale, mixes, rstd, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, grad_x_accum, iters,
       post_mult, eps, norm_eps, pre_eps, backend):
-    return (torch.empty_like(x), _empty_or_placeholder(fn, base), torch.empty_like(base),
-            _empty_or_placeholder(scale, base))
+    return (_new(x), _new_or_placeholder(fn, base), _new(base),
+            _new_or_placeholder(scale, base))
 
 
 def _pre_setup_context(ctx, inputs, output):
@@ -210,7 +223,7 @@ _pre_op.register_autograd(_pre_backward, setup_context=_pre_setup_context)
 @torch.library.custom_op("mhc::post", mutates_args=())
 def _post_op(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str) -> Tensor:
     """x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i] on [T, n, C]."""
-    x_next = torch.empty_like(x)
+    x_next = _new(x)
     with _device(x):
         _C.post_forward(x=_dl(x), y=_dl(y), h_post=_dl(h_post), comb=_dl(comb), x_next=_dl(x_next),
                         config=_config(x.shape[1]), backend=backend, stream=_stream(x))
@@ -219,14 +232,14 @@ def _post_op(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str) -
 
 @_post_op.register_fake
 def _(x, y, h_post, comb, backend):
-    return torch.empty_like(x)
+    return _new(x)
 
 
 @torch.library.custom_op("mhc::post_backward", mutates_args=())
 def _post_backward_op(grad_x_next: Tensor, x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_x, grad_y, grad_h_post, grad_comb)."""
-    grads = (torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post), torch.empty_like(comb))
+    grads = (_new(x), _new(y), _new(h_post), _new(comb))
     with _device(x):
         _C.post_backward(grad_x_next=_dl(grad_x_next), x=_dl(x), y=_dl(y), h_post=_dl(h_post), comb=_dl(comb),
                          grad_x=_dl(grads[0]), grad_y=_dl(grads[1]), grad_h_post=_dl(grads[2]),
@@ -236,7 +249,7 @@ def _post_backward_op(grad_x_next: Tensor, x: Tensor, y: Tensor, h_post: Tensor,
 
 @_post_backward_op.register_fake
 def _(grad_x_next, x, y, h_post, comb, backend):
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post), torch.empty_like(comb)
+    return _new(x), _new(y), _new(h_post), _new(comb)
 
 
 def _post_setup_context(ctx, inputs, output):
@@ -262,7 +275,7 @@ def _post_pre_op(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
                  scale: Optional[Tensor], iters: int, post_mult: float, eps: float, norm_eps: float, pre_eps: float,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (x_next, layer_input, h_pre, h_post_next, comb_next, mixes, rstd) of the next site."""
-    x_next = torch.empty_like(x)
+    x_next = _new(x)
     layer_input, h_pre, h_post_next, comb_next, mixes, rstd = _pre_outputs(x)
     with _device(x):
         _C.post_pre_forward(x=_dl(x), y=_dl(y), h_post=_dl(h_post), comb=_dl(comb), fn=_dl(fn), base=_dl(base),
@@ -275,7 +288,7 @@ def _post_pre_op(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
 
 @_post_pre_op.register_fake
 def _(x, y, h_post, comb, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
-    return (torch.empty_like(x), *_pre_outputs(x))
+    return (_new(x), *_pre_outputs(x))
 
 
 def _post_pre_setup_context(ctx, inputs, output):
@@ -308,7 +321,7 @@ _post_pre_op.register_autograd(_post_pre_backward, setup_context=_post_pre_setup
 @torch.library.custom_op("mhc::sinkhorn", mutates_args=())
 def _sinkhorn_op(logits: Tensor, iters: int, eps: float, backend: str) -> Tensor:
     """[T, n, n] logits -> comb."""
-    comb = torch.empty_like(logits)
+    comb = _new(logits)
     with _device(logits):
         _C.sinkhorn_forward(logits=_dl(logits), comb=_dl(comb), config=_config(logits.shape[-1], iters, eps=eps),
                             backend=backend, stream=_stream(logits))
@@ -317,12 +330,12 @@ def _sinkhorn_op(logits: Tensor, iters: int, eps: float, backend: str) -> Tensor
 
 @_sinkhorn_op.register_fake
 def _(logits, iters, eps, backend):
-    return torch.empty_like(logits)
+    return _new(logits)
 
 
 @torch.library.custom_op("mhc::sinkhorn_backward", mutates_args=())
 def _sinkhorn_backward_op(logits: Tensor, grad_comb: Tensor, iters: int, eps: float, backend: str) -> Tensor:
-    grad_logits = torch.empty_like(logits)
+    grad_logits = _new(logits)
     with _device(logits):
         _C.sinkhorn_backward(logits=_dl(logits), grad_comb=_dl(grad_comb), grad_logits=_dl(grad_logits),
                              config=_config(logits.shape[-1], iters, eps=eps), backend=backend,
@@ -332,7 +345,7 @@ def _sinkhorn_backward_op(logits: Tensor, grad_comb: Tensor, iters: int, eps: fl
 
 @_sinkhorn_backward_op.register_fake
 def _(logits, grad_comb, iters, eps, backend):
-    return torch.empty_like(logits)
+    return _new(logits)
 
 
 def _sinkhorn_setup_context(ctx, inputs, output):
@@ -355,7 +368,7 @@ _sinkhorn_op.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup
 @torch.library.custom_op("mhc::expand_streams", mutates_args=())
 def _expand_op(x: Tensor, n: int, backend: str) -> Tensor:
     """[T, C] -> [T, n, C]."""
-    out = x.new_empty((x.shape[0], n, x.shape[1]))
+    out = _new(x, (x.shape[0], n, x.shape[1]))
     with _device(x):
         _C.expand_forward(x=_dl(x), out=_dl(out), config=_config(n), backend=backend, stream=_stream(x))
     return out
@@ -363,13 +376,13 @@ def _expand_op(x: Tensor, n: int, backend: str) -> Tensor:
 
 @_expand_op.register_fake
 def _(x, n, backend):
-    return x.new_empty((x.shape[0], n, x.shape[1]))
+    return _new(x, (x.shape[0], n, x.shape[1]))
 
 
 @torch.library.custom_op("mhc::expand_streams_backward", mutates_args=())
 def _expand_backward_op(grad_out: Tensor, backend: str) -> Tensor:
     """[T, n, C] -> sum over streams [T, C]."""
-    grad_x = grad_out.new_empty((grad_out.shape[0], grad_out.shape[2]))
+    grad_x = _new(grad_out, (grad_out.shape[0], grad_out.shape[2]))
     with _device(grad_out):
         _C.expand_backward(grad_out=_dl(grad_out), grad_x=_dl(grad_x), config=_config(grad_out.shape[1]),
                            backend=backend, stream=_stream(grad_out))
@@ -378,7 +391,7 @@ def _expand_backward_op(grad_out: Tensor, backend: str) -> Tensor:
 
 @_expand_backward_op.register_fake
 def _(grad_out, backend):
-    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[2]))
+    return _new(grad_out, (grad_out.shape[0], grad_out.shape[2]))
 
 
 def _expand_setup_context(ctx, inputs, output):
@@ -398,8 +411,7 @@ _expand_op.register_autograd(_expand_backward, setup_context=_expand_setup_conte
 def _head_outputs(x: Tensor):
     T, n, C = x.shape
     k = coef_dtype(x.dtype)
-    return (x.new_empty((T, C)), x.new_empty((T, n), dtype=k), x.new_empty((T, n), dtype=k),
-            x.new_empty((T,), dtype=k))
+    return _new(x, (T, C)), _new(x, (T, n), k), _new(x, (T, n), k), _new(x, (T,), k)
 
 
 @torch.library.custom_op("mhc::head", mutates_args=())
@@ -425,9 +437,9 @@ def _head_backward_op(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Opti
                       rstd: Tensor, grad_out: Optional[Tensor], grad_weights: Optional[Tensor], eps: float,
                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_x, grad_fn, grad_base, grad_scale); grad_fn / grad_scale are [0] when fn / scale are None."""
-    grad_x = torch.empty_like(x)
-    grad_fn, grad_scale = _empty_or_placeholder(fn, base), _empty_or_placeholder(scale, base)
-    grad_base = torch.empty_like(base)
+    grad_x = _new(x)
+    grad_fn, grad_scale = _new_or_placeholder(fn, base), _new_or_placeholder(scale, base)
+    grad_base = _new(base)
     cfg = _config(x.shape[1], pre_eps=eps)
     with _device(x):
         stream = _stream(x)
@@ -443,8 +455,8 @@ def _head_backward_op(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Opti
 
 @_head_backward_op.register_fake
 def _(x, fn, base, scale, mixes, rstd, grad_out, grad_weights, eps, backend):
-    return (torch.empty_like(x), _empty_or_placeholder(fn, base), torch.empty_like(base),
-            _empty_or_placeholder(scale, base))
+    return (_new(x), _new_or_placeholder(fn, base), _new(base),
+            _new_or_placeholder(scale, base))
 
 
 def _head_setup_context(ctx, inputs, output):
@@ -471,7 +483,7 @@ _head_op.register_autograd(_head_backward, setup_context=_head_setup_context)
 @torch.library.custom_op("mhc::residual_add_agg", mutates_args=())
 def _residual_add_agg_op(x: Tensor, res: Tensor, h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """-> (x_out = x + res [T, n, C], agg = sum_i h_pre[i] x_out[i] [T, C])."""
-    x_out, agg = torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2]))
+    x_out, agg = _new(x), _new(x, (x.shape[0], x.shape[2]))
     with _device(x):
         _C.residual_add_agg_forward(x=_dl(x), res=_dl(res), h_pre=_dl(h_pre), x_out=_dl(x_out), agg=_dl(agg),
                                     config=_config(x.shape[1]), backend=backend, stream=_stream(x))
@@ -480,14 +492,14 @@ def _residual_add_agg_op(x: Tensor, res: Tensor, h_pre: Tensor, backend: str) ->
 
 @_residual_add_agg_op.register_fake
 def _(x, res, h_pre, backend):
-    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2]))
+    return _new(x), _new(x, (x.shape[0], x.shape[2]))
 
 
 @torch.library.custom_op("mhc::residual_add_agg_backward", mutates_args=())
 def _residual_add_agg_backward_op(grad_x_out: Optional[Tensor], grad_agg: Optional[Tensor], x_out: Tensor,
                                   h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """-> (grad_sum: the gradient of both x and res, grad_h_pre)."""
-    grad_sum, grad_h_pre = torch.empty_like(x_out), torch.empty_like(h_pre)
+    grad_sum, grad_h_pre = _new(x_out), _new(h_pre)
     with _device(x_out):
         _C.residual_add_agg_backward(grad_x_out=_dl(grad_x_out), grad_agg=_dl(grad_agg), x_out=_dl(x_out),
                                      h_pre=_dl(h_pre), grad_sum=_dl(grad_sum), grad_h_pre=_dl(grad_h_pre),
@@ -497,7 +509,7 @@ def _residual_add_agg_backward_op(grad_x_out: Optional[Tensor], grad_agg: Option
 
 @_residual_add_agg_backward_op.register_fake
 def _(grad_x_out, grad_agg, x_out, h_pre, backend):
-    return torch.empty_like(x_out), torch.empty_like(h_pre)
+    return _new(x_out), _new(h_pre)
 
 
 def _residual_add_agg_setup_context(ctx, inputs, output):
