@@ -3,5 +3,6 @@
 
 #include "mhc/config.hpp"
 #include "mhc/errors.hpp"
+#include "mhc/history.hpp"
 #include "mhc/ops.hpp"
 #include "mhc/tensor.hpp"
