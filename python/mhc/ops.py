@@ -545,10 +545,15 @@ def _check_tensor(op: str, name: str, t, *, optional: bool = False) -> None:
         raise TypeError(f"mhc.{op}: {name}: expected dtype bfloat16, float16, float32 or float64, got {t.dtype}")
 
 
-def _stream_input(op: str, name: str, x, min_rank: int, layout: str) -> None:
+def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
+    """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1."""
     _check_tensor(op, name, x)
-    if x.dim() < min_rank:
+    layout = "[..., " + ", ".join(trailing) + "]"
+    if x.dim() < len(trailing):
         raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout}, got shape {_shape_str(x.shape)}")
+    for dim_name, size in zip(trailing, x.shape[-len(trailing):]):
+        if size < 1:
+            raise ValueError(f"mhc.{op}: {name}: {layout} needs {dim_name} >= 1, got shape {_shape_str(x.shape)}")
 
 
 def _per_token(op: str, name: str, t, shape: Tuple[int, ...], layout: str) -> None:
@@ -583,7 +588,7 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
     ``x [..., n, C]``, ``fn [n*n+2n, n*C]`` (or None: static mode), ``base [n*n+2n]``, ``scale [3]`` (or None)
     -> ``(layer_input [..., C], h_pre [..., n], h_post [..., n], comb [..., n, n])``.
     """
-    _stream_input("mhc_pre", "x", x, 2, "[..., n, C]")
+    _stream_input("mhc_pre", "x", x, ("n", "C"))
     fn, base, scale = _params("mhc_pre", x, fn, base, scale)
     *lead, n, C = x.shape
     outs = torch.ops.mhc.pre(x.reshape(-1, n, C).contiguous(), fn, base, scale,
@@ -593,7 +598,7 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
 
 
 def _post_inputs(op: str, x, y, h_post, comb):
-    _stream_input(op, "x", x, 2, "[..., n, C]")
+    _stream_input(op, "x", x, ("n", "C"))
     *lead, n, C = x.shape
     lead = tuple(lead)
     _per_token(op, "y", y, lead + (C,), "[..., C]")
@@ -629,7 +634,7 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
 
 def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
     """Sinkhorn normalisation of ``[..., n, n]`` logits (float32; float64 stays float64)."""
-    _stream_input("sinkhorn", "logits", logits, 2, "[..., n, n]")
+    _stream_input("sinkhorn", "logits", logits, ("n", "n"))
     n = logits.shape[-1]
     if logits.shape[-2] != n:
         raise ValueError(f"mhc.sinkhorn: logits: expected square [..., n, n] matrices, got shape "
@@ -640,7 +645,9 @@ def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
     """``[..., C]`` -> ``[..., n, C]``, every stream a copy of x (the backward sums over streams)."""
-    _stream_input("expand_streams", "x", x, 1, "[..., C]")
+    _stream_input("expand_streams", "x", x, ("C",))
+    if not 1 <= n <= 64:
+        raise ValueError(f"mhc.expand_streams: n: expected 1..64 streams, got {n}")
     C = x.shape[-1]
     out = torch.ops.mhc.expand_streams(x.reshape(-1, C).contiguous(), int(n), _backend)
     return out.view(*x.shape[:-1], n, C)
@@ -650,7 +657,7 @@ def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tens
              ) -> Tensor:
     """Learned head collapse ``[..., n, C]`` -> ``[..., C]``: ``w = sigmoid(mixes * scale + base) + eps``,
     ``out = sum_i w[i] x[i]``; ``fn [n, n*C]`` (or None), ``base [n]``, ``scale [1]`` (or None)."""
-    _stream_input("mhc_head", "x", x, 2, "[..., n, C]")
+    _stream_input("mhc_head", "x", x, ("n", "C"))
     fn, base, scale = _params("mhc_head", x, fn, base, scale)
     *lead, n, C = x.shape
     out = torch.ops.mhc.head(x.reshape(-1, n, C).contiguous(), fn, base, scale, float(eps), _backend)[0]
@@ -659,7 +666,7 @@ def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tens
 
 def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Tensor]:
     """``x_out = x + res`` and ``agg = sum_i h_pre[i] * x_out[i]`` in one pass; ``x, res [..., n, C]``, ``h_pre [..., n]``."""
-    _stream_input("residual_add_agg", "x", x, 2, "[..., n, C]")
+    _stream_input("residual_add_agg", "x", x, ("n", "C"))
     *lead, n, C = x.shape
     lead = tuple(lead)
     _per_token("residual_add_agg", "res", res, lead + (n, C), "[..., n, C]")

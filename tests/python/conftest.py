@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -28,6 +30,25 @@ TOL = {
     torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
     torch.float16: dict(rtol=1e-2, atol=1e-2),
 }
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (or set MHC_RUN_SLOW=1)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes on a 2-core CPU; run with --run-slow or MHC_RUN_SLOW=1")
+
+
+def _run_slow(config) -> bool:
+    return config.getoption("--run-slow") or os.environ.get("MHC_RUN_SLOW") == "1"
+
+
+def pytest_runtest_setup(item):
+    # Also sees markers applied inside the test's parametrisation or by request.applymarker in a fixture.
+    if item.get_closest_marker("slow") and not _run_slow(item.config):
+        pytest.skip("slow: run with --run-slow or MHC_RUN_SLOW=1")
 
 
 @pytest.fixture(autouse=True)
