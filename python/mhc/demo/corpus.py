@@ -26,15 +26,30 @@ class Corpus:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def split(self, name: str) -> torch.Tensor:
+        if name not in ("train", "val"):
+            raise ValueError(f"split: expected 'train' or 'val', got {name!r}")
+        return self.train if name == "train" else self.val
+
+    def random_starts(self, split: str, count: int, batch_size: int, seq_len: int,
+                      generator: torch.Generator) -> torch.Tensor:
+        """Start offsets ``[count, batch_size]`` of random windows of ``seq_len + 1`` characters."""
+        n = self.split(split).numel()
+        if n <= seq_len + 1:
+            raise ValueError(f"seq_len: {seq_len} is too long for the {split} split ({n} characters)")
+        return torch.randint(0, n - seq_len - 1, (count, batch_size), generator=generator)
+
+    @staticmethod
+    def windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int):
+        """Inputs ``[B, S]`` and next-character targets ``[B, S]`` at ``starts [B]``, on data's device."""
+        offsets = torch.arange(seq_len + 1, device=data.device)
+        chunk = data[starts[:, None] + offsets[None, :]]
+        return chunk[:, :-1], chunk[:, 1:]
+
     def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator):
-        """Random windows of seq_len + 1 characters: inputs [B, S] and next-character targets [B, S]."""
-        data = self.train if split == "train" else self.val
-        if data.numel() <= seq_len + 1:
-            raise ValueError(f"seq_len: {seq_len} is too long for the {split} split ({data.numel()} characters)")
-        starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
-        offsets = torch.arange(seq_len + 1)
-        windows = data[starts[:, None] + offsets[None, :]]
-        return windows[:, :-1], windows[:, 1:]
+        """One batch of random windows: inputs ``[B, S]`` and targets ``[B, S]``."""
+        starts = self.random_starts(split, 1, batch_size, seq_len, generator)[0]
+        return self.windows(self.split(split), starts, seq_len)
 
 
 def load_corpus(path: str | Path | None = None, val_fraction: float = 0.1) -> Corpus:

@@ -73,8 +73,10 @@ class HyperConnection(nn.Module):
         self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))
 
     def coefficients(self, x: torch.Tensor) -> HCState:
-        x_norm = F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6)
-        proj = torch.tanh(x_norm @ self.theta)  # [..., n(stream i), 2 + n]
+        coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 coefficients, as mHC
+        with torch.autocast(x.device.type, enabled=False):  # keep them fp32 under autocast too
+            x_norm = F.rms_norm(x.to(coef_dtype), (x.shape[-1],), eps=1e-6)
+            proj = torch.tanh(x_norm @ self.theta.to(coef_dtype))  # [..., n(stream i), 2 + n]
         h_pre = self.b_pre + self.alpha[0] * proj[..., 0]
         h_post = self.b_post + self.alpha[1] * proj[..., 1]
         # comb[i, o] = H_res[o, i] = b_res[o, i] + alpha_res * tanh(theta_res[o] . x~[i])
@@ -204,8 +206,9 @@ class GPT(nn.Module):
                     x = self.sites[k].post(x, y, state)
                     if k < last:
                         layer_input, state = self.sites[k + 1].pre(x)
-            # mHC: the library's learned head; HC paper: sum of the streams (the final norm removes the scale)
-            h = self.head(x) if kind == "mhc" else x.sum(dim=-2)
+            # mHC: the library's learned head. HC: the HC paper sums the streams; the mean differs only by the
+            # factor n, which the final RMSNorm removes (up to its eps), and keeps HC at init exactly the residual net.
+            h = self.head(x) if kind == "mhc" else x.mean(dim=-2)
         logits = self.lm_head(self.final_norm(h))
         loss = None
         if targets is not None:

@@ -126,10 +126,14 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, position: int = 0)
                        heads=cfg.heads, residual=kind, n_streams=cfg.n_streams)
     model = GPT(mcfg).to(device)
     optimizer = _optimizer(model, cfg)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    val_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    val_batches = [tuple(t.to(device) for t in corpus.batch("val", cfg.batch_size, cfg.seq_len, val_gen))
-                   for _ in range(cfg.eval_batches)]
+    # The whole schedule of windows is drawn up front (the same for every variant) and lives on the device,
+    # so a step needs no host-to-device copy.
+    train_data, val_data = corpus.train.to(device), corpus.val.to(device)
+    train_starts = corpus.random_starts("train", cfg.steps, cfg.batch_size, cfg.seq_len,
+                                        torch.Generator().manual_seed(cfg.seed)).to(device)
+    val_starts = corpus.random_starts("val", cfg.eval_batches, cfg.batch_size, cfg.seq_len,
+                                      torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+    val_batches = [corpus.windows(val_data, s, cfg.seq_len) for s in val_starts]
 
     history = {"step": [], "train_loss": [], "grad_norm": [], "lr": [], "tokens_per_s": [],
                "amax_forward_max": [], "amax_backward_max": [], "amax_forward_mean": [], "amax_backward_mean": [],
@@ -143,18 +147,18 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, position: int = 0)
         nonlocal diverged_at
         if not pending:
             return
-        rows = torch.stack([torch.stack(t) for _, t in pending]).tolist()
+        rows = torch.stack([torch.stack(t) for _, _, t in pending]).tolist()
         tok_s = steps_done * tokens_per_step / max(elapsed, 1e-9)
-        for (step, _), row in zip(pending, rows):
-            loss, gnorm, lr = row[0], row[1], row[2]
+        for (step, lr, _), row in zip(pending, rows):
+            loss, gnorm = row[0], row[1]
             history["step"].append(step)
             history["train_loss"].append(loss)
             history["grad_norm"].append(gnorm)
             history["lr"].append(lr)
             history["tokens_per_s"].append(tok_s)
-            if len(row) > 3:
+            if len(row) > 2:
                 for key, value in zip(("amax_forward_max", "amax_backward_max", "amax_forward_mean",
-                                       "amax_backward_mean", "amax_single_max"), row[3:]):
+                                       "amax_backward_mean", "amax_single_max"), row[2:]):
                     history[key].append(value)
             if diverged_at is None and not math.isfinite(loss):
                 diverged_at = step
@@ -168,8 +172,7 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, position: int = 0)
         lr = _lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        xb, yb = (t.to(device, non_blocking=True) for t in corpus.batch("train", cfg.batch_size, cfg.seq_len,
-                                                                          data_gen))
+        xb, yb = corpus.windows(train_data, train_starts[step], cfg.seq_len)
         with _autocast(cfg):
             _, loss, combs = model(xb, yb)
         optimizer.zero_grad(set_to_none=True)
@@ -177,12 +180,12 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, position: int = 0)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
 
-        values = [loss.detach().float(), grad_norm.float(), torch.tensor(lr, device=device)]
+        values = [loss.detach().float(), grad_norm.float()]
         if combs:
             g = amax_gain(combs)
             values += [g[k].float() for k in ("forward_max", "backward_max", "forward_mean", "backward_mean",
                                               "single_max")]
-        pending.append((step, values))
+        pending.append((step, lr, values))
         window_steps += 1
 
         last = step == cfg.steps - 1

@@ -1,0 +1,93 @@
+"""The `mhc` command (mhc.cli): info, demo flags, bench/tune dispatch."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mhc
+from mhc import cli
+
+
+def test_info_reports_build_and_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"mhc version     {mhc._C.version()}" in out
+    assert "CUDA kernels    " + ("built" if mhc._C.built_with_cuda() else "not built") in out
+    assert "backend cpu reference  ok" in out  # the probe ran a real Sinkhorn and checked it
+    assert "backend cpu fast       ok" in out
+    assert "pre_forward" in out and "post_backward" in out
+    assert "tuning file" in out
+
+
+def test_console_entry_point_runs_info():
+    # `python -m mhc.cli` is what the `mhc` console script calls (pyproject: mhc = "mhc.cli:main").
+    proc = subprocess.run([sys.executable, "-m", "mhc.cli", "info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "mhc version" in proc.stdout
+
+
+def test_probe_reports_a_missing_backend():
+    if torch.cuda.is_available() and mhc._C.built_with_cuda():
+        pytest.skip("this build has a working CUDA backend")
+    result = cli._probe_backend(mhc._C, "cuda", "cpu")  # CUDA backend asked to run on CPU tensors
+    assert result.startswith("unavailable ("), result
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_missing_tool_says_so(capsys):
+    assert cli._dispatch_tool("mhc.tools.no_such_tool", []) == 2
+    assert "mhc.tools.no_such_tool is missing" in capsys.readouterr().err
+
+
+def test_bench_and_tune_dispatch_to_tools(monkeypatch, capsys):
+    """`mhc bench ARGS` hands ARGS untouched to mhc.tools.bench.main (when that module is installed)."""
+    calls = []
+    for name in ("bench", "tune"):
+        module = type(sys)(f"mhc.tools.{name}")
+        module.main = lambda argv, name=name: calls.append((name, argv)) or 0
+        monkeypatch.setitem(sys.modules, f"mhc.tools.{name}", module)
+    if "mhc.tools" not in sys.modules:
+        package = type(sys)("mhc.tools")
+        package.__path__ = []
+        monkeypatch.setitem(sys.modules, "mhc.tools", package)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    assert cli.main(["bench", "--sizes", "1024", "-h"]) == 0
+    assert cli.main(["tune"]) == 0
+    assert calls == [("bench", ["--sizes", "1024", "-h"]), ("tune", [])]
+
+
+def test_demo_flags_reach_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["demo", "--device", "cpu", "--steps", "8", "--width", "18", "--depth", "1", "--n", "2",
+                   "--batch-size", "4", "--seq-len", "16", "--seed", "5", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "demo.json").read_text())
+    cfg = data["config"]
+    assert (cfg["steps"], cfg["width"], cfg["depth"], cfg["n_streams"], cfg["batch_size"], cfg["seq_len"],
+            cfg["seed"], cfg["device"]) == (8, 18, 1, 2, 4, 16, 5, "cpu")
+    assert cfg["width"] % cfg["heads"] == 0  # the default 4 heads do not divide 18: adapted
+    assert data["runs"]["mhc"]["model"]["n_streams"] == 2
+    assert len(data["runs"]["hc"]["history"]["amax_forward_max"]) == 8
+    assert (out / "demo.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "Final validation loss" in printed and "Amax gain" in printed
+
+
+def test_demo_variants_flag_and_errors(tmp_path):
+    out = tmp_path / "two"
+    assert cli.main(["demo", "--device", "cpu", "--steps", "4", "--width", "16", "--depth", "1", "--batch-size", "2",
+                     "--seq-len", "8", "--variants", "residual,hc", "--threads", "1", "--out", str(out)]) == 0
+    assert set(json.loads((out / "demo.json").read_text())["runs"]) == {"residual", "hc"}
+    with pytest.raises(ValueError, match="variants"):
+        cli.main(["demo", "--device", "cpu", "--variants", "residual,dense", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="device"):
+        cli.main(["demo", "--device", "tpu", "--out", str(tmp_path / "y")])
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device"):
+            cli.main(["demo", "--device", "cuda", "--out", str(tmp_path / "z")])

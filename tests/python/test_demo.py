@@ -1,0 +1,206 @@
+"""The demo (mhc.demo): corpus, the unconstrained HC site, the Amax gain diagnostic, and a tiny end-to-end run."""
+import json
+import math
+
+import pytest
+import torch
+
+import mhc
+from mhc.demo import GPT, HyperConnection, ModelConfig, amax_gain, load_corpus
+from mhc.demo.corpus import DEFAULT_CORPUS
+from mhc.demo.train import DemoConfig, run_demo
+
+
+# ---- corpus ----------------------------------------------------------------------------------------------------------
+def test_shipped_corpus_loads_and_splits():
+    corpus = load_corpus()
+    text = DEFAULT_CORPUS.read_text(encoding="utf-8")
+    assert "HAMLET" in text[:100] and "MACBETH" in text
+    assert corpus.vocab_size == len(set(text))
+    assert len(corpus.train) + len(corpus.val) == len(text)
+    assert len(corpus.val) == int(len(text) * 0.1)
+    assert corpus.decode(corpus.train[:6]) == text[:6]
+    assert corpus.decode(corpus.val[-20:]) == text[-20:]
+
+
+def test_batch_targets_are_inputs_shifted_by_one():
+    corpus = load_corpus()
+    x, y = corpus.batch("train", 5, 17, torch.Generator().manual_seed(3))
+    assert x.shape == y.shape == (5, 17)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert 0 <= int(x.min()) and int(x.max()) < corpus.vocab_size
+
+
+def test_corpus_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_corpus(val_fraction=1.5)
+    with pytest.raises(FileNotFoundError, match="corpus"):
+        load_corpus(tmp_path / "missing.txt")
+    corpus = load_corpus()
+    with pytest.raises(ValueError, match="seq_len"):
+        corpus.batch("val", 2, len(corpus.val), torch.Generator())
+    with pytest.raises(ValueError, match="split"):
+        corpus.batch("test", 2, 8, torch.Generator())
+
+
+# ---- the unconstrained HC site ------------------------------------------------------------------------------
+def _randomised_hc(n, C, seed):
+    torch.manual_seed(seed)
+    site = HyperConnection(n, C, site_index=1).double()
+    with torch.no_grad():  # move every parameter away from its initial value so that each term matters
+        for p in site.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return site
+
+
+@pytest.mark.parametrize("n,C", [(4, 16), (3, 7), (1, 5)])
+def test_hc_site_matches_per_token_formula(n, C):
+    site = _randomised_hc(n, C, seed=n * 100 + C)
+    x = torch.randn(2, 3, n, C, dtype=torch.float64)
+    y = torch.randn(2, 3, C, dtype=torch.float64)
+    layer_input, state = site.pre(x)
+    x_next = site.post(x, y, state)
+    b_pre, b_post, b_res, alpha, theta = site.b_pre, site.b_post, site.b_res, site.alpha, site.theta
+    for b in range(2):
+        for t in range(3):
+            xt = x[b, t]
+            xn = xt / torch.sqrt((xt**2).mean(-1, keepdim=True) + 1e-6)  # RMSNorm per stream
+            h_pre = b_pre + alpha[0] * torch.tanh(xn @ theta[:, 0])
+            h_post = b_post + alpha[1] * torch.tanh(xn @ theta[:, 1])
+            h_res = b_res + alpha[2] * torch.tanh(xn @ theta[:, 2:]).t()  # [o, i]: theta_res[o] . x~[i]
+            torch.testing.assert_close(layer_input[b, t], h_pre @ xt)
+            torch.testing.assert_close(state.comb[b, t], h_res.t())
+            torch.testing.assert_close(x_next[b, t], h_post[:, None] * y[b, t] + h_res @ xt)
+
+
+def test_hc_model_starts_as_the_residual_model():
+    """HC paper initialisation: one-hot H_pre, H_post = 1, H_res = I, theta = 0 -> n identical streams, each the
+    residual model's hidden state, so the logits are the residual model's."""
+    idx = torch.randint(0, 30, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kind in ("residual", "hc"):
+        torch.manual_seed(11)
+        model = GPT(ModelConfig(vocab_size=30, seq_len=16, width=32, depth=2, heads=2, residual=kind)).double()
+        logits[kind] = model(idx)[0]
+    torch.testing.assert_close(logits["hc"], logits["residual"], rtol=1e-6, atol=1e-6)
+
+
+def test_mhc_model_starts_near_the_residual_model():
+    """The library's documented initialisation starts mHC within about 1% of a plain residual network."""
+    idx = torch.randint(0, 30, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kind in ("residual", "mhc"):
+        torch.manual_seed(11)
+        model = GPT(ModelConfig(vocab_size=30, seq_len=16, width=32, depth=2, heads=2, residual=kind))
+        logits[kind] = model(idx)[0]
+    scale = logits["residual"].abs().max()
+    assert (logits["mhc"] - logits["residual"]).abs().max() < 0.05 * scale
+    assert not torch.equal(logits["mhc"], logits["residual"])  # it is a different model, only close
+
+
+def test_gpt_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="residual"):
+        GPT(ModelConfig(vocab_size=10, seq_len=8, width=16, depth=1, heads=2, residual="dense"))
+    with pytest.raises(ValueError, match="heads"):
+        GPT(ModelConfig(vocab_size=10, seq_len=8, width=18, depth=1, heads=4, residual="residual"))
+    model = GPT(ModelConfig(vocab_size=10, seq_len=8, width=16, depth=1, heads=2, residual="residual"))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# ---- Amax gain -------------------------------------------------------------------------------------------
+def test_amax_gain_of_hand_computed_products():
+    # H = [[1, 2], [0, 0]]: row sums 3, 0; column sums 1, 2. comb = H^T.
+    h = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    g = amax_gain([h.t().expand(3, 2, 2)])
+    assert g["forward_max"].item() == pytest.approx(3.0) and g["backward_max"].item() == pytest.approx(2.0)
+    assert g["single_max"].item() == pytest.approx(3.0)
+    # composite of three sites: 2I, then H, then -I  ->  P = -2H: rows 6, 0; columns 2, 4
+    combs = [(2 * torch.eye(2)).expand(3, 2, 2), h.t().expand(3, 2, 2), (-torch.eye(2)).expand(3, 2, 2)]
+    g = amax_gain(combs)
+    assert g["forward_max"].item() == pytest.approx(6.0) and g["backward_max"].item() == pytest.approx(4.0)
+    # order matters: P = H_L ... H_1 (site 0 applied first)
+    a = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [3.0, 1.0]])
+    g = amax_gain([a.t()[None], b.t()[None]])  # P = b @ a = [[1, 1], [3, 4]]
+    assert g["forward_max"].item() == pytest.approx(7.0) and g["backward_max"].item() == pytest.approx(5.0)
+
+
+def test_amax_gain_worst_token_and_mean():
+    combs = [torch.stack([torch.eye(2), 3 * torch.eye(2)])]  # token 0 gain 1, token 1 gain 3
+    g = amax_gain(combs)
+    assert g["forward_max"].item() == pytest.approx(3.0)
+    assert g["forward_mean"].item() == pytest.approx(2.0)
+
+
+def test_amax_gain_is_one_for_doubly_stochastic_products():
+    # converged Sinkhorn (fp64, many iterations): doubly stochastic to ~1e-6
+    logits = torch.randn(8, 6, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    combs = [mhc.reference.sinkhorn(logits[k], iters=300) for k in range(8)]
+    g = amax_gain(combs)
+    assert g["forward_max"].item() == pytest.approx(1.0, abs=1e-4)
+    assert g["backward_max"].item() == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="combs"):
+        amax_gain([])
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------------
+def _finite_numbers(obj, path="json"):
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, (int, float)):
+        assert math.isfinite(obj), f"{path} = {obj}"
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _finite_numbers(v, f"{path}[{i}]")
+
+
+def test_tiny_demo_end_to_end(tmp_path):
+    cfg = DemoConfig(steps=40, batch_size=8, seq_len=32, width=32, depth=2, heads=2, warmup_steps=5,
+                     eval_interval=20, eval_batches=2, log_interval=10, out=str(tmp_path), threads=1)
+    results = run_demo(cfg, quiet=True)
+
+    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 600
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+
+    data = json.loads(js.read_text())
+    _finite_numbers(data)
+    assert data["config"]["steps"] == 40 and data["config"]["width"] == 32
+    assert set(data["runs"]) == {"residual", "hc", "mhc"}
+    for kind, run in data["runs"].items():
+        h = run["history"]
+        assert run["diverged_at_step"] is None
+        assert h["step"] == list(range(40))
+        assert len(h["train_loss"]) == len(h["grad_norm"]) == 40
+        assert sum(h["train_loss"][-5:]) / 5 < sum(h["train_loss"][:5]) / 5 - 0.3, kind
+        assert [e["step"] for e in run["evals"]] == [19, 39]
+        assert run["evals"][-1]["val_loss"] < run["evals"][0]["val_loss"], kind
+        assert all(g > 0 for g in h["grad_norm"])
+        if kind == "residual":
+            assert h["amax_forward_max"] == []
+        else:
+            assert len(h["amax_forward_max"]) == 40
+    # mHC's composite H_res is doubly stochastic: its gain stays at 1 (Sinkhorn's last step normalises columns
+    # of comb, i.e. rows of H_res, so the forward gain is 1 to rounding; the backward gain to Sinkhorn's tolerance).
+    mhc_h = data["runs"]["mhc"]["history"]
+    assert max(abs(v - 1) for v in mhc_h["amax_forward_max"]) < 1e-3
+    assert max(mhc_h["amax_backward_max"]) < 1.5
+    assert data["summary"]["mhc"]["final_val_loss"] == data["runs"]["mhc"]["evals"][-1]["val_loss"]
+    assert "mHC" in data["summary_text"] and str(png) in data["summary_text"]
+    assert results["summary"].keys() == data["summary"].keys()
+
+
+def test_demo_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="variants"):
+        run_demo(DemoConfig(variants=("residual", "dense"), out=str(tmp_path)), quiet=True)
+    with pytest.raises(ValueError, match="steps"):
+        run_demo(DemoConfig(steps=0, out=str(tmp_path)), quiet=True)
+    with pytest.raises(ValueError, match="dtype"):
+        run_demo(DemoConfig(dtype="float16", out=str(tmp_path)), quiet=True)
