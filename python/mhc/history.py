@@ -1,0 +1,751 @@
+"""Multi-history skip connections (seed 000, SPEC section 2): modules.
+
+A network block F gets, instead of the residual ``x + F(x)``, a learned mix of the last H states:
+
+    x_{l+1} = F(x_l) + gate * sum_k alpha_k h_k,      h_0 = x_l (newest), h_1 = x_{l-1}, ...
+
+with ``alpha = project(logits)`` kept on a manifold (see :mod:`mhc.history_ops`). Pieces:
+
+- :class:`HistoryBuffer`: the last H states, newest first, in a storage dtype (fp32/fp16/bf16). Without
+  autograd (inference) it is a pre-allocated ring buffer ``[H, *shape]`` reused across calls; with
+  autograd it holds references to the states (autograd keeps them alive for the backward anyway, so a
+  ring that overwrote them would corrupt the gradients).
+- :class:`MHCSkip`: the vector skip (one logit per state, fused projection + weighted sum).
+- :class:`MatrixMHCSkip`: the matrix variant: a doubly stochastic ``[H, H]`` matrix remixes the whole
+  history each block (mass-preserving, like the n-stream H_res), and row 0 feeds the skip.
+- :class:`WeightedSum`: a frozen skip (constant weights, no projection) for deployment.
+- :class:`MHCSequential`: runs blocks with a shared history; ``clear_history()`` frees the buffers.
+- :class:`MHCConv2d`, :class:`MHCBasicBlock`, :class:`MHCBottleneck`: conv blocks with their own skip.
+- :func:`inject_mhc`: turn the shape-preserving ``nn.Sequential`` stacks of a model into :class:`MHCSequential`.
+- :class:`MHCSkipConfig` with :data:`PRESETS`, and :func:`history_memory_bytes` (B x C x S x H x bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .history_ops import (
+    CONSTRAINTS,
+    VECTOR_CONSTRAINTS,
+    history_mix,
+    history_skip,
+    project_logits,
+    reference_history_mix,
+    reference_project_logits,
+)
+
+__all__ = [
+    "PRESETS",
+    "MHCSkipConfig",
+    "HistoryBuffer",
+    "MHCSkip",
+    "MatrixMHCSkip",
+    "WeightedSum",
+    "MHCSequential",
+    "MHCBlock",
+    "MHCConv2d",
+    "MHCBasicBlock",
+    "MHCBottleneck",
+    "inject_mhc",
+    "clear_history",
+    "freeze_mhc",
+    "history_memory_bytes",
+]
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _storage_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"history_dtype: expected float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise TypeError(f"history_dtype: expected one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _special_mode() -> bool:
+    """True while tracing for torch.compile, torch.jit or ONNX export: history must stay functional."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return compiling or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+# ---- memory formula ----------------------------------------------------------------------------------
+
+
+def history_memory_bytes(batch: int, channels: int, spatial: int, max_history: int,
+                         dtype: Union[torch.dtype, str, int] = torch.float32) -> int:
+    """Bytes of a history of H states of shape [B, C, S...]: ``B x C x S x H x bytes`` (seed 000).
+
+    ``spatial`` is the product of the spatial dims (H*W for images, the sequence length for [B, S, C]).
+    ``dtype`` is a torch dtype, a name ("fp16", "bf16", "fp32") or a byte count.
+    """
+    if isinstance(dtype, int):
+        nbytes = dtype
+    else:
+        dt = _storage_dtype(dtype)
+        nbytes = torch.empty((), dtype=dt).element_size()
+    for name, v in (("batch", batch), ("channels", channels), ("spatial", spatial), ("max_history", max_history)):
+        if v < 0:
+            raise ValueError(f"history_memory_bytes: {name}: expected >= 0, got {v}")
+    return int(batch) * int(channels) * int(spatial) * int(max_history) * int(nbytes)
+
+
+# ---- configuration -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MHCSkipConfig:
+    """Hyper-parameters of a multi-history skip; :data:`PRESETS` holds named ones.
+
+    - ``max_history`` H: states mixed (the newest is the block's own input).
+    - ``constraint``: ``simplex`` (sparsemax: sparse, one-hot is a plain residual), ``softmax``,
+      ``identity`` (softmax that always keeps ``epsilon`` on the newest state), or ``doubly_stochastic``
+      (matrix variant only).
+    - ``temperature``: logits are divided by it (lower = sharper).
+    - ``detach_history``: older states (all but the newest) are constants for autograd: their blocks get
+      no gradient through the skip, while the alphas still learn and the residual path stays.
+    - ``use_gating``: a learned scalar gate (initialised ``gate_init``) scales the mixed history.
+    - ``history_dtype``: storage dtype of the history (None = the states' own dtype).
+    - ``init_newest``: initial logit of the newest state (others 0). 0.5 starts sparsemax at a dense
+      mix favouring the newest state; >= 1 starts it one-hot (a plain ResNet, whose logits then get no
+      gradient until something else moves them).
+    """
+
+    max_history: int = 4
+    constraint: str = "simplex"
+    temperature: float = 1.0
+    epsilon: float = 0.1
+    detach_history: bool = False
+    use_gating: bool = False
+    gate_init: float = 1.0
+    history_dtype: Optional[Union[torch.dtype, str]] = None
+    init_newest: float = 0.5
+    sinkhorn_iters: int = 20
+
+    def __post_init__(self):
+        if not 1 <= self.max_history <= 64:
+            raise ValueError(f"max_history: expected 1 to 64, got {self.max_history}")
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint: expected one of {CONSTRAINTS}, got {self.constraint!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon: expected a value in [0, 1], got {self.epsilon}")
+        _storage_dtype(self.history_dtype)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MHCSkipConfig":
+        """A named preset (see :data:`PRESETS`), with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"MHCSkipConfig.preset: name: expected one of {sorted(PRESETS)}, got {name!r}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def skip_kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: Dict[str, MHCSkipConfig] = {
+    # Four states, sparsemax: learns sparse mixes; a one-hot layer runs at plain-residual cost.
+    "default": MHCSkipConfig(),
+    # Never drops the newest state: at least epsilon of it, whatever the logits (stable deep training).
+    "stable": MHCSkipConfig(constraint="identity", epsilon=0.5),
+    # Eight states, dense softmax mixing: the DenseNet-like end of the range at O(D x H) memory.
+    "dense": MHCSkipConfig(max_history=8, constraint="softmax"),
+    # Inference / long histories: bf16 storage, older states detached.
+    "memory_saver": MHCSkipConfig(detach_history=True, history_dtype=torch.bfloat16),
+    # > 100 layers: identity-preserving, detached older states, bf16 storage (seed 000's advice).
+    "deep": MHCSkipConfig(constraint="identity", epsilon=0.5, detach_history=True, history_dtype=torch.bfloat16),
+    # Matrix variant: the history is remixed by a doubly stochastic matrix every block.
+    "matrix": MHCSkipConfig(constraint="doubly_stochastic"),
+}
+
+
+# ---- history buffer ----------------------------------------------------------------------------------
+
+
+class HistoryBuffer:
+    """The last ``max_history`` states, newest first, stored in ``dtype`` (None = as pushed).
+
+    Without autograd (``torch.no_grad()`` / ``inference_mode``, eager) states are copied into a ring
+    buffer ``[H, *shape]`` allocated once and reused by later calls while the shape, dtype and device
+    stay the same. With autograd, under torch.compile, or during ONNX export, the buffer holds the
+    pushed tensors themselves (cast to ``dtype``): autograd saves them for the backward, so they must
+    not be overwritten.
+    """
+
+    def __init__(self, max_history: int, dtype: Optional[Union[torch.dtype, str]] = None):
+        if not 1 <= int(max_history) <= 64:
+            raise ValueError(f"HistoryBuffer: max_history: expected 1 to 64, got {max_history}")
+        self.max_history = int(max_history)
+        self.dtype = _storage_dtype(dtype)
+        self._ring: Optional[Tensor] = None
+        self._head = 0  # ring slot of the newest state
+        self._count = 0
+        self._states: List[Tensor] = []  # reference mode, newest first
+        self._ring_mode = False
+        self.peak_nbytes = 0
+
+    # -- state --
+    def __len__(self) -> int:
+        return self._count
+
+    def clear(self) -> None:
+        """Forget the states; keep the ring's memory for the next call."""
+        self._count = 0
+        self._head = 0
+        self._states = []
+
+    def release(self) -> None:
+        """Forget the states and free the ring buffer."""
+        self.clear()
+        self._ring = None
+        self.peak_nbytes = 0
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes of the pre-allocated ring (0 when none)."""
+        return 0 if self._ring is None else self._ring.numel() * self._ring.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the states currently held occupy (the whole ring in ring mode)."""
+        if self._ring_mode:
+            return self.allocated_nbytes
+        seen, total = set(), 0
+        for s in self._states:
+            key = (s.untyped_storage().data_ptr(), s.storage_offset())
+            if key not in seen:
+                seen.add(key)
+                total += s.numel() * s.element_size()
+        return total
+
+    def _use_ring(self, x: Tensor) -> bool:
+        return not torch.is_grad_enabled() and not _special_mode()
+
+    # -- push / read --
+    def push(self, x: Tensor) -> None:
+        """Make ``x`` the newest state (the oldest drops out once H are held)."""
+        dtype = self.dtype or x.dtype
+        ring = self._use_ring(x)
+        if self._count and ring != self._ring_mode:
+            raise RuntimeError("HistoryBuffer.push: autograd was switched on or off in the middle of a sequence; "
+                               "call clear() first")
+        if self._count and tuple(self.shape) != tuple(x.shape):
+            raise ValueError(f"HistoryBuffer.push: x: expected shape {tuple(self.shape)} like the held states, got "
+                             f"{tuple(x.shape)}")
+        self._ring_mode = ring
+        if ring:
+            if (self._ring is None or self._ring.shape[1:] != x.shape or self._ring.dtype != dtype
+                    or self._ring.device != x.device):
+                self._ring = torch.empty((self.max_history, *x.shape), dtype=dtype, device=x.device)
+                self._count = 0
+            self._head = (self._head - 1) % self.max_history
+            self._ring[self._head].copy_(x)
+            self._count = min(self._count + 1, self.max_history)
+        else:
+            self._states = ([x.to(dtype)] + self._states)[: self.max_history]
+            self._count = len(self._states)
+        if not _special_mode():  # bookkeeping for the audit; nothing to trace
+            self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
+
+    def replace(self, states: Sequence[Tensor]) -> None:
+        """Replace the held states (newest first) by ``states`` (the matrix skip's remix)."""
+        if len(states) > self.max_history:
+            raise ValueError(f"HistoryBuffer.replace: states: at most {self.max_history}, got {len(states)}")
+        if self._ring_mode:
+            for a, s in enumerate(states):
+                self._ring[(self._head + a) % self.max_history].copy_(s)
+            self._count = len(states)
+        else:
+            dtype = self.dtype
+            self._states = [s if dtype is None else s.to(dtype) for s in states]
+            self._count = len(self._states)
+
+    def states(self) -> List[Tensor]:
+        """The held states, newest first (views of the ring in ring mode)."""
+        if self._ring_mode:
+            return [self._ring[(self._head + a) % self.max_history] for a in range(self._count)]
+        return list(self._states)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        if self._count == 0:
+            return ()
+        return tuple(self._ring.shape[1:]) if self._ring_mode else tuple(self._states[0].shape)
+
+    def __repr__(self) -> str:
+        mode = "ring" if self._ring_mode else "references"
+        return (f"HistoryBuffer(max_history={self.max_history}, dtype={self.dtype}, held={self._count}, mode={mode}, "
+                f"nbytes={self.nbytes})")
+
+
+History = Union[HistoryBuffer, Tensor, Sequence[Tensor]]
+
+
+def _states_of(history: Optional[History], x: Tensor) -> List[Tensor]:
+    if history is None:
+        raise ValueError("history: expected a HistoryBuffer, a stacked tensor [n, *x.shape] or a list of states "
+                         "(newest first; the newest is the block's input), got None")
+    if isinstance(history, HistoryBuffer):
+        return history.states()
+    if isinstance(history, Tensor):
+        return list(history.unbind(0))
+    return list(history)
+
+
+def _detach_older(states: List[Tensor]) -> List[Tensor]:
+    # The newest state is the block's own input: keeping it differentiable keeps the residual path.
+    return states[:1] + [s.detach() for s in states[1:]]
+
+
+# ---- skips -------------------------------------------------------------------------------------------
+
+
+class MHCSkip(nn.Module):
+    """Vector multi-history skip: ``out = x + gate * sum_k alpha_k h_k``, ``alpha = project(logits[:n])``.
+
+    ``forward(x, history)``: ``x`` is the block's output F(x_l); ``history`` a :class:`HistoryBuffer`,
+    a stacked tensor ``[n, *x.shape]`` or a list of n tensors, newest first (n <= max_history states
+    available; only the first n logits are used, so early blocks of a sequence mix fewer states).
+    Projection and weighted sum run as one fused op; a state whose weight is exactly 0 is not read.
+    """
+
+    def __init__(self, max_history: int = 4, constraint: str = "simplex", temperature: float = 1.0,
+                 epsilon: float = 0.1, detach_history: bool = False, use_gating: bool = False, gate_init: float = 1.0,
+                 history_dtype=None, init_newest: float = 0.5, sinkhorn_iters: int = 20,
+                 config: Optional[MHCSkipConfig] = None):
+        super().__init__()
+        if config is None:
+            config = MHCSkipConfig(max_history, constraint, temperature, epsilon, detach_history, use_gating,
+                                   gate_init, history_dtype, init_newest, sinkhorn_iters)
+        if config.constraint not in VECTOR_CONSTRAINTS:
+            raise ValueError(f"MHCSkip: constraint: expected one of {VECTOR_CONSTRAINTS} "
+                             f"(doubly_stochastic is MatrixMHCSkip's), got {config.constraint!r}")
+        self.config = config
+        self.max_history = config.max_history
+        self.constraint = config.constraint
+        self.temperature = float(config.temperature)
+        self.epsilon = float(config.epsilon)
+        self.detach_history = bool(config.detach_history)
+        init = torch.zeros(config.max_history)
+        init[0] = config.init_newest
+        self.logits = nn.Parameter(init)
+        self.gate = nn.Parameter(torch.full((1,), float(config.gate_init))) if config.use_gating else None
+
+    @classmethod
+    def from_config(cls, config: MHCSkipConfig) -> "MHCSkip":
+        return cls(config=config)
+
+    def extra_repr(self) -> str:
+        return (f"max_history={self.max_history}, constraint={self.constraint}, temperature={self.temperature}, "
+                f"epsilon={self.epsilon}, detach_history={self.detach_history}, gated={self.gate is not None}")
+
+    def weights(self, available: Optional[int] = None) -> Tensor:
+        """The projected alphas over the first ``available`` states (default all H)."""
+        n = self.max_history if available is None else available
+        return project_logits(self.logits[:n], self.constraint, temperature=self.temperature, epsilon=self.epsilon)
+
+    def forward(self, x: Tensor, history: History) -> Tensor:
+        states = _states_of(history, x)[: self.max_history]
+        if not states:
+            raise ValueError("MHCSkip: history: expected at least one state (the block's input), got none")
+        if self.detach_history:
+            states = _detach_older(states)
+        logits = self.logits[: len(states)]
+        if _exporting():  # standard ONNX ops: sort-based sparsemax, softmax, Mul/Add
+            w = reference_project_logits(logits, self.constraint, temperature=self.temperature, epsilon=self.epsilon)
+            return _unrolled_mix(x, states, w, self.gate)
+        out, _ = history_skip(x, states, logits, constraint=self.constraint, temperature=self.temperature,
+                              epsilon=self.epsilon, gate=self.gate)
+        return out
+
+    @torch.no_grad()
+    def freeze(self) -> "WeightedSum":
+        """A :class:`WeightedSum` with this skip's current weights (and gate) as constants."""
+        table = torch.zeros(self.max_history, self.max_history)
+        for n in range(1, self.max_history + 1):
+            w = reference_project_logits(self.logits[:n].detach().double(), self.constraint,
+                                         temperature=self.temperature, epsilon=self.epsilon)
+            if self.gate is not None:
+                w = w * self.gate.detach().double()
+            table[n - 1, :n] = w.float()
+        return WeightedSum(table.to(self.logits.device))
+
+
+def _unrolled_mix(x: Tensor, states: Sequence[Tensor], w: Tensor, gate: Optional[Tensor]) -> Tensor:
+    # x + gate * sum_k w_k h_k as separate Mul/Add nodes (what ONNX export records).
+    mixed = None
+    for k, h in enumerate(states):
+        term = w[k].to(x.dtype) * h.to(x.dtype)
+        mixed = term if mixed is None else mixed + term
+    if gate is not None:
+        mixed = gate.to(x.dtype) * mixed
+    return x + mixed
+
+
+class WeightedSum(nn.Module):
+    """A frozen skip: ``x + sum_k w_k h_k`` with constant weights (no projection, no parameters).
+
+    ``table[n - 1, :n]`` holds the weights used when n states are available. Zero weights cost
+    nothing (the kernel skips those states; ONNX export leaves them out of the graph).
+    """
+
+    def __init__(self, table: Tensor):
+        super().__init__()
+        if table.dim() == 1:  # plain weights for exactly len(table) states
+            H = table.shape[0]
+            full = torch.zeros(H, H, dtype=table.dtype)
+            full[H - 1] = table
+            table = full
+        self.register_buffer("table", table.float())
+        self.max_history = table.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"max_history={self.max_history}"
+
+    def forward(self, x: Tensor, history: History) -> Tensor:
+        states = _states_of(history, x)[: self.max_history]
+        w = self.table[len(states) - 1, : len(states)]
+        if _exporting():
+            # Weights are constants: keep only the non-zero terms in the exported graph.
+            keep = [k for k in range(len(states)) if float(w[k]) != 0.0]
+            return _unrolled_mix(x, [states[k] for k in keep], w[keep], None) if keep else x
+        return history_mix(x, states, w)
+
+
+class MatrixMHCSkip(nn.Module):
+    """Matrix multi-history skip: a doubly stochastic ``M = Sinkhorn(logits[:n, :n] / T)`` remixes the
+    n held states, ``mixed = M @ h`` (rows and columns of M sum to 1, so the history's total is kept),
+    the skip adds row 0: ``out = x + gate * mixed_0``, and the buffer's states become ``mixed`` (the
+    caller then pushes ``out`` as the newest). Given a plain list or tensor, the history is left alone.
+    Logits start at ``init_diagonal`` on the diagonal (near the identity: a plain residual).
+    """
+
+    def __init__(self, max_history: int = 4, constraint: str = "doubly_stochastic", temperature: float = 1.0,
+                 sinkhorn_iters: int = 20, detach_history: bool = False, use_gating: bool = False,
+                 gate_init: float = 1.0, init_diagonal: float = 4.0, config: Optional[MHCSkipConfig] = None,
+                 **_ignored):
+        super().__init__()
+        if config is not None:
+            max_history, constraint, temperature = config.max_history, config.constraint, config.temperature
+            sinkhorn_iters, detach_history = config.sinkhorn_iters, config.detach_history
+            use_gating, gate_init = config.use_gating, config.gate_init
+        if constraint != "doubly_stochastic" and constraint not in VECTOR_CONSTRAINTS:
+            raise ValueError(f"MatrixMHCSkip: constraint: expected one of {CONSTRAINTS}, got {constraint!r}")
+        self.max_history = int(max_history)
+        self.constraint = constraint  # vector constraints project each row
+        self.temperature = float(temperature)
+        self.sinkhorn_iters = int(sinkhorn_iters)
+        self.detach_history = bool(detach_history)
+        self.logits = nn.Parameter(torch.eye(self.max_history) * float(init_diagonal))
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init))) if use_gating else None
+
+    def extra_repr(self) -> str:
+        return (f"max_history={self.max_history}, constraint={self.constraint}, temperature={self.temperature}, "
+                f"sinkhorn_iters={self.sinkhorn_iters}, detach_history={self.detach_history}")
+
+    def matrix(self, available: Optional[int] = None) -> Tensor:
+        n = self.max_history if available is None else available
+        logits = self.logits[:n, :n]
+        fn = reference_project_logits if _exporting() else project_logits
+        return fn(logits, self.constraint, temperature=self.temperature, sinkhorn_iters=self.sinkhorn_iters)
+
+    def forward(self, x: Tensor, history: History) -> Tensor:
+        states = _states_of(history, x)[: self.max_history]
+        if self.detach_history:
+            states = _detach_older(states)
+        m = self.matrix(len(states))
+        if _exporting():
+            mixed = reference_history_mix(None, torch.stack([s.to(x.dtype) for s in states]), m)
+        else:
+            mixed = history_mix(None, states, m.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+        head = mixed[0].to(x.dtype)
+        out = x + (head if self.gate is None else self.gate.to(x.dtype) * head)
+        if isinstance(history, HistoryBuffer):
+            history.replace(list(mixed.unbind(0)))
+        return out
+
+    @torch.no_grad()
+    def freeze(self) -> "_FrozenMatrix":
+        return _FrozenMatrix(self)
+
+
+class _FrozenMatrix(nn.Module):
+    """MatrixMHCSkip with constant matrices (one per number of available states)."""
+
+    def __init__(self, skip: MatrixMHCSkip):
+        super().__init__()
+        H = skip.max_history
+        table = torch.zeros(H, H, H)
+        for n in range(1, H + 1):
+            table[n - 1, :n, :n] = reference_project_logits(
+                skip.logits[:n, :n].detach().double(), skip.constraint, temperature=skip.temperature,
+                sinkhorn_iters=skip.sinkhorn_iters).float()
+        self.register_buffer("table", table.to(skip.logits.device))
+        self.register_buffer("gate", None if skip.gate is None else skip.gate.detach().clone())
+        self.max_history = H
+
+    def forward(self, x: Tensor, history: History) -> Tensor:
+        states = _states_of(history, x)[: self.max_history]
+        n = len(states)
+        m = self.table[n - 1, :n, :n]
+        if _exporting():
+            mixed = reference_history_mix(None, torch.stack([s.to(x.dtype) for s in states]), m)
+        else:
+            mixed = history_mix(None, states, m)
+        head = mixed[0].to(x.dtype)
+        out = x + (head if self.gate is None else self.gate.to(x.dtype) * head)
+        if isinstance(history, HistoryBuffer):
+            history.replace(list(mixed.unbind(0)))
+        return out
+
+
+_SKIP_TYPES = (MHCSkip, MatrixMHCSkip, WeightedSum, _FrozenMatrix)
+
+
+def _make_skip(config: MHCSkipConfig) -> nn.Module:
+    if config.constraint == "doubly_stochastic":
+        return MatrixMHCSkip(config=config)
+    return MHCSkip(config=config)
+
+
+# ---- blocks ------------------------------------------------------------------------------------------
+
+
+class MHCBlock(nn.Module):
+    """A block with its own skip: ``activation(transform(x) + skip(history))``.
+
+    Subclasses define ``transform``. ``forward(x, history=None)``: history newest first, its newest
+    state being ``x`` (None = just ``x``: a residual block).
+    """
+
+    skip: nn.Module
+    activation: nn.Module
+
+    def transform(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, history: Optional[History] = None) -> Tensor:
+        return self.activation(self.skip(self.transform(x), [x] if history is None else history))
+
+
+def _skip_from(config: Optional[MHCSkipConfig], kwargs: dict) -> nn.Module:
+    if config is None:
+        config = MHCSkipConfig(**kwargs)
+    elif kwargs:
+        config = dataclasses.replace(config, **kwargs)
+    return _make_skip(config)
+
+
+class MHCConv2d(MHCBlock):
+    """``conv(x)`` (shape-preserving: same channels, 'same' padding) plus a multi-history skip."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, *, bias: bool = True, activation: Optional[nn.Module] = None,
+                 config: Optional[MHCSkipConfig] = None, **skip_kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.skip = _skip_from(config, skip_kwargs)
+        self.activation = activation if activation is not None else nn.Identity()
+
+    def transform(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class MHCBasicBlock(MHCBlock):
+    """ResNet basic block (conv3x3-BN-ReLU-conv3x3-BN) whose identity shortcut is a multi-history skip;
+    ReLU after the sum, as in ResNet."""
+
+    def __init__(self, channels: int, *, config: Optional[MHCSkipConfig] = None, **skip_kwargs):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.skip = _skip_from(config, skip_kwargs)
+        self.activation = nn.ReLU()
+
+    def transform(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class MHCBottleneck(MHCBlock):
+    """ResNet bottleneck (1x1 reduce, 3x3, 1x1 expand, BN after each) with a multi-history skip."""
+
+    def __init__(self, channels: int, bottleneck_channels: Optional[int] = None, *,
+                 config: Optional[MHCSkipConfig] = None, **skip_kwargs):
+        super().__init__()
+        mid = bottleneck_channels or max(1, channels // 4)
+        self.conv1 = nn.Conv2d(channels, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.skip = _skip_from(config, skip_kwargs)
+        self.activation = nn.ReLU()
+
+    def transform(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return self.bn3(self.conv3(y))
+
+
+# ---- sequential ------------------------------------------------------------------------------------------
+
+
+class MHCSequential(nn.Module):
+    """Runs ``modules`` in order with a shared history: block l computes ``skip_l(F_l(x_l), history)``
+    (or, for an :class:`MHCBlock`, ``block(x_l, history)``) and its output is pushed as the newest state.
+
+    The history buffer is created once and reused by every forward (inference: a pre-allocated ring of
+    H slots in ``history_dtype``); each forward starts from the input alone. ``clear_history()`` frees it
+    (before export, or to give the memory back). ``allow_shape_change=True`` lets a block change the
+    shape (a downsampling stage): its output gets no skip and the history restarts from it.
+    """
+
+    def __init__(self, *modules: Union[nn.Module, Iterable[nn.Module]], max_history: int = 4,
+                 config: Optional[MHCSkipConfig] = None, allow_shape_change: bool = False, **skip_kwargs):
+        super().__init__()
+        if len(modules) == 1 and not isinstance(modules[0], nn.Module):
+            modules = tuple(modules[0])
+        if not modules:
+            raise ValueError("MHCSequential: modules: expected at least one module")
+        if config is None:
+            config = MHCSkipConfig(max_history=max_history, **skip_kwargs)
+        elif skip_kwargs:
+            config = dataclasses.replace(config, **skip_kwargs)
+        self.config = config
+        self.max_history = config.max_history
+        self.allow_shape_change = allow_shape_change
+        self.blocks = nn.ModuleList(modules)
+        # A skip for every block that does not bring its own (MHCBlock); Identity placeholders keep indices.
+        self.skips = nn.ModuleList(nn.Identity() if isinstance(m, MHCBlock) else _make_skip(config) for m in modules)
+        self._history = HistoryBuffer(config.max_history, config.history_dtype)
+
+    @property
+    def history(self) -> HistoryBuffer:
+        return self._history
+
+    def clear_history(self) -> None:
+        """Drop the held states and free the pre-allocated history buffer."""
+        self._history.release()
+
+    def history_nbytes(self) -> int:
+        """Peak bytes the history held during the last forward (measured)."""
+        return self._history.peak_nbytes
+
+    def predicted_history_nbytes(self, state_shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> int:
+        """The formula B x C x S x H x bytes for states of ``state_shape`` ([B, C, ...] or [B, S, C])."""
+        dtype = self.config.history_dtype or dtype or torch.float32
+        B, C = state_shape[0], state_shape[1]
+        spatial = math.prod(state_shape[2:]) if len(state_shape) > 2 else 1
+        return history_memory_bytes(B, C, spatial, self.max_history, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        history = self._history
+        if _special_mode():
+            history = HistoryBuffer(self.max_history, self.config.history_dtype)  # functional: a fresh local one
+        history.clear()
+        history.peak_nbytes = 0
+        history.push(x)
+        for i, (block, skip) in enumerate(zip(self.blocks, self.skips)):
+            if isinstance(block, MHCBlock):
+                out = block(x, history)
+            else:
+                y = block(x)
+                if y.shape != x.shape:
+                    if not self.allow_shape_change:
+                        raise ValueError(f"MHCSequential: block {i} ({type(block).__name__}) changed the shape from "
+                                         f"{tuple(x.shape)} to {tuple(y.shape)}: the history states must share one "
+                                         "shape (use one MHCSequential per stage, or allow_shape_change=True)")
+                    history.clear()
+                    out = y
+                else:
+                    out = skip(y, history)
+            history.push(out)
+            x = out
+        return x
+
+    @torch.no_grad()
+    def freeze(self) -> "MHCSequential":
+        """Replace every skip (its own and its blocks') by a constant :class:`WeightedSum`, in place."""
+        freeze_mhc(self)
+        return self
+
+
+def freeze_mhc(model: nn.Module) -> nn.Module:
+    """Replace every :class:`MHCSkip` / :class:`MatrixMHCSkip` in ``model`` by its frozen form, in place."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, (MHCSkip, MatrixMHCSkip)):
+            setattr(model, name, child.freeze())
+        else:
+            freeze_mhc(child)
+    return model
+
+
+def clear_history(model: nn.Module) -> None:
+    """Call ``clear_history()`` on every :class:`MHCSequential` inside ``model``."""
+    for m in model.modules():
+        if isinstance(m, MHCSequential):
+            m.clear_history()
+
+
+# ---- injection ---------------------------------------------------------------------------------------
+
+
+def inject_mhc(model: nn.Module, example_input: Union[Tensor, Tuple], *, min_blocks: int = 2,
+               predicate: Optional[Callable[[str, nn.Sequential], bool]] = None,
+               config: Optional[MHCSkipConfig] = None, **skip_kwargs) -> List[str]:
+    """Replace, in place, each ``nn.Sequential`` of ``model`` whose (>= ``min_blocks``) children all keep
+    their input's shape by an :class:`MHCSequential` over the same children (their weights kept).
+
+    Shapes are found by running ``example_input`` through ``model`` once (no grad). Children are used
+    as the transformations F; a child that is already a residual block keeps its own shortcut and gains
+    the history on top. ``predicate(name, seq)`` can veto containers. Returns the replaced names.
+    """
+    shapes: Dict[int, List[Tuple[torch.Size, torch.Size]]] = {}
+    handles = []
+    sequentials = {name: m for name, m in model.named_modules() if isinstance(m, nn.Sequential)}
+    for name, seq in sequentials.items():
+        for child in seq:
+            def hook(mod, args, out, key=id(child)):
+                if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+                    shapes.setdefault(key, []).append((args[0].shape, out.shape))
+            handles.append(child.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    replaced: List[str] = []
+    for name, seq in sequentials.items():
+        if not name or len(seq) < min_blocks:
+            continue
+        if any(name.startswith(done + ".") for done in replaced):  # inside a container already replaced
+            continue
+        if predicate is not None and not predicate(name, seq):
+            continue
+        seen = [shapes.get(id(child)) for child in seq]
+        if not all(seen) or not all(i == o for s in seen for i, o in s):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, MHCSequential(*list(seq), config=config, **skip_kwargs))
+        replaced.append(name)
+    return replaced

@@ -1,0 +1,441 @@
+"""Multi-history skip ops (SPEC section 2) as PyTorch custom ops backed by the C++/CUDA core.
+
+Public functions (re-exported from :mod:`mhc.ops`):
+
+- ``project_logits(logits, constraint="simplex", *, temperature=1.0, epsilon=0.1)`` projects the last dim
+  of ``logits`` onto a manifold: ``"simplex"`` (sparsemax, exact zeros), ``"softmax"``, ``"identity"``
+  (``(1 - epsilon) * softmax + epsilon`` on index 0, the newest state) or ``"doubly_stochastic"``
+  (Sinkhorn over the last two dims, which must be square).
+- ``history_mix(x, states, weights, *, gate=None)`` = ``x + gate * sum_k weights[k] * states[k]`` with
+  ``states`` stacked ``[H, *x.shape]`` (or a list of H tensors). With 2-D weights ``[R, H]`` (matrix
+  variant) the result is ``[R, *state shape]``: ``out[r] = x[r] + gate * sum_k weights[r, k] * states[k]``;
+  ``x`` may then be None (zeros).
+- ``history_skip(x, states, logits, *, constraint, temperature, epsilon, gate=None)`` -> ``(out, weights)``:
+  projection and weighted sum fused in one pass (one CUDA kernel) for the vector constraints.
+
+Each forward and backward is one ``torch.library`` custom op (``torch.ops.mhc.project_logits``,
+``history_mix``, ``history_skip`` and their ``*_backward``) with a fake implementation, so
+``torch.compile(fullgraph=True)`` traces them. No op reads a value back to the host: a state whose
+weight is exactly 0 is skipped by the kernel itself (the one-hot case costs one residual add).
+
+Dtype policy: ``x`` decides. Weights, logits and gate are cast to float32 (float64 for a float64 ``x``);
+states keep their own dtype when it pairs with ``x``'s (same dtype, fp16/bf16 history under an fp32
+``x``, fp32 history under an fp16/bf16 ``x``) and are cast to ``x``'s dtype otherwise. The casts are
+differentiable. The backend follows :func:`mhc.ops.use_backend` (``"reference"`` = the fp64 C++ oracle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.utils.dlpack import to_dlpack
+
+from . import _C
+
+__all__ = [
+    "CONSTRAINTS",
+    "project_logits",
+    "history_mix",
+    "history_skip",
+    "reference_project_logits",
+    "reference_history_mix",
+]
+
+CONSTRAINTS = ("simplex", "softmax", "identity", "doubly_stochastic")
+VECTOR_CONSTRAINTS = ("simplex", "softmax", "identity")
+
+States = Union[Tensor, Sequence[Tensor]]
+
+# Tests set this: every output is NaN-filled before the op runs, so elements it fails to write show.
+_poison_outputs = False
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+
+def _backend() -> str:
+    # Shared with the n-stream ops: ``with mhc.ops.use_backend("reference"):`` switches both.
+    try:
+        from . import ops
+    except ImportError:  # pragma: no cover - only while mhc.ops itself is importing us
+        return "auto"
+    return getattr(ops, "get_backend", lambda: "auto")()
+
+
+def _dl(t: Optional[Tensor]):
+    return None if t is None else to_dlpack(t)
+
+
+def _dls(ts: Sequence[Tensor]):
+    return [to_dlpack(t) for t in ts]
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    shape = like.shape if shape is None else shape
+    dtype = like.dtype if dtype is None else dtype
+    if _poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
+    if nbytes == 0:
+        return None
+    return _new(like, (math.ceil(nbytes / 4),), torch.float32)  # poisoned too: backends may not assume zeros
+
+
+def _config(constraint: str = "simplex", temperature: float = 1.0, epsilon: float = 0.1, sinkhorn_iters: int = 20,
+            sinkhorn_eps: float = 1e-6):
+    return _C.HistoryConfig(constraint=constraint, temperature=temperature, epsilon=epsilon,
+                            sinkhorn_iters=sinkhorn_iters, sinkhorn_eps=sinkhorn_eps)
+
+
+def coef_dtype(stream: torch.dtype) -> torch.dtype:
+    """dtype of weights, logits and gate that goes with a stream dtype."""
+    return torch.float64 if stream == torch.float64 else torch.float32
+
+
+_PAIRS = {(torch.float32, torch.float16), (torch.float32, torch.bfloat16), (torch.float16, torch.float32),
+          (torch.bfloat16, torch.float32)}
+
+
+def _pairs(stream: torch.dtype, storage: torch.dtype) -> bool:
+    return stream == storage or (stream, storage) in _PAIRS
+
+
+def _mix_out_shape(states: Sequence[Tensor], weights: Tensor):
+    shape = states[0].shape
+    return (weights.shape[0], *shape) if weights.dim() == 2 else shape
+
+
+def _check_name(constraint: str) -> str:
+    aliases = {"sparsemax": "simplex", "sinkhorn": "doubly_stochastic"}
+    constraint = aliases.get(constraint, constraint)
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"mhc.project_logits: constraint: expected one of {CONSTRAINTS}, got {constraint!r}")
+    return constraint
+
+
+# ---- project_logits ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mhc::project_logits", mutates_args=())
+def _project_op(logits: Tensor, constraint: str, temperature: float, epsilon: float, sinkhorn_iters: int,
+                sinkhorn_eps: float, backend: str) -> Tensor:
+    """logits [..., H] (doubly_stochastic: [..., H, H]) -> weights on the manifold."""
+    weights = _new(logits)
+    with _device(logits):
+        _C.project_logits_forward(logits=_dl(logits), weights=_dl(weights),
+                                  config=_config(constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps),
+                                  backend=backend, stream=_stream(logits))
+    return weights
+
+
+@_project_op.register_fake
+def _(logits, constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend):
+    return _new(logits)
+
+
+@torch.library.custom_op("mhc::project_logits_backward", mutates_args=())
+def _project_backward_op(logits: Tensor, weights: Tensor, grad_weights: Tensor, constraint: str, temperature: float,
+                         epsilon: float, sinkhorn_iters: int, sinkhorn_eps: float, backend: str) -> Tensor:
+    grad_logits = _new(logits)
+    with _device(logits):
+        _C.project_logits_backward(logits=_dl(logits), weights=_dl(weights), grad_weights=_dl(grad_weights),
+                                   grad_logits=_dl(grad_logits),
+                                   config=_config(constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps),
+                                   backend=backend, stream=_stream(logits))
+    return grad_logits
+
+
+@_project_backward_op.register_fake
+def _(logits, weights, grad_weights, constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend):
+    return _new(logits)
+
+
+def _project_setup_context(ctx, inputs, output):
+    logits, *hyper = inputs
+    ctx.save_for_backward(logits, output)
+    ctx.hyper = hyper
+
+
+def _project_backward(ctx, grad_weights):
+    logits, weights = ctx.saved_tensors
+    grad_logits = torch.ops.mhc.project_logits_backward(logits, weights, grad_weights.contiguous(), *ctx.hyper)
+    return (grad_logits,) + (None,) * len(ctx.hyper)
+
+
+_project_op.register_autograd(_project_backward, setup_context=_project_setup_context)
+
+
+def project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: float = 1.0, epsilon: float = 0.1,
+                   sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6) -> Tensor:
+    """Project ``logits`` over the last dim onto the ``constraint``'s manifold (see the module doc).
+
+    ``temperature`` divides the logits first. ``epsilon`` is the weight the ``identity`` constraint keeps
+    on index 0 (the newest state). ``doubly_stochastic`` runs SPEC section 1's Sinkhorn on ``[..., H, H]``.
+    Half-precision logits are computed in float32 (the result has the logits' dtype).
+    """
+    constraint = _check_name(constraint)
+    work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    weights = _project_op(work.contiguous(), constraint, float(temperature), float(epsilon), int(sinkhorn_iters),
+                          float(sinkhorn_eps), _backend())
+    return weights.to(logits.dtype)
+
+
+# ---- history_mix ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mhc::history_mix", mutates_args=())
+def _mix_op(x: Optional[Tensor], states: List[Tensor], weights: Tensor, gate: Optional[Tensor], backend: str
+            ) -> Tensor:
+    """out = x + gate * sum_k weights[..., k] * states[k]."""
+    out = _new(states[0], _mix_out_shape(states, weights), x.dtype if x is not None else states[0].dtype)
+    with _device(out):
+        _C.history_mix_forward(x=_dl(x), states=_dls(states), weights=_dl(weights), gate=_dl(gate), out=_dl(out),
+                               config=_config(), backend=backend, stream=_stream(out))
+    return out
+
+
+@_mix_op.register_fake
+def _(x, states, weights, gate, backend):
+    return _new(states[0], _mix_out_shape(states, weights), x.dtype if x is not None else states[0].dtype)
+
+
+@torch.library.custom_op("mhc::history_mix_backward", mutates_args=())
+def _mix_backward_op(grad_out: Tensor, states: List[Tensor], weights: Tensor, gate: Optional[Tensor],
+                     need_states: bool, backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """-> (grad_weights, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states))."""
+    grad_weights = _new(weights)
+    grad_gate = _new(weights, (1,) if gate is not None else (0,))
+    grad_states = [_new(s) for s in states] if need_states else []
+    cfg = _config()
+    with _device(grad_out):
+        stream = _stream(grad_out)
+        args = lambda: dict(grad_out=_dl(grad_out), states=_dls(states), weights=_dl(weights), gate=_dl(gate),  # noqa: E731
+                            grad_weights=_dl(grad_weights), grad_gate=_dl(grad_gate if gate is not None else None),
+                            grad_states=_dls(grad_states))
+        nbytes = _C.history_mix_backward_workspace_bytes(**args(), config=cfg, backend=backend, stream=stream)
+        _C.history_mix_backward(**args(), workspace=_dl(_workspace(nbytes, grad_out)), config=cfg, backend=backend,
+                                stream=stream)
+    return grad_weights, grad_gate, grad_states
+
+
+@_mix_backward_op.register_fake
+def _(grad_out, states, weights, gate, need_states, backend):
+    return (_new(weights), _new(weights, (1,) if gate is not None else (0,)),
+            [_new(s) for s in states] if need_states else [])
+
+
+def _mix_setup_context(ctx, inputs, output):
+    x, states, weights, gate, backend = inputs
+    ctx.num_states = len(states)
+    ctx.has_x, ctx.has_gate = x is not None, gate is not None
+    ctx.save_for_backward(weights, gate, *states)
+    ctx.backend = backend
+
+
+def _mix_backward(ctx, grad_out):
+    weights, gate, *states = ctx.saved_tensors
+    need_x, need_states, need_weights, need_gate = ctx.needs_input_grad[:4]
+    grad_out = grad_out.contiguous()
+    grad_weights = grad_gate = grad_states = None
+    if need_states or need_weights or need_gate:
+        grad_weights, grad_gate, grad_states = torch.ops.mhc.history_mix_backward(
+            grad_out, states, weights, gate, bool(need_states), ctx.backend)
+        grad_states = list(grad_states) if need_states else None
+        grad_gate = grad_gate if ctx.has_gate else None
+    return grad_out if (ctx.has_x and need_x) else None, grad_states, grad_weights, grad_gate, None
+
+
+_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+
+
+def _as_list(states: States) -> List[Tensor]:
+    if isinstance(states, Tensor):
+        if states.dim() < 1:
+            raise ValueError("mhc.history_mix: states: expected a stacked tensor [H, *shape] or a list of tensors")
+        return list(states.unbind(0))
+    return list(states)
+
+
+def _prepare_states(states: States, stream: torch.dtype, op: str) -> List[Tensor]:
+    states = _as_list(states)
+    if not states:
+        raise ValueError(f"mhc.{op}: states: expected at least one state, got none")
+    if len(states) > _C.MAX_HISTORY:
+        raise ValueError(f"mhc.{op}: states: at most {_C.MAX_HISTORY} states, got {len(states)}")
+    storage = states[0].dtype
+    if any(s.dtype != storage for s in states) or not _pairs(stream, storage):
+        states = [s.to(stream) for s in states]
+    return [s.contiguous() for s in states]
+
+
+def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: Optional[Tensor] = None) -> Tensor:
+    """``x + gate * sum_k weights[k] * states[k]`` (see the module doc for the matrix form and dtypes).
+
+    ``states``: stacked ``[H, *shape]`` or a sequence of H tensors of ``shape``, newest first. A state whose
+    weight is exactly 0 is not read.
+    """
+    if x is None:
+        first = states[0] if not isinstance(states, Tensor) else states
+        stream = first.dtype
+    else:
+        stream = x.dtype
+    coef = coef_dtype(stream)
+    states = _prepare_states(states, stream, "history_mix")
+    return _mix_op(None if x is None else x.contiguous(), states, weights.to(coef).contiguous(),
+                   None if gate is None else gate.to(coef).reshape(1).contiguous(), _backend())
+
+
+# ---- history_skip (fused) ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mhc::history_skip", mutates_args=())
+def _skip_op(x: Tensor, states: List[Tensor], logits: Tensor, gate: Optional[Tensor], constraint: str,
+             temperature: float, epsilon: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """-> (out = x + gate * sum_k project(logits)[k] * states[k], weights = project(logits))."""
+    out, weights = _new(x), _new(logits)
+    with _device(x):
+        _C.history_skip_forward(x=_dl(x), states=_dls(states), logits=_dl(logits), gate=_dl(gate), out=_dl(out),
+                                weights=_dl(weights), config=_config(constraint, temperature, epsilon),
+                                backend=backend, stream=_stream(x))
+    return out, weights
+
+
+@_skip_op.register_fake
+def _(x, states, logits, gate, constraint, temperature, epsilon, backend):
+    return _new(x), _new(logits)
+
+
+@torch.library.custom_op("mhc::history_skip_backward", mutates_args=())
+def _skip_backward_op(grad_out: Tensor, states: List[Tensor], logits: Tensor, weights: Tensor, gate: Optional[Tensor],
+                      need_states: bool, constraint: str, temperature: float, epsilon: float, backend: str
+                      ) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """-> (grad_logits, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states))."""
+    grad_logits = _new(logits)
+    grad_gate = _new(logits, (1,) if gate is not None else (0,))
+    grad_states = [_new(s) for s in states] if need_states else []
+    cfg = _config(constraint, temperature, epsilon)
+    with _device(grad_out):
+        stream = _stream(grad_out)
+        args = lambda: dict(grad_out=_dl(grad_out), states=_dls(states), logits=_dl(logits), weights=_dl(weights),  # noqa: E731
+                            gate=_dl(gate), grad_logits=_dl(grad_logits),
+                            grad_gate=_dl(grad_gate if gate is not None else None), grad_states=_dls(grad_states))
+        nbytes = _C.history_skip_backward_workspace_bytes(**args(), config=cfg, backend=backend, stream=stream)
+        _C.history_skip_backward(**args(), workspace=_dl(_workspace(nbytes, grad_out)), config=cfg, backend=backend,
+                                 stream=stream)
+    return grad_logits, grad_gate, grad_states
+
+
+@_skip_backward_op.register_fake
+def _(grad_out, states, logits, weights, gate, need_states, constraint, temperature, epsilon, backend):
+    return (_new(logits), _new(logits, (1,) if gate is not None else (0,)),
+            [_new(s) for s in states] if need_states else [])
+
+
+def _skip_setup_context(ctx, inputs, output):
+    x, states, logits, gate, *hyper = inputs
+    ctx.has_gate = gate is not None
+    ctx.save_for_backward(logits, output[1], gate, *states)
+    ctx.hyper = hyper  # constraint, temperature, epsilon, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _skip_backward(ctx, grad_out, _grad_weights):
+    logits, weights, gate, *states = ctx.saved_tensors
+    need_x, need_states, need_logits, need_gate = ctx.needs_input_grad[:4]
+    grad_out = grad_out.contiguous()
+    grad_logits = grad_gate = grad_states = None
+    if need_states or need_logits or need_gate:
+        grad_logits, grad_gate, grad_states = torch.ops.mhc.history_skip_backward(
+            grad_out, states, logits, weights, gate, bool(need_states), *ctx.hyper)
+        grad_states = list(grad_states) if need_states else None
+        grad_gate = grad_gate if ctx.has_gate else None
+    return (grad_out if need_x else None, grad_states, grad_logits, grad_gate) + (None,) * len(ctx.hyper)
+
+
+_skip_op.register_autograd(_skip_backward, setup_context=_skip_setup_context)
+
+
+def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str = "simplex", temperature: float = 1.0,
+                 epsilon: float = 0.1, gate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Fused ``project_logits`` + ``history_mix`` for a vector constraint: returns ``(out, weights)``.
+
+    ``logits`` is ``[H]``, one per state (newest first). The weights are returned for inspection; they
+    are not differentiable (differentiate ``out``, which depends on ``logits``).
+    """
+    constraint = _check_name(constraint)
+    if constraint not in VECTOR_CONSTRAINTS:
+        raise ValueError("mhc.history_skip: constraint: doubly_stochastic needs the matrix form "
+                         "(project_logits on [H, H] logits, then history_mix with 2-D weights)")
+    coef = coef_dtype(x.dtype)
+    states = _prepare_states(states, x.dtype, "history_skip")
+    return _skip_op(x.contiguous(), states, logits.to(coef).contiguous(),
+                    None if gate is None else gate.to(coef).reshape(1).contiguous(), constraint, float(temperature),
+                    float(epsilon), _backend())
+
+
+# ---- plain-PyTorch references (tests, ONNX export) -----------------------------------------------------
+
+
+def _sparsemax(u: Tensor) -> Tensor:
+    sorted_u, _ = torch.sort(u, dim=-1, descending=True)
+    cumsum = sorted_u.cumsum(-1)
+    k = torch.arange(1, u.shape[-1] + 1, dtype=u.dtype, device=u.device)
+    support = (1 + k * sorted_u > cumsum).to(u.dtype)
+    count = support.sum(-1, keepdim=True)
+    top_sum = (sorted_u * support).sum(-1, keepdim=True)
+    tau = (top_sum - 1) / count
+    return torch.clamp(u - tau, min=0)
+
+
+def _sinkhorn(u: Tensor, iters: int, eps: float) -> Tensor:
+    comb = torch.softmax(u, dim=-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
+
+
+def reference_project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: float = 1.0,
+                             epsilon: float = 0.1, sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6) -> Tensor:
+    """``project_logits`` in plain PyTorch ops (differentiable by autograd, exportable to ONNX)."""
+    constraint = _check_name(constraint)
+    u = logits / temperature
+    if constraint == "simplex":
+        # support = {k : 1 + k u_(k) > sum_{j<=k} u_(j)} of the sorted logits; the support is a prefix.
+        return _sparsemax(u)
+    if constraint == "softmax":
+        return torch.softmax(u, dim=-1)
+    if constraint == "identity":
+        newest = (torch.arange(u.shape[-1], device=u.device) == 0).to(u.dtype)
+        return (1 - epsilon) * torch.softmax(u, dim=-1) + epsilon * newest
+    return _sinkhorn(u, sinkhorn_iters, sinkhorn_eps)
+
+
+def reference_history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: Optional[Tensor] = None
+                          ) -> Tensor:
+    """``history_mix`` in plain PyTorch ops, math in the stream dtype (fp64 inputs give an fp64 oracle)."""
+    stacked = torch.stack(_as_list(states)) if not isinstance(states, Tensor) else states
+    dtype = x.dtype if x is not None else stacked.dtype
+    stacked = stacked.to(dtype)
+    flat = stacked.reshape(stacked.shape[0], -1)
+    w = weights.to(dtype)
+    mixed = (w.reshape(-1, w.shape[-1]) @ flat).reshape(*w.shape[:-1], *stacked.shape[1:])
+    if gate is not None:
+        mixed = gate.to(dtype).reshape(()) * mixed
+    return mixed if x is None else x + mixed
