@@ -1,0 +1,732 @@
+// Forward of the projection-based ops: pre, the fused post+pre, and the head.
+//
+// Fast path (n in {2, 4, 8}; f32/f16/bf16; rows of 16-byte packs; sm_90): one launch, one pass over x.
+// A thread-block cluster of S blocks owns a tile of MT tokens; block s holds channels
+// [s*cs, (s+1)*cs) of every stream of those tokens in shared memory. Each block projects its slice on
+// tensor cores (bf16/f16 mma with fn split into hi + lo halves, or 3xTF32 for f32: fp32-level
+// accuracy either way) and sums its squares; the S partial projections are reduced through
+// distributed shared memory in a fixed order; each block then computes the coefficients (with
+// Sinkhorn in registers) of the tokens it owns, the cluster exchanges h_pre, and every block
+// aggregates layer_input for its own slice straight from shared memory. x is read from device
+// memory once. The fused post+pre computes the x_next tile in the load phase instead of copying x.
+//
+// Generic path (any n, any C, f64, pre-Hopper): three launches per site, projection (block per
+// token), coefficients (warp per token, Sinkhorn in shared memory) and aggregation. Without a
+// workspace the projection parks the mixes in the coefficient outputs themselves
+// (h_pre | h_post | comb hold exactly n*n + 2n values per token) until the coefficient kernel
+// overwrites them.
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "cuda/coefficients.cuh"
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/sinkhorn.cuh"
+#include "cuda/tuning.hpp"
+
+namespace mhc::cuda_impl {
+
+namespace {
+
+using std::int64_t;
+
+// ================================ generic path =======================================================
+
+// The coefficient outputs of one token, seen as the m = n*n + 2n slots of its mixes.
+template <class M> struct MixSlots {
+  M* h_pre;   // [T, n]
+  M* h_post;  // [T, n] (null for the head: m = n)
+  M* comb;    // [T, n, n]
+  __device__ M& operator()(int64_t t, int j, int n) const {
+    if (j < n) return h_pre[t * n + j];
+    if (j < 2 * n) return h_post[t * n + j - n];
+    return comb[(t * n + (j - 2 * n) / n) * n + (j - 2 * n) % n];
+  }
+};
+
+// mixes[t, j] = rstd(x[t]) * <x[t], fn[j]>, parked in the slots; also the optional mixes/rstd outputs.
+template <class S>
+__global__ void project_generic(const S* __restrict__ x, const math_t<S>* __restrict__ fn, MixSlots<math_t<S>> slots,
+                                math_t<S>* mixes_out, math_t<S>* rstd_out, int64_t T, int n, int64_t C, int m,
+                                math_t<S> norm_eps) {
+  using M = math_t<S>;
+  __shared__ M scratch[32];
+  __shared__ M rstd_shared;
+  const int64_t nC = n * C;
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+  for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
+    const S* xt = x + t * nC;
+    M ss[1] = {0};
+    for (int64_t k = threadIdx.x; k < nC; k += blockDim.x) ss[0] += to_math(xt[k]) * to_math(xt[k]);
+    block_sum<1>(ss, scratch);
+    if (threadIdx.x == 0) {
+      rstd_shared = rstd_from(ss[0], M(nC), norm_eps);
+      if (rstd_out) rstd_out[t] = rstd_shared;
+    }
+    __syncthreads();
+    const M rstd = rstd_shared;
+    for (int j = warp; j < m; j += warps) {
+      M acc = 0;
+      if (fn)
+        for (int64_t k = lane; k < nC; k += 32) acc += to_math(xt[k]) * fn[j * nC + k];
+      acc = warp_sum(acc) * rstd;
+      if (lane == 0) {
+        slots(t, j, n) = acc;
+        if (mixes_out) mixes_out[t * m + j] = acc;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// One warp per token: mixes (in the slots) -> h_pre, h_post, comb in place. Shared: warps * n*n.
+template <class M>
+__global__ void pre_coefficients_generic(MixSlots<M> slots, const M* __restrict__ base, const M* __restrict__ scale,
+                                         int64_t T, int n, SiteConsts<M> k) {
+  extern __shared__ unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+  M* p = reinterpret_cast<M*>(smem_raw) + warp * n * n;
+  const M s_pre = scale_of(scale, 0), s_post = scale_of(scale, 1), s_res = scale_of(scale, 2);
+  for (int64_t t = int64_t(blockIdx.x) * warps + warp; t < T; t += int64_t(gridDim.x) * warps) {
+    for (int r = lane; r < n * n; r += 32) p[r] = slots(t, 2 * n + r, n) * s_res + base[2 * n + r];
+    for (int i = lane; i < n; i += 32) {
+      slots.h_pre[t * n + i] = sigmoid(slots.h_pre[t * n + i] * s_pre + base[i]) + k.pre_eps;
+      slots.h_post[t * n + i] = sigmoid(slots.h_post[t * n + i] * s_post + base[n + i]) * k.post_mult;
+    }
+    __syncwarp();
+    sinkhorn_forward_warp(p, n, k.eps, k.iters);
+    for (int r = lane; r < n * n; r += 32) slots.comb[t * n * n + r] = p[r];
+    __syncwarp();
+  }
+}
+
+template <class M>
+__global__ void head_weights_generic(M* __restrict__ weights, const M* __restrict__ base, const M* __restrict__ scale,
+                                     int64_t T, int n, M pre_eps) {
+  const M s = scale_of(scale, 0);
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < T * n; q += int64_t(gridDim.x) * blockDim.x)
+    weights[q] = sigmoid(weights[q] * s + base[q % n]) + pre_eps;
+}
+
+// out[t, c] = sum_i w[t, i] * x[t, i, c]
+template <class S>
+__global__ void aggregate_generic(const S* __restrict__ x, const math_t<S>* __restrict__ w, S* __restrict__ out,
+                                  int64_t T, int n, int64_t C) {
+  using M = math_t<S>;
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < T * C; q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = q / C, c = q % C;
+    M acc = 0;
+    for (int i = 0; i < n; ++i) acc += w[t * n + i] * to_math(x[(t * n + i) * C + c]);
+    out[q] = from_math<S>(acc);
+  }
+}
+
+unsigned grid_for(int64_t items, int threads) {
+  const auto& info = current_device_info();
+  return static_cast<unsigned>(std::clamp<int64_t>((items + threads - 1) / threads, 1, int64_t(info.sm_count) * 16));
+}
+unsigned token_grid(int64_t T) { return static_cast<unsigned>(std::min<int64_t>(T, 1 << 30)); }
+
+// Generic pre on x (already in device memory): projection, coefficients, aggregation.
+template <class S>
+void pre_generic(const S* x, const TensorView& fn, const TensorView& base, const TensorView& scale,
+                 const TensorView& layer_input, const TensorView& h_pre, const TensorView& h_post,
+                 const TensorView& comb, const TensorView& mixes, const TensorView& rstd, int64_t T, int n, int64_t C,
+                 const MhcConfig& cfg, cudaStream_t stream) {
+  using M = math_t<S>;
+  const int m = n * n + 2 * n;
+  const MixSlots<M> slots{h_pre.ptr<M>(), h_post.ptr<M>(), comb.ptr<M>()};
+  project_generic<S><<<token_grid(T), 256, 0, stream>>>(x, data_or_null<const M>(fn), slots, data_or_null<M>(mixes),
+                                                        data_or_null<M>(rstd), T, n, C, m, M(cfg.norm_eps));
+  MHC_CUDA_CHECK_LAUNCH();
+  const int warps = static_cast<int>(std::clamp<int64_t>(32768 / (int64_t(n) * n * sizeof(M)), 1, 8));
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((T + warps - 1) / warps, 1 << 30));
+  pre_coefficients_generic<M><<<blocks, warps * 32, warps * n * n * sizeof(M), stream>>>(
+      slots, base.ptr<M>(), data_or_null<const M>(scale), T, n, site_consts<M>(cfg));
+  MHC_CUDA_CHECK_LAUNCH();
+  aggregate_generic<S><<<grid_for(T * C, 256), 256, 0, stream>>>(x, h_pre.ptr<M>(), layer_input.ptr<S>(), T, n, C);
+  MHC_CUDA_CHECK_LAUNCH();
+}
+
+// ================================ fused cluster path ================================================
+
+// Everything the fused kernel reads and writes; pointers are device pointers.
+template <class S> struct FusedArgs {
+  const S* x;              // pre input [T, N, C]; for the fused post+pre: the post's x
+  const S* y;              // post+pre only: [T, C]
+  const float* post_h;     // post+pre only: h_post of the post [T, N]
+  const float* post_comb;  // post+pre only: comb of the post [T, N, N]
+  S* x_next;               // post+pre only: [T, N, C]
+  const float* fn;         // [M, N*C], null in static mode
+  const float* base;       // [M]
+  const float* scale;      // [3], may be null
+  S* layer_input;          // [T, C]
+  float* h_pre;            // [T, N]
+  float* h_post;           // [T, N]
+  float* comb;             // [T, N, N]
+  float* mixes;            // [T, M] or null
+  float* rstd;             // [T] or null
+  int64_t T, C;
+  int cs;          // channels of every stream per block (multiple of the k chunk)
+  int tok_stride;  // elements between consecutive tokens of the shared tile (padded against bank conflicts)
+  SiteConsts<float> k;
+};
+
+constexpr int kFusedThreads = 256;
+constexpr int kFusedWarps = kFusedThreads / 32;
+
+// Tiling of the fused kernel for N streams and a tile of MT tokens: each warp owns all m-tiles and
+// NTW of the NT = M/8 column tiles of the projection, and a 1/WK share of the k chunks.
+template <int N, int MT> struct FusedShape {
+  static constexpr int M = N * N + 2 * N;
+  static constexpr int NT = M / 8;                 // 1, 3 or 10 column tiles of 8
+  static constexpr int WN = N == 8 ? 2 : 1;        // warps splitting the column tiles
+  static constexpr int NTW = NT / WN;              // column tiles per warp
+  static constexpr int WK = kFusedWarps / WN;      // warps splitting the k chunks
+  static constexpr int MTILES = MT / 16;
+  static constexpr int PART = M + 1;               // projection row + sum of squares
+  static_assert(NT * 8 == M && NTW * WN == NT, "projection columns must tile by 8");
+};
+
+// Shared memory layout (bytes) of the fused kernel.
+struct FusedSmem {
+  int x_tile, warp_part, block_part, owned, hp_own, hp_all, total;
+};
+template <class S, int N, int MT> FusedSmem fused_smem(int tok_stride) {
+  using Sh = FusedShape<N, MT>;
+  FusedSmem l{};
+  auto up = [](int v) { return (v + 15) / 16 * 16; };
+  int off = 0;
+  l.x_tile = off;
+  off += up(MT * tok_stride * int(sizeof(S)));
+  l.warp_part = off;
+  off += up(Sh::WK * MT * Sh::PART * 4);
+  l.block_part = off;
+  off += up(MT * Sh::PART * 4);
+  l.owned = off;
+  off += up(MT * Sh::PART * 4);
+  l.hp_own = off;
+  off += up(MT * N * 4);
+  l.hp_all = off;
+  off += up(MT * N * 4);
+  l.total = off;
+  return l;
+}
+
+template <class S> constexpr int k_chunk() { return std::is_same_v<S, float> ? 8 : 16; }
+
+template <class S, int N, int MT, bool kPostPrologue>
+__global__ void __launch_bounds__(kFusedThreads) pre_fused_kernel(const FusedArgs<S> a, const FusedSmem L) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Sh = FusedShape<N, MT>;
+  constexpr int M = Sh::M, PART = Sh::PART, P = kPack<S>, KC = k_chunk<S>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  S* xs = reinterpret_cast<S*>(smem + L.x_tile);
+  float* warp_part = reinterpret_cast<float*>(smem + L.warp_part);
+  float* block_part = reinterpret_cast<float*>(smem + L.block_part);
+  float* owned = reinterpret_cast<float*>(smem + L.owned);
+  float* hp_own = reinterpret_cast<float*>(smem + L.hp_own);
+  float* hp_all = reinterpret_cast<float*>(smem + L.hp_all);
+
+  unsigned cluster_size;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(cluster_size));
+  const unsigned rank = cluster_rank();
+  const int64_t tile = blockIdx.x / cluster_size;
+  const int64_t t0 = tile * MT;
+  const int64_t C = a.C, K = N * C;
+  const int cs = a.cs;
+  const int64_t c_begin = int64_t(rank) * cs;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+
+  // ---- 1. the tile x[t0 : t0+MT, :, c_begin : c_begin+cs] into shared memory, one commit group per stream
+  const int packs_per_row = cs / P;
+  if constexpr (!kPostPrologue) {
+#pragma unroll 1
+    for (int i = 0; i < N; ++i) {
+      for (int q = threadIdx.x; q < MT * packs_per_row; q += kFusedThreads) {
+        const int tl = q / packs_per_row, cp = (q % packs_per_row) * P;
+        const int64_t t = t0 + tl, c = c_begin + cp;
+        const bool valid = t < a.T && c < C;
+        const S* src = valid ? a.x + (t * N + i) * C + c : a.x;
+        cp_async16(xs + tl * a.tok_stride + i * cs + cp, src, valid);
+      }
+      cp_async_commit();
+    }
+  } else {
+    // x_next = h_post * y + comb^T x, rounded to storage, written out and kept as the tile.
+    for (int q = threadIdx.x; q < MT * packs_per_row; q += kFusedThreads) {
+      const int tl = q / packs_per_row, cp = (q % packs_per_row) * P;
+      const int64_t t = t0 + tl, c = c_begin + cp;
+      Pack<S> out[N];
+      if (t < a.T && c < C) {
+        Pack<S> xp[N];
+#pragma unroll
+        for (int i = 0; i < N; ++i) xp[i] = load_pack_stream(a.x + (t * N + i) * C + c);
+        const Pack<S> yp = load_pack_stream(a.y + t * C + c);
+        float cb[N * N], hpv[N];
+#pragma unroll
+        for (int r = 0; r < N * N; ++r) cb[r] = __ldg(a.post_comb + t * N * N + r);
+#pragma unroll
+        for (int o = 0; o < N; ++o) hpv[o] = __ldg(a.post_h + t * N + o);
+#pragma unroll
+        for (int o = 0; o < N; ++o) {
+#pragma unroll
+          for (int e = 0; e < P; ++e) {
+            float acc = hpv[o] * to_math(yp.v[e]);
+#pragma unroll
+            for (int i = 0; i < N; ++i) acc += cb[i * N + o] * to_math(xp[i].v[e]);
+            out[o].v[e] = from_math<S>(acc);
+          }
+          store_pack(a.x_next + (t * N + o) * C + c, out[o]);
+        }
+      } else {
+#pragma unroll
+        for (int o = 0; o < N; ++o)
+#pragma unroll
+          for (int e = 0; e < P; ++e) out[o].v[e] = from_math<S>(0.f);
+      }
+#pragma unroll
+      for (int o = 0; o < N; ++o) store_pack(xs + tl * a.tok_stride + o * cs + cp, out[o]);
+    }
+  }
+
+  // ---- 2. partial projection and sum of squares of this slice (tensor cores)
+  const int wn = warp % Sh::WN, wk = warp / Sh::WN;
+  float acc[Sh::MTILES][Sh::NTW][4];
+  float sq[Sh::MTILES][2];
+#pragma unroll
+  for (int mt = 0; mt < Sh::MTILES; ++mt) {
+    sq[mt][0] = sq[mt][1] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < Sh::NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+  }
+  const int chunks_per_row = cs / KC;
+#pragma unroll 1
+  for (int i = 0; i < N; ++i) {
+    if constexpr (!kPostPrologue) cp_async_wait_dynamic(N - 1 - i);
+    __syncthreads();
+#pragma unroll 1
+    for (int cc = wk; cc < chunks_per_row; cc += Sh::WK) {
+      const int c0 = cc * KC;
+      if (c_begin + c0 >= C) break;  // the rest of the slice is past the end of the row
+      const int64_t kg = i * C + c_begin + c0;  // column of fn
+      if constexpr (std::is_same_v<S, float>) {
+        // 3xTF32: x_hi*fn_hi + x_hi*fn_lo + x_lo*fn_hi
+        std::uint32_t bh[Sh::NTW][2], bl[Sh::NTW][2];
+#pragma unroll
+        for (int nt = 0; nt < Sh::NTW; ++nt) {
+          const int j = (wn * Sh::NTW + nt) * 8 + g;
+          const bool ok0 = a.fn && c_begin + c0 + tq < C, ok1 = a.fn && c_begin + c0 + tq + 4 < C;
+          const float f0 = ok0 ? __ldg(a.fn + j * K + kg + tq) : 0.f;
+          const float f1 = ok1 ? __ldg(a.fn + j * K + kg + tq + 4) : 0.f;
+          split_tf32(f0, bh[nt][0], bl[nt][0]);
+          split_tf32(f1, bh[nt][1], bl[nt][1]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < Sh::MTILES; ++mt) {
+          const float* r0 = xs + (mt * 16 + g) * a.tok_stride + i * cs + c0;
+          const float* r1 = r0 + 8 * a.tok_stride;
+          const float v[4] = {r0[tq], r1[tq], r0[tq + 4], r1[tq + 4]};
+          if (wn == 0) {
+            sq[mt][0] += v[0] * v[0] + v[2] * v[2];
+            sq[mt][1] += v[1] * v[1] + v[3] * v[3];
+          }
+          if (a.fn) {
+            std::uint32_t ah[4], al[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) split_tf32(v[e], ah[e], al[e]);
+#pragma unroll
+            for (int nt = 0; nt < Sh::NTW; ++nt) {
+              mma_1688_tf32(acc[mt][nt], al, bh[nt]);
+              mma_1688_tf32(acc[mt][nt], ah, bl[nt]);
+              mma_1688_tf32(acc[mt][nt], ah, bh[nt]);
+            }
+          }
+        }
+      } else {
+        // 16-bit x is exact; fn = hi + lo in the same 16-bit type: x*fn_hi + x*fn_lo
+        std::uint32_t bh[Sh::NTW][2], bl[Sh::NTW][2];
+#pragma unroll
+        for (int nt = 0; nt < Sh::NTW; ++nt) {
+          const int j = (wn * Sh::NTW + nt) * 8 + g;
+          const bool ok0 = a.fn && c_begin + c0 + 2 * tq < C, ok1 = a.fn && c_begin + c0 + 2 * tq + 8 < C;
+          const float2 f0 = ok0 ? __ldg(reinterpret_cast<const float2*>(a.fn + j * K + kg + 2 * tq)) : float2{0.f, 0.f};
+          const float2 f1 = ok1 ? __ldg(reinterpret_cast<const float2*>(a.fn + j * K + kg + 2 * tq + 8))
+                                : float2{0.f, 0.f};
+          split_pair<S>(f0, bh[nt][0], bl[nt][0]);
+          split_pair<S>(f1, bh[nt][1], bl[nt][1]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < Sh::MTILES; ++mt) {
+          std::uint32_t af[4];
+          ldmatrix_x4(af, xs + (mt * 16 + (lane & 15)) * a.tok_stride + i * cs + c0 + (lane >> 4) * 8);
+          if (wn == 0) {
+            sq[mt][0] += sum_sq_pair<S>(af[0]) + sum_sq_pair<S>(af[2]);
+            sq[mt][1] += sum_sq_pair<S>(af[1]) + sum_sq_pair<S>(af[3]);
+          }
+          if (a.fn) {
+#pragma unroll
+            for (int nt = 0; nt < Sh::NTW; ++nt) {
+              mma_16816<S>(acc[mt][nt], af, bl[nt]);
+              mma_16816<S>(acc[mt][nt], af, bh[nt]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ---- 3. warp partials -> block partial (fixed order over the k-splitting warps)
+#pragma unroll
+  for (int mt = 0; mt < Sh::MTILES; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 1);
+      sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 2);
+    }
+    float* wp = warp_part + wk * MT * PART;
+#pragma unroll
+    for (int nt = 0; nt < Sh::NTW; ++nt) {
+      const int col = (wn * Sh::NTW + nt) * 8 + 2 * tq;
+      const int row = mt * 16 + g;
+      wp[row * PART + col] = acc[mt][nt][0];
+      wp[row * PART + col + 1] = acc[mt][nt][1];
+      wp[(row + 8) * PART + col] = acc[mt][nt][2];
+      wp[(row + 8) * PART + col + 1] = acc[mt][nt][3];
+    }
+    if (wn == 0 && tq == 0) {
+      wp[(mt * 16 + g) * PART + M] = sq[mt][0];
+      wp[(mt * 16 + g + 8) * PART + M] = sq[mt][1];
+    }
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < MT * PART; q += kFusedThreads) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < Sh::WK; ++w) s += warp_part[w * MT * PART + q];
+    block_part[q] = s;
+  }
+
+  // ---- 4. cluster reduction of the tokens this block owns (tl % cluster_size == rank), fixed order
+  cluster_sync();
+  const int owned_count = (MT - int(rank) + int(cluster_size) - 1) / int(cluster_size);
+  for (int q = threadIdx.x; q < owned_count * PART; q += kFusedThreads) {
+    const int tl = int(rank) + (q / PART) * int(cluster_size), col = q % PART;
+    float s = 0.f;
+    for (unsigned r = 0; r < cluster_size; ++r) s += cluster_peer(block_part, r)[tl * PART + col];
+    owned[tl * PART + col] = s;
+  }
+  __syncthreads();
+
+  // ---- 5. coefficients of the owned tokens, one thread per token
+  if (threadIdx.x < owned_count) {
+    const int tl = int(rank) + threadIdx.x * int(cluster_size);
+    const int64_t t = t0 + tl;
+    const float* row = owned + tl * PART;
+    const float rstd = rstd_from(row[M], float(K), a.k.norm_eps);
+    const float s_pre = scale_of(a.scale, 0), s_post = scale_of(a.scale, 1), s_res = scale_of(a.scale, 2);
+    float p[N * N];
+#pragma unroll
+    for (int r = 0; r < N * N; ++r) p[r] = row[2 * N + r] * rstd * s_res + __ldg(a.base + 2 * N + r);
+#pragma unroll
+    for (int i = 0; i < N; ++i) hp_own[tl * N + i] = sigmoid(row[i] * rstd * s_pre + __ldg(a.base + i)) + a.k.pre_eps;
+    if (t < a.T) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        a.h_pre[t * N + i] = hp_own[tl * N + i];
+        a.h_post[t * N + i] = sigmoid(row[N + i] * rstd * s_post + __ldg(a.base + N + i)) * a.k.post_mult;
+      }
+      if (a.mixes)
+        for (int j = 0; j < M; ++j) a.mixes[t * M + j] = row[j] * rstd;
+      if (a.rstd) a.rstd[t] = rstd;
+      sinkhorn_forward_reg<N>(p, a.k.eps, a.k.iters);
+#pragma unroll
+      for (int r = 0; r < N * N; ++r) a.comb[t * N * N + r] = p[r];
+    }
+  }
+
+  // ---- 6. h_pre of every token of the tile from its owner
+  cluster_sync();
+  for (int q = threadIdx.x; q < MT * N; q += kFusedThreads) {
+    const int tl = q / N;
+    hp_all[q] = cluster_peer(hp_own, unsigned(tl) % cluster_size)[q];
+  }
+  cluster_arrive();  // this block is done reading its peers; it waits before exiting (step 8)
+  __syncthreads();
+
+  // ---- 7. layer_input of this slice
+  for (int q = threadIdx.x; q < MT * packs_per_row; q += kFusedThreads) {
+    const int tl = q / packs_per_row, cp = (q % packs_per_row) * P;
+    const int64_t t = t0 + tl, c = c_begin + cp;
+    if (t >= a.T || c >= C) continue;
+    float accv[P];
+#pragma unroll
+    for (int e = 0; e < P; ++e) accv[e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float w = hp_all[tl * N + i];
+      const Pack<S> v = *reinterpret_cast<const Pack<S>*>(xs + tl * a.tok_stride + i * cs + cp);
+#pragma unroll
+      for (int e = 0; e < P; ++e) accv[e] += w * to_math(v.v[e]);
+    }
+    Pack<S> out;
+#pragma unroll
+    for (int e = 0; e < P; ++e) out.v[e] = from_math<S>(accv[e]);
+    store_pack(a.layer_input + t * C + c, out);
+  }
+
+  // ---- 8. no block leaves while a peer may still read its shared memory
+  cluster_wait();
+#endif
+}
+
+// Launch configuration of the fused kernel.
+struct FusedConfig {
+  int cluster = 0;  // blocks per cluster (channel slices); 0 = fused path not usable
+  int tile = 0;     // tokens per cluster
+  int cs = 0, tok_stride = 0;
+  FusedSmem smem{};
+};
+
+template <class S, int N, int MT> FusedConfig fused_layout(int64_t C, int cluster) {
+  FusedConfig f;
+  f.cluster = cluster;
+  f.tile = MT;
+  constexpr int KC = k_chunk<S>();
+  const int64_t per = (C + cluster - 1) / cluster;
+  f.cs = static_cast<int>((per + KC - 1) / KC * KC);
+  // Token rows an odd number of 16-byte units apart: ldmatrix / 4-byte reads hit distinct banks.
+  int units = (N * f.cs * int(sizeof(S)) + 15) / 16;
+  if (units % 2 == 0) ++units;
+  f.tok_stride = units * 16 / int(sizeof(S));
+  f.smem = fused_smem<S, N, MT>(f.tok_stride);
+  return f;
+}
+
+template <class S, int N, int MT, bool kPost> void* fused_kernel_ptr() {
+  return reinterpret_cast<void*>(&pre_fused_kernel<S, N, MT, kPost>);
+}
+
+// Opt the kernel into large shared memory and non-portable cluster sizes, once per device.
+template <class S, int N, int MT, bool kPost> void prepare_fused_kernel() {
+  static std::once_flag flags[64];
+  const int dev = current_device_info().index;
+  std::call_once(flags[dev % 64], [&] {
+    const void* k = fused_kernel_ptr<S, N, MT, kPost>();
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        current_device_info().max_smem_optin));
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  });
+}
+
+// Picks cluster size and token tile; cluster = 0 when the fused path cannot run.
+template <class S, int N, bool kPost>
+FusedConfig choose_fused(int64_t T, int64_t C, DType dtype, const char* op) {
+  const DeviceInfo& info = current_device_info();
+  if (!info.clusters) return {};
+  // Channel slices: as many as keep >= 64 channels each, at most 16 (non-portable above 8).
+  int cluster = 16;
+  while (cluster > 1 && C / cluster < 64) cluster /= 2;
+  cluster = tuned({op, N, dtype, C, T}, "cluster", cluster);
+  const int budget2 = info.max_smem_optin / 2 - 1024;  // two blocks per SM overlap load and compute
+  int tile = tuned({op, N, dtype, C, T}, "tile", 0);
+  FusedConfig f;
+  auto try_tile = [&](int mt, int budget) {
+    FusedConfig c;
+    if (mt == 64) c = fused_layout<S, N, 64>(C, cluster);
+    else if (mt == 32) c = fused_layout<S, N, 32>(C, cluster);
+    else c = fused_layout<S, N, 16>(C, cluster);
+    return c.smem.total <= budget ? c : FusedConfig{};
+  };
+  if (tile == 16 || tile == 32 || tile == 64) {
+    f = try_tile(tile, info.max_smem_optin);
+  } else if (T <= 16) {
+    f = try_tile(16, info.max_smem_optin);
+  } else {
+    for (int mt : {64, 32, 16})
+      if ((f = try_tile(mt, budget2)).cluster) break;
+    if (!f.cluster) f = try_tile(16, info.max_smem_optin);
+  }
+  return f;
+}
+
+// Whether a cluster launch of this shape can run on the current device (asked once per shape).
+template <class Query>
+bool cluster_launchable(const void* kernel, const cudaLaunchConfig_t& lc, Query query) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, unsigned, std::size_t>, bool> known;
+  const auto key = std::make_tuple(current_device_info().index, kernel, lc.attrs[0].val.clusterDim.x,
+                                   lc.dynamicSmemBytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int clusters = 0;
+  const bool ok = query(&clusters) == cudaSuccess && clusters > 0;
+  if (!ok) cudaGetLastError();  // clear the sticky-free error of a refused query
+  known[key] = ok;
+  return ok;
+}
+
+template <class S, int N, bool kPost>
+bool launch_fused(const FusedConfig& f, const FusedArgs<S>& args, cudaStream_t stream) {
+  auto launch = [&](auto mt_tag) -> bool {
+    constexpr int MT = decltype(mt_tag)::value;
+    prepare_fused_kernel<S, N, MT, kPost>();
+    const int64_t tiles = (args.T + MT - 1) / MT;
+    cudaLaunchConfig_t lc{};
+    lc.gridDim = dim3(static_cast<unsigned>(tiles * f.cluster));
+    lc.blockDim = dim3(kFusedThreads);
+    lc.dynamicSmemBytes = f.smem.total;
+    lc.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = f.cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+    if (!cluster_launchable(reinterpret_cast<const void*>(&pre_fused_kernel<S, N, MT, kPost>), lc, [&](int* c) {
+          return cudaOccupancyMaxActiveClusters(c, &pre_fused_kernel<S, N, MT, kPost>, &lc);
+        }))
+      return false;
+    MHC_CUDA_CHECK(cudaLaunchKernelEx(&lc, &pre_fused_kernel<S, N, MT, kPost>, args, f.smem));
+    return true;
+  };
+  if (f.tile == 64) return launch(std::integral_constant<int, 64>{});
+  if (f.tile == 32) return launch(std::integral_constant<int, 32>{});
+  return launch(std::integral_constant<int, 16>{});
+}
+
+// Environment switch for tests and benchmarks: MHC_CUDA_PATH=generic forces the generic kernels.
+bool generic_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("MHC_CUDA_PATH");
+    return v && std::string(v) == "generic";
+  }();
+  return forced;
+}
+
+// Runs the fused pre (or post+pre) when the shape allows; returns false to ask for the generic path.
+template <bool kPost>
+bool try_fused(const TensorView& x, const TensorView* y, const TensorView* post_h, const TensorView* post_comb,
+               const TensorView* x_next, const TensorView& fn, const TensorView& base, const TensorView& scale,
+               const TensorView& layer_input, const TensorView& h_pre, const TensorView& h_post,
+               const TensorView& comb, const TensorView& mixes, const TensorView& rstd, const MhcConfig& cfg,
+               cudaStream_t stream) {
+  if (generic_forced()) return false;
+  const int64_t T = x.shape[0], C = x.shape[2];
+  const int n = static_cast<int>(x.shape[1]);
+  if (x.dtype == DType::f64 || (n != 2 && n != 4 && n != 8)) return false;
+  const bool aligned = aligned16({&x, &layer_input}) && (!kPost || aligned16({y, x_next})) &&
+                       (!fn.present() || (reinterpret_cast<std::uintptr_t>(fn.data) & 7u) == 0);
+  if (!aligned) return false;
+  return dispatch_storage(x.dtype, [&](auto tag) -> bool {
+    using S = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<S, double>) {
+      return false;
+    } else {
+      if (C % kPack<S> != 0) return false;
+      return dispatch_streams(n, [&](auto nc) -> bool {
+        constexpr int N = decltype(nc)::value;
+        if constexpr (N == 0) {
+          return false;
+        } else {
+          const FusedConfig f = choose_fused<S, N, kPost>(T, C, x.dtype, kPost ? "post_pre_forward" : "pre_forward");
+          if (!f.cluster) return false;
+          FusedArgs<S> args{};
+          args.x = x.ptr<const S>();
+          if constexpr (kPost) {
+            args.y = y->ptr<const S>();
+            args.post_h = post_h->ptr<const float>();
+            args.post_comb = post_comb->ptr<const float>();
+            args.x_next = x_next->ptr<S>();
+          }
+          args.fn = data_or_null<const float>(fn);
+          args.base = base.ptr<const float>();
+          args.scale = data_or_null<const float>(scale);
+          args.layer_input = layer_input.ptr<S>();
+          args.h_pre = h_pre.ptr<float>();
+          args.h_post = h_post.ptr<float>();
+          args.comb = comb.ptr<float>();
+          args.mixes = data_or_null<float>(mixes);
+          args.rstd = data_or_null<float>(rstd);
+          args.T = T;
+          args.C = C;
+          args.cs = f.cs;
+          args.tok_stride = f.tok_stride;
+          args.k = site_consts<float>(cfg);
+          return launch_fused<S, N, kPost>(f, args, stream);
+        }
+      });
+    }
+  });
+}
+
+}  // namespace
+
+// ================================ entry points ======================================================
+
+void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const int64_t T = a.x.shape[0], C = a.x.shape[2];
+  const int n = static_cast<int>(a.x.shape[1]);
+  if (T == 0) return;
+  const DeviceGuard guard(a.x.device);
+  const cudaStream_t stream = stream_of(ctx);
+  if (try_fused<false>(a.x, nullptr, nullptr, nullptr, nullptr, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
+                       a.h_post, a.comb, a.mixes, a.rstd, cfg, stream))
+    return;
+  dispatch_storage(a.x.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    pre_generic<S>(a.x.ptr<const S>(), a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post, a.comb, a.mixes,
+                   a.rstd, T, n, C, cfg, stream);
+  });
+}
+
+void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const int64_t T = a.x.shape[0], C = a.x.shape[2];
+  const int n = static_cast<int>(a.x.shape[1]);
+  if (T == 0) return;
+  const DeviceGuard guard(a.x.device);
+  const cudaStream_t stream = stream_of(ctx);
+  if (try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
+                      a.h_post_next, a.comb_next, a.mixes, a.rstd, cfg, stream))
+    return;
+  // Unfused: post into x_next, then pre reading x_next as stored.
+  cuda_impl::post_forward({.x = a.x, .y = a.y, .h_post = a.h_post, .comb = a.comb, .x_next = a.x_next}, cfg, ctx);
+  dispatch_storage(a.x.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    pre_generic<S>(a.x_next.ptr<const S>(), a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next,
+                   a.comb_next, a.mixes, a.rstd, T, n, C, cfg, stream);
+  });
+}
+
+void head_forward(const HeadForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const int64_t T = a.x.shape[0], C = a.x.shape[2];
+  const int n = static_cast<int>(a.x.shape[1]);
+  if (T == 0) return;
+  const DeviceGuard guard(a.x.device);
+  const cudaStream_t stream = stream_of(ctx);
+  dispatch_storage(a.x.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    using M = math_t<S>;
+    const MixSlots<M> slots{a.weights.ptr<M>(), nullptr, nullptr};
+    project_generic<S><<<token_grid(T), 256, 0, stream>>>(a.x.ptr<const S>(), data_or_null<const M>(a.fn), slots,
+                                                          data_or_null<M>(a.mixes), data_or_null<M>(a.rstd), T, n, C,
+                                                          n, M(cfg.norm_eps));
+    MHC_CUDA_CHECK_LAUNCH();
+    head_weights_generic<M><<<grid_for(T * n, 256), 256, 0, stream>>>(a.weights.ptr<M>(), a.base.ptr<const M>(),
+                                                                      data_or_null<const M>(a.scale), T, n,
+                                                                      M(cfg.pre_eps));
+    MHC_CUDA_CHECK_LAUNCH();
+    aggregate_generic<S><<<grid_for(T * C, 256), 256, 0, stream>>>(a.x.ptr<const S>(), a.weights.ptr<const M>(),
+                                                                   a.out.ptr<S>(), T, n, C);
+    MHC_CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace mhc::cuda_impl

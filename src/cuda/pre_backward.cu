@@ -1,0 +1,584 @@
+// Backward of the projection-based ops: pre and head (SPEC section 1, exact reverse mode).
+//
+// Four stages, all deterministic (fixed-order sums, no float atomics):
+//   A. dots:   U[t, i] = <grad_layer_input[t], x[t, i]>                    (one pass over x)
+//   B. coefs:  per token, the reverse of the coefficient math (sigmoids, Sinkhorn through every
+//              iteration, recomputed on chip from mixes), giving d_logit[t, :], the projection's
+//              gradient DP[t, j] = d_logit * scale * rstd and the rstd term XC[t]
+//   C. grad_x[t, k] = h[t, i] g[t, c] + sum_j DP[t, j] fn[j, k] + XC[t] x[t, k] (+ accum),
+//      and the token-chunk partials of grad_fn[j, k] = sum_t DP[t, j] x[t, k]  (one pass over x)
+//   D. fixed-order reductions: grad_fn over chunks, grad_base and grad_scale over tokens.
+// The workspace holds U, d_logit, DP, XC, h, the per-token scale terms, the Sinkhorn divisors and
+// the grad_fn partials; its size depends only on (T, n, C, fn present, iters, device).
+#include <algorithm>
+
+#include "cuda/coefficients.cuh"
+#include "cuda/common.cuh"
+#include "cuda/sinkhorn.cuh"
+#include "cuda/tuning.hpp"
+
+namespace mhc::cuda_impl {
+
+namespace {
+
+using std::int64_t;
+
+enum class Site { pre, head };
+
+// ---- workspace layout ---------------------------------------------------------------------------
+struct BackwardLayout {
+  int64_t T = 0, n = 0, C = 0, m = 0, steps = 0, chunks = 0;
+  std::size_t elem = 4;
+  // byte offsets
+  std::size_t U = 0, DL = 0, DP = 0, XC = 0, H = 0, SC = 0, DIV = 0, GF = 0, total = 0;
+};
+
+// Token chunks of the grad_fn partials: enough blocks to fill the GPU, >= 32 tokens per chunk.
+int grad_fn_chunks(int64_t T, int64_t nC, int m) {
+  const int per_block = m <= 24 ? 512 : 256;  // columns per block in stage C
+  const int64_t kblocks = (nC + per_block - 1) / per_block;
+  const int64_t want = (2 * int64_t(current_device_info().sm_count) + kblocks - 1) / kblocks;
+  return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(want, (T + 31) / 32), 1, 64));
+}
+
+BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool has_fn, bool has_sinkhorn,
+                               int iters, DType dtype) {
+  BackwardLayout L;
+  L.T = T;
+  L.n = n;
+  L.C = C;
+  L.m = m;
+  L.elem = dtype == DType::f64 ? 8 : 4;
+  L.steps = has_sinkhorn ? sinkhorn_steps(iters) : 0;
+  L.chunks = has_fn ? grad_fn_chunks(T, n * C, static_cast<int>(m)) : 0;
+  std::size_t off = 0;
+  auto take = [&](int64_t count) {
+    const std::size_t at = off;
+    off += (static_cast<std::size_t>(count) * L.elem + 255) / 256 * 256;
+    return at;
+  };
+  L.U = take(T * n);
+  L.DL = take(T * m);
+  L.DP = take(has_fn ? T * m : 0);
+  L.XC = take(has_fn ? T : 0);
+  L.H = take(T * n);
+  L.SC = take(T * 3);
+  L.DIV = take(T * L.steps * n);
+  L.GF = take(has_fn ? L.chunks * m * n * C : 0);
+  L.total = off;
+  return L;
+}
+
+template <class M> M* at(void* ws, std::size_t off) { return reinterpret_cast<M*>(static_cast<char*>(ws) + off); }
+
+unsigned grid_for(int64_t items, int threads) {
+  return static_cast<unsigned>(
+      std::clamp<int64_t>((items + threads - 1) / threads, 1, int64_t(current_device_info().sm_count) * 16));
+}
+unsigned token_grid(int64_t T) { return static_cast<unsigned>(std::min<int64_t>(T, 1 << 30)); }
+
+// ---- A. U[t, i] = <g[t], x[t, i]> ---------------------------------------------------------------------
+template <class S, int N>
+__global__ void __launch_bounds__(256) stream_dots_packed(const S* __restrict__ g, const S* __restrict__ x,
+                                                          float* __restrict__ U, int64_t T, int64_t C) {
+  constexpr int P = kPack<S>;
+  __shared__ float scratch[(256 / 32) * N];
+  for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
+    float acc[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] = 0.f;
+    for (int64_t c = threadIdx.x * P; c < C; c += blockDim.x * P) {
+      const Pack<S> gp = load_pack(g + t * C + c);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const Pack<S> xp = load_pack_stream(x + (t * N + i) * C + c);
+#pragma unroll
+        for (int e = 0; e < P; ++e) acc[i] += to_math(gp.v[e]) * to_math(xp.v[e]);
+      }
+    }
+    block_sum<N>(acc, scratch);
+    if (threadIdx.x == 0)
+#pragma unroll
+      for (int i = 0; i < N; ++i) U[t * N + i] = acc[i];
+  }
+}
+
+template <class S>
+__global__ void stream_dots_generic(const S* __restrict__ g, const S* __restrict__ x, math_t<S>* __restrict__ U,
+                                    int64_t T, int n, int64_t C) {
+  using M = math_t<S>;
+  const int warps = blockDim.x >> 5;
+  for (int64_t q = int64_t(blockIdx.x) * warps + (threadIdx.x >> 5); q < T * n; q += int64_t(gridDim.x) * warps) {
+    const int64_t t = q / n;
+    M acc = 0;
+    for (int64_t c = threadIdx.x & 31; c < C; c += 32) acc += to_math(g[t * C + c]) * to_math(x[q * C + c]);
+    acc = warp_sum(acc);
+    if ((threadIdx.x & 31) == 0) U[q] = acc;
+  }
+}
+
+// ---- B. per-token coefficient backward -------------------------------------------------------------------
+template <class M> struct CoefBackwardArgs {
+  const M* mixes;   // [T, m]
+  const M* rstd;    // [T]
+  const M* base;    // [m]
+  const M* scale;   // [3] or [1], may be null
+  const M* g_h;     // grad_h_pre (pre) / grad_weights (head), may be null
+  const M* g_post;  // grad_h_post, may be null
+  const M* g_comb;  // grad_comb, may be null
+  const M* U;       // [T, n] or null (no grad_layer_input / grad_out)
+  M* DL;            // [T, m] d logit
+  M* DP;            // [T, m] or null (static mode)
+  M* XC;            // [T] or null
+  M* H;             // [T, n] h_pre / weights
+  M* SC;            // [T, 3]
+  M* DIV;           // Sinkhorn divisors
+  int64_t T;
+  int n, m;
+  int64_t nC;
+  SiteConsts<M> k;
+};
+
+// The part shared by both shapes: sigmoid groups, scale terms, projection gradient. d_logit of the
+// comb group must already be in DL. Runs for token t on one thread.
+template <Site kSite, class M>
+__device__ void finish_token(const CoefBackwardArgs<M>& a, int64_t t) {
+  const int n = a.n, m = a.m;
+  const M rstd = a.rstd[t];
+  M sc[3] = {0, 0, 0}, dm_dot = 0;
+  for (int j = 0; j < m; ++j) {
+    const M mix = a.mixes[t * m + j];
+    const int group = kSite == Site::head ? 0 : coef_group(j, n);
+    M d;
+    if (group == 2) {
+      d = a.DL[t * m + j];
+    } else {
+      const int i = group == 0 ? j : j - n;
+      const M sig = sigmoid(mix * scale_of(a.scale, group) + a.base[j]);
+      if (group == 0) {
+        M dh = a.g_h ? a.g_h[t * n + i] : M(0);
+        if (a.U) dh += a.U[t * n + i];
+        a.H[t * n + i] = sig + a.k.pre_eps;
+        d = dh * sig * (M(1) - sig);
+      } else {
+        d = (a.g_post ? a.g_post[t * n + i] : M(0)) * a.k.post_mult * sig * (M(1) - sig);
+      }
+      a.DL[t * m + j] = d;
+    }
+    sc[group] += d * mix;
+    const M dmix = d * scale_of(a.scale, group);
+    dm_dot += dmix * mix;
+    if (a.DP) a.DP[t * m + j] = dmix * rstd;
+  }
+  for (int q = 0; q < 3; ++q) a.SC[t * 3 + q] = sc[q];
+  // rstd = (sum x^2 / nC + eps)^(-1/2):  d x = grad_rstd * (-rstd^3 / nC) * x, grad_rstd = <dmix, raw>
+  if (a.XC) a.XC[t] = -dm_dot * rstd * rstd / M(a.nC);
+}
+
+// One thread per token; Sinkhorn in registers, divisors at DIV[(s * N + a) * T + t].
+template <Site kSite, int N, class M>
+__global__ void coef_backward_reg(const CoefBackwardArgs<M> a) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.T; t += int64_t(gridDim.x) * blockDim.x) {
+    if constexpr (kSite == Site::pre) {
+      constexpr int m = N * N + 2 * N;
+      if (a.g_comb) {
+        const M s_res = scale_of(a.scale, 2);
+        const M* mix = a.mixes + t * m + 2 * N;
+        const M* base = a.base + 2 * N;
+        M g[N * N];
+#pragma unroll
+        for (int r = 0; r < N * N; ++r) g[r] = a.g_comb[t * N * N + r];
+        sinkhorn_backward_reg<N>([&](int r) { return mix[r] * s_res + base[r]; }, g, a.k.eps, a.k.iters, a.DIV + t,
+                                 a.T);
+#pragma unroll
+        for (int r = 0; r < N * N; ++r) a.DL[t * m + 2 * N + r] = g[r];
+      } else {
+#pragma unroll
+        for (int r = 0; r < N * N; ++r) a.DL[t * m + 2 * N + r] = M(0);
+      }
+    }
+    finish_token<kSite>(a, t);
+  }
+}
+
+// One warp per token (any n); Sinkhorn in shared memory (3 * n*n per warp), divisors at
+// DIV[(t * steps + s) * n + a].
+template <class M>
+__global__ void coef_backward_warp(const CoefBackwardArgs<M> a) {
+  extern __shared__ unsigned char smem_raw[];
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+  const int n = a.n, m = a.m;
+  M* logits = reinterpret_cast<M*>(smem_raw) + warp * 3 * n * n;
+  M* p = logits + n * n;
+  M* g = p + n * n;
+  const M s_res = scale_of(a.scale, 2);
+  for (int64_t t = int64_t(blockIdx.x) * warps + warp; t < a.T; t += int64_t(gridDim.x) * warps) {
+    if (a.g_comb) {
+      for (int r = lane; r < n * n; r += 32) {
+        logits[r] = a.mixes[t * m + 2 * n + r] * s_res + a.base[2 * n + r];
+        g[r] = a.g_comb[t * n * n + r];
+      }
+      __syncwarp();
+      sinkhorn_backward_warp(logits, p, g, n, a.k.eps, a.k.iters, a.DIV + t * sinkhorn_steps(a.k.iters) * n);
+      for (int r = lane; r < n * n; r += 32) a.DL[t * m + 2 * n + r] = g[r];
+    } else {
+      for (int r = lane; r < n * n; r += 32) a.DL[t * m + 2 * n + r] = M(0);
+    }
+    __syncwarp();
+    if (lane == 0) finish_token<Site::pre>(a, t);
+    __syncwarp();
+  }
+}
+
+template <class M>
+__global__ void coef_backward_head(const CoefBackwardArgs<M> a) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.T; t += int64_t(gridDim.x) * blockDim.x)
+    finish_token<Site::head>(a, t);
+}
+
+// ---- C. grad_x and grad_fn partials ---------------------------------------------------------------------
+template <class S> struct GradXArgs {
+  const S* x;          // [T, n, C]
+  const S* g;          // grad_layer_input / grad_out [T, C] or null
+  const S* accum;      // [T, n, C] or null
+  S* grad_x;           // [T, n, C]
+  const math_t<S>* fn; // [m, nC] or null
+  const math_t<S>* H;  // [T, n]
+  const math_t<S>* DP; // [T, m] or null
+  const math_t<S>* XC; // [T] or null
+  math_t<S>* GF;       // [chunks, m, nC] or null
+  int64_t T, C;
+  int n, m, chunks;
+};
+
+// Block: 256 threads x KV consecutive columns k of x viewed as [T, nC]; one chunk of tokens.
+// fn[:, k] stays in registers; grad_fn partials accumulate in registers over the chunk.
+constexpr int kGradTokens = 32;  // tokens staged per step
+
+template <class S, int MR, int KV>
+__global__ void __launch_bounds__(256) grad_x_fn_fast(const GradXArgs<S> a) {
+  using M = float;
+  __shared__ __align__(16) M dp_s[kGradTokens][MR];
+  __shared__ M xc_s[kGradTokens];
+  const int64_t nC = a.n * a.C;
+  const int64_t k0 = (int64_t(blockIdx.x) * 256 + threadIdx.x) * KV;
+  const int chunk = blockIdx.y;
+  const int64_t per_chunk = (a.T + a.chunks - 1) / a.chunks;
+  const int64_t t_begin = chunk * per_chunk, t_end = std::min<int64_t>(a.T, t_begin + per_chunk);
+  M fnr[MR][KV], gf[MR][KV];
+  int stream[KV];
+  int64_t chan[KV];
+  bool valid[KV];
+#pragma unroll
+  for (int e = 0; e < KV; ++e) {
+    const int64_t k = k0 + e;
+    valid[e] = k < nC;
+    stream[e] = valid[e] ? static_cast<int>(k / a.C) : 0;
+    chan[e] = valid[e] ? k % a.C : 0;
+#pragma unroll
+    for (int j = 0; j < MR; ++j) {
+      fnr[j][e] = valid[e] ? a.fn[j * nC + k] : 0.f;
+      gf[j][e] = 0.f;
+    }
+  }
+  for (int64_t tb = t_begin; tb < t_end; tb += kGradTokens) {
+    const int count = static_cast<int>(std::min<int64_t>(kGradTokens, t_end - tb));
+    __syncthreads();
+    for (int q = threadIdx.x; q < count * MR; q += 256) dp_s[q / MR][q % MR] = a.DP[(tb + q / MR) * MR + q % MR];
+    for (int q = threadIdx.x; q < count; q += 256) xc_s[q] = a.XC[tb + q];
+    __syncthreads();
+    for (int tt = 0; tt < count; ++tt) {
+      const int64_t t = tb + tt;
+      M xv[KV], gx[KV];
+#pragma unroll
+      for (int e = 0; e < KV; ++e) {
+        const int64_t off = t * nC + k0 + e;
+        xv[e] = valid[e] ? to_math(a.x[off]) : 0.f;
+        gx[e] = xc_s[tt] * xv[e];
+        if (valid[e]) {
+          if (a.g) gx[e] += a.H[t * a.n + stream[e]] * to_math(a.g[t * a.C + chan[e]]);
+          if (a.accum) gx[e] += to_math(a.accum[off]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < MR; ++j) {
+        const M d = dp_s[tt][j];
+#pragma unroll
+        for (int e = 0; e < KV; ++e) {
+          gx[e] += d * fnr[j][e];
+          gf[j][e] += d * xv[e];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < KV; ++e)
+        if (valid[e]) a.grad_x[t * nC + k0 + e] = from_math<S>(gx[e]);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < KV; ++e)
+    if (valid[e])
+#pragma unroll
+      for (int j = 0; j < MR; ++j) a.GF[(int64_t(chunk) * MR + j) * nC + k0 + e] = gf[j][e];
+}
+
+// Any m and dtype: one thread per element of grad_x.
+template <class S>
+__global__ void grad_x_generic(const GradXArgs<S> a) {
+  using M = math_t<S>;
+  const int64_t nC = a.n * a.C;
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < a.T * nC; q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = q / nC, k = q % nC;
+    const int i = static_cast<int>(k / a.C);
+    const int64_t c = k % a.C;
+    M gx = a.accum ? to_math(a.accum[q]) : M(0);
+    if (a.g) gx += a.H[t * a.n + i] * to_math(a.g[t * a.C + c]);
+    if (a.fn) {
+      gx += a.XC[t] * to_math(a.x[q]);
+      for (int j = 0; j < a.m; ++j) gx += a.DP[t * a.m + j] * a.fn[j * nC + k];
+    }
+    a.grad_x[q] = from_math<S>(gx);
+  }
+}
+
+// Any m and dtype: GF[chunk, j, k] = sum over the chunk's tokens of DP[t, j] x[t, k].
+template <class S>
+__global__ void grad_fn_generic(const GradXArgs<S> a) {
+  using M = math_t<S>;
+  const int64_t nC = a.n * a.C;
+  const int64_t per_chunk = (a.T + a.chunks - 1) / a.chunks;
+  const int64_t total = int64_t(a.chunks) * a.m * nC;
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < total; q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t chunk = q / (a.m * nC), j = (q / nC) % a.m, k = q % nC;
+    const int64_t t_end = std::min<int64_t>(a.T, (chunk + 1) * per_chunk);
+    M acc = 0;
+    for (int64_t t = chunk * per_chunk; t < t_end; ++t) acc += a.DP[t * a.m + j] * to_math(a.x[t * nC + k]);
+    a.GF[q] = acc;
+  }
+}
+
+// ---- D. fixed-order reductions --------------------------------------------------------------------------
+template <class M>
+__global__ void reduce_chunks(const M* __restrict__ GF, M* __restrict__ grad_fn, int chunks, int64_t count) {
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < count; q += int64_t(gridDim.x) * blockDim.x) {
+    M acc = 0;
+    for (int p = 0; p < chunks; ++p) acc += GF[p * count + q];
+    grad_fn[q] = acc;
+  }
+}
+
+// Block b sums column b of src [T, cols] over tokens: grad_base (src = DL) and grad_scale (src = SC).
+template <class M>
+__global__ void reduce_tokens(const M* __restrict__ src, int cols, int64_t T, M* __restrict__ out, int out_count) {
+  __shared__ M scratch[32];
+  for (int col = blockIdx.x; col < out_count; col += gridDim.x) {
+    M acc[1] = {0};
+    for (int64_t t = threadIdx.x; t < T; t += blockDim.x) acc[0] += src[t * cols + col];
+    block_sum<1>(acc, scratch);
+    if (threadIdx.x == 0) out[col] = acc[0];
+  }
+}
+
+// ---- driver shared by pre and head -------------------------------------------------------------------------
+struct BackwardIo {
+  const TensorView *x, *fn, *base, *scale, *mixes, *rstd;
+  const TensorView *g;           // grad_layer_input / grad_out
+  const TensorView *g_h;         // grad_h_pre / grad_weights
+  const TensorView *g_post;      // pre only
+  const TensorView *g_comb;      // pre only
+  const TensorView *accum;       // pre only
+  const TensorView *grad_x, *grad_fn, *grad_base, *grad_scale, *workspace;
+};
+
+template <Site kSite>
+BackwardLayout layout_for(const TensorView& x, const TensorView& fn, const MhcConfig& cfg) {
+  const int64_t T = x.shape[0], n = x.shape[1], C = x.shape[2];
+  const int64_t m = kSite == Site::pre ? n * n + 2 * n : n;
+  return backward_layout(T, n, C, m, fn.present(), kSite == Site::pre, cfg.iters, x.dtype);
+}
+
+template <Site kSite, class S>
+void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t stream) {
+  using M = math_t<S>;
+  const BackwardLayout L = layout_for<kSite>(*io.x, *io.fn, cfg);
+  const int64_t T = L.T, C = L.C, nC = L.n * L.C;
+  const int n = static_cast<int>(L.n), m = static_cast<int>(L.m);
+  const bool has_fn = io.fn->present();
+  void* ws = io.workspace->data;
+  const S* x = io.x->ptr<const S>();
+  const S* g = data_or_null<const S>(*io.g);
+  constexpr bool kFloat = !std::is_same_v<S, double>;
+  const bool packed = kFloat && C % kPack<S> == 0 && aligned16({io.x, io.g});
+
+  // A. dots of the upstream gradient with every stream
+  M* U = g ? at<M>(ws, L.U) : nullptr;
+  if (g) {
+    bool done = false;
+    if constexpr (kFloat) {
+      if (packed)
+        dispatch_streams(n, [&](auto nc) {
+          constexpr int N = decltype(nc)::value;
+          if constexpr (N > 0) {
+            const int threads = static_cast<int>(std::clamp<int64_t>((C / kPack<S> + 31) / 32 * 32, 32, 256));
+            stream_dots_packed<S, N><<<token_grid(T), threads, 0, stream>>>(g, x, U, T, C);
+            MHC_CUDA_CHECK_LAUNCH();
+            done = true;
+          }
+        });
+    }
+    if (!done) {
+      stream_dots_generic<S><<<grid_for(T * n * 32, 256), 256, 0, stream>>>(g, x, U, T, n, C);
+      MHC_CUDA_CHECK_LAUNCH();
+    }
+  }
+
+  // B. coefficient backward
+  CoefBackwardArgs<M> ca{};
+  ca.mixes = io.mixes->ptr<const M>();
+  ca.rstd = io.rstd->ptr<const M>();
+  ca.base = io.base->ptr<const M>();
+  ca.scale = data_or_null<const M>(*io.scale);
+  ca.g_h = data_or_null<const M>(*io.g_h);
+  ca.g_post = io.g_post ? data_or_null<const M>(*io.g_post) : nullptr;
+  ca.g_comb = io.g_comb ? data_or_null<const M>(*io.g_comb) : nullptr;
+  ca.U = U;
+  ca.DL = at<M>(ws, L.DL);
+  ca.DP = has_fn ? at<M>(ws, L.DP) : nullptr;
+  ca.XC = has_fn ? at<M>(ws, L.XC) : nullptr;
+  ca.H = at<M>(ws, L.H);
+  ca.SC = at<M>(ws, L.SC);
+  ca.DIV = at<M>(ws, L.DIV);
+  ca.T = T;
+  ca.n = n;
+  ca.m = m;
+  ca.nC = nC;
+  ca.k = site_consts<M>(cfg);
+  if constexpr (kSite == Site::head) {
+    coef_backward_head<M><<<grid_for(T, 128), 128, 0, stream>>>(ca);
+    MHC_CUDA_CHECK_LAUNCH();
+  } else {
+    bool done = false;
+    dispatch_streams(n, [&](auto nc) {
+      constexpr int N = decltype(nc)::value;
+      if constexpr (N > 0) {
+        coef_backward_reg<Site::pre, N, M><<<grid_for(T, 64), 64, 0, stream>>>(ca);
+        MHC_CUDA_CHECK_LAUNCH();
+        done = true;
+      }
+    });
+    if (!done) {
+      const std::size_t per_warp = 3 * std::size_t(n) * n * sizeof(M);
+      const int warps = static_cast<int>(std::clamp<std::size_t>(32768 / per_warp, 1, 4));
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((T + warps - 1) / warps, 1 << 30));
+      coef_backward_warp<M><<<blocks, warps * 32, warps * per_warp, stream>>>(ca);
+      MHC_CUDA_CHECK_LAUNCH();
+    }
+  }
+
+  // C. grad_x and the grad_fn partials
+  GradXArgs<S> ga{};
+  ga.x = x;
+  ga.g = g;
+  ga.accum = io.accum ? data_or_null<const S>(*io.accum) : nullptr;
+  ga.grad_x = io.grad_x->ptr<S>();
+  ga.fn = has_fn ? io.fn->ptr<const M>() : nullptr;
+  ga.H = ca.H;
+  ga.DP = ca.DP;
+  ga.XC = ca.XC;
+  ga.GF = has_fn ? at<M>(ws, L.GF) : nullptr;
+  ga.T = T;
+  ga.C = C;
+  ga.n = n;
+  ga.m = m;
+  ga.chunks = static_cast<int>(L.chunks);
+  bool fast_done = false;
+  if constexpr (kFloat) {
+    if (has_fn) {
+      auto launch = [&](auto mr_tag, auto kv_tag) {
+        constexpr int MR = decltype(mr_tag)::value, KV = decltype(kv_tag)::value;
+        const dim3 grid(static_cast<unsigned>((nC + 256 * KV - 1) / (256 * KV)), static_cast<unsigned>(L.chunks));
+        grad_x_fn_fast<S, MR, KV><<<grid, 256, 0, stream>>>(ga);
+        MHC_CUDA_CHECK_LAUNCH();
+        fast_done = true;
+      };
+      using std::integral_constant;
+      if (m == 8) launch(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+      else if (m == 24) launch(integral_constant<int, 24>{}, integral_constant<int, 2>{});
+      else if (m == 80) launch(integral_constant<int, 80>{}, integral_constant<int, 1>{});
+      else if (m == 4) launch(integral_constant<int, 4>{}, integral_constant<int, 2>{});  // head, n = 4
+    }
+  }
+  if (!fast_done) {
+    grad_x_generic<S><<<grid_for(T * nC, 256), 256, 0, stream>>>(ga);
+    MHC_CUDA_CHECK_LAUNCH();
+    if (has_fn) {
+      grad_fn_generic<S><<<grid_for(L.chunks * m * nC, 256), 256, 0, stream>>>(ga);
+      MHC_CUDA_CHECK_LAUNCH();
+    }
+  }
+
+  // D. reductions
+  if (has_fn) {
+    reduce_chunks<M><<<grid_for(int64_t(m) * nC, 256), 256, 0, stream>>>(ga.GF, io.grad_fn->ptr<M>(),
+                                                                         static_cast<int>(L.chunks), int64_t(m) * nC);
+    MHC_CUDA_CHECK_LAUNCH();
+  }
+  reduce_tokens<M><<<static_cast<unsigned>(m), 256, 0, stream>>>(ca.DL, m, T, io.grad_base->ptr<M>(), m);
+  MHC_CUDA_CHECK_LAUNCH();
+  if (io.scale->present()) {
+    const int groups = kSite == Site::pre ? 3 : 1;
+    reduce_tokens<M><<<static_cast<unsigned>(groups), 256, 0, stream>>>(ca.SC, 3, T, io.grad_scale->ptr<M>(),
+                                                                        groups);
+    MHC_CUDA_CHECK_LAUNCH();
+  }
+}
+
+// Parameter gradients of an empty batch are zeros.
+void zero_param_grads(const TensorView& grad_fn, const TensorView& grad_base, const TensorView& grad_scale,
+                      cudaStream_t stream) {
+  for (const TensorView* t : {&grad_fn, &grad_base, &grad_scale})
+    if (t->present() && t->numel() > 0)
+      MHC_CUDA_CHECK(cudaMemsetAsync(t->data, 0, t->numel() * dtype_size(t->dtype), stream));
+}
+
+}  // namespace
+
+std::size_t pre_backward_workspace_bytes(const PreBackward& a, const MhcConfig& cfg, const Context&) {
+  if (a.x.shape[0] == 0) return 0;
+  const DeviceGuard guard(a.x.device);
+  return layout_for<Site::pre>(a.x, a.fn, cfg).total;
+}
+
+std::size_t head_backward_workspace_bytes(const HeadBackward& a, const MhcConfig& cfg, const Context&) {
+  if (a.x.shape[0] == 0) return 0;
+  const DeviceGuard guard(a.x.device);
+  return layout_for<Site::head>(a.x, a.fn, cfg).total;
+}
+
+void pre_backward(const PreBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const DeviceGuard guard(a.x.device);
+  const cudaStream_t stream = stream_of(ctx);
+  if (a.x.shape[0] == 0) {
+    zero_param_grads(a.grad_fn, a.grad_base, a.grad_scale, stream);
+    return;
+  }
+  const BackwardIo io{&a.x,         &a.fn,         &a.base,   &a.scale,   &a.mixes,   &a.rstd,
+                      &a.grad_layer_input, &a.grad_h_pre, &a.grad_h_post, &a.grad_comb, &a.grad_x_accum,
+                      &a.grad_x,    &a.grad_fn,    &a.grad_base, &a.grad_scale, &a.workspace};
+  dispatch_storage(a.x.dtype, [&](auto tag) { run_backward<Site::pre, typename decltype(tag)::type>(io, cfg, stream); });
+}
+
+void head_backward(const HeadBackward& a, const MhcConfig& cfg, const Context& ctx) {
+  const DeviceGuard guard(a.x.device);
+  const cudaStream_t stream = stream_of(ctx);
+  if (a.x.shape[0] == 0) {
+    zero_param_grads(a.grad_fn, a.grad_base, a.grad_scale, stream);
+    return;
+  }
+  const BackwardIo io{&a.x,      &a.fn,   &a.base,  &a.scale,      &a.mixes,     &a.rstd,
+                      &a.grad_out, &a.grad_weights, nullptr, nullptr, nullptr,
+                      &a.grad_x, &a.grad_fn, &a.grad_base, &a.grad_scale, &a.workspace};
+  dispatch_storage(a.x.dtype,
+                   [&](auto tag) { run_backward<Site::head, typename decltype(tag)::type>(io, cfg, stream); });
+}
+
+}  // namespace mhc::cuda_impl

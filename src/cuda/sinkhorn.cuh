@@ -1,0 +1,194 @@
+// Sinkhorn of one n x n matrix on the device, forward and exact reverse mode (SPEC section 1):
+//   P0 = softmax(logits, rows) + eps; then 2*iters - 1 normalisations, alternating columns
+//   (first) and rows: P_s = P_{s-1} / (sum_axis(P_{s-1}) + eps).
+// The backward stores only the divisor vectors (one n-vector per step) and walks the steps in
+// reverse, rebuilding P_{s-1} = P_s * divisor exactly, so no O(iters^2) recomputation and no
+// per-step matrices. Two shapes: one thread per matrix with the matrix in registers (n = 2, 4, 8)
+// and one warp per matrix with the matrix in shared memory (any n up to 64).
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace mhc::cuda_impl {
+
+__host__ __device__ constexpr int sinkhorn_steps(int iters) { return 2 * iters - 1; }
+
+// ---- one thread per matrix -------------------------------------------------------------------------
+
+// p holds the logits on entry and P0 on exit.
+template <int N, class M> __device__ __forceinline__ void softmax_rows_plus_eps(M (&p)[N * N], M eps) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    M row_max = p[j * N];
+#pragma unroll
+    for (int k = 1; k < N; ++k) row_max = max(row_max, p[j * N + k]);
+    M sum = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      p[j * N + k] = exp(p[j * N + k] - row_max);
+      sum += p[j * N + k];
+    }
+    const M inv = M(1) / sum;
+#pragma unroll
+    for (int k = 0; k < N; ++k) p[j * N + k] = p[j * N + k] * inv + eps;
+  }
+}
+
+// Divides columns (by_column) or rows by their sums + eps; returns nothing, records divisors when
+// `divisors` is non-null: divisors[a * stride] for a = 0..N-1.
+template <int N, class M>
+__device__ __forceinline__ void normalise(M (&p)[N * N], bool by_column, M eps, M* divisors, std::int64_t stride) {
+#pragma unroll
+  for (int a = 0; a < N; ++a) {
+    M sum = 0;
+#pragma unroll
+    for (int b = 0; b < N; ++b) sum += by_column ? p[b * N + a] : p[a * N + b];
+    const M d = sum + eps;
+    if (divisors) divisors[a * stride] = d;
+    const M inv = M(1) / d;
+#pragma unroll
+    for (int b = 0; b < N; ++b) (by_column ? p[b * N + a] : p[a * N + b]) *= inv;
+  }
+}
+
+// p: logits in, comb out. divisors (optional): step s, entry a at divisors[(s * N + a) * stride].
+template <int N, class M>
+__device__ void sinkhorn_forward_reg(M (&p)[N * N], M eps, int iters, M* divisors = nullptr,
+                                     std::int64_t stride = 1) {
+  softmax_rows_plus_eps<N>(p, eps);
+  const int steps = sinkhorn_steps(iters);
+  for (int s = 0; s < steps; ++s)
+    normalise<N>(p, (s & 1) == 0, eps, divisors ? divisors + s * N * stride : nullptr, stride);
+}
+
+// g: d(comb) in, d(logits) out. logit(idx) returns logits[idx] (idx = j * N + k); it is called
+// twice per entry so the caller need not keep the logits in registers. divisors: scratch for
+// (2 * iters - 1) * N values at divisors[(s * N + a) * stride].
+template <int N, class M, class Logit>
+__device__ void sinkhorn_backward_reg(Logit logit, M (&g)[N * N], M eps, int iters, M* divisors,
+                                      std::int64_t stride) {
+  M p[N * N];
+#pragma unroll
+  for (int r = 0; r < N * N; ++r) p[r] = logit(r);
+  sinkhorn_forward_reg<N>(p, eps, iters, divisors, stride);
+  for (int s = sinkhorn_steps(iters) - 1; s >= 0; --s) {
+    const bool by_column = (s & 1) == 0;
+    const M* dv = divisors + s * N * stride;
+#pragma unroll
+    for (int a = 0; a < N; ++a) {
+      const M d = dv[a * stride];
+      M dot = 0;
+#pragma unroll
+      for (int b = 0; b < N; ++b) {
+        const int idx = by_column ? b * N + a : a * N + b;
+        dot += g[idx] * p[idx];
+      }
+      const M inv = M(1) / d;
+#pragma unroll
+      for (int b = 0; b < N; ++b) {
+        const int idx = by_column ? b * N + a : a * N + b;
+        g[idx] = (g[idx] - dot) * inv;
+        p[idx] *= d;  // rebuild the step's input
+      }
+    }
+  }
+  // softmax rows: d logits = S * (dP0 - <dP0, S>), S recomputed from the logits.
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    M row_max = logit(j * N);
+#pragma unroll
+    for (int k = 1; k < N; ++k) row_max = max(row_max, logit(j * N + k));
+    M sm[N], sum = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      sm[k] = exp(logit(j * N + k) - row_max);
+      sum += sm[k];
+    }
+    const M inv = M(1) / sum;
+    M dot = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      sm[k] *= inv;
+      dot += g[j * N + k] * sm[k];
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) g[j * N + k] = sm[k] * (g[j * N + k] - dot);
+  }
+}
+
+// ---- one warp per matrix, any n (matrix in shared or global memory) -----------------------------------
+
+// p[n*n]: logits in, comb out. All 32 lanes of the warp call this. divisors (optional):
+// (2 * iters - 1) * n values, step s entry a at divisors[s * n + a].
+template <class M>
+__device__ void sinkhorn_forward_warp(M* p, int n, M eps, int iters, M* divisors = nullptr) {
+  const int lane = threadIdx.x & 31;
+  for (int j = lane; j < n; j += 32) {
+    M* row = p + j * n;
+    M row_max = row[0];
+    for (int k = 1; k < n; ++k) row_max = max(row_max, row[k]);
+    M sum = 0;
+    for (int k = 0; k < n; ++k) {
+      row[k] = exp(row[k] - row_max);
+      sum += row[k];
+    }
+    const M inv = M(1) / sum;
+    for (int k = 0; k < n; ++k) row[k] = row[k] * inv + eps;
+  }
+  __syncwarp();
+  const int steps = sinkhorn_steps(iters);
+  for (int s = 0; s < steps; ++s) {
+    const bool by_column = (s & 1) == 0;
+    for (int a = lane; a < n; a += 32) {
+      M sum = 0;
+      for (int b = 0; b < n; ++b) sum += by_column ? p[b * n + a] : p[a * n + b];
+      const M d = sum + eps;
+      if (divisors) divisors[s * n + a] = d;
+      const M inv = M(1) / d;
+      for (int b = 0; b < n; ++b) (by_column ? p[b * n + a] : p[a * n + b]) *= inv;
+    }
+    __syncwarp();
+  }
+}
+
+// logits[n*n] (read-only), p[n*n] scratch, g[n*n]: d(comb) in, d(logits) out; divisors scratch
+// of (2 * iters - 1) * n values.
+template <class M>
+__device__ void sinkhorn_backward_warp(const M* logits, M* p, M* g, int n, M eps, int iters, M* divisors) {
+  const int lane = threadIdx.x & 31;
+  for (int r = lane; r < n * n; r += 32) p[r] = logits[r];
+  __syncwarp();
+  sinkhorn_forward_warp(p, n, eps, iters, divisors);
+  for (int s = sinkhorn_steps(iters) - 1; s >= 0; --s) {
+    const bool by_column = (s & 1) == 0;
+    for (int a = lane; a < n; a += 32) {
+      const M d = divisors[s * n + a];
+      M dot = 0;
+      for (int b = 0; b < n; ++b) {
+        const int idx = by_column ? b * n + a : a * n + b;
+        dot += g[idx] * p[idx];
+      }
+      const M inv = M(1) / d;
+      for (int b = 0; b < n; ++b) {
+        const int idx = by_column ? b * n + a : a * n + b;
+        g[idx] = (g[idx] - dot) * inv;
+        p[idx] *= d;
+      }
+    }
+    __syncwarp();
+  }
+  for (int j = lane; j < n; j += 32) {
+    const M* row = logits + j * n;
+    M row_max = row[0];
+    for (int k = 1; k < n; ++k) row_max = max(row_max, row[k]);
+    M sum = 0;
+    for (int k = 0; k < n; ++k) sum += exp(row[k] - row_max);
+    const M inv = M(1) / sum;
+    M dot = 0;
+    for (int k = 0; k < n; ++k) dot += g[j * n + k] * exp(row[k] - row_max) * inv;
+    for (int k = 0; k < n; ++k) g[j * n + k] = exp(row[k] - row_max) * inv * (g[j * n + k] - dot);
+  }
+  __syncwarp();
+}
+
+}  // namespace mhc::cuda_impl

@@ -1,0 +1,479 @@
+// Every n-stream op on CUDA against the fp64 CPU reference, on fresh random inputs, with outputs
+// NaN-poisoned before each run and every run repeated to check bit-identical results.
+// Shapes cover the specialised stream counts (fused / packed kernels), the generic path (odd n,
+// odd C, misaligned data, f64), tails of tiles and clusters, T = 0 and T = 1.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "gpu_harness.hpp"
+
+namespace mhc::gpu_test {
+namespace {
+
+using std::int64_t;
+
+struct Shape {
+  int64_t T;
+  int n;
+  int64_t C;
+  int offset = 0;  // elements: > 0 misaligns stream tensors (generic kernels)
+};
+
+std::string describe(DType d, const Shape& s) {
+  return std::string(name(d)) + " T=" + std::to_string(s.T) + " n=" + std::to_string(s.n) + " C=" +
+         std::to_string(s.C) + (s.offset ? " misaligned" : "");
+}
+
+DType coef_of(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
+
+// Parameters of a pre site with values that keep sigmoids and Sinkhorn away from saturation.
+struct SiteParams {
+  HostTensor fn, base, scale;
+};
+SiteParams site_params(DType stream, int n, int64_t C, int rows, int scales) {
+  const DType k = coef_of(stream);
+  return {normal_tensor(k, {rows, n * C}, 1.0 / std::sqrt(double(n * C))), random_tensor(k, {rows}, -1.0, 1.0),
+          random_tensor(k, {scales}, 0.5, 1.5)};
+}
+
+// Runs `cuda_run` twice into poisoned outputs, checks each output against the reference and the
+// two runs against each other.
+struct Output {
+  const char* name;
+  HostTensor* ref;
+  DeviceTensor* dev;
+  double tol;
+};
+void check_outputs(const std::function<void()>& cuda_run, std::vector<Output> outs, const std::string& what) {
+  cuda_run();
+  std::vector<HostTensor> first;
+  for (auto& o : outs) {
+    first.push_back(o.dev->download());
+    const double err = rel_error(first.back(), *o.ref);
+    EXPECT_LE(err, o.tol) << what << ": " << o.name << " rel error " << err;
+    o.dev->poison();
+  }
+  cuda_run();
+  for (size_t i = 0; i < outs.size(); ++i)
+    EXPECT_TRUE(bit_identical(outs[i].dev->download(), first[i])) << what << ": " << outs[i].name << " not bit-identical";
+}
+
+const std::vector<DType> kDtypes = {DType::f32, DType::f16, DType::bf16, DType::f64};
+
+std::vector<Shape> site_shapes() {
+  return {{0, 4, 64},   {1, 4, 1024},  {7, 4, 136},  {333, 4, 1000}, {1, 2, 64},   {70, 2, 200},
+          {7, 8, 512},  {100, 8, 136}, {7, 1, 40},   {5, 3, 37},     {9, 32, 16},  {33, 4, 1024, 1},
+          {17, 8, 64, 1}, {40, 4, 2048}};
+}
+
+// ---- pre ----------------------------------------------------------------------------------------------
+void run_pre(DType d, const Shape& s, bool with_fn, bool with_saved) {
+  SCOPED_TRACE(describe(d, s) + (with_fn ? "" : " static") + (with_saved ? "" : " no-mixes"));
+  const DType k = coef_of(d);
+  const int n = s.n, m = n * n + 2 * n;
+  MhcConfig cfg;
+  cfg.n = n;
+  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  SiteParams p = site_params(d, n, s.C, m, 3);
+  HostTensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
+  PreForward ref{x.view(), with_fn ? p.fn.view() : TensorView{}, p.base.view(), with_fn ? p.scale.view() : TensorView{},
+                 li.view(), hp.view(), hpo.view(), cb.view(), with_saved ? mx.view() : TensorView{},
+                 with_saved ? rs.view() : TensorView{}};
+  pre_forward(ref, cfg, ref_ctx());
+
+  DeviceTensor dx(x, s.offset), dfn(p.fn), dbase(p.base), dscale(p.scale);
+  DeviceTensor dli(d, {s.T, s.C}, s.offset), dhp(k, {s.T, n}), dhpo(k, {s.T, n}), dcb(k, {s.T, n, n}),
+      dmx(k, {s.T, m}), drs(k, {s.T});
+  PreForward a{dx.view(), with_fn ? dfn.view() : TensorView{}, dbase.view(), with_fn ? dscale.view() : TensorView{},
+               dli.view(), dhp.view(), dhpo.view(), dcb.view(), with_saved ? dmx.view() : TensorView{},
+               with_saved ? drs.view() : TensorView{}};
+  std::vector<Output> outs = {{"layer_input", &li, &dli, stream_tol(d)},
+                              {"h_pre", &hp, &dhp, coef_tol(d)},
+                              {"h_post", &hpo, &dhpo, coef_tol(d)},
+                              {"comb", &cb, &dcb, coef_tol(d)}};
+  if (with_saved) {
+    outs.push_back({"mixes", &mx, &dmx, coef_tol(d)});
+    outs.push_back({"rstd", &rs, &drs, coef_tol(d)});
+  }
+  check_outputs([&] { pre_forward(a, cfg, cuda_ctx()); }, outs, "pre_forward");
+}
+
+TEST(CudaPre, ForwardMatchesReference) {
+  MHC_REQUIRE_GPU();
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_pre(d, s, true, true);
+}
+
+TEST(CudaPre, ForwardStaticAndWithoutSavedTensors) {
+  MHC_REQUIRE_GPU();
+  for (DType d : {DType::bf16, DType::f32}) {
+    run_pre(d, {7, 4, 136}, false, true);
+    run_pre(d, {33, 4, 256}, true, false);
+    run_pre(d, {5, 3, 37}, false, false);
+  }
+}
+
+TEST(CudaPre, ForwardLargeTile) {
+  MHC_REQUIRE_GPU();
+  run_pre(DType::bf16, {4100, 4, 1024}, true, true);
+  run_pre(DType::f16, {1030, 8, 1024}, true, true);
+}
+
+// ---- post -----------------------------------------------------------------------------------------------
+void run_post(DType d, const Shape& s) {
+  SCOPED_TRACE(describe(d, s));
+  const DType k = coef_of(d);
+  const int n = s.n;
+  MhcConfig cfg;
+  cfg.n = n;
+  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
+  HostTensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
+  HostTensor xn(d, {s.T, n, s.C});
+  post_forward({x.view(), y.view(), hpo.view(), cb.view(), xn.view()}, cfg, ref_ctx());
+  DeviceTensor dx(x, s.offset), dy(y, s.offset), dhpo(hpo), dcb(cb), dxn(d, {s.T, n, s.C}, s.offset);
+  check_outputs([&] { post_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dxn.view()}, cfg, cuda_ctx()); },
+                {{"x_next", &xn, &dxn, stream_tol(d)}}, "post_forward");
+
+  // backward
+  HostTensor g = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  HostTensor gx(d, {s.T, n, s.C}), gy(d, {s.T, s.C}), ghp(k, {s.T, n}), gcb(k, {s.T, n, n});
+  post_backward({g.view(), x.view(), y.view(), hpo.view(), cb.view(), gx.view(), gy.view(), ghp.view(), gcb.view()}, cfg,
+                ref_ctx());
+  DeviceTensor dg(g, s.offset), dgx(d, {s.T, n, s.C}, s.offset), dgy(d, {s.T, s.C}), dghp(k, {s.T, n}),
+      dgcb(k, {s.T, n, n});
+  check_outputs(
+      [&] {
+        post_backward({dg.view(), dx.view(), dy.view(), dhpo.view(), dcb.view(), dgx.view(), dgy.view(), dghp.view(),
+                       dgcb.view()},
+                      cfg, cuda_ctx());
+      },
+      {{"grad_x", &gx, &dgx, stream_tol(d)},
+       {"grad_y", &gy, &dgy, stream_tol(d)},
+       {"grad_h_post", &ghp, &dghp, coef_tol(d)},
+       {"grad_comb", &gcb, &dgcb, coef_tol(d)}},
+      "post_backward");
+}
+
+TEST(CudaPost, ForwardAndBackwardMatchReference) {
+  MHC_REQUIRE_GPU();
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_post(d, s);
+}
+
+// ---- post + pre -------------------------------------------------------------------------------------------
+void run_post_pre(DType d, const Shape& s) {
+  SCOPED_TRACE(describe(d, s));
+  const DType k = coef_of(d);
+  const int n = s.n, m = n * n + 2 * n;
+  MhcConfig cfg;
+  cfg.n = n;
+  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
+  HostTensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
+  SiteParams p = site_params(d, n, s.C, m, 3);
+  HostTensor xn(d, {s.T, n, s.C}), li(d, {s.T, s.C}), hp(k, {s.T, n}), hpn(k, {s.T, n}), cbn(k, {s.T, n, n}),
+      mx(k, {s.T, m}), rs(k, {s.T});
+  post_pre_forward({x.view(), y.view(), hpo.view(), cb.view(), p.fn.view(), p.base.view(), p.scale.view(), xn.view(),
+                    li.view(), hp.view(), hpn.view(), cbn.view(), mx.view(), rs.view()},
+                   cfg, ref_ctx());
+  DeviceTensor dx(x, s.offset), dy(y, s.offset), dhpo(hpo), dcb(cb), dfn(p.fn), dbase(p.base), dscale(p.scale);
+  DeviceTensor dxn(d, {s.T, n, s.C}, s.offset), dli(d, {s.T, s.C}, s.offset), dhp(k, {s.T, n}), dhpn(k, {s.T, n}),
+      dcbn(k, {s.T, n, n}), dmx(k, {s.T, m}), drs(k, {s.T});
+  check_outputs(
+      [&] {
+        post_pre_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dfn.view(), dbase.view(), dscale.view(),
+                          dxn.view(), dli.view(), dhp.view(), dhpn.view(), dcbn.view(), dmx.view(), drs.view()},
+                         cfg, cuda_ctx());
+      },
+      {{"x_next", &xn, &dxn, stream_tol(d)},
+       {"layer_input", &li, &dli, stream_tol(d)},
+       {"h_pre", &hp, &dhp, coef_tol(d)},
+       {"h_post_next", &hpn, &dhpn, coef_tol(d)},
+       {"comb_next", &cbn, &dcbn, coef_tol(d)},
+       {"mixes", &mx, &dmx, coef_tol(d)},
+       {"rstd", &rs, &drs, coef_tol(d)}},
+      "post_pre_forward");
+}
+
+TEST(CudaPostPre, ForwardMatchesReference) {
+  MHC_REQUIRE_GPU();
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_post_pre(d, s);
+}
+
+// ---- pre backward ----------------------------------------------------------------------------------------------
+struct GradMask {
+  bool layer_input = true, h_pre = true, h_post = true, comb = true, accum = true, fn = true;
+};
+
+void run_pre_backward(DType d, const Shape& s, GradMask gm) {
+  SCOPED_TRACE(describe(d, s) + (gm.fn ? "" : " static") + (gm.comb ? "" : " no-grad-comb") +
+               (gm.layer_input ? "" : " no-grad-layer-input"));
+  const DType k = coef_of(d);
+  const int n = s.n, m = n * n + 2 * n;
+  MhcConfig cfg;
+  cfg.n = n;
+  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  SiteParams p = site_params(d, n, s.C, m, 3);
+  TensorView fn_v = gm.fn ? p.fn.view() : TensorView{}, scale_v = gm.fn ? p.scale.view() : TensorView{};
+  // saved tensors from the reference forward
+  HostTensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
+  pre_forward({x.view(), fn_v, p.base.view(), scale_v, li.view(), hp.view(), hpo.view(), cb.view(), mx.view(), rs.view()},
+              cfg, ref_ctx());
+  HostTensor gli = normal_tensor(d, {s.T, s.C}, 1.0), ghp = normal_tensor(k, {s.T, n}, 1.0),
+             ghpo = normal_tensor(k, {s.T, n}, 1.0), gcb = normal_tensor(k, {s.T, n, n}, 1.0),
+             acc = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  HostTensor gx(d, {s.T, n, s.C}), gfn(k, {m, n * s.C}), gbase(k, {m}), gscale(k, {3});
+  auto opt = [](bool on, HostTensor& t) { return on ? t.view() : TensorView{}; };
+  PreBackward ref{x.view(), fn_v, p.base.view(), scale_v, mx.view(), rs.view(), opt(gm.layer_input, gli),
+                  opt(gm.h_pre, ghp), opt(gm.h_post, ghpo), opt(gm.comb, gcb), opt(gm.accum, acc), gx.view(),
+                  opt(gm.fn, gfn), gbase.view(), opt(gm.fn, gscale), TensorView{}};
+  pre_backward(ref, cfg, ref_ctx());
+
+  DeviceTensor dx(x, s.offset), dfn(p.fn), dbase(p.base), dscale(p.scale), dmx(mx), drs(rs);
+  DeviceTensor dgli(gli, s.offset), dghp(ghp), dghpo(ghpo), dgcb(gcb), dacc(acc, s.offset);
+  DeviceTensor dgx(d, {s.T, n, s.C}, s.offset), dgfn(k, {m, n * s.C}), dgbase(k, {m}), dgscale(k, {3});
+  auto dopt = [](bool on, DeviceTensor& t) { return on ? t.view() : TensorView{}; };
+  PreBackward a{dx.view(), gm.fn ? dfn.view() : TensorView{}, dbase.view(), gm.fn ? dscale.view() : TensorView{},
+                dmx.view(), drs.view(), dopt(gm.layer_input, dgli), dopt(gm.h_pre, dghp), dopt(gm.h_post, dghpo),
+                dopt(gm.comb, dgcb), dopt(gm.accum, dacc), dgx.view(), dopt(gm.fn, dgfn), dgbase.view(),
+                dopt(gm.fn, dgscale), TensorView{}};
+  const std::size_t ws_bytes = pre_backward_workspace_bytes(a, cfg, cuda_ctx());
+  DeviceTensor ws(DType::f32, {static_cast<int64_t>((ws_bytes + 3) / 4)});
+  if (ws_bytes) a.workspace = ws.view();
+  std::vector<Output> outs = {{"grad_x", &gx, &dgx, stream_tol(d)}, {"grad_base", &gbase, &dgbase, coef_tol(d)}};
+  if (gm.fn) {
+    outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
+    outs.push_back({"grad_scale", &gscale, &dgscale, coef_tol(d)});
+  }
+  check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward");
+}
+
+TEST(CudaPre, BackwardMatchesReference) {
+  MHC_REQUIRE_GPU();
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_pre_backward(d, s, {});
+}
+
+TEST(CudaPre, BackwardPartialGradsAndStatic) {
+  MHC_REQUIRE_GPU();
+  for (DType d : {DType::bf16, DType::f32, DType::f64}) {
+    GradMask only_li;
+    only_li.h_pre = only_li.h_post = only_li.comb = only_li.accum = false;
+    run_pre_backward(d, {9, 4, 64}, only_li);
+    GradMask no_li;
+    no_li.layer_input = false;
+    run_pre_backward(d, {9, 4, 64}, no_li);
+    GradMask stat;
+    stat.fn = false;
+    run_pre_backward(d, {9, 4, 64}, stat);
+    run_pre_backward(d, {5, 3, 37}, stat);
+  }
+}
+
+// ---- Sinkhorn ----------------------------------------------------------------------------------------------------
+void run_sinkhorn(DType k, int64_t T, int n, int iters) {
+  SCOPED_TRACE(std::string(name(k)) + " T=" + std::to_string(T) + " n=" + std::to_string(n) + " iters=" +
+               std::to_string(iters));
+  MhcConfig cfg;
+  cfg.n = n;
+  cfg.iters = iters;
+  HostTensor l = normal_tensor(k, {T, n, n}, 1.0), c(k, {T, n, n});
+  sinkhorn_forward({l.view(), c.view()}, cfg, ref_ctx());
+  DeviceTensor dl(l), dc(k, {T, n, n});
+  check_outputs([&] { sinkhorn_forward({dl.view(), dc.view()}, cfg, cuda_ctx()); }, {{"comb", &c, &dc, coef_tol(k)}},
+                "sinkhorn_forward");
+  HostTensor g = normal_tensor(k, {T, n, n}, 1.0), gl(k, {T, n, n});
+  sinkhorn_backward({l.view(), g.view(), gl.view()}, cfg, ref_ctx());
+  DeviceTensor dg(g), dgl(k, {T, n, n});
+  check_outputs([&] { sinkhorn_backward({dl.view(), dg.view(), dgl.view()}, cfg, cuda_ctx()); },
+                {{"grad_logits", &gl, &dgl, coef_tol(k)}}, "sinkhorn_backward");
+}
+
+TEST(CudaSinkhorn, ForwardAndBackwardMatchReference) {
+  MHC_REQUIRE_GPU();
+  for (DType k : {DType::f32, DType::f64})
+    for (int n : {1, 2, 3, 4, 8, 32})
+      for (int64_t T : {int64_t(0), int64_t(1), int64_t(7), int64_t(300)}) run_sinkhorn(k, T, n, 20);
+  run_sinkhorn(DType::f32, 50, 4, 1);
+  run_sinkhorn(DType::f32, 50, 8, 200);
+  run_sinkhorn(DType::f32, 3, 64, 5);
+}
+
+// ---- expand -------------------------------------------------------------------------------------------------------
+TEST(CudaExpand, ForwardAndBackwardMatchReference) {
+  MHC_REQUIRE_GPU();
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) {
+      SCOPED_TRACE(describe(d, s));
+      MhcConfig cfg;
+      cfg.n = s.n;
+      HostTensor x = normal_tensor(d, {s.T, s.C}, 1.0), out(d, {s.T, s.n, s.C});
+      expand_forward({x.view(), out.view()}, cfg, ref_ctx());
+      DeviceTensor dx(x, s.offset), dout(d, {s.T, s.n, s.C}, s.offset);
+      check_outputs([&] { expand_forward({dx.view(), dout.view()}, cfg, cuda_ctx()); },
+                    {{"out", &out, &dout, stream_tol(d)}}, "expand_forward");
+      HostTensor g = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gx(d, {s.T, s.C});
+      expand_backward({g.view(), gx.view()}, cfg, ref_ctx());
+      DeviceTensor dg(g, s.offset), dgx(d, {s.T, s.C}, s.offset);
+      check_outputs([&] { expand_backward({dg.view(), dgx.view()}, cfg, cuda_ctx()); },
+                    {{"grad_x", &gx, &dgx, stream_tol(d)}}, "expand_backward");
+    }
+}
+
+// ---- head -----------------------------------------------------------------------------------------------------------
+void run_head(DType d, const Shape& s, bool with_fn) {
+  SCOPED_TRACE(describe(d, s) + (with_fn ? "" : " static"));
+  const DType k = coef_of(d);
+  const int n = s.n;
+  MhcConfig cfg;
+  cfg.n = n;
+  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  SiteParams p = site_params(d, n, s.C, n, 1);
+  TensorView fn_v = with_fn ? p.fn.view() : TensorView{}, sc_v = with_fn ? p.scale.view() : TensorView{};
+  HostTensor out(d, {s.T, s.C}), w(k, {s.T, n}), mx(k, {s.T, n}), rs(k, {s.T});
+  head_forward({x.view(), fn_v, p.base.view(), sc_v, out.view(), w.view(), mx.view(), rs.view()}, cfg, ref_ctx());
+  DeviceTensor dx(x, s.offset), dfn(p.fn), dbase(p.base), dscale(p.scale);
+  DeviceTensor dout(d, {s.T, s.C}, s.offset), dw(k, {s.T, n}), dmx(k, {s.T, n}), drs(k, {s.T});
+  check_outputs(
+      [&] {
+        head_forward({dx.view(), with_fn ? dfn.view() : TensorView{}, dbase.view(),
+                      with_fn ? dscale.view() : TensorView{}, dout.view(), dw.view(), dmx.view(), drs.view()},
+                     cfg, cuda_ctx());
+      },
+      {{"out", &out, &dout, stream_tol(d)},
+       {"weights", &w, &dw, coef_tol(d)},
+       {"mixes", &mx, &dmx, coef_tol(d)},
+       {"rstd", &rs, &drs, coef_tol(d)}},
+      "head_forward");
+
+  HostTensor go = normal_tensor(d, {s.T, s.C}, 1.0), gw = normal_tensor(k, {s.T, n}, 1.0);
+  HostTensor gx(d, {s.T, n, s.C}), gfn(k, {n, n * s.C}), gbase(k, {n}), gscale(k, {1});
+  HeadBackward ref{x.view(), fn_v, p.base.view(), sc_v, mx.view(), rs.view(), go.view(), gw.view(), gx.view(),
+                   with_fn ? gfn.view() : TensorView{}, gbase.view(), with_fn ? gscale.view() : TensorView{},
+                   TensorView{}};
+  head_backward(ref, cfg, ref_ctx());
+  DeviceTensor dgo(go, s.offset), dgw(gw), dgx(d, {s.T, n, s.C}, s.offset), dgfn(k, {n, n * s.C}), dgbase(k, {n}),
+      dgscale(k, {1});
+  HeadBackward a{dx.view(), with_fn ? dfn.view() : TensorView{}, dbase.view(), with_fn ? dscale.view() : TensorView{},
+                 dmx.view(), drs.view(), dgo.view(), dgw.view(), dgx.view(), with_fn ? dgfn.view() : TensorView{},
+                 dgbase.view(), with_fn ? dgscale.view() : TensorView{}, TensorView{}};
+  const std::size_t ws_bytes = head_backward_workspace_bytes(a, cfg, cuda_ctx());
+  DeviceTensor ws(DType::f32, {static_cast<int64_t>((ws_bytes + 3) / 4)});
+  if (ws_bytes) a.workspace = ws.view();
+  std::vector<Output> outs = {{"grad_x", &gx, &dgx, stream_tol(d)}, {"grad_base", &gbase, &dgbase, coef_tol(d)}};
+  if (with_fn) {
+    outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
+    outs.push_back({"grad_scale", &gscale, &dgscale, coef_tol(d)});
+  }
+  check_outputs([&] { head_backward(a, cfg, cuda_ctx()); }, outs, "head_backward");
+}
+
+TEST(CudaHead, ForwardAndBackwardMatchReference) {
+  MHC_REQUIRE_GPU();
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_head(d, s, true);
+  run_head(DType::bf16, {7, 4, 64}, false);
+}
+
+// ---- residual_add_agg ------------------------------------------------------------------------------------------------
+TEST(CudaResidualAddAgg, ForwardAndBackwardMatchReference) {
+  MHC_REQUIRE_GPU();
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) {
+      SCOPED_TRACE(describe(d, s));
+      const DType k = coef_of(d);
+      MhcConfig cfg;
+      cfg.n = s.n;
+      HostTensor x = normal_tensor(d, {s.T, s.n, s.C}, 1.0), r = normal_tensor(d, {s.T, s.n, s.C}, 1.0),
+                 hp = random_tensor(k, {s.T, s.n}, 0.0, 1.0);
+      HostTensor xo(d, {s.T, s.n, s.C}), agg(d, {s.T, s.C});
+      residual_add_agg_forward({x.view(), r.view(), hp.view(), xo.view(), agg.view()}, cfg, ref_ctx());
+      DeviceTensor dx(x, s.offset), dr(r, s.offset), dhp(hp), dxo(d, {s.T, s.n, s.C}, s.offset), dagg(d, {s.T, s.C});
+      check_outputs(
+          [&] { residual_add_agg_forward({dx.view(), dr.view(), dhp.view(), dxo.view(), dagg.view()}, cfg, cuda_ctx()); },
+          {{"x_out", &xo, &dxo, stream_tol(d)}, {"agg", &agg, &dagg, stream_tol(d)}}, "residual_add_agg_forward");
+      for (int present = 0; present < 3; ++present) {  // both grads, only grad_agg, only grad_x_out
+        HostTensor gxo = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gagg = normal_tensor(d, {s.T, s.C}, 1.0);
+        HostTensor gs(d, {s.T, s.n, s.C}), ghp(k, {s.T, s.n});
+        const bool has_gxo = present != 1, has_gagg = present != 2;
+        residual_add_agg_backward({has_gxo ? gxo.view() : TensorView{}, has_gagg ? gagg.view() : TensorView{},
+                                   xo.view(), hp.view(), gs.view(), ghp.view()},
+                                  cfg, ref_ctx());
+        DeviceTensor dgxo(gxo, s.offset), dgagg(gagg), dxo_in(xo, s.offset), dgs(d, {s.T, s.n, s.C}, s.offset),
+            dghp(k, {s.T, s.n});
+        check_outputs(
+            [&] {
+              residual_add_agg_backward({has_gxo ? dgxo.view() : TensorView{}, has_gagg ? dgagg.view() : TensorView{},
+                                         dxo_in.view(), dhp.view(), dgs.view(), dghp.view()},
+                                        cfg, cuda_ctx());
+            },
+            {{"grad_sum", &gs, &dgs, stream_tol(d)}, {"grad_h_pre", &ghp, &dghp, coef_tol(d)}},
+            "residual_add_agg_backward");
+      }
+    }
+}
+
+// ---- NaN policy, streams, graphs -------------------------------------------------------------------------------------
+TEST(CudaOps, NanPolicyCheckFindsNonFiniteInput) {
+  MHC_REQUIRE_GPU();
+  MhcConfig cfg;
+  cfg.n = 4;
+  cfg.nan_policy = NanPolicy::check;
+  HostTensor x = normal_tensor(DType::bf16, {3, 4, 64}, 1.0), y = normal_tensor(DType::bf16, {3, 64}, 1.0);
+  HostTensor hpo = random_tensor(DType::f32, {3, 4}, 0, 1), cb = random_tensor(DType::f32, {3, 4, 4}, 0, 1);
+  x.set(100, NAN);
+  DeviceTensor dx(x), dy(y), dhpo(hpo), dcb(cb), dxn(DType::bf16, {3, 4, 64});
+  EXPECT_THROW(post_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dxn.view()}, cfg, cuda_ctx()),
+               NonFiniteError);
+  x.set(100, 1.0);
+  dx.upload(x);
+  EXPECT_NO_THROW(post_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dxn.view()}, cfg, cuda_ctx()));
+}
+
+// A whole site (pre, then post) captured in a CUDA graph on a non-default stream and replayed:
+// no host synchronisation inside the ops, same results as eager launches.
+TEST(CudaOps, SiteRunsInsideCudaGraphCapture) {
+  MHC_REQUIRE_GPU();
+  const int n = 4;
+  const int64_t T = 37, C = 256, m = n * n + 2 * n;
+  MhcConfig cfg;
+  cfg.n = n;
+  HostTensor x = normal_tensor(DType::bf16, {T, n, C}, 1.0), y = normal_tensor(DType::bf16, {T, C}, 1.0);
+  SiteParams p = site_params(DType::bf16, n, C, m, 3);
+  DeviceTensor dx(x), dy(y), dfn(p.fn), dbase(p.base), dscale(p.scale);
+  DeviceTensor li(DType::bf16, {T, C}), hp(DType::f32, {T, n}), hpo(DType::f32, {T, n}), cb(DType::f32, {T, n, n}),
+      xn(DType::bf16, {T, n, C});
+  cudaStream_t stream;
+  MHC_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  auto site = [&] {
+    pre_forward({dx.view(), dfn.view(), dbase.view(), dscale.view(), li.view(), hp.view(), hpo.view(), cb.view(),
+                 TensorView{}, TensorView{}},
+                cfg, cuda_ctx(stream));
+    post_forward({dx.view(), dy.view(), hpo.view(), cb.view(), xn.view()}, cfg, cuda_ctx(stream));
+  };
+  site();
+  MHC_CHECK_CUDA(cudaStreamSynchronize(stream));
+  const HostTensor eager_li = li.download(), eager_xn = xn.download();
+  li.poison();
+  xn.poison();
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  MHC_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  site();
+  MHC_CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+  MHC_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  MHC_CHECK_CUDA(cudaGraphLaunch(exec, stream));
+  MHC_CHECK_CUDA(cudaStreamSynchronize(stream));
+  EXPECT_TRUE(bit_identical(li.download(), eager_li));
+  EXPECT_TRUE(bit_identical(xn.download(), eager_xn));
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+}  // namespace mhc::gpu_test
