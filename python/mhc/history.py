@@ -411,6 +411,13 @@ class WeightedSum(nn.Module):
             table = full
         self.register_buffer("table", table.float())
         self.max_history = table.shape[0]
+        self._refresh_nonzero()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_nonzero())
+
+    def _refresh_nonzero(self) -> None:
+        # Host-side list of the non-zero terms per number of states, read once here (not while tracing).
+        self._nonzero = [[k for k in range(n) if float(self.table[n - 1, k]) != 0.0]
+                         for n in range(1, self.max_history + 1)]
 
     def extra_repr(self) -> str:
         return f"max_history={self.max_history}"
@@ -420,7 +427,7 @@ class WeightedSum(nn.Module):
         w = self.table[len(states) - 1, : len(states)]
         if _exporting():
             # Weights are constants: keep only the non-zero terms in the exported graph.
-            keep = [k for k in range(len(states)) if float(w[k]) != 0.0]
+            keep = self._nonzero[len(states) - 1]
             return _unrolled_mix(x, [states[k] for k in keep], w[keep], None) if keep else x
         return history_mix(x, states, w)
 
