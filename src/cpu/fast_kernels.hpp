@@ -1,0 +1,284 @@
+// Building blocks of the fast CPU backend (src/cpu/fast*.cpp): threading, 64-byte SIMD vectors
+// with load/store conversion from every storage dtype, the three small GEMM shapes of the
+// projection, and the per-token Sinkhorn forward and exact reverse mode.
+//
+// Vectorisation: the kernels are always-inline templates instantiated in per-dtype entry points
+// that carry MHC_CPU_KERNEL. On x86-64 with GCC that attribute clones each entry point for
+// x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline, picked once at load time (ifunc),
+// so one portable binary runs full-width vectors on the machine it lands on. Every helper an
+// entry point uses must be MHC_INLINE: one left out of line is compiled for the baseline only.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#ifdef MHC_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#include "backend.hpp"
+#include "common/float_types.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+#define MHC_CPU_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MHC_CPU_KERNEL
+#endif
+#define MHC_INLINE [[gnu::always_inline]] inline
+
+// Every vector helper is inlined into its caller, so the vector ABI of the baseline never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace mhc::cpu_fast::kernels {
+
+using std::int64_t;
+using detail::bf16;
+using detail::f16;
+using detail::load;
+using detail::math_t;
+using detail::store;
+
+inline constexpr int kMaxRows = kMaxStreams * kMaxStreams + 2 * kMaxStreams;  // m = n*n + 2n at n = 64
+inline constexpr int kTokenTile = 4;  // tokens that share each load of fn in the projection GEMMs
+
+// ---- threading -----------------------------------------------------------------------------------
+inline int thread_budget(const Context& ctx) {
+#ifdef MHC_WITH_OPENMP
+  const int available = omp_get_max_threads();
+  return ctx.num_threads > 0 ? std::min(available, ctx.num_threads) : available;
+#else
+  return 1;
+#endif
+}
+
+// Calls body(begin, end) over [0, count) in chunks of `grain`, spread over the threads the context
+// allows. Chunk boundaries do not depend on the thread count, so neither do the results.
+template <class Body>
+void parallel_for(int64_t count, int64_t grain, const Context& ctx, Body&& body) {
+  if (count <= 0) return;
+  const int64_t chunks = (count + grain - 1) / grain;
+  const int threads = static_cast<int>(std::min<int64_t>(thread_budget(ctx), chunks));
+#ifdef MHC_WITH_OPENMP
+  if (threads > 1) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) body(c * grain, std::min(count, (c + 1) * grain));
+    return;
+  }
+#endif
+  (void)threads;
+  for (int64_t c = 0; c < chunks; ++c) body(c * grain, std::min(count, (c + 1) * grain));
+}
+
+// ---- 64-byte vectors (16 floats or 8 doubles) ------------------------------------------------------
+typedef float vf32 __attribute__((vector_size(64)));
+typedef double vf64 __attribute__((vector_size(64)));
+typedef std::uint32_t vu32x16 __attribute__((vector_size(64)));
+typedef std::uint16_t vu16x16 __attribute__((vector_size(32)));
+typedef _Float16 vh16 __attribute__((vector_size(32)));
+
+template <class M> using vec_t = std::conditional_t<std::is_same_v<M, double>, vf64, vf32>;
+template <class M> inline constexpr int kLanes = 64 / sizeof(M);
+
+// kLanes<math_t<S>> consecutive elements of storage type S, converted to the math type.
+template <class S> MHC_INLINE vec_t<math_t<S>> vload(const S* p) {
+  if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+    vec_t<S> v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  } else if constexpr (std::is_same_v<S, bf16>) {
+    vu16x16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const vu32x16 w = __builtin_convertvector(h, vu32x16) << 16;
+    vf32 v;
+    std::memcpy(&v, &w, sizeof(v));
+    return v;
+  } else {
+    vh16 h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, vf32);
+  }
+}
+
+// Stores a vector rounded to S (round to nearest even, NaN kept quiet), as detail::store does.
+template <class S> MHC_INLINE void vstore(S* p, vec_t<math_t<S>> v) {
+  if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else if constexpr (std::is_same_v<S, bf16>) {
+    vu32x16 u;
+    std::memcpy(&u, &v, sizeof(u));
+    const vu32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vu32x16 quiet_nan = (u >> 16) | 0x40u;
+    const vu32x16 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+    const vu16x16 h = __builtin_convertvector(r, vu16x16);
+    std::memcpy(p, &h, sizeof(h));
+  } else {
+    const vh16 h = __builtin_convertvector(v, vh16);
+    std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+template <class V> MHC_INLINE auto hsum(V v) {
+  auto s = v[0];
+  for (int l = 1; l < static_cast<int>(sizeof(V) / sizeof(s)); ++l) s += v[l];
+  return s;
+}
+
+// sum_k a[k] * b[k], both in storage types, in the math type of A.
+template <class A, class B> MHC_INLINE math_t<A> dot(const A* a, const B* b, int64_t len) {
+  using M = math_t<A>;
+  using V = vec_t<M>;
+  constexpr int L = kLanes<M>;
+  V acc0{}, acc1{};
+  int64_t k = 0;
+  for (; k + 2 * L <= len; k += 2 * L) {
+    acc0 += vload(a + k) * vload(b + k);
+    acc1 += vload(a + k + L) * vload(b + k + L);
+  }
+  if (k + L <= len) {
+    acc0 += vload(a + k) * vload(b + k);
+    k += L;
+  }
+  M s = hsum(acc0 + acc1);
+  for (; k < len; ++k) s += load(a, k) * load(b, k);
+  return s;
+}
+
+// ---- the projection GEMMs and Sinkhorn (src/cpu/fast_kernels.cpp) ---------------------------------------
+// Out-of-line, one clone set per dtype, called once per tile of tokens: each is instantiated once
+// instead of being inlined into every op. K = n*C is a token's flattened block; fn is [rows, K].
+
+// NT: raw [tokens, rows] = x [tokens, K] @ fn^T and sumsq [tokens] = sum(x^2) per token, for
+// 1 <= tokens <= kTokenTile consecutive tokens. fn == nullptr (static mode) gives the sums only.
+#define MHC_DECLARE_PROJECT(S)                                                                         \
+  void project(int tokens, const S* x, int64_t K, const math_t<S>* fn, int64_t rows, math_t<S>* raw,   \
+               math_t<S>* sumsq);
+MHC_DECLARE_PROJECT(float)
+MHC_DECLARE_PROJECT(double)
+MHC_DECLARE_PROJECT(f16)
+MHC_DECLARE_PROJECT(bf16)
+#undef MHC_DECLARE_PROJECT
+
+// NN with the elementwise terms of the input gradient, for `tokens` consecutive tokens t:
+//   out[t, i, c] = accum[t, i, c] + w[t, i] * g[t, c] + coef[t] * x[t, i, c]
+//                  + sum_r dP[t, r] * fn[r, i*C + c]
+// accum and g may be null (absent); fn null (static mode) drops the GEMM term.
+template <class S> struct InputGradArgs {
+  using M = math_t<S>;
+  const S* x;      // [tokens, n, C]
+  const S* accum;  // [tokens, n, C] or null
+  const S* g;      // [tokens, C] or null: gradient of the aggregate
+  const M* w;      // [tokens, kMaxStreams]: aggregation weights, used with g
+  const M* coef;   // [tokens]: the rstd term
+  const M* dP;     // [tokens, rows]
+  const M* fn;     // [rows, n*C] or null
+  S* out;          // [tokens, n, C]
+  int64_t n, C, rows;
+};
+void input_grad(int tokens, const InputGradArgs<float>& a);
+void input_grad(int tokens, const InputGradArgs<double>& a);
+void input_grad(int tokens, const InputGradArgs<f16>& a);
+void input_grad(int tokens, const InputGradArgs<bf16>& a);
+
+// TN: grad_fn[r, k] = sum_t dP[t, r] * x[t, k] over all T tokens, for the column blocks
+// [block_begin, block_end) of param_grad_block_width(dtype) columns (the last one takes the rest).
+// Each element is a sum over tokens in order, so it does not depend on how blocks are spread
+// over threads.
+#define MHC_DECLARE_PARAM_GRAD(S)                                                                      \
+  void param_grad(const S* x, int64_t T, int64_t K, const math_t<S>* dP, int64_t rows,                 \
+                  int64_t block_begin, int64_t block_end, math_t<S>* grad_fn);
+MHC_DECLARE_PARAM_GRAD(float)
+MHC_DECLARE_PARAM_GRAD(double)
+MHC_DECLARE_PARAM_GRAD(f16)
+MHC_DECLARE_PARAM_GRAD(bf16)
+#undef MHC_DECLARE_PARAM_GRAD
+inline int64_t param_grad_block_width(DType dtype) { return dtype == DType::f64 ? 16 : 32; }
+
+// Sinkhorn on one n x n matrix (SPEC section 1): comb = softmax(logits, rows) + eps, then 2*iters-1
+// normalisations alternating column sums + eps (first) and row sums + eps. comb may alias logits.
+void sinkhorn_forward_matrix(const float* logits, float* comb, int n, int iters, float eps);
+void sinkhorn_forward_matrix(const double* logits, double* comb, int n, int iters, double eps);
+// grad_logits = J^T grad_comb by reverse mode through every normalisation and the softmax.
+// grad_logits may alias grad_comb.
+void sinkhorn_backward_matrix(const float* logits, const float* grad_comb, float* grad_logits, int n, int iters,
+                              float eps);
+void sinkhorn_backward_matrix(const double* logits, const double* grad_comb, double* grad_logits, int n,
+                              int iters, double eps);
+
+// ---- per-token stream mixing ---------------------------------------------------------------------------
+// out[c] = sum_i w[i] * x[i, c] for one token's [n, C] block.
+template <class S>
+MHC_INLINE void aggregate_token(const S* x, const math_t<S>* w, int64_t n, int64_t C, S* out) {
+  using M = math_t<S>;
+  using V = vec_t<M>;
+  constexpr int L = kLanes<M>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    V acc = vload(x + c) * w[0];
+    for (int64_t i = 1; i < n; ++i) acc += vload(x + i * C + c) * w[i];
+    vstore(out + c, acc);
+  }
+  for (; c < C; ++c) {
+    M acc = 0;
+    for (int64_t i = 0; i < n; ++i) acc += w[i] * load(x, i * C + c);
+    store(out, c, acc);
+  }
+}
+
+// x_next[o, c] = h_post[o] * y[c] + sum_i comb[i, o] * x[i, c] for one token.
+template <class S>
+MHC_INLINE void post_token(const S* x, const S* y, const math_t<S>* h_post, const math_t<S>* comb, int64_t n,
+                           int64_t C, S* x_next) {
+  using M = math_t<S>;
+  using V = vec_t<M>;
+  constexpr int L = kLanes<M>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    const V yv = vload(y + c);
+    for (int64_t o = 0; o < n; ++o) {
+      V acc = yv * h_post[o];
+      for (int64_t i = 0; i < n; ++i) acc += vload(x + i * C + c) * comb[i * n + o];
+      vstore(x_next + o * C + c, acc);
+    }
+  }
+  for (; c < C; ++c)
+    for (int64_t o = 0; o < n; ++o) {
+      M acc = h_post[o] * load(y, c);
+      for (int64_t i = 0; i < n; ++i) acc += comb[i * n + o] * load(x, i * C + c);
+      store(x_next, o * C + c, acc);
+    }
+}
+
+// ---- coefficients ----------------------------------------------------------------------------------
+template <class M> MHC_INLINE M sigmoid(M v) { return M(1) / (M(1) + std::exp(-v)); }
+
+// ---- per-dtype entry points ------------------------------------------------------------------------
+// Picks the instantiation for a storage dtype among four functions (f32, f64, f16, bf16).
+template <class Fn> Fn pick(DType dtype, Fn f32, Fn f64, Fn f16_fn, Fn bf16_fn) {
+  switch (dtype) {
+    case DType::f32: return f32;
+    case DType::f64: return f64;
+    case DType::f16: return f16_fn;
+    case DType::bf16: return bf16_fn;
+  }
+  return f32;
+}
+
+// Defines name_f32 .. name_bf16(const Args&, const MhcConfig&, int64_t begin, int64_t end), each a
+// clone set of name<S>.
+#define MHC_CPU_ENTRY(name, S, suffix, Args)                                                           \
+  MHC_CPU_KERNEL void name##_##suffix(const Args& a, const MhcConfig& cfg, std::int64_t begin,         \
+                                      std::int64_t end) {                                              \
+    name<S>(a, cfg, begin, end);                                                                       \
+  }
+#define MHC_CPU_ENTRIES(name, Args)                                                                    \
+  MHC_CPU_ENTRY(name, float, f32, Args)                                                                \
+  MHC_CPU_ENTRY(name, double, f64, Args)                                                               \
+  MHC_CPU_ENTRY(name, ::mhc::detail::f16, f16, Args)                                                   \
+  MHC_CPU_ENTRY(name, ::mhc::detail::bf16, bf16, Args)
+#define MHC_CPU_PICK(name, dtype) \
+  ::mhc::cpu_fast::kernels::pick(dtype, &name##_f32, &name##_f64, &name##_f16, &name##_bf16)
+
+}  // namespace mhc::cpu_fast::kernels
