@@ -64,12 +64,12 @@ bool supported_pair(DType stream, DType storage) {
 }
 
 void check_config(const ArgChecker& check, const HistoryConfig& cfg) {
-  if (!(cfg.temperature > 0.0f) || !std::isfinite(cfg.temperature))
+  if (!(cfg.temperature > 0.0) || !std::isfinite(cfg.temperature))
     check.fail("temperature: expected a finite value > 0, got " + std::to_string(cfg.temperature));
-  if (!(cfg.epsilon >= 0.0f && cfg.epsilon <= 1.0f))
+  if (!(cfg.epsilon >= 0.0 && cfg.epsilon <= 1.0))
     check.fail("epsilon: expected a value in [0, 1], got " + std::to_string(cfg.epsilon));
   if (cfg.sinkhorn_iters < 1) check.fail("sinkhorn_iters: expected >= 1, got " + std::to_string(cfg.sinkhorn_iters));
-  if (!(cfg.sinkhorn_eps >= 0.0f) || !std::isfinite(cfg.sinkhorn_eps))
+  if (!(cfg.sinkhorn_eps >= 0.0) || !std::isfinite(cfg.sinkhorn_eps))
     check.fail("sinkhorn_eps: expected a finite value >= 0");
   if (cfg.nan_policy != NanPolicy::propagate && cfg.nan_policy != NanPolicy::check)
     check.fail("nan_policy: expected propagate or check");

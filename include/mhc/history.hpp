@@ -50,10 +50,10 @@ Constraint parse_constraint(const std::string& name);  // throws InvalidArgument
 
 struct HistoryConfig {
   Constraint constraint = Constraint::simplex;
-  float temperature = 1.0f;    // T > 0: logits are divided by it
-  float epsilon = 0.1f;        // identity: weight kept on the newest state, in [0, 1]
+  double temperature = 1.0;    // T > 0: logits are divided by it
+  double epsilon = 0.1;        // identity: weight kept on the newest state, in [0, 1]
   int sinkhorn_iters = 20;     // doubly_stochastic: iterations, >= 1
-  float sinkhorn_eps = 1e-6f;  // doubly_stochastic: epsilon, >= 0
+  double sinkhorn_eps = 1e-6;  // doubly_stochastic: epsilon, >= 0
   NanPolicy nan_policy = NanPolicy::propagate;
 };
 

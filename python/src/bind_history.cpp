@@ -81,13 +81,13 @@ void bind_history(nb::module_& m) {
   nb::class_<HistoryConfig>(m, "HistoryConfig")
       .def(
           "__init__",
-          [](HistoryConfig* c, const std::string& constraint, float temperature, float epsilon, int sinkhorn_iters,
-             float sinkhorn_eps, NanPolicy nan_policy) {
+          [](HistoryConfig* c, const std::string& constraint, double temperature, double epsilon, int sinkhorn_iters,
+             double sinkhorn_eps, NanPolicy nan_policy) {
             new (c) HistoryConfig{parse_constraint(constraint), temperature, epsilon, sinkhorn_iters, sinkhorn_eps,
                                   nan_policy};
           },
-          nb::kw_only(), nb::arg("constraint") = "simplex", nb::arg("temperature") = 1.0f,
-          nb::arg("epsilon") = 0.1f, nb::arg("sinkhorn_iters") = 20, nb::arg("sinkhorn_eps") = 1e-6f,
+          nb::kw_only(), nb::arg("constraint") = "simplex", nb::arg("temperature") = 1.0,
+          nb::arg("epsilon") = 0.1, nb::arg("sinkhorn_iters") = 20, nb::arg("sinkhorn_eps") = 1e-6,
           nb::arg("nan_policy") = NanPolicy::propagate)
       .def_prop_ro("constraint", [](const HistoryConfig& c) { return std::string(constraint_name(c.constraint)); })
       .def_rw("temperature", &HistoryConfig::temperature)

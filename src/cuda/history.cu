@@ -41,15 +41,15 @@ enum ProjKind : int { kSimplex = 0, kSoftmax = 1, kIdentity = 2 };
 
 struct Projection {
   int kind;
-  float inv_t;
-  float epsilon;
+  double inv_t;
+  double epsilon;
 };
 
 Projection projection_of(const HistoryConfig& cfg) {
   const int kind = cfg.constraint == Constraint::simplex ? kSimplex
                    : cfg.constraint == Constraint::softmax ? kSoftmax
                                                            : kIdentity;
-  return {kind, 1.0f / cfg.temperature, cfg.epsilon};
+  return {kind, 1.0 / cfg.temperature, cfg.epsilon};
 }
 
 // ---- vector loads and stores --------------------------------------------------------------------------
@@ -432,8 +432,8 @@ __global__ void project_rows_backward_kernel(const M* __restrict__ logits, const
 struct SinkhornParams {
   int H;
   int steps;  // 2 * iters - 1 normalisations after the row softmax
-  float inv_t;
-  float eps;
+  double inv_t;
+  double eps;
 };
 
 __host__ __device__ inline bool step_is_rows(int step) { return step % 2 == 1; }
@@ -656,7 +656,7 @@ std::size_t backward_workspace(std::span<const TensorView> states, DType stream,
 }
 
 SinkhornParams sinkhorn_params(int H, const HistoryConfig& cfg) {
-  return {H, 2 * cfg.sinkhorn_iters - 1, 1.0f / cfg.temperature, cfg.sinkhorn_eps};
+  return {H, 2 * cfg.sinkhorn_iters - 1, 1.0 / cfg.temperature, cfg.sinkhorn_eps};
 }
 
 int sinkhorn_threads(int H) { return ((H + 31) / 32) * 32; }
