@@ -96,11 +96,14 @@ def test_matches_reference(op, n, C, lead, dtype, device, backend):
         assert got.dtype == want_dtypes[i], f"{op} output {i}: dtype {got.dtype}, expected {want_dtypes[i]}"
         assert_close(got, want, name=f"{op} output {i}")
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    # post_pre hands the gradient of x_next from the next pre's backward to the post's backward in the stream
+    # dtype, so with 16-bit streams even its coefficient gradients carry 16-bit rounding.
+    tol_dtype = dtype if op.startswith("post_pre") and dtype.itemsize == 2 else None
     for i, (a, got, want) in enumerate(zip(tensors, grads, want_grads)):
         assert got.dtype == a.dtype, f"{op}: gradient {i} has dtype {got.dtype}, its input {a.dtype}"
         # Parameter gradients sum over tokens and channels: compare relative to their largest element.
         scale = max(1.0, want.abs().max().item()) if got.dtype == torch.float32 and a.dim() <= 2 else 1.0
-        assert_close(got / scale, want / scale, name=f"{op} grad of input {i}")
+        assert_close(got / scale, want / scale, dtype=tol_dtype, name=f"{op} grad of input {i}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
