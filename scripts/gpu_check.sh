@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Full GPU check in one command, for a machine with an NVIDIA GPU (Hopper assumed for the build flags):
+# build (sm_90a only, all cores), C++ GPU suite, compute-sanitizer (memcheck + racecheck), Python
+# CUDA tests, benchmark. Every stage logs under $OUT (default ./gpu_check_out) and has its own time
+# limit, so a slow or failing stage still leaves the others' results; a summary is printed last.
+#
+#   scripts/gpu_check.sh                         # all stages
+#   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench
+#   BENCH_ARGS="--quick" scripts/gpu_check.sh    # arguments for bench/python/bench_ops.py
+#   LIMIT_BUILD/LIMIT_TESTS/LIMIT_SANITIZE/LIMIT_PYTHON/LIMIT_BENCH: per-stage time limits in seconds
+#
+# GoogleTest: found by CMake when installed; otherwise built from $GTEST_SRC (default
+# build/devdeps/googletest, a copy of /usr/src/googletest carried to machines without it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu_check_out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-build,test,sanitize,python,bench}
+JOBS=${JOBS:-$(nproc)}
+BUILD=${BUILD_DIR:-$ROOT/build/device}
+ARCH=${CUDA_ARCH:-90a-real}
+GTEST_SRC=${GTEST_SRC:-$ROOT/build/devdeps/googletest}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+SUMMARY=()
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+note() { SUMMARY+=("$1"); echo "== $1"; }
+
+# run_stage NAME LIMIT_SECONDS COMMAND...: logs to $OUT/NAME.log, records pass/fail and duration.
+run_stage() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== stage $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$((SECONDS - t0))
+  if [[ $rc -eq 0 ]]; then note "$name: ok (${dt}s)"
+  elif [[ $rc -eq 124 || $rc -eq 137 ]]; then note "$name: TIMED OUT after ${dt}s"
+  else note "$name: FAILED rc=$rc (${dt}s)"; fi
+  tail -n 25 "$OUT/$name.log"
+  return $rc
+}
+
+{
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
+  nvcc --version 2>&1 | tail -n 2
+  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
+} | tee "$OUT/env.txt"
+
+if has build; then
+  build() {
+    local gtest_args=()
+    if [[ -d $GTEST_SRC && ! -d /usr/include/gtest && ! -d /usr/local/include/gtest ]]; then
+      cmake -S "$GTEST_SRC" -B /tmp/gtest-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_GMOCK=OFF \
+        -DCMAKE_INSTALL_PREFIX=/tmp/gtest-install -DCMAKE_POSITION_INDEPENDENT_CODE=ON &&
+        cmake --build /tmp/gtest-build -j "$JOBS" && cmake --install /tmp/gtest-build || return 1
+      gtest_args=(-DGTest_DIR=/tmp/gtest-install/lib/cmake/GTest)
+    fi
+    local py_on=ON
+    $PY -c 'import nanobind, sysconfig, os; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' || py_on=OFF
+    echo "Python extension: $py_on"
+    cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+      -DMHC_BUILD_TESTS=ON -DMHC_BUILD_BENCH=OFF -DMHC_BUILD_PYTHON=$py_on -DPython_EXECUTABLE="$(command -v $PY)" \
+      "${gtest_args[@]}" || return 1
+    cmake --build "$BUILD" -j "$JOBS" || return 1
+    if [[ $py_on == ON ]]; then cp "$BUILD"/python/_C*.so python/mhc/ || return 1; fi
+  }
+  run_stage build "${LIMIT_BUILD:-300}" build
+fi
+
+GPU_TESTS=$BUILD/tests/cpp/mhc_gpu_tests
+if has test && [[ -x $GPU_TESTS ]]; then
+  run_stage gpu_tests "${LIMIT_TESTS:-180}" "$GPU_TESTS" --gtest_color=no
+fi
+
+if has sanitize && [[ -x $GPU_TESTS ]]; then
+  # The quick shape set keeps the instrumented run short; every kernel variant still runs.
+  export MHC_GPU_TEST_QUICK=1
+  run_stage memcheck "${LIMIT_SANITIZE:-240}" compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+    "$GPU_TESTS" --gtest_color=no --gtest_filter='Cuda*'
+  run_stage racecheck "${LIMIT_SANITIZE:-240}" compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+    "$GPU_TESTS" --gtest_color=no --gtest_filter='CudaPre.*:CudaPostPre.*:CudaPost.*:CudaSinkhorn.*:CudaResidual*'
+  unset MHC_GPU_TEST_QUICK
+fi
+
+if has python; then
+  if ls python/mhc/_C*.so >/dev/null 2>&1; then
+    run_stage python_tests "${LIMIT_PYTHON:-180}" env PYTHONPATH="$ROOT/python" $PY -m pytest -q -x -p no:cacheprovider \
+      tests/python/test_cuda.py
+  else
+    note "python_tests: skipped (no extension built)"
+  fi
+fi
+
+if has bench; then
+  if ls python/mhc/_C*.so >/dev/null 2>&1; then
+    run_stage bench "${LIMIT_BENCH:-300}" env PYTHONPATH="$ROOT/python" $PY bench/python/bench_ops.py --json "$OUT/bench.json" \
+      ${BENCH_ARGS:-}
+  else
+    note "bench: skipped (no extension built)"
+  fi
+fi
+
+echo
+echo "================ summary ================"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+if [[ -f $OUT/gpu_tests.log ]]; then grep -E "^\[  (PASSED|FAILED) |tests? ran|FAILED TEST" "$OUT/gpu_tests.log" | tail -n 15; fi
+if [[ -f $OUT/bench.log ]]; then echo; tail -n 60 "$OUT/bench.log"; fi
