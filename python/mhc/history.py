@@ -196,6 +196,8 @@ class HistoryBuffer:
         self._states: List[Tensor] = []  # reference mode, newest first
         self._ring_mode = False
         self.peak_nbytes = 0
+        self.last_shape: Tuple[int, ...] = ()  # shape of the states of the latest push (kept by clear())
+        self.last_dtype: Optional[torch.dtype] = None
 
     # -- state --
     def __len__(self) -> int:
@@ -259,6 +261,7 @@ class HistoryBuffer:
             self._count = len(self._states)
         if not _special_mode():  # bookkeeping for the audit; nothing to trace
             self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
+            self.last_shape, self.last_dtype = tuple(x.shape), dtype
 
     def replace(self, states: Sequence[Tensor]) -> None:
         """Replace the held states (newest first) by ``states`` (the matrix skip's remix)."""
@@ -634,12 +637,14 @@ class MHCSequential(nn.Module):
         elif skip_kwargs:
             config = dataclasses.replace(config, **skip_kwargs)
         self.config = config
-        self.max_history = config.max_history
         self.allow_shape_change = allow_shape_change
         self.blocks = nn.ModuleList(modules)
         # A skip for every block that does not bring its own (MHCBlock); Identity placeholders keep indices.
         self.skips = nn.ModuleList(nn.Identity() if isinstance(m, MHCBlock) else _make_skip(config) for m in modules)
-        self._history = HistoryBuffer(config.max_history, config.history_dtype)
+        # The buffer holds as many states as the most any skip mixes.
+        self.max_history = max(m.skip.max_history if isinstance(m, MHCBlock) else config.max_history
+                               for m in modules)
+        self._history = HistoryBuffer(self.max_history, config.history_dtype)
 
     @property
     def history(self) -> HistoryBuffer:
@@ -683,6 +688,8 @@ class MHCSequential(nn.Module):
                     out = skip(y, history)
             history.push(out)
             x = out
+        if not history._ring_mode:
+            history.clear()  # drop the references: autograd keeps what the backward needs, nothing more
         return x
 
     @torch.no_grad()

@@ -216,11 +216,9 @@ class PerformanceAudit:
             if not isinstance(m, MHCSequential):
                 continue
             buf: HistoryBuffer = m.history
-            shape = buf.shape
+            shape, held_dtype = buf.last_shape, buf.last_dtype
             if not shape:
                 continue
-            held_dtype = buf._ring.dtype if buf._ring is not None and buf._ring_mode else (
-                buf._states[0].dtype if buf._states else torch.float32)
             predicted = m.predicted_history_nbytes(shape, held_dtype)
             out.append(HistoryRecord(name or type(m).__name__, m.max_history, shape, held_dtype, predicted,
                                      buf.peak_nbytes))
