@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mhc
 from mhc import ops
 from mhc import reference as ref
 from conftest import DEVICES, TARGETS, assert_close, coef, coefficients, requires_cuda, site_params
