@@ -3,7 +3,7 @@
 //
 // The GEMMs are register-tiled on 64-byte vectors: the projection keeps kTokenTile x 4 (token,
 // row) accumulators so each vector of fn feeds kTokenTile tokens; the input gradient keeps
-// kTokenTile x 2 vectors of output per row of fn; the parameter gradient keeps 8 rows x 2 vectors
+// kTokenTile x 2 vectors of output per row of fn; the parameter gradient keeps 4 rows x 2 vectors
 // of grad_fn while streaming over tokens.
 #include "cpu/fast_kernels.hpp"
 
@@ -12,56 +12,84 @@ namespace mhc::cpu_fast::kernels {
 namespace {
 
 // ---- the projection GEMMs ------------------------------------------------------------------------------
-// NT: raw[tb * rows + r] = x[tb] . fn[r] for r in [r0, r0 + RB), and optionally the sums of squares.
-template <class S, int TB, int RB, bool kSumSq>
-MHC_INLINE void project_tile(const S* x, int64_t K, const math_t<S>* fn, int64_t rows, int64_t r0,
-                             math_t<S>* raw, math_t<S>* sumsq) {
-  using M = math_t<S>;
+// K is walked in chunks of kChunk elements so a tile's chunk of x stays in L1 while every row group
+// of fn passes over it; 16-bit streams are converted to fp32 once per chunk into a stack tile.
+// Streaming x from memory would otherwise stall the compute of each chunk, so the loops prefetch
+// the next chunk (or the next tile's first chunk) into L2, one cache line per vector step.
+constexpr int64_t kChunk = 2048;
+
+// Walks the cache lines of up to kTokenTile regions, one per step.
+struct Prefetcher {
+  const char* base[kTokenTile];
+  int64_t lines = 0;  // per region
+  int regions = 0;
+  int region = 0;
+  int64_t line = 0;
+  MHC_INLINE void step() {
+    if (region < regions) {
+      __builtin_prefetch(base[region] + line * 64, 0, 2);
+      if (++line == lines) {
+        line = 0;
+        ++region;
+      }
+    }
+  }
+};
+
+// raw[tb * rows + r] += x[tb] . fn[r] over one chunk of kc elements, for r in [r0, r0 + RB), and
+// optionally sumsq[tb] += x[tb] . x[tb]. x rows are ldx apart, fn rows ldf apart.
+template <class M, int TB, int RB, bool kSumSq>
+MHC_INLINE void project_tile(const M* x, int64_t ldx, int64_t kc, const M* fn, int64_t ldf, int64_t rows,
+                             int64_t r0, M* raw, M* sumsq, Prefetcher& pf) {
   using V = vec_t<M>;
   constexpr int L = kLanes<M>;
   V acc[TB][RB] = {};
   V sq[TB] = {};
-  const M* f = fn + r0 * K;
+  const M* f = fn + r0 * ldf;
   int64_t k = 0;
-  for (; k + L <= K; k += L) {
+  for (; k + L <= kc; k += L) {
     V xv[TB];
-    for (int tb = 0; tb < TB; ++tb) xv[tb] = vload(x + tb * K + k);
+    for (int tb = 0; tb < TB; ++tb) xv[tb] = vload(x + tb * ldx + k);
     for (int rb = 0; rb < RB; ++rb) {
-      const V fv = vload(f + rb * K + k);
+      const V fv = vload(f + rb * ldf + k);
       for (int tb = 0; tb < TB; ++tb) acc[tb][rb] += xv[tb] * fv;
     }
     if constexpr (kSumSq)
       for (int tb = 0; tb < TB; ++tb) sq[tb] += xv[tb] * xv[tb];
+    pf.step();
   }
   for (int tb = 0; tb < TB; ++tb) {
     M r[RB], s = 0;
     for (int rb = 0; rb < RB; ++rb) r[rb] = hsum(acc[tb][rb]);
     if constexpr (kSumSq) s = hsum(sq[tb]);
-    for (int64_t kk = k; kk < K; ++kk) {
-      const M xv = load(x + tb * K, kk);
-      for (int rb = 0; rb < RB; ++rb) r[rb] += xv * f[rb * K + kk];
+    for (int64_t kk = k; kk < kc; ++kk) {
+      const M xv = x[tb * ldx + kk];
+      for (int rb = 0; rb < RB; ++rb) r[rb] += xv * f[rb * ldf + kk];
       if constexpr (kSumSq) s += xv * xv;
     }
-    for (int rb = 0; rb < RB; ++rb) raw[tb * rows + r0 + rb] = r[rb];
-    if constexpr (kSumSq) sumsq[tb] = s;
+    for (int rb = 0; rb < RB; ++rb) raw[tb * rows + r0 + rb] += r[rb];
+    if constexpr (kSumSq) sumsq[tb] += s;
   }
 }
 
-template <class S, int TB> MHC_INLINE void sum_squares_tile(const S* x, int64_t K, math_t<S>* sumsq) {
-  using M = math_t<S>;
+template <class M, int TB>
+MHC_INLINE void sum_squares_tile(const M* x, int64_t ldx, int64_t kc, M* sumsq, Prefetcher& pf) {
   using V = vec_t<M>;
   constexpr int L = kLanes<M>;
   V sq[TB] = {};
   int64_t k = 0;
-  for (; k + L <= K; k += L)
+  for (; k + L <= kc; k += L) {
     for (int tb = 0; tb < TB; ++tb) {
-      const V xv = vload(x + tb * K + k);
+      const V xv = vload(x + tb * ldx + k);
       sq[tb] += xv * xv;
     }
+    pf.step();
+    pf.step();
+  }
   for (int tb = 0; tb < TB; ++tb) {
     M s = hsum(sq[tb]);
-    for (int64_t kk = k; kk < K; ++kk) s += load(x + tb * K, kk) * load(x + tb * K, kk);
-    sumsq[tb] = s;
+    for (int64_t kk = k; kk < kc; ++kk) s += x[tb * ldx + kk] * x[tb * ldx + kk];
+    sumsq[tb] += s;
   }
 }
 
@@ -69,20 +97,62 @@ template <class S, int TB> MHC_INLINE void sum_squares_tile(const S* x, int64_t 
 template <class S, int TB>
 MHC_INLINE void project_tokens(const S* x, int64_t K, const math_t<S>* fn, int64_t rows, math_t<S>* raw,
                                math_t<S>* sumsq) {
+  using M = math_t<S>;
+  using V = vec_t<M>;
+  constexpr int L = kLanes<M>;
   constexpr int RB = 4;
-  if (fn == nullptr || rows == 0) {
-    sum_squares_tile<S, TB>(x, K, sumsq);
-    return;
+  constexpr bool kConvert = !std::is_same_v<S, M>;
+  alignas(64) M tile[kConvert ? TB * kChunk : 1];
+  for (int tb = 0; tb < TB; ++tb) {
+    sumsq[tb] = 0;
+    if (fn)
+      for (int64_t r = 0; r < rows; ++r) raw[tb * rows + r] = 0;
   }
-  int64_t r = 0;
-  if (rows >= RB) {
-    project_tile<S, TB, RB, true>(x, K, fn, rows, 0, raw, sumsq);
-    for (r = RB; r + RB <= rows; r += RB) project_tile<S, TB, RB, false>(x, K, fn, rows, r, raw, sumsq);
-  } else {
-    project_tile<S, TB, 1, true>(x, K, fn, rows, 0, raw, sumsq);
-    r = 1;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t kc = std::min(kChunk, K - k0);
+    // Next: the following chunk of each token, or the first chunk of the next tile.
+    Prefetcher pf;
+    const bool last = k0 + kChunk >= K;
+    const int64_t next_len = last ? std::min(kChunk, K) : std::min(kChunk, K - k0 - kChunk);
+    pf.regions = TB;
+    pf.lines = (next_len * static_cast<int64_t>(sizeof(S)) + 63) / 64;
+    for (int tb = 0; tb < TB; ++tb)
+      pf.base[tb] = reinterpret_cast<const char*>(last ? x + (TB + tb) * K : x + tb * K + k0 + kChunk);
+
+    const M* xt;
+    int64_t ldx;
+    if constexpr (kConvert) {
+      for (int tb = 0; tb < TB; ++tb) {
+        const S* src = x + tb * K + k0;
+        M* dst = tile + tb * kChunk;
+        int64_t k = 0;
+        for (; k + L <= kc; k += L) {
+          const V v = vload(src + k);
+          std::memcpy(dst + k, &v, sizeof(v));
+        }
+        for (; k < kc; ++k) dst[k] = load(src, k);
+      }
+      xt = tile;
+      ldx = kChunk;
+    } else {
+      xt = x + k0;
+      ldx = K;
+    }
+    if (fn == nullptr || rows == 0) {
+      sum_squares_tile<M, TB>(xt, ldx, kc, sumsq, pf);
+      continue;
+    }
+    const M* f = fn + k0;
+    int64_t r = 0;
+    if (rows >= RB) {
+      project_tile<M, TB, RB, true>(xt, ldx, kc, f, K, rows, 0, raw, sumsq, pf);
+      for (r = RB; r + RB <= rows; r += RB) project_tile<M, TB, RB, false>(xt, ldx, kc, f, K, rows, r, raw, sumsq, pf);
+    } else {
+      project_tile<M, TB, 1, true>(xt, ldx, kc, f, K, rows, 0, raw, sumsq, pf);
+      r = 1;
+    }
+    for (; r < rows; ++r) project_tile<M, TB, 1, false>(xt, ldx, kc, f, K, rows, r, raw, sumsq, pf);
   }
-  for (; r < rows; ++r) project_tile<S, TB, 1, false>(x, K, fn, rows, r, raw, sumsq);
 }
 
 // Full tiles of kTokenTile tokens share each load of fn; a partial tile goes token by token.
@@ -160,8 +230,14 @@ template <class S> MHC_INLINE void input_grad_impl(int tokens, const InputGradAr
   }
 }
 
-// TN: grad_fn[r, k] = sum_t dP[t, r] * x[t, k] for the columns [k0, k0 + KV*L) and every row.
-// Tokens are tiled so the column block of x stays in cache across row groups.
+// TN: grad_fn = dP^T @ x, output-stationary. A block of kGradColumns columns of grad_fn (all rows)
+// stays in L1 while tiles of kGradTokens tokens of x stream through it; each tile is read from
+// memory once (rows of 512 contiguous bytes) and reused by every row group from L1. The next tile
+// is prefetched into L2 during the current one.
+constexpr int64_t kGradTokens = 32;
+
+// grad_fn[r0 : r0+RB, k0 : k0+KV*L] (+)= dP[t0:t1, r0 : r0+RB]^T @ x[t0:t1, k0 : k0+KV*L]; the first
+// tile (t0 == 0) starts from zero.
 template <class S, int RB, int KV>
 MHC_INLINE void param_grad_rows(const S* x, int64_t T, int64_t K, const math_t<S>* dP, int64_t rows, int64_t r0,
                                 int64_t k0, int64_t t0, int64_t t1, math_t<S>* grad_fn) {
@@ -173,6 +249,10 @@ MHC_INLINE void param_grad_rows(const S* x, int64_t T, int64_t K, const math_t<S
     for (int kv = 0; kv < KV; ++kv)
       acc[rb][kv] = t0 == 0 ? V{} : vload(grad_fn + (r0 + rb) * K + k0 + kv * L);
   for (int64_t t = t0; t < t1; ++t) {
+    if (t + kGradTokens < T) {
+      const char* next = reinterpret_cast<const char*>(x + (t + kGradTokens) * K + k0);
+      for (int kv = 0; kv < KV; ++kv) __builtin_prefetch(next + kv * L * sizeof(S), 0, 2);
+    }
     V xv[KV];
     for (int kv = 0; kv < KV; ++kv) xv[kv] = vload(x + t * K + k0 + kv * L);
     for (int rb = 0; rb < RB; ++rb) {
@@ -184,46 +264,48 @@ MHC_INLINE void param_grad_rows(const S* x, int64_t T, int64_t K, const math_t<S
     for (int kv = 0; kv < KV; ++kv) vstore(grad_fn + (r0 + rb) * K + k0 + kv * L, acc[rb][kv]);
 }
 
-template <class S, int KV>
-MHC_INLINE void param_grad_columns(const S* x, int64_t T, int64_t K, const math_t<S>* dP, int64_t rows, int64_t k0,
-                                   math_t<S>* grad_fn) {
-  constexpr int RB = 8;
-  constexpr int64_t kTokens = 1024;
-  for (int64_t t0 = 0; t0 < std::max<int64_t>(T, 1); t0 += kTokens) {
-    const int64_t t1 = std::min(T, t0 + kTokens);
-    int64_t r = 0;
-    for (; r + RB <= rows; r += RB) param_grad_rows<S, RB, KV>(x, T, K, dP, rows, r, k0, t0, t1, grad_fn);
-    for (; r < rows; ++r) param_grad_rows<S, 1, KV>(x, T, K, dP, rows, r, k0, t0, t1, grad_fn);
-  }
-}
-
-// Columns [k0, K) that do not fill a block of vectors: one column at a time.
 template <class S>
-MHC_INLINE void param_grad_scalar_columns(const S* x, int64_t T, int64_t K, const math_t<S>* dP, int64_t rows,
-                                          int64_t k0, math_t<S>* grad_fn) {
+MHC_INLINE void param_grad_scalar_columns(const S* x, int64_t K, const math_t<S>* dP, int64_t rows, int64_t k0,
+                                          int64_t k1, int64_t t0, int64_t t1, math_t<S>* grad_fn) {
   using M = math_t<S>;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = k0; k < K; ++k) {
-      M s = 0;
-      for (int64_t t = 0; t < T; ++t) s += load(x, t * K + k) * dP[t * rows + r];
+    for (int64_t k = k0; k < k1; ++k) {
+      M s = t0 == 0 ? M(0) : grad_fn[r * K + k];
+      for (int64_t t = t0; t < t1; ++t) s += load(x, t * K + k) * dP[t * rows + r];
       grad_fn[r * K + k] = s;
     }
+}
+
+template <class S, int RB>
+MHC_INLINE void param_grad_row_group(const S* x, int64_t T, int64_t K, const math_t<S>* dP, int64_t rows,
+                                     int64_t r0, int64_t kb0, int64_t kb1, int64_t t0, int64_t t1,
+                                     math_t<S>* grad_fn) {
+  constexpr int L = kLanes<math_t<S>>;
+  int64_t k = kb0;
+  for (; k + 2 * L <= kb1; k += 2 * L) param_grad_rows<S, RB, 2>(x, T, K, dP, rows, r0, k, t0, t1, grad_fn);
+  for (; k + L <= kb1; k += L) param_grad_rows<S, RB, 1>(x, T, K, dP, rows, r0, k, t0, t1, grad_fn);
 }
 
 template <class S>
 MHC_INLINE void param_grad_impl(const S* x, int64_t T, int64_t K, const math_t<S>* dP, int64_t rows,
                                 int64_t block_begin, int64_t block_end, math_t<S>* grad_fn) {
-  constexpr int L = kLanes<math_t<S>>;
-  constexpr int64_t kWidth = 2 * L;
-  static_assert(kWidth == (sizeof(math_t<S>) == 8 ? 16 : 32), "param_grad_block_width");
+  using M = math_t<S>;
+  constexpr int L = kLanes<M>;
+  constexpr int RB = 4;
+  constexpr int64_t kWidth = 8 * L;
+  static_assert(kWidth == (sizeof(M) == 8 ? 64 : 128), "param_grad_block_width");
   for (int64_t b = block_begin; b < block_end; ++b) {
-    const int64_t k0 = b * kWidth;
-    if (k0 + kWidth <= K) {
-      param_grad_columns<S, 2>(x, T, K, dP, rows, k0, grad_fn);
-    } else {
-      int64_t k = k0;
-      for (; k + L <= K; k += L) param_grad_columns<S, 1>(x, T, K, dP, rows, k, grad_fn);
-      param_grad_scalar_columns(x, T, K, dP, rows, k, grad_fn);
+    const int64_t kb0 = b * kWidth, kb1 = std::min(K, kb0 + kWidth);
+    const int64_t kv_end = kb0 + (kb1 - kb0) / L * L;  // columns past kv_end go one at a time
+    if (T == 0)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = kb0; k < kb1; ++k) grad_fn[r * K + k] = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += kGradTokens) {
+      const int64_t t1 = std::min(T, t0 + kGradTokens);
+      int64_t r = 0;
+      for (; r + RB <= rows; r += RB) param_grad_row_group<S, RB>(x, T, K, dP, rows, r, kb0, kv_end, t0, t1, grad_fn);
+      for (; r < rows; ++r) param_grad_row_group<S, 1>(x, T, K, dP, rows, r, kb0, kv_end, t0, t1, grad_fn);
+      param_grad_scalar_columns(x, K, dP, rows, kv_end, kb1, t0, t1, grad_fn);
     }
   }
 }
@@ -240,7 +322,8 @@ template <class M> MHC_INLINE void softmax_plus_eps(const M* logits, M* p, int n
       p[j * n + k] = std::exp(l[k] - mx);
       sum += p[j * n + k];
     }
-    for (int k = 0; k < n; ++k) p[j * n + k] = p[j * n + k] / sum + eps;
+    const M inv = M(1) / sum;
+    for (int k = 0; k < n; ++k) p[j * n + k] = p[j * n + k] * inv + eps;
   }
 }
 
@@ -252,15 +335,15 @@ template <class M> MHC_INLINE void sinkhorn_step(M* a, int n, int step, M eps) {
     for (int k = 0; k < n; ++k) colsum[k] = 0;
     for (int j = 0; j < n; ++j)
       for (int k = 0; k < n; ++k) colsum[k] += a[j * n + k];
-    for (int k = 0; k < n; ++k) colsum[k] += eps;
+    for (int k = 0; k < n; ++k) colsum[k] = M(1) / (colsum[k] + eps);
     for (int j = 0; j < n; ++j)
-      for (int k = 0; k < n; ++k) a[j * n + k] /= colsum[k];
+      for (int k = 0; k < n; ++k) a[j * n + k] *= colsum[k];
   } else {
     for (int j = 0; j < n; ++j) {
       M sum = 0;
       for (int k = 0; k < n; ++k) sum += a[j * n + k];
-      sum += eps;
-      for (int k = 0; k < n; ++k) a[j * n + k] /= sum;
+      const M inv = M(1) / (sum + eps);
+      for (int k = 0; k < n; ++k) a[j * n + k] *= inv;
     }
   }
 }
@@ -277,11 +360,11 @@ template <class M> MHC_INLINE void sinkhorn_step_backward(const M* a, M* g, int 
         dotv[k] += g[j * n + k] * a[j * n + k];
       }
     for (int k = 0; k < n; ++k) {
-      d[k] += eps;
-      dotv[k] /= d[k] * d[k];
+      d[k] = M(1) / (d[k] + eps);  // now 1 / d
+      dotv[k] *= d[k] * d[k];
     }
     for (int j = 0; j < n; ++j)
-      for (int k = 0; k < n; ++k) g[j * n + k] = g[j * n + k] / d[k] - dotv[k];
+      for (int k = 0; k < n; ++k) g[j * n + k] = g[j * n + k] * d[k] - dotv[k];
   } else {
     for (int j = 0; j < n; ++j) {
       M d = 0, dotv = 0;
@@ -289,9 +372,9 @@ template <class M> MHC_INLINE void sinkhorn_step_backward(const M* a, M* g, int 
         d += a[j * n + k];
         dotv += g[j * n + k] * a[j * n + k];
       }
-      d += eps;
-      dotv /= d * d;
-      for (int k = 0; k < n; ++k) g[j * n + k] = g[j * n + k] / d - dotv;
+      const M inv = M(1) / (d + eps);
+      dotv *= inv * inv;
+      for (int k = 0; k < n; ++k) g[j * n + k] = g[j * n + k] * inv - dotv;
     }
   }
 }
@@ -347,12 +430,150 @@ MHC_INLINE void sinkhorn_backward_impl(const M* logits, const M* grad_comb, M* g
       sum += sm[k];
     }
     M dotv = 0;
+    const M inv = M(1) / sum;
     for (int k = 0; k < n; ++k) {
-      sm[k] /= sum;
+      sm[k] *= inv;
       dotv += g[j * n + k] * sm[k];
     }
     for (int k = 0; k < n; ++k) grad_logits[j * n + k] = sm[k] * (g[j * n + k] - dotv);
   }
+}
+
+// ---- Sinkhorn of kSinkhornBatch matrices at once --------------------------------------------------------
+// Layout [n*n][kBatch]: element-major, one lane per token. Every step is then kBatch-wide vector
+// arithmetic, and the serial chain of 2*iters - 1 normalisations is paid once per kBatch tokens.
+// Same operations, in the same order, as the one-matrix path above.
+constexpr int kBatch = kSinkhornBatch;
+
+template <class M> MHC_INLINE void batch_softmax_plus_eps(const M* logits, M* p, int n, M eps) {
+  for (int j = 0; j < n; ++j) {
+    M mx[kBatch], sum[kBatch];
+    for (int b = 0; b < kBatch; ++b) mx[b] = logits[(j * n) * kBatch + b];
+    for (int k = 1; k < n; ++k)
+      for (int b = 0; b < kBatch; ++b) mx[b] = std::max(mx[b], logits[(j * n + k) * kBatch + b]);
+    for (int b = 0; b < kBatch; ++b) sum[b] = 0;
+    for (int k = 0; k < n; ++k)
+      for (int b = 0; b < kBatch; ++b) {
+        p[(j * n + k) * kBatch + b] = std::exp(logits[(j * n + k) * kBatch + b] - mx[b]);
+        sum[b] += p[(j * n + k) * kBatch + b];
+      }
+    for (int b = 0; b < kBatch; ++b) sum[b] = M(1) / sum[b];
+    for (int k = 0; k < n; ++k)
+      for (int b = 0; b < kBatch; ++b) p[(j * n + k) * kBatch + b] = p[(j * n + k) * kBatch + b] * sum[b] + eps;
+  }
+}
+
+// Element (a, b) of the step's group g: column normalisations group by column, rows by row.
+MHC_INLINE int group_index(bool by_column, int n, int g, int e) { return by_column ? e * n + g : g * n + e; }
+
+template <class M> MHC_INLINE void batch_step(M* a, int n, int step, M eps) {
+  const bool by_column = step & 1;
+  for (int g = 0; g < n; ++g) {
+    M sum[kBatch];
+    for (int b = 0; b < kBatch; ++b) sum[b] = 0;
+    for (int e = 0; e < n; ++e)
+      for (int b = 0; b < kBatch; ++b) sum[b] += a[group_index(by_column, n, g, e) * kBatch + b];
+    for (int b = 0; b < kBatch; ++b) sum[b] = M(1) / (sum[b] + eps);
+    for (int e = 0; e < n; ++e)
+      for (int b = 0; b < kBatch; ++b) a[group_index(by_column, n, g, e) * kBatch + b] *= sum[b];
+  }
+}
+
+template <class M> MHC_INLINE void batch_step_backward(const M* a, M* grad, int n, int step, M eps) {
+  const bool by_column = step & 1;
+  for (int g = 0; g < n; ++g) {
+    M inv[kBatch], dotv[kBatch];
+    for (int b = 0; b < kBatch; ++b) inv[b] = dotv[b] = 0;
+    for (int e = 0; e < n; ++e)
+      for (int b = 0; b < kBatch; ++b) {
+        const int i = group_index(by_column, n, g, e) * kBatch + b;
+        inv[b] += a[i];
+        dotv[b] += grad[i] * a[i];
+      }
+    for (int b = 0; b < kBatch; ++b) {
+      inv[b] = M(1) / (inv[b] + eps);
+      dotv[b] *= inv[b] * inv[b];
+    }
+    for (int e = 0; e < n; ++e)
+      for (int b = 0; b < kBatch; ++b) {
+        const int i = group_index(by_column, n, g, e) * kBatch + b;
+        grad[i] = grad[i] * inv[b] - dotv[b];
+      }
+  }
+}
+
+// Token-major [count][stride] <-> lanes [n*n][kBatch]; lanes past count hold zeros.
+template <class M> MHC_INLINE void to_lanes(const M* src, int64_t stride, int count, int nn, M* dst) {
+  for (int e = 0; e < nn; ++e)
+    for (int b = 0; b < kBatch; ++b) dst[e * kBatch + b] = b < count ? src[b * stride + e] : M(0);
+}
+template <class M> MHC_INLINE void from_lanes(const M* src, int count, int nn, M* dst, int64_t stride) {
+  for (int b = 0; b < count; ++b)
+    for (int e = 0; e < nn; ++e) dst[b * stride + e] = src[e * kBatch + b];
+}
+
+template <class M>
+MHC_INLINE void sinkhorn_forward_batch_impl(int count, const M* logits, int64_t ld_logits, M* comb, int64_t ld_comb,
+                                            int n, int iters, M eps) {
+  alignas(64) M l[kSinkhornBatchMaxN * kSinkhornBatchMaxN * kBatch], p[kSinkhornBatchMaxN * kSinkhornBatchMaxN * kBatch];
+  to_lanes(logits, ld_logits, count, n * n, l);
+  batch_softmax_plus_eps(l, p, n, eps);
+  for (int step = 1; step <= 2 * iters - 1; ++step) batch_step(p, n, step, eps);
+  from_lanes(p, count, n * n, comb, ld_comb);
+}
+
+// Reverse mode as in sinkhorn_backward_impl, with the same checkpointing, kBatch tokens at a time.
+template <class M>
+MHC_INLINE void sinkhorn_backward_batch_impl(int count, const M* logits, int64_t ld_logits, const M* grad_comb,
+                                             int64_t ld_grad, M* grad_logits, int64_t ld_out, int n, int iters, M eps) {
+  constexpr int kScratch = 16384;
+  constexpr int kMaxNN = kSinkhornBatchMaxN * kSinkhornBatchMaxN;
+  alignas(64) M scratch[kScratch];
+  alignas(64) M l[kMaxNN * kBatch], g[kMaxNN * kBatch];
+  const int nn = n * n, state = nn * kBatch, steps = 2 * iters - 1;
+  const int slots = kScratch / state;  // >= 16 at n <= 8
+  const int stride = (steps + slots - 2) / (slots - 1);
+  M* work = scratch + static_cast<int64_t>(slots - 1) * state;
+
+  to_lanes(logits, ld_logits, count, nn, l);
+  to_lanes(grad_comb, ld_grad, count, nn, g);
+  batch_softmax_plus_eps(l, work, n, eps);
+  for (int s = 0; s < steps; ++s) {
+    if (s % stride == 0) std::memcpy(scratch + static_cast<int64_t>(s / stride) * state, work, state * sizeof(M));
+    if (s + 1 < steps) batch_step(work, n, s + 1, eps);
+  }
+  for (int step = steps; step >= 1; --step) {
+    const int st = step - 1, ckpt = st / stride;
+    const M* in = scratch + static_cast<int64_t>(ckpt) * state;
+    if (st != ckpt * stride) {
+      std::memcpy(work, in, state * sizeof(M));
+      for (int s = ckpt * stride + 1; s <= st; ++s) batch_step(work, n, s, eps);
+      in = work;
+    }
+    batch_step_backward(in, g, n, step, eps);
+  }
+  // Softmax rows: dl = s * (g - <g, s>), s recomputed from the logits.
+  for (int j = 0; j < n; ++j) {
+    M mx[kBatch], sum[kBatch], dotv[kBatch], sm[kSinkhornBatchMaxN][kBatch];
+    for (int b = 0; b < kBatch; ++b) mx[b] = l[(j * n) * kBatch + b];
+    for (int k = 1; k < n; ++k)
+      for (int b = 0; b < kBatch; ++b) mx[b] = std::max(mx[b], l[(j * n + k) * kBatch + b]);
+    for (int b = 0; b < kBatch; ++b) sum[b] = dotv[b] = 0;
+    for (int k = 0; k < n; ++k)
+      for (int b = 0; b < kBatch; ++b) {
+        sm[k][b] = std::exp(l[(j * n + k) * kBatch + b] - mx[b]);
+        sum[b] += sm[k][b];
+      }
+    for (int b = 0; b < kBatch; ++b) sum[b] = M(1) / sum[b];
+    for (int k = 0; k < n; ++k)
+      for (int b = 0; b < kBatch; ++b) {
+        sm[k][b] *= sum[b];
+        dotv[b] += g[(j * n + k) * kBatch + b] * sm[k][b];
+      }
+    for (int k = 0; k < n; ++k)
+      for (int b = 0; b < kBatch; ++b) l[(j * n + k) * kBatch + b] = sm[k][b] * (g[(j * n + k) * kBatch + b] - dotv[b]);
+  }
+  from_lanes(l, count, nn, grad_logits, ld_out);
 }
 
 }  // namespace
@@ -372,20 +593,44 @@ MHC_GEMM_ENTRIES(double)
 MHC_GEMM_ENTRIES(f16)
 MHC_GEMM_ENTRIES(bf16)
 
-// Sinkhorn is a few hundred scalar operations per token at the usual n = 4: the baseline ISA will do.
+// Sinkhorn is a few hundred scalar operations per token at the usual n: the baseline ISA will do,
+// but the common stream counts get their own instantiation (n a constant: loops fully unrolled).
+#define MHC_SINKHORN_BY_N(call) \
+  switch (n) {                  \
+    case 2: n = 2; return call; \
+    case 4: n = 4; return call; \
+    case 8: n = 8; return call; \
+    default: return call;       \
+  }
 void sinkhorn_forward_matrix(const float* logits, float* comb, int n, int iters, float eps) {
-  sinkhorn_forward_impl(logits, comb, n, iters, eps);
+  MHC_SINKHORN_BY_N(sinkhorn_forward_impl(logits, comb, n, iters, eps))
 }
 void sinkhorn_forward_matrix(const double* logits, double* comb, int n, int iters, double eps) {
-  sinkhorn_forward_impl(logits, comb, n, iters, eps);
+  MHC_SINKHORN_BY_N(sinkhorn_forward_impl(logits, comb, n, iters, eps))
 }
 void sinkhorn_backward_matrix(const float* logits, const float* grad_comb, float* grad_logits, int n, int iters,
                               float eps) {
-  sinkhorn_backward_impl(logits, grad_comb, grad_logits, n, iters, eps);
+  MHC_SINKHORN_BY_N(sinkhorn_backward_impl(logits, grad_comb, grad_logits, n, iters, eps))
 }
 void sinkhorn_backward_matrix(const double* logits, const double* grad_comb, double* grad_logits, int n,
                               int iters, double eps) {
-  sinkhorn_backward_impl(logits, grad_comb, grad_logits, n, iters, eps);
+  MHC_SINKHORN_BY_N(sinkhorn_backward_impl(logits, grad_comb, grad_logits, n, iters, eps))
 }
+
+#define MHC_SINKHORN_BATCH_ENTRIES(M)                                                                   \
+  MHC_CPU_KERNEL void sinkhorn_forward_batch(int count, const M* logits, int64_t ld_logits, M* comb,      \
+                                             int64_t ld_comb, int n, int iters, M eps) {                \
+    MHC_SINKHORN_BY_N(sinkhorn_forward_batch_impl(count, logits, ld_logits, comb, ld_comb, n, iters, eps)) \
+  }                                                                                                     \
+  MHC_CPU_KERNEL void sinkhorn_backward_batch(int count, const M* logits, int64_t ld_logits,              \
+                                              const M* grad_comb, int64_t ld_grad, M* grad_logits,      \
+                                              int64_t ld_out, int n, int iters, M eps) {                \
+    MHC_SINKHORN_BY_N(sinkhorn_backward_batch_impl(count, logits, ld_logits, grad_comb, ld_grad, grad_logits, \
+                                                   ld_out, n, iters, eps))                              \
+  }
+MHC_SINKHORN_BATCH_ENTRIES(float)
+MHC_SINKHORN_BATCH_ENTRIES(double)
+#undef MHC_SINKHORN_BATCH_ENTRIES
+#undef MHC_SINKHORN_BY_N
 
 }  // namespace mhc::cpu_fast::kernels

@@ -194,7 +194,7 @@ MHC_DECLARE_PARAM_GRAD(double)
 MHC_DECLARE_PARAM_GRAD(f16)
 MHC_DECLARE_PARAM_GRAD(bf16)
 #undef MHC_DECLARE_PARAM_GRAD
-inline int64_t param_grad_block_width(DType dtype) { return dtype == DType::f64 ? 16 : 32; }
+inline int64_t param_grad_block_width(DType dtype) { return dtype == DType::f64 ? 64 : 128; }
 
 // Sinkhorn on one n x n matrix (SPEC section 1): comb = softmax(logits, rows) + eps, then 2*iters-1
 // normalisations alternating column sums + eps (first) and row sums + eps. comb may alias logits.
@@ -206,6 +206,19 @@ void sinkhorn_backward_matrix(const float* logits, const float* grad_comb, float
                               float eps);
 void sinkhorn_backward_matrix(const double* logits, const double* grad_comb, double* grad_logits, int n,
                               int iters, double eps);
+
+// The same for count <= kSinkhornBatch tokens at once (n <= kSinkhornBatchMaxN), one vector lane
+// per token: token t's matrix is at logits + t * ld_logits (and likewise for the others).
+inline constexpr int kSinkhornBatch = 16;
+inline constexpr int kSinkhornBatchMaxN = 8;
+void sinkhorn_forward_batch(int count, const float* logits, int64_t ld_logits, float* comb, int64_t ld_comb, int n,
+                            int iters, float eps);
+void sinkhorn_forward_batch(int count, const double* logits, int64_t ld_logits, double* comb, int64_t ld_comb, int n,
+                            int iters, double eps);
+void sinkhorn_backward_batch(int count, const float* logits, int64_t ld_logits, const float* grad_comb,
+                             int64_t ld_grad, float* grad_logits, int64_t ld_out, int n, int iters, float eps);
+void sinkhorn_backward_batch(int count, const double* logits, int64_t ld_logits, const double* grad_comb,
+                             int64_t ld_grad, double* grad_logits, int64_t ld_out, int n, int iters, double eps);
 
 // ---- per-token stream mixing ---------------------------------------------------------------------------
 // out[c] = sum_i w[i] * x[i, c] for one token's [n, C] block.
@@ -227,7 +240,8 @@ MHC_INLINE void aggregate_token(const S* x, const math_t<S>* w, int64_t n, int64
   }
 }
 
-// x_next[o, c] = h_post[o] * y[c] + sum_i comb[i, o] * x[i, c] for one token.
+// x_next[o, c] = h_post[o] * y[c] + sum_i comb[i, o] * x[i, c] for one token. Each vector of x is
+// converted once and reused for every output stream.
 template <class S>
 MHC_INLINE void post_token(const S* x, const S* y, const math_t<S>* h_post, const math_t<S>* comb, int64_t n,
                            int64_t C, S* x_next) {
@@ -236,10 +250,12 @@ MHC_INLINE void post_token(const S* x, const S* y, const math_t<S>* h_post, cons
   constexpr int L = kLanes<M>;
   int64_t c = 0;
   for (; c + L <= C; c += L) {
+    V xv[kMaxStreams];
+    for (int64_t i = 0; i < n; ++i) xv[i] = vload(x + i * C + c);
     const V yv = vload(y + c);
     for (int64_t o = 0; o < n; ++o) {
       V acc = yv * h_post[o];
-      for (int64_t i = 0; i < n; ++i) acc += vload(x + i * C + c) * comb[i * n + o];
+      for (int64_t i = 0; i < n; ++i) acc += xv[i] * comb[i * n + o];
       vstore(x_next + o * C + c, acc);
     }
   }
@@ -249,6 +265,17 @@ MHC_INLINE void post_token(const S* x, const S* y, const math_t<S>* h_post, cons
       for (int64_t i = 0; i < n; ++i) acc += comb[i * n + o] * load(x, i * C + c);
       store(x_next, o * C + c, acc);
     }
+}
+
+// Calls body(n) with n a compile-time constant after inlining for the common stream counts, so
+// per-stream arrays of vectors live in registers; other n run the same code with n at run time.
+template <class Body> MHC_INLINE void with_stream_count(int64_t n, Body&& body) {
+  switch (n) {
+    case 2: return body(int64_t{2});
+    case 4: return body(int64_t{4});
+    case 8: return body(int64_t{8});
+    default: return body(n);
+  }
 }
 
 // ---- coefficients ----------------------------------------------------------------------------------

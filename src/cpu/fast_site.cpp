@@ -1,4 +1,4 @@
-// Fast CPU path of the projection sites: pre (and post fused with the next pre) and the head.
+// Fast CPU path of the projection sites: pre, post and post fused with the next pre, the head.
 //
 // Forward, per tile of kTokenTile tokens: one pass over the tokens' [n, C] blocks computes the
 // projection x @ fn^T and the sums of squares together (each fn load serves the whole tile), the
@@ -48,16 +48,23 @@ template <class S> struct PreTileOut {
   M *h_pre, *h_post, *comb, *mixes, *rstd;
 };
 
-// Pre of `tokens` (<= kTokenTile) consecutive tokens starting at token t, whose blocks start at x.
+// Tokens whose coefficients are computed together: a full batch of Sinkhorn lanes when n is small,
+// else one projection tile.
+inline int64_t group_size(int64_t n) { return n <= kSinkhornBatchMaxN ? kSinkhornBatch : kTokenTile; }
+constexpr int64_t kGroupRows = std::max<int64_t>(kSinkhornBatch * (kSinkhornBatchMaxN * (kSinkhornBatchMaxN + 2)),
+                                                 kTokenTile * kMaxRows);
+
+// Pre of `tokens` (<= group_size(n)) consecutive tokens starting at token t, whose blocks start at x.
 template <class S>
-MHC_INLINE void pre_forward_tile(const S* x, int tokens, int64_t t, int64_t n, int64_t C, const math_t<S>* fn,
-                                 const math_t<S>* base, const math_t<S>* scale, const MhcConfig& cfg,
-                                 const PreTileOut<S>& out) {
+MHC_INLINE void pre_forward_group(const S* x, int tokens, int64_t t, int64_t n, int64_t C, const math_t<S>* fn,
+                                  const math_t<S>* base, const math_t<S>* scale, const MhcConfig& cfg,
+                                  const PreTileOut<S>& out) {
   using M = math_t<S>;
-  const int64_t K = n * C, m = n * n + 2 * n;
-  M raw[kTokenTile * kMaxRows], sumsq[kTokenTile];
-  M w[kTokenTile][kMaxStreams];
-  project(tokens, x, K, fn, m, raw, sumsq);
+  const int64_t K = n * C, m = n * n + 2 * n, nn = n * n;
+  M raw[kGroupRows], sumsq[kSinkhornBatch];
+  M w[kSinkhornBatch][kMaxStreams];
+  for (int t0 = 0; t0 < tokens; t0 += kTokenTile)
+    project(std::min(kTokenTile, tokens - t0), x + t0 * K, K, fn, m, raw + t0 * m, sumsq + t0);
   for (int tb = 0; tb < tokens; ++tb) {
     const int64_t tt = t + tb;
     const M rstd = M(1) / std::sqrt(sumsq[tb] / M(K) + M(cfg.norm_eps));
@@ -70,13 +77,16 @@ MHC_INLINE void pre_forward_tile(const S* x, int tokens, int64_t t, int64_t n, i
       out.h_pre[tt * n + i] = w[tb][i];
       out.h_post[tt * n + i] = so * M(cfg.post_mult);
     }
-    M* comb = out.comb + tt * n * n;
-    for (int64_t r = 0; r < n * n; ++r) comb[r] = mixes[2 * n + r] * scale[2] + base[2 * n + r];
-    sinkhorn_forward_matrix(comb, comb, static_cast<int>(n), cfg.iters, M(cfg.eps));
+    M* logits = out.comb + tt * nn;  // Sinkhorn runs in place
+    for (int64_t r = 0; r < nn; ++r) logits[r] = mixes[2 * n + r] * scale[2] + base[2 * n + r];
+    if (n > kSinkhornBatchMaxN) sinkhorn_forward_matrix(logits, logits, static_cast<int>(n), cfg.iters, M(cfg.eps));
     if (out.mixes)
       for (int64_t r = 0; r < m; ++r) out.mixes[tt * m + r] = mixes[r];
     if (out.rstd) out.rstd[tt] = rstd;
   }
+  if (n <= kSinkhornBatchMaxN)
+    sinkhorn_forward_batch(tokens, out.comb + t * nn, nn, out.comb + t * nn, nn, static_cast<int>(n), cfg.iters,
+                           M(cfg.eps));
   for (int tb = 0; tb < tokens; ++tb) aggregate_token(x + tb * K, w[tb], n, C, out.layer_input + (t + tb) * C);
 }
 
@@ -90,37 +100,25 @@ MHC_INLINE void pre_forward_range(const PreForward& a, const MhcConfig& cfg, int
                           a.h_post.ptr<M>(),      a.comb.ptr<M>(),
                           a.mixes.present() ? a.mixes.ptr<M>() : nullptr,
                           a.rstd.present() ? a.rstd.ptr<M>() : nullptr};
-  for (int64_t t = begin; t < end; t += kTokenTile) {
-    const int tokens = static_cast<int>(std::min<int64_t>(kTokenTile, end - t));
-    pre_forward_tile(a.x.ptr<const S>() + t * n * C, tokens, t, n, C, fn, a.base.ptr<const M>(), scale, cfg, out);
+  for (int64_t t = begin; t < end; t += group_size(n)) {
+    const int tokens = static_cast<int>(std::min(group_size(n), end - t));
+    pre_forward_group(a.x.ptr<const S>() + t * n * C, tokens, t, n, C, fn, a.base.ptr<const M>(), scale, cfg, out);
   }
 }
 MHC_CPU_ENTRIES(pre_forward_range, PreForward)
 
-// Post of this site then pre of the next, one tile at a time: the pre reads x_next as stored
-// (rounded to the stream dtype) while it is still in cache.
+// ---- post forward: x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i] ----------------------------
 template <class S>
-MHC_INLINE void post_pre_forward_range(const PostPreForward& a, const MhcConfig& cfg, int64_t begin, int64_t end) {
+MHC_INLINE void post_forward_range(const PostForward& a, const MhcConfig&, int64_t begin, int64_t end) {
   using M = math_t<S>;
-  const int64_t n = a.x.shape[1], C = a.x.shape[2], K = n * C;
-  const M scale[3] = {scale_or_zero<M>(a.scale, 0), scale_or_zero<M>(a.scale, 1), scale_or_zero<M>(a.scale, 2)};
-  const M* fn = a.fn.present() ? a.fn.ptr<const M>() : nullptr;
-  const PreTileOut<S> out{a.layer_input.ptr<S>(), a.h_pre.ptr<M>(),
-                          a.h_post_next.ptr<M>(), a.comb_next.ptr<M>(),
-                          a.mixes.present() ? a.mixes.ptr<M>() : nullptr,
-                          a.rstd.present() ? a.rstd.ptr<M>() : nullptr};
-  const S* x = a.x.ptr<const S>();
-  const S* y = a.y.ptr<const S>();
-  S* x_next = a.x_next.ptr<S>();
-  for (int64_t t = begin; t < end; t += kTokenTile) {
-    const int tokens = static_cast<int>(std::min<int64_t>(kTokenTile, end - t));
-    for (int64_t tt = t; tt < t + tokens; ++tt)
-      post_token(x + tt * K, y + tt * C, a.h_post.ptr<const M>() + tt * n, a.comb.ptr<const M>() + tt * n * n, n,
-                 C, x_next + tt * K);
-    pre_forward_tile<S>(x_next + t * K, tokens, t, n, C, fn, a.base.ptr<const M>(), scale, cfg, out);
-  }
+  with_stream_count(a.x.shape[1], [&](int64_t n) {
+    const int64_t C = a.x.shape[2], K = n * C;
+    for (int64_t t = begin; t < end; ++t)
+      post_token(a.x.ptr<const S>() + t * K, a.y.ptr<const S>() + t * C, a.h_post.ptr<const M>() + t * n,
+                 a.comb.ptr<const M>() + t * n * n, n, C, a.x_next.ptr<S>() + t * K);
+  });
 }
-MHC_CPU_ENTRIES(post_pre_forward_range, PostPreForward)
+MHC_CPU_ENTRIES(post_forward_range, PostForward)
 
 // ---- head forward --------------------------------------------------------------------------------
 template <class S>
@@ -156,9 +154,26 @@ MHC_CPU_ENTRIES(head_forward_range, HeadForward)
 // coefficient of x in the rstd term; then grad_x for the tile.
 template <class S> struct TokenGrads {
   using M = math_t<S>;
-  M w[kTokenTile][kMaxStreams];  // aggregation weights (h_pre or the head's weights)
-  M coef[kTokenTile];            // d/dx of rstd, times sum_r dmixes_r * raw_r
+  M w[kSinkhornBatch][kMaxStreams];  // aggregation weights (h_pre or the head's weights)
+  M coef[kSinkhornBatch];            // d/dx of rstd, times sum_r dmixes_r * raw_r
 };
+
+// grad_x for a group of tokens, kTokenTile at a time.
+template <class S>
+MHC_INLINE void input_grad_group(int tokens, const InputGradArgs<S>& a, const TokenGrads<S>& tg) {
+  const int64_t K = a.n * a.C;
+  for (int t0 = 0; t0 < tokens; t0 += kTokenTile) {
+    InputGradArgs<S> tile = a;
+    tile.x += t0 * K;
+    if (tile.accum) tile.accum += t0 * K;
+    if (tile.g) tile.g += t0 * a.C;
+    tile.w = &tg.w[t0][0];
+    tile.coef = tg.coef + t0;
+    tile.dP += t0 * a.rows;
+    tile.out += t0 * K;
+    input_grad(std::min(kTokenTile, tokens - t0), tile);
+  }
+}
 
 // From dz of one token: dP row and the rstd coefficient.
 template <class M>
@@ -190,9 +205,11 @@ MHC_INLINE void pre_backward_range(const PreBackward& a, const MhcConfig& cfg, i
   const M* g_comb = a.grad_comb.present() ? a.grad_comb.ptr<const M>() : nullptr;
   M* dz_all = workspace_base<M>(a.workspace);
   M* dP_all = dz_all + T * m;
+  const int64_t nn = n * n;
   TokenGrads<S> tg;
-  for (int64_t t = begin; t < end; t += kTokenTile) {
-    const int tokens = static_cast<int>(std::min<int64_t>(kTokenTile, end - t));
+  for (int64_t t = begin; t < end; t += group_size(n)) {
+    const int tokens = static_cast<int>(std::min(group_size(n), end - t));
+    M logits[kMaxStreams * kMaxStreams];  // a group's [tokens, n, n] when batched, else one token's
     for (int tb = 0; tb < tokens; ++tb) {
       const int64_t tt = t + tb;
       const M* mixes = a.mixes.ptr<const M>() + tt * m;
@@ -207,21 +224,29 @@ MHC_INLINE void pre_backward_range(const PreBackward& a, const MhcConfig& cfg, i
         dz[n + i] = (g_h_post ? g_h_post[tt * n + i] : M(0)) * M(cfg.post_mult) * so * (M(1) - so);
       }
       if (g_comb) {
-        M logits[kMaxStreams * kMaxStreams];
-        for (int64_t r = 0; r < n * n; ++r) logits[r] = mixes[2 * n + r] * s[2] + base[2 * n + r];
-        sinkhorn_backward_matrix(logits, g_comb + tt * n * n, dz + 2 * n, static_cast<int>(n), cfg.iters,
-                                 M(cfg.eps));
+        M* l = n <= kSinkhornBatchMaxN ? logits + tb * nn : logits;
+        for (int64_t r = 0; r < nn; ++r) l[r] = mixes[2 * n + r] * s[2] + base[2 * n + r];
+        if (n > kSinkhornBatchMaxN)
+          sinkhorn_backward_matrix(l, g_comb + tt * nn, dz + 2 * n, static_cast<int>(n), cfg.iters, M(cfg.eps));
       } else {
-        for (int64_t r = 0; r < n * n; ++r) dz[2 * n + r] = 0;
+        for (int64_t r = 0; r < nn; ++r) dz[2 * n + r] = 0;
       }
-      tg.coef[tb] = with_fn ? projection_grads(dz, mixes, a.rstd.ptr<const M>()[tt], scale_of_row, m, K,
-                                               dP_all + tt * m)
+    }
+    if (g_comb && n <= kSinkhornBatchMaxN)
+      sinkhorn_backward_batch(tokens, logits, nn, g_comb + t * nn, nn, dz_all + t * m + 2 * n, m,
+                              static_cast<int>(n), cfg.iters, M(cfg.eps));
+    for (int tb = 0; tb < tokens; ++tb) {
+      const int64_t tt = t + tb;
+      tg.coef[tb] = with_fn ? projection_grads(dz_all + tt * m, a.mixes.ptr<const M>() + tt * m,
+                                               a.rstd.ptr<const M>()[tt], scale_of_row, m, K, dP_all + tt * m)
                             : M(0);
     }
-    input_grad(tokens, InputGradArgs<S>{x + t * K,
-                                  a.grad_x_accum.present() ? a.grad_x_accum.ptr<const S>() + t * K : nullptr,
-                                  gli ? gli + t * C : nullptr, &tg.w[0][0], tg.coef, dP_all + t * m,
-                                  with_fn ? a.fn.ptr<const M>() : nullptr, a.grad_x.ptr<S>() + t * K, n, C, m});
+    input_grad_group(tokens, InputGradArgs<S>{x + t * K,
+                                              a.grad_x_accum.present() ? a.grad_x_accum.ptr<const S>() + t * K : nullptr,
+                                              gli ? gli + t * C : nullptr, nullptr, nullptr, dP_all + t * m,
+                                              with_fn ? a.fn.ptr<const M>() : nullptr, a.grad_x.ptr<S>() + t * K, n,
+                                              C, m},
+                     tg);
   }
 }
 MHC_CPU_ENTRIES(pre_backward_range, PreBackward)
@@ -257,9 +282,10 @@ MHC_INLINE void head_backward_range(const HeadBackward& a, const MhcConfig& cfg,
                                                dP_all + tt * n)
                             : M(0);
     }
-    input_grad(tokens, InputGradArgs<S>{x + t * K, nullptr, go ? go + t * C : nullptr, &tg.w[0][0], tg.coef,
-                                  dP_all + t * n, with_fn ? a.fn.ptr<const M>() : nullptr,
-                                  a.grad_x.ptr<S>() + t * K, n, C, n});
+    input_grad_group(tokens, InputGradArgs<S>{x + t * K, nullptr, go ? go + t * C : nullptr, nullptr, nullptr,
+                                              dP_all + t * n, with_fn ? a.fn.ptr<const M>() : nullptr,
+                                              a.grad_x.ptr<S>() + t * K, n, C, n},
+                     tg);
   }
 }
 MHC_CPU_ENTRIES(head_backward_range, HeadBackward)
@@ -303,9 +329,27 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) 
   parallel_for(a.x.shape[0], kTokenGrain, ctx, [&](int64_t t0, int64_t t1) { kernel(a, cfg, t0, t1); });
 }
 
-void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Context& ctx) {
-  const auto kernel = MHC_CPU_PICK(post_pre_forward_range, a.x.dtype);
+void post_forward(const PostForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const auto kernel = MHC_CPU_PICK(post_forward_range, a.x.dtype);
   parallel_for(a.x.shape[0], kTokenGrain, ctx, [&](int64_t t0, int64_t t1) { kernel(a, cfg, t0, t1); });
+}
+
+// Post of this site then pre of the next, one group of tokens at a time so the pre reads x_next
+// (as stored, rounded to the stream dtype) while it is still in cache. Both halves call the entry
+// points of post_forward and pre_forward, so the result is bitwise that of the two ops in turn.
+void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const auto post = MHC_CPU_PICK(post_forward_range, a.x.dtype);
+  const auto pre = MHC_CPU_PICK(pre_forward_range, a.x.dtype);
+  const PostForward post_args{a.x, a.y, a.h_post, a.comb, a.x_next};
+  const PreForward pre_args{a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next, a.comb_next,
+                            a.mixes, a.rstd};
+  const int64_t group = group_size(a.x.shape[1]);
+  parallel_for(a.x.shape[0], kTokenGrain, ctx, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t += group) {
+      post(post_args, cfg, t, std::min(t1, t + group));
+      pre(pre_args, cfg, t, std::min(t1, t + group));
+    }
+  });
 }
 
 void head_forward(const HeadForward& a, const MhcConfig& cfg, const Context& ctx) {
