@@ -25,6 +25,10 @@ namespace {
 
 constexpr std::int64_t kChunk = 2048;  // elements per work item: a few KiB per state, L1-resident
 constexpr int kLanes = 16;             // independent accumulators of a dot product (vectorisable)
+// Element reads below which an op runs on the calling thread alone: waking a second OpenMP team costs
+// more than it saves there, and next to PyTorch's own thread pool (a separate OpenMP runtime) it
+// makes both fight for the cores.
+constexpr std::int64_t kParallelMinWork = std::int64_t(1) << 21;
 
 int thread_count(const Context& ctx) {
 #ifdef MHC_WITH_OPENMP
@@ -212,7 +216,7 @@ template <class M> void project_forward_typed(const ProjectLogitsForward& a, con
   const std::int64_t rows = a.logits.numel() / block;
   const M* z = a.logits.ptr<const M>();
   M* w = a.weights.ptr<M>();
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * block > 4096)
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * block * block > kParallelMinWork)
   for (std::int64_t r = 0; r < rows; ++r) {
     if (square) sinkhorn_prefix(z + r * block, w + r * block, H, sinkhorn_steps(cfg), cfg);
     else project_row(z + r * block, w + r * block, H, cfg);
@@ -226,7 +230,7 @@ template <class M> void project_backward_typed(const ProjectLogitsBackward& a, c
   const std::int64_t rows = a.logits.numel() / block;
   const M *z = a.logits.ptr<const M>(), *w = a.weights.ptr<const M>(), *g = a.grad_weights.ptr<const M>();
   M* gz = a.grad_logits.ptr<M>();
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * block > 4096)
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * block * block > kParallelMinWork)
   for (std::int64_t r = 0; r < rows; ++r) {
     if (square) {
       thread_local std::vector<M> scratch;  // grows once per thread, reused by later calls
@@ -247,7 +251,7 @@ void mix_rows(const X* x, std::span<const TensorView> states, const M* w, M gate
   const int H = static_cast<int>(states.size());
   const S* h[kMaxHistory];
   for (int k = 0; k < H; ++k) h[k] = states[k].ptr<const S>();
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * R > kChunk)
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * R * (H + 2) > kParallelMinWork)
   for (std::int64_t c = 0; c < chunks_of(N); ++c) {
     const std::int64_t n0 = c * kChunk, len = std::min(kChunk, N - n0);
     M acc[kChunk];
@@ -292,7 +296,7 @@ void mix_rows_backward(const X* grad_out, std::span<const TensorView> states, st
   for (std::size_t k = 0; k < grad_states.size(); ++k) gh[k] = grad_states[k].ptr<S>();
   std::fill(partials, partials + threads * RH, 0.0);
   const std::int64_t chunks = chunks_of(N);
-#pragma omp parallel num_threads(threads) if (N * R > kChunk)
+#pragma omp parallel num_threads(threads) if (N * R * (H + 2) > kParallelMinWork)
   {
     const int tid = thread_id(), team = team_size();
     // Contiguous static ranges of chunks: each thread's partial sums have a fixed order.

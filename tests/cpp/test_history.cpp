@@ -379,6 +379,36 @@ TEST(HistoryMix, BackwardFastMatchesReference) {
   }
 }
 
+TEST(HistoryMix, LargeInputsTakeTheThreadedPath) {
+  // Above the fast path's threading threshold (N * (H + 2) > 2^21 element reads): compared with the
+  // reference like the small cases, forward and backward.
+  std::mt19937 rng(13);
+  MixCase c{{DType::f32, DType::bf16}, 4, 0, {3, 1 << 17}, true, true};
+  MixBufs m = make_mix(c, rng);
+  const auto sv = views(m.states);
+  Buf ref(DType::f32, m.out_shape), fast(DType::f32, m.out_shape);
+  HistoryMixForward a{m.x.view(), sv, m.weights.view(), m.gate.view(), ref.view()};
+  history_mix_forward(a, {}, kRef);
+  a.out = fast.view();
+  history_mix_forward(a, {}, kFast);
+  expect_close(fast, ref, 2e-5, 2e-5, "threaded forward");
+  Buf grad_out(DType::f32, m.out_shape);
+  grad_out.random(rng);
+  Buf gw[2] = {Buf(DType::f32, {4}), Buf(DType::f32, {4})};
+  for (int b = 0; b < 2; ++b) {
+    const Context& ctx = b ? kFast : kRef;
+    HistoryMixBackward back;
+    back.grad_out = grad_out.view();
+    back.states = sv;
+    back.weights = m.weights.view();
+    back.grad_weights = gw[b].view();
+    std::vector<double> ws(history_mix_backward_workspace_bytes(back, {}, ctx) / sizeof(double) + 1);
+    back.workspace = TensorView::contiguous(ws.data(), DType::f64, {static_cast<std::int64_t>(ws.size())});
+    history_mix_backward(back, {}, ctx);
+  }
+  expect_close(gw[1], gw[0], 1e-5, 1e-5 * std::sqrt(3.0 * (1 << 17)), "threaded backward");
+}
+
 // Gradients of L = sum(grad_out * out) by central differences, fp64 reference.
 TEST(HistoryMix, BackwardMatchesFiniteDifferences) {
   std::mt19937 rng(6);
