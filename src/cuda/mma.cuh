@@ -43,6 +43,14 @@ __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* s
                : "r"(smem_addr(smem)));
 }
 
+// Transposing load: thread (g, t) receives rows 2t, 2t+1 of column g of each 8x8 matrix (B fragments
+// of a row-major [k][n] tile).
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
 template <class S> __device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4],
                                                              const std::uint32_t (&b)[2]) {
   if constexpr (std::is_same_v<S, __nv_bfloat16>) {

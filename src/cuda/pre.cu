@@ -173,44 +173,49 @@ template <class S> struct FusedArgs {
   int64_t T, C;
   int cs;          // channels of every stream per block (multiple of the k chunk)
   int tok_stride;  // elements between consecutive tokens of the shared tile (padded against bank conflicts)
+  int buffers;     // 2: the next tile's load overlaps this tile's work (persistent grid); 1: no prefetch
   SiteConsts<float> k;
 };
 
 constexpr int kFusedThreads = 256;
 constexpr int kFusedWarps = kFusedThreads / 32;
+constexpr int kCoefWarp = kFusedWarps - 1;  // computes the owned tokens' coefficients while the rest aggregate
 
 // Tiling of the fused kernel for N streams and a tile of MT tokens: each warp owns all m-tiles and
-// NTW of the NT = M/8 column tiles of the projection, and a 1/WK share of the k chunks.
+// NTW of the NT = M/8 column tiles of the projection, and every WK-th k chunk.
 template <int N, int MT> struct FusedShape {
   static constexpr int M = N * N + 2 * N;
-  static constexpr int NT = M / 8;                 // 1, 3 or 10 column tiles of 8
-  static constexpr int WN = N == 8 ? 2 : 1;        // warps splitting the column tiles
-  static constexpr int NTW = NT / WN;              // column tiles per warp
-  static constexpr int WK = kFusedWarps / WN;      // warps splitting the k chunks
+  static constexpr int NT = M / 8;             // 1, 3 or 10 column tiles of 8
+  static constexpr int WN = N == 8 ? 2 : 1;    // warps splitting the column tiles
+  static constexpr int NTW = NT / WN;          // column tiles per warp
+  static constexpr int WK = kFusedWarps / WN;  // warps splitting the k chunks
   static constexpr int MTILES = MT / 16;
-  static constexpr int PART = M + 1;               // projection row + sum of squares
+  static constexpr int PART = M + 1;  // projection row + sum of squares
   static_assert(NT * 8 == M && NTW * WN == NT, "projection columns must tile by 8");
+  static_assert(MT <= 32, "one lane of the coefficient warp per owned token");
 };
 
 // Shared memory layout (bytes) of the fused kernel.
 struct FusedSmem {
-  int x_tile, warp_part, block_part, owned, hp_own, hp_all, total;
+  int x_tile[2], warp_part, block_part[2], owned, hp_all, total;
 };
-template <class S, int N, int MT> FusedSmem fused_smem(int tok_stride) {
+template <class S, int N, int MT> FusedSmem fused_smem(int tok_stride, int buffers) {
   using Sh = FusedShape<N, MT>;
   FusedSmem l{};
-  auto up = [](int v) { return (v + 15) / 16 * 16; };
+  auto up = [](int v) { return (v + 127) / 128 * 128; };
   int off = 0;
-  l.x_tile = off;
-  off += up(MT * tok_stride * int(sizeof(S)));
+  for (int b = 0; b < 2; ++b) {
+    l.x_tile[b] = off;
+    if (b < buffers) off += up(MT * tok_stride * int(sizeof(S)));
+  }
   l.warp_part = off;
   off += up(Sh::WK * MT * Sh::PART * 4);
-  l.block_part = off;
-  off += up(MT * Sh::PART * 4);
+  for (int b = 0; b < 2; ++b) {
+    l.block_part[b] = off;
+    off += up(MT * Sh::PART * 4);
+  }
   l.owned = off;
   off += up(MT * Sh::PART * 4);
-  l.hp_own = off;
-  off += up(MT * N * 4);
   l.hp_all = off;
   off += up(MT * N * 4);
   l.total = off;
@@ -219,46 +224,89 @@ template <class S, int N, int MT> FusedSmem fused_smem(int tok_stride) {
 
 template <class S> constexpr int k_chunk() { return std::is_same_v<S, float> ? 8 : 16; }
 
-template <class S, int N, int MT, bool kPostPrologue>
-__global__ void __launch_bounds__(kFusedThreads) pre_fused_kernel(const FusedArgs<S> a, const FusedSmem L) {
+// B fragments (fn, split hi + lo) of one k chunk for the warp's NTW column tiles.
+template <class S, int NTW> struct BFrag {
+  std::uint32_t hi[NTW][2], lo[NTW][2];
+};
+
+template <class S, int NTW>
+__device__ __forceinline__ void load_b(BFrag<S, NTW>& b, const float* fn, int64_t K, int64_t kg, int64_t c_at,
+                                       int64_t C, int wn, int g, int tq) {
+#pragma unroll
+  for (int nt = 0; nt < NTW; ++nt) {
+    const float* row = fn + int64_t((wn * NTW + nt) * 8 + g) * K + kg;
+    if constexpr (std::is_same_v<S, float>) {
+      const float f0 = fn && c_at + tq < C ? __ldg(row + tq) : 0.f;
+      const float f1 = fn && c_at + tq + 4 < C ? __ldg(row + tq + 4) : 0.f;
+      split_tf32(f0, b.hi[nt][0], b.lo[nt][0]);
+      split_tf32(f1, b.hi[nt][1], b.lo[nt][1]);
+    } else {
+      const float2 f0 = fn && c_at + 2 * tq < C ? __ldg(reinterpret_cast<const float2*>(row + 2 * tq)) : float2{0.f, 0.f};
+      const float2 f1 =
+          fn && c_at + 2 * tq + 8 < C ? __ldg(reinterpret_cast<const float2*>(row + 2 * tq + 8)) : float2{0.f, 0.f};
+      split_pair<S>(f0, b.hi[nt][0], b.lo[nt][0]);
+      split_pair<S>(f1, b.hi[nt][1], b.lo[nt][1]);
+    }
+  }
+}
+
+// Q > 0: the warp's fn fragments (at most Q k chunks) stay in registers for the whole kernel.
+// Q == 0: they are streamed from L2 with one chunk of prefetch.
+template <class S, int N, int MT, bool kPostPrologue, int Q>
+__global__ void __launch_bounds__(kFusedThreads, 1) pre_fused_kernel(const FusedArgs<S> a, const FusedSmem L) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using Sh = FusedShape<N, MT>;
   constexpr int M = Sh::M, PART = Sh::PART, P = kPack<S>, KC = k_chunk<S>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  S* xs = reinterpret_cast<S*>(smem + L.x_tile);
+  extern __shared__ __align__(128) unsigned char smem[];
   float* warp_part = reinterpret_cast<float*>(smem + L.warp_part);
-  float* block_part = reinterpret_cast<float*>(smem + L.block_part);
   float* owned = reinterpret_cast<float*>(smem + L.owned);
-  float* hp_own = reinterpret_cast<float*>(smem + L.hp_own);
   float* hp_all = reinterpret_cast<float*>(smem + L.hp_all);
 
   unsigned cluster_size;
   asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(cluster_size));
   const unsigned rank = cluster_rank();
-  const int64_t tile = blockIdx.x / cluster_size;
-  const int64_t t0 = tile * MT;
-  const int64_t C = a.C, K = N * C;
+  const int64_t clusters = gridDim.x / cluster_size, cid = blockIdx.x / cluster_size;
+  const int64_t C = a.C, K = N * C, tiles = (a.T + MT - 1) / MT;
   const int cs = a.cs;
   const int64_t c_begin = int64_t(rank) * cs;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
+  const int wn = warp % Sh::WN, wk = warp / Sh::WN;
+  const int packs_per_row = cs / P, chunks_per_row = cs / KC;
+  const int total_chunks = N * chunks_per_row;
+  // chunk kc of this block: stream kc / chunks_per_row, channels c_begin + (kc % chunks_per_row) * KC
+  auto chunk_col = [&](int kc) { return c_begin + int64_t(kc % chunks_per_row) * KC; };
+  auto chunk_kg = [&](int kc) { return int64_t(kc / chunks_per_row) * C + chunk_col(kc); };
 
-  // ---- 1. the tile x[t0 : t0+MT, :, c_begin : c_begin+cs] into shared memory, one commit group per stream
-  const int packs_per_row = cs / P;
-  if constexpr (!kPostPrologue) {
-#pragma unroll 1
-    for (int i = 0; i < N; ++i) {
-      for (int q = threadIdx.x; q < MT * packs_per_row; q += kFusedThreads) {
-        const int tl = q / packs_per_row, cp = (q % packs_per_row) * P;
-        const int64_t t = t0 + tl, c = c_begin + cp;
-        const bool valid = t < a.T && c < C;
-        const S* src = valid ? a.x + (t * N + i) * C + c : a.x;
-        cp_async16(xs + tl * a.tok_stride + i * cs + cp, src, valid);
-      }
-      cp_async_commit();
+  BFrag<S, Sh::NTW> resident[Q > 0 ? Q : 1];
+  if constexpr (Q > 0) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const int kc = wk + q * Sh::WK;
+      const bool live = kc < total_chunks && chunk_col(kc) < C;
+      load_b<S, Sh::NTW>(resident[q], live ? a.fn : nullptr, K, live ? chunk_kg(kc) : 0, live ? chunk_col(kc) : C, C,
+                         wn, g, tq);
     }
-  } else {
-    // x_next = h_post * y + comb^T x, rounded to storage, written out and kept as the tile.
+  }
+
+  // cp.async of one tile into buffer `buf` (zero-filled past T and C), one commit group.
+  auto issue_tile = [&](int64_t tile, int buf) {
+    S* xs = reinterpret_cast<S*>(smem + L.x_tile[buf]);
+    const int64_t t0 = tile * MT;
+    for (int q = threadIdx.x; q < MT * N * packs_per_row; q += kFusedThreads) {
+      const int tl = q / (N * packs_per_row), rem = q % (N * packs_per_row);
+      const int i = rem / packs_per_row, cp = (rem % packs_per_row) * P;
+      const int64_t t = t0 + tl, c = c_begin + cp;
+      const bool valid = t < a.T && c < C;
+      cp_async16(xs + tl * a.tok_stride + i * cs + cp, valid ? a.x + (t * N + i) * C + c : a.x, valid);
+    }
+    cp_async_commit();
+  };
+
+  // post+pre: the tile is x_next = h_post * y + comb^T x, rounded to storage and written out.
+  auto post_tile = [&](int64_t tile, int buf) {
+    S* xs = reinterpret_cast<S*>(smem + L.x_tile[buf]);
+    const int64_t t0 = tile * MT;
     for (int q = threadIdx.x; q < MT * packs_per_row; q += kFusedThreads) {
       const int tl = q / packs_per_row, cp = (q % packs_per_row) * P;
       const int64_t t = t0 + tl, c = c_begin + cp;
@@ -293,42 +341,44 @@ __global__ void __launch_bounds__(kFusedThreads) pre_fused_kernel(const FusedArg
 #pragma unroll
       for (int o = 0; o < N; ++o) store_pack(xs + tl * a.tok_stride + o * cs + cp, out[o]);
     }
-  }
+  };
 
-  // ---- 2. partial projection and sum of squares of this slice (tensor cores)
-  const int wn = warp % Sh::WN, wk = warp / Sh::WN;
-  float acc[Sh::MTILES][Sh::NTW][4];
-  float sq[Sh::MTILES][2];
-#pragma unroll
-  for (int mt = 0; mt < Sh::MTILES; ++mt) {
-    sq[mt][0] = sq[mt][1] = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < Sh::NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+  if constexpr (!kPostPrologue) {
+    if (cid < tiles) issue_tile(cid, 0);
   }
-  const int chunks_per_row = cs / KC;
-#pragma unroll 1
-  for (int i = 0; i < N; ++i) {
-    if constexpr (!kPostPrologue) cp_async_wait_dynamic(N - 1 - i);
+  int buf = 0, parity = 0;
+  for (int64_t tile = cid; tile < tiles; tile += clusters) {
+    const int64_t t0 = tile * MT, next = tile + clusters;
+    // ---- 1. the tile in shared memory; the next one starts loading into the other buffer
+    if constexpr (!kPostPrologue) {
+      if (tile != cid && a.buffers == 1) issue_tile(tile, 0);
+      if (a.buffers == 2 && next < tiles) {
+        issue_tile(next, buf ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      post_tile(tile, buf);
+    }
     __syncthreads();
-#pragma unroll 1
-    for (int cc = wk; cc < chunks_per_row; cc += Sh::WK) {
-      const int c0 = cc * KC;
-      if (c_begin + c0 >= C) break;  // the rest of the slice is past the end of the row
-      const int64_t kg = i * C + c_begin + c0;  // column of fn
-      if constexpr (std::is_same_v<S, float>) {
-        // 3xTF32: x_hi*fn_hi + x_hi*fn_lo + x_lo*fn_hi
-        std::uint32_t bh[Sh::NTW][2], bl[Sh::NTW][2];
+    const S* xs = reinterpret_cast<const S*>(smem + L.x_tile[buf]);
+
+    // ---- 2. partial projection and sum of squares of this slice (tensor cores)
+    float acc[Sh::MTILES][Sh::NTW][4];
+    float sq[Sh::MTILES][2];
 #pragma unroll
-        for (int nt = 0; nt < Sh::NTW; ++nt) {
-          const int j = (wn * Sh::NTW + nt) * 8 + g;
-          const bool ok0 = a.fn && c_begin + c0 + tq < C, ok1 = a.fn && c_begin + c0 + tq + 4 < C;
-          const float f0 = ok0 ? __ldg(a.fn + j * K + kg + tq) : 0.f;
-          const float f1 = ok1 ? __ldg(a.fn + j * K + kg + tq + 4) : 0.f;
-          split_tf32(f0, bh[nt][0], bl[nt][0]);
-          split_tf32(f1, bh[nt][1], bl[nt][1]);
-        }
+    for (int mt = 0; mt < Sh::MTILES; ++mt) {
+      sq[mt][0] = sq[mt][1] = 0.f;
 #pragma unroll
-        for (int mt = 0; mt < Sh::MTILES; ++mt) {
+      for (int nt = 0; nt < Sh::NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+    }
+    auto mma_chunk = [&](int kc, const BFrag<S, Sh::NTW>& b) {
+      const int i = kc / chunks_per_row, c0 = (kc % chunks_per_row) * KC;
+#pragma unroll
+      for (int mt = 0; mt < Sh::MTILES; ++mt) {
+        if constexpr (std::is_same_v<S, float>) {
+          // 3xTF32: x_hi*fn_hi + x_hi*fn_lo + x_lo*fn_hi
           const float* r0 = xs + (mt * 16 + g) * a.tok_stride + i * cs + c0;
           const float* r1 = r0 + 8 * a.tok_stride;
           const float v[4] = {r0[tq], r1[tq], r0[tq + 4], r1[tq + 4]};
@@ -342,27 +392,13 @@ __global__ void __launch_bounds__(kFusedThreads) pre_fused_kernel(const FusedArg
             for (int e = 0; e < 4; ++e) split_tf32(v[e], ah[e], al[e]);
 #pragma unroll
             for (int nt = 0; nt < Sh::NTW; ++nt) {
-              mma_1688_tf32(acc[mt][nt], al, bh[nt]);
-              mma_1688_tf32(acc[mt][nt], ah, bl[nt]);
-              mma_1688_tf32(acc[mt][nt], ah, bh[nt]);
+              mma_1688_tf32(acc[mt][nt], al, b.hi[nt]);
+              mma_1688_tf32(acc[mt][nt], ah, b.lo[nt]);
+              mma_1688_tf32(acc[mt][nt], ah, b.hi[nt]);
             }
           }
-        }
-      } else {
-        // 16-bit x is exact; fn = hi + lo in the same 16-bit type: x*fn_hi + x*fn_lo
-        std::uint32_t bh[Sh::NTW][2], bl[Sh::NTW][2];
-#pragma unroll
-        for (int nt = 0; nt < Sh::NTW; ++nt) {
-          const int j = (wn * Sh::NTW + nt) * 8 + g;
-          const bool ok0 = a.fn && c_begin + c0 + 2 * tq < C, ok1 = a.fn && c_begin + c0 + 2 * tq + 8 < C;
-          const float2 f0 = ok0 ? __ldg(reinterpret_cast<const float2*>(a.fn + j * K + kg + 2 * tq)) : float2{0.f, 0.f};
-          const float2 f1 = ok1 ? __ldg(reinterpret_cast<const float2*>(a.fn + j * K + kg + 2 * tq + 8))
-                                : float2{0.f, 0.f};
-          split_pair<S>(f0, bh[nt][0], bl[nt][0]);
-          split_pair<S>(f1, bh[nt][1], bl[nt][1]);
-        }
-#pragma unroll
-        for (int mt = 0; mt < Sh::MTILES; ++mt) {
+        } else {
+          // 16-bit x is exact; fn = hi + lo in the same 16-bit type: x*fn_lo + x*fn_hi
           std::uint32_t af[4];
           ldmatrix_x4(af, xs + (mt * 16 + (lane & 15)) * a.tok_stride + i * cs + c0 + (lane >> 4) * 8);
           if (wn == 0) {
@@ -372,131 +408,169 @@ __global__ void __launch_bounds__(kFusedThreads) pre_fused_kernel(const FusedArg
           if (a.fn) {
 #pragma unroll
             for (int nt = 0; nt < Sh::NTW; ++nt) {
-              mma_16816<S>(acc[mt][nt], af, bl[nt]);
-              mma_16816<S>(acc[mt][nt], af, bh[nt]);
+              mma_16816<S>(acc[mt][nt], af, b.lo[nt]);
+              mma_16816<S>(acc[mt][nt], af, b.hi[nt]);
             }
           }
         }
       }
+    };
+    if constexpr (Q > 0) {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const int kc = wk + q * Sh::WK;
+        if (kc < total_chunks && chunk_col(kc) < C) mma_chunk(kc, resident[q]);
+      }
+    } else {
+      BFrag<S, Sh::NTW> cur, nxt;
+      int kc = wk;
+      const bool first_live = kc < total_chunks && chunk_col(kc) < C;
+      load_b<S, Sh::NTW>(cur, first_live ? a.fn : nullptr, K, first_live ? chunk_kg(kc) : 0, first_live ? chunk_col(kc) : C,
+                         C, wn, g, tq);
+#pragma unroll 1
+      for (; kc < total_chunks; kc += Sh::WK) {
+        const int kn = kc + Sh::WK;
+        const bool live_next = kn < total_chunks && chunk_col(kn) < C;
+        load_b<S, Sh::NTW>(nxt, live_next ? a.fn : nullptr, K, live_next ? chunk_kg(kn) : 0,
+                           live_next ? chunk_col(kn) : C, C, wn, g, tq);
+        if (chunk_col(kc) < C) mma_chunk(kc, cur);
+        cur = nxt;
+      }
     }
-  }
 
-  // ---- 3. warp partials -> block partial (fixed order over the k-splitting warps)
-#pragma unroll
-  for (int mt = 0; mt < Sh::MTILES; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 1);
-      sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 2);
-    }
+    // ---- 3. warp partials -> this block's partial (fixed order over the k-splitting warps)
     float* wp = warp_part + wk * MT * PART;
 #pragma unroll
-    for (int nt = 0; nt < Sh::NTW; ++nt) {
-      const int col = (wn * Sh::NTW + nt) * 8 + 2 * tq;
-      const int row = mt * 16 + g;
-      wp[row * PART + col] = acc[mt][nt][0];
-      wp[row * PART + col + 1] = acc[mt][nt][1];
-      wp[(row + 8) * PART + col] = acc[mt][nt][2];
-      wp[(row + 8) * PART + col + 1] = acc[mt][nt][3];
-    }
-    if (wn == 0 && tq == 0) {
-      wp[(mt * 16 + g) * PART + M] = sq[mt][0];
-      wp[(mt * 16 + g + 8) * PART + M] = sq[mt][1];
-    }
-  }
-  __syncthreads();
-  for (int q = threadIdx.x; q < MT * PART; q += kFusedThreads) {
-    float s = 0.f;
+    for (int mt = 0; mt < Sh::MTILES; ++mt) {
 #pragma unroll
-    for (int w = 0; w < Sh::WK; ++w) s += warp_part[w * MT * PART + q];
-    block_part[q] = s;
-  }
-
-  // ---- 4. cluster reduction of the tokens this block owns (tl % cluster_size == rank), fixed order
-  cluster_sync();
-  const int owned_count = (MT - int(rank) + int(cluster_size) - 1) / int(cluster_size);
-  for (int q = threadIdx.x; q < owned_count * PART; q += kFusedThreads) {
-    const int tl = int(rank) + (q / PART) * int(cluster_size), col = q % PART;
-    float s = 0.f;
-    for (unsigned r = 0; r < cluster_size; ++r) s += cluster_peer(block_part, r)[tl * PART + col];
-    owned[tl * PART + col] = s;
-  }
-  __syncthreads();
-
-  // ---- 5. coefficients of the owned tokens, one thread per token
-  if (threadIdx.x < owned_count) {
-    const int tl = int(rank) + threadIdx.x * int(cluster_size);
-    const int64_t t = t0 + tl;
-    const float* row = owned + tl * PART;
-    const float rstd = rstd_from(row[M], float(K), a.k.norm_eps);
-    const float s_pre = scale_of(a.scale, 0), s_post = scale_of(a.scale, 1), s_res = scale_of(a.scale, 2);
-    float p[N * N];
-#pragma unroll
-    for (int r = 0; r < N * N; ++r) p[r] = row[2 * N + r] * rstd * s_res + __ldg(a.base + 2 * N + r);
-#pragma unroll
-    for (int i = 0; i < N; ++i) hp_own[tl * N + i] = sigmoid(row[i] * rstd * s_pre + __ldg(a.base + i)) + a.k.pre_eps;
-    if (t < a.T) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        a.h_pre[t * N + i] = hp_own[tl * N + i];
-        a.h_post[t * N + i] = sigmoid(row[N + i] * rstd * s_post + __ldg(a.base + N + i)) * a.k.post_mult;
+      for (int h = 0; h < 2; ++h) {
+        sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 1);
+        sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 2);
       }
-      if (a.mixes)
-        for (int j = 0; j < M; ++j) a.mixes[t * M + j] = row[j] * rstd;
-      if (a.rstd) a.rstd[t] = rstd;
-      sinkhorn_forward_reg<N>(p, a.k.eps, a.k.iters);
 #pragma unroll
-      for (int r = 0; r < N * N; ++r) a.comb[t * N * N + r] = p[r];
+      for (int nt = 0; nt < Sh::NTW; ++nt) {
+        const int col = (wn * Sh::NTW + nt) * 8 + 2 * tq, row = mt * 16 + g;
+        wp[row * PART + col] = acc[mt][nt][0];
+        wp[row * PART + col + 1] = acc[mt][nt][1];
+        wp[(row + 8) * PART + col] = acc[mt][nt][2];
+        wp[(row + 8) * PART + col + 1] = acc[mt][nt][3];
+      }
+      if (wn == 0 && tq == 0) {
+        wp[(mt * 16 + g) * PART + M] = sq[mt][0];
+        wp[(mt * 16 + g + 8) * PART + M] = sq[mt][1];
+      }
     }
+    __syncthreads();
+    float* block_part = reinterpret_cast<float*>(smem + L.block_part[parity]);
+    for (int q = threadIdx.x; q < MT * PART; q += kFusedThreads) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < Sh::WK; ++w) s += warp_part[w * MT * PART + q];
+      block_part[q] = s;
+    }
+
+    // ---- 4. one cluster barrier; then every block reduces, in the same fixed order, the pre
+    // columns and sums of squares of all tokens (for its own aggregation) and the full rows of the
+    // tokens it owns (tl % cluster_size == rank: their coefficients are its to write).
+    cluster_sync();
+    const float s_pre = scale_of(a.scale, 0);
+    const int owned_count = (MT - int(rank) + int(cluster_size) - 1) / int(cluster_size);
+    for (int q = threadIdx.x; q < MT * (N + 1); q += kFusedThreads) {
+      const int tl = q / (N + 1), j = q % (N + 1);
+      const int col = j < N ? j : M;
+      float s = 0.f;
+      for (unsigned r = 0; r < cluster_size; ++r) s += cluster_peer(block_part, r)[tl * PART + col];
+      owned[tl * PART + col] = s;  // scratch row of every token: pre columns and sum of squares
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < MT * N; q += kFusedThreads) {
+      const int tl = q / N, i = q % N;
+      const float rstd = rstd_from(owned[tl * PART + M], float(K), a.k.norm_eps);
+      hp_all[q] = sigmoid_fast(owned[tl * PART + i] * rstd * s_pre + __ldg(a.base + i)) + a.k.pre_eps;
+    }
+    for (int q = threadIdx.x; q < owned_count * PART; q += kFusedThreads) {
+      const int tl = int(rank) + (q / PART) * int(cluster_size), col = q % PART;
+      if ((col >= N && col < M)) {
+        float s = 0.f;
+        for (unsigned r = 0; r < cluster_size; ++r) s += cluster_peer(block_part, r)[tl * PART + col];
+        owned[tl * PART + col] = s;
+      }
+    }
+    __syncthreads();
+
+    // ---- 5. coefficients of the owned tokens (one lane each, on their own warp) while the other
+    // warps aggregate layer_input of this slice
+    if (warp == kCoefWarp) {
+      if (lane < owned_count) {
+        const int tl = int(rank) + lane * int(cluster_size);
+        const int64_t t = t0 + tl;
+        if (t < a.T) {
+          const float* row = owned + tl * PART;
+          const float rstd = rstd_from(row[M], float(K), a.k.norm_eps);
+          const float s_post = scale_of(a.scale, 1), s_res = scale_of(a.scale, 2);
+          float p[N * N];
+#pragma unroll
+          for (int r = 0; r < N * N; ++r) p[r] = row[2 * N + r] * rstd * s_res + __ldg(a.base + 2 * N + r);
+#pragma unroll
+          for (int i = 0; i < N; ++i) {
+            a.h_pre[t * N + i] = hp_all[tl * N + i];
+            a.h_post[t * N + i] = sigmoid_fast(row[N + i] * rstd * s_post + __ldg(a.base + N + i)) * a.k.post_mult;
+          }
+          if (a.mixes)
+            for (int j = 0; j < M; ++j) a.mixes[t * M + j] = row[j] * rstd;
+          if (a.rstd) a.rstd[t] = rstd;
+          sinkhorn_forward_reg<N, true>(p, a.k.eps, a.k.iters);
+#pragma unroll
+          for (int r = 0; r < N * N; ++r) a.comb[t * N * N + r] = p[r];
+        }
+      }
+    } else {
+      for (int q = threadIdx.x; q < MT * packs_per_row; q += kCoefWarp * 32) {
+        const int tl = q / packs_per_row, cp = (q % packs_per_row) * P;
+        const int64_t t = t0 + tl, c = c_begin + cp;
+        if (t >= a.T || c >= C) continue;
+        float accv[P];
+#pragma unroll
+        for (int e = 0; e < P; ++e) accv[e] = 0.f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          const float w = hp_all[tl * N + i];
+          const Pack<S> v = *reinterpret_cast<const Pack<S>*>(xs + tl * a.tok_stride + i * cs + cp);
+#pragma unroll
+          for (int e = 0; e < P; ++e) accv[e] += w * to_math(v.v[e]);
+        }
+        Pack<S> out;
+#pragma unroll
+        for (int e = 0; e < P; ++e) out.v[e] = from_math<S>(accv[e]);
+        store_pack(a.layer_input + t * C + c, out);
+      }
+    }
+    __syncthreads();  // the tile buffer, owned rows and h_pre are reused by the next tile
+    if (a.buffers == 2) buf ^= 1;
+    parity ^= 1;
   }
 
-  // ---- 6. h_pre of every token of the tile from its owner
+  // ---- 6. no block leaves while a peer may still read its shared memory
   cluster_sync();
-  for (int q = threadIdx.x; q < MT * N; q += kFusedThreads) {
-    const int tl = q / N;
-    hp_all[q] = cluster_peer(hp_own, unsigned(tl) % cluster_size)[q];
-  }
-  cluster_arrive();  // this block is done reading its peers; it waits before exiting (step 8)
-  __syncthreads();
-
-  // ---- 7. layer_input of this slice
-  for (int q = threadIdx.x; q < MT * packs_per_row; q += kFusedThreads) {
-    const int tl = q / packs_per_row, cp = (q % packs_per_row) * P;
-    const int64_t t = t0 + tl, c = c_begin + cp;
-    if (t >= a.T || c >= C) continue;
-    float accv[P];
-#pragma unroll
-    for (int e = 0; e < P; ++e) accv[e] = 0.f;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const float w = hp_all[tl * N + i];
-      const Pack<S> v = *reinterpret_cast<const Pack<S>*>(xs + tl * a.tok_stride + i * cs + cp);
-#pragma unroll
-      for (int e = 0; e < P; ++e) accv[e] += w * to_math(v.v[e]);
-    }
-    Pack<S> out;
-#pragma unroll
-    for (int e = 0; e < P; ++e) out.v[e] = from_math<S>(accv[e]);
-    store_pack(a.layer_input + t * C + c, out);
-  }
-
-  // ---- 8. no block leaves while a peer may still read its shared memory
-  cluster_wait();
 #endif
 }
 
 // Launch configuration of the fused kernel.
 struct FusedConfig {
   int cluster = 0;  // blocks per cluster (channel slices); 0 = fused path not usable
-  int tile = 0;     // tokens per cluster
+  int tile = 0;     // tokens per tile
+  int q = 0;        // fn chunks per warp held in registers (0 = streamed)
+  int buffers = 1;
+  int grid_clusters = 0;
   int cs = 0, tok_stride = 0;
   FusedSmem smem{};
 };
 
-template <class S, int N, int MT> FusedConfig fused_layout(int64_t C, int cluster) {
+template <class S, int N, int MT> FusedConfig fused_layout(int64_t C, int cluster, int buffers) {
   FusedConfig f;
   f.cluster = cluster;
   f.tile = MT;
+  f.buffers = buffers;
   constexpr int KC = k_chunk<S>();
   const int64_t per = (C + cluster - 1) / cluster;
   f.cs = static_cast<int>((per + KC - 1) / KC * KC);
@@ -504,102 +578,114 @@ template <class S, int N, int MT> FusedConfig fused_layout(int64_t C, int cluste
   int units = (N * f.cs * int(sizeof(S)) + 15) / 16;
   if (units % 2 == 0) ++units;
   f.tok_stride = units * 16 / int(sizeof(S));
-  f.smem = fused_smem<S, N, MT>(f.tok_stride);
+  f.smem = fused_smem<S, N, MT>(f.tok_stride, buffers);
+  using Sh = FusedShape<N, MT>;
+  const int chunks_per_warp = (N * (f.cs / KC) + Sh::WK - 1) / Sh::WK;
+  // fn fragments of 16-bit x stay in registers when they fit the budget of 8 chunks x 3 column tiles
+  f.q = (!std::is_same_v<S, float> && N <= 4 && chunks_per_warp <= 8) ? 8 : 0;
   return f;
 }
 
-template <class S, int N, int MT, bool kPost> void* fused_kernel_ptr() {
-  return reinterpret_cast<void*>(&pre_fused_kernel<S, N, MT, kPost>);
-}
+template <class S, int N, int MT, bool kPost, int Q> auto fused_kernel() { return &pre_fused_kernel<S, N, MT, kPost, Q>; }
 
 // Opt the kernel into large shared memory and non-portable cluster sizes, once per device.
-template <class S, int N, int MT, bool kPost> void prepare_fused_kernel() {
-  static std::once_flag flags[64];
-  const int dev = current_device_info().index;
-  std::call_once(flags[dev % 64], [&] {
-    const void* k = fused_kernel_ptr<S, N, MT, kPost>();
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        current_device_info().max_smem_optin));
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  });
-}
-
-// Picks cluster size and token tile; cluster = 0 when the fused path cannot run.
-template <class S, int N, bool kPost>
-FusedConfig choose_fused(int64_t T, int64_t C, DType dtype, const char* op) {
-  const DeviceInfo& info = current_device_info();
-  if (!info.clusters) return {};
-  // Channel slices: as many as keep >= 64 channels each, at most 16 (non-portable above 8).
-  int cluster = 16;
-  while (cluster > 1 && C / cluster < 64) cluster /= 2;
-  cluster = tuned({op, N, dtype, C, T}, "cluster", cluster);
-  const int budget2 = info.max_smem_optin / 2 - 1024;  // two blocks per SM overlap load and compute
-  int tile = tuned({op, N, dtype, C, T}, "tile", 0);
-  FusedConfig f;
-  auto try_tile = [&](int mt, int budget) {
-    FusedConfig c;
-    if (mt == 64) c = fused_layout<S, N, 64>(C, cluster);
-    else if (mt == 32) c = fused_layout<S, N, 32>(C, cluster);
-    else c = fused_layout<S, N, 16>(C, cluster);
-    return c.smem.total <= budget ? c : FusedConfig{};
-  };
-  if (tile == 16 || tile == 32 || tile == 64) {
-    f = try_tile(tile, info.max_smem_optin);
-  } else if (T <= 16) {
-    f = try_tile(16, info.max_smem_optin);
-  } else {
-    for (int mt : {64, 32, 16})
-      if ((f = try_tile(mt, budget2)).cluster) break;
-    if (!f.cluster) f = try_tile(16, info.max_smem_optin);
-  }
-  return f;
-}
-
-// Whether a cluster launch of this shape can run on the current device (asked once per shape).
-template <class Query>
-bool cluster_launchable(const void* kernel, const cudaLaunchConfig_t& lc, Query query) {
+template <class K> void prepare_kernel(K kernel) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, unsigned, std::size_t>, bool> known;
-  const auto key = std::make_tuple(current_device_info().index, kernel, lc.attrs[0].val.clusterDim.x,
-                                   lc.dynamicSmemBytes);
+  static std::map<std::pair<int, const void*>, bool> done;
+  const int dev = current_device_info().index;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto& flag = done[{dev, reinterpret_cast<const void*>(kernel)}];
+  if (flag) return;
+  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      current_device_info().max_smem_optin));
+  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  flag = true;
+}
+
+// How many clusters of this shape can be resident at once (0: not launchable), asked once per shape.
+template <class K> int resident_clusters(K kernel, int cluster, int smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int, int>, int> known;
+  const auto key = std::make_tuple(current_device_info().index, reinterpret_cast<const void*>(kernel), cluster, smem);
   const std::lock_guard<std::mutex> lock(mutex);
   const auto it = known.find(key);
   if (it != known.end()) return it->second;
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = dim3(static_cast<unsigned>(cluster));
+  lc.blockDim = dim3(kFusedThreads);
+  lc.dynamicSmemBytes = static_cast<std::size_t>(smem);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  lc.attrs = attr;
+  lc.numAttrs = 1;
   int clusters = 0;
-  const bool ok = query(&clusters) == cudaSuccess && clusters > 0;
-  if (!ok) cudaGetLastError();  // clear the sticky-free error of a refused query
-  known[key] = ok;
-  return ok;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc) != cudaSuccess) {
+    cudaGetLastError();
+    clusters = 0;
+  }
+  known[key] = clusters;
+  return clusters;
 }
 
+// Picks cluster size, tile and buffering, and launches. Returns false when the fused path cannot run.
 template <class S, int N, bool kPost>
-bool launch_fused(const FusedConfig& f, const FusedArgs<S>& args, cudaStream_t stream) {
-  auto launch = [&](auto mt_tag) -> bool {
+bool launch_fused(FusedArgs<S> args, DType dtype, const char* op, cudaStream_t stream) {
+  const DeviceInfo& info = current_device_info();
+  if (!info.clusters) return false;
+  const int64_t T = args.T, C = args.C;
+  const TuningKey key{op, N, dtype, C, T};
+  // Channel slices: as many as keep >= 64 channels each, at most 16 (non-portable above 8).
+  int cluster = 16;
+  while (cluster > 1 && C / cluster < 64) cluster /= 2;
+  cluster = tuned(key, "cluster", cluster);
+  int tile = tuned(key, "tile", T <= 16 ? 16 : 32);
+  if (tile != 16) tile = 32;
+
+  auto run = [&](auto mt_tag) -> bool {
     constexpr int MT = decltype(mt_tag)::value;
-    prepare_fused_kernel<S, N, MT, kPost>();
-    const int64_t tiles = (args.T + MT - 1) / MT;
-    cudaLaunchConfig_t lc{};
-    lc.gridDim = dim3(static_cast<unsigned>(tiles * f.cluster));
-    lc.blockDim = dim3(kFusedThreads);
-    lc.dynamicSmemBytes = f.smem.total;
-    lc.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = f.cluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
-    if (!cluster_launchable(reinterpret_cast<const void*>(&pre_fused_kernel<S, N, MT, kPost>), lc, [&](int* c) {
-          return cudaOccupancyMaxActiveClusters(c, &pre_fused_kernel<S, N, MT, kPost>, &lc);
-        }))
-      return false;
-    MHC_CUDA_CHECK(cudaLaunchKernelEx(&lc, &pre_fused_kernel<S, N, MT, kPost>, args, f.smem));
-    return true;
+    const int64_t tiles = (T + MT - 1) / MT;
+    // Double-buffered persistent grid when there are more tiles than resident clusters.
+    for (int buffers : {kPost ? 1 : 2, 1}) {
+      FusedConfig f = fused_layout<S, N, MT>(C, cluster, buffers);
+      if (f.smem.total > info.max_smem_optin) continue;
+      auto go = [&](auto kernel) -> bool {
+        prepare_kernel(kernel);
+        const int resident = resident_clusters(kernel, cluster, f.smem.total);
+        if (resident == 0) return false;
+        if (buffers == 2 && tiles <= resident) return false;  // nothing to prefetch: use one buffer
+        const int64_t grid_clusters = buffers == 2 ? resident : tiles;
+        args.cs = f.cs;
+        args.tok_stride = f.tok_stride;
+        args.buffers = buffers;
+        cudaLaunchConfig_t lc{};
+        lc.gridDim = dim3(static_cast<unsigned>(grid_clusters * cluster));
+        lc.blockDim = dim3(kFusedThreads);
+        lc.dynamicSmemBytes = static_cast<std::size_t>(f.smem.total);
+        lc.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        lc.attrs = attr;
+        lc.numAttrs = 1;
+        MHC_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, args, f.smem));
+        return true;
+      };
+      bool launched;
+      if constexpr (!std::is_same_v<S, float> && N <= 4) {
+        launched = f.q ? go(fused_kernel<S, N, MT, kPost, 8>()) : go(fused_kernel<S, N, MT, kPost, 0>());
+      } else {
+        launched = go(fused_kernel<S, N, MT, kPost, 0>());
+      }
+      if (launched) return true;
+    }
+    return false;
   };
-  if (f.tile == 64) return launch(std::integral_constant<int, 64>{});
-  if (f.tile == 32) return launch(std::integral_constant<int, 32>{});
-  return launch(std::integral_constant<int, 16>{});
+  return tile == 16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 32>{});
 }
 
 // Environment switch for tests and benchmarks: MHC_CUDA_PATH=generic forces the generic kernels.
@@ -636,8 +722,6 @@ bool try_fused(const TensorView& x, const TensorView* y, const TensorView* post_
         if constexpr (N == 0) {
           return false;
         } else {
-          const FusedConfig f = choose_fused<S, N, kPost>(T, C, x.dtype, kPost ? "post_pre_forward" : "pre_forward");
-          if (!f.cluster) return false;
           FusedArgs<S> args{};
           args.x = x.ptr<const S>();
           if constexpr (kPost) {
@@ -657,10 +741,8 @@ bool try_fused(const TensorView& x, const TensorView* y, const TensorView* post_
           args.rstd = data_or_null<float>(rstd);
           args.T = T;
           args.C = C;
-          args.cs = f.cs;
-          args.tok_stride = f.tok_stride;
           args.k = site_consts<float>(cfg);
-          return launch_fused<S, N, kPost>(f, args, stream);
+          return launch_fused<S, N, kPost>(args, x.dtype, kPost ? "post_pre_forward" : "pre_forward", stream);
         }
       });
     }

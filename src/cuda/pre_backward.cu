@@ -11,9 +11,12 @@
 // The workspace holds U, d_logit, DP, XC, h, the per-token scale terms, the Sinkhorn divisors and
 // the grad_fn partials; its size depends only on (T, n, C, fn present, iters, device).
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "cuda/coefficients.cuh"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/sinkhorn.cuh"
 #include "cuda/tuning.hpp"
 
@@ -34,9 +37,10 @@ struct BackwardLayout {
 };
 
 // Token chunks of the grad_fn partials: enough blocks to fill the GPU, >= 32 tokens per chunk.
+constexpr int kColsPerBlock = 128;  // columns of x per block in the tensor-core stage C
+
 int grad_fn_chunks(int64_t T, int64_t nC, int m) {
-  const int per_block = m <= 24 ? 512 : 256;  // columns per block in stage C
-  const int64_t kblocks = (nC + per_block - 1) / per_block;
+  const int64_t kblocks = (nC + kColsPerBlock - 1) / kColsPerBlock;
   const int64_t want = (2 * int64_t(current_device_info().sm_count) + kblocks - 1) / kblocks;
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(want, (T + 31) / 32), 1, 64));
 }
@@ -188,7 +192,7 @@ __global__ void coef_backward_reg(const CoefBackwardArgs<M> a) {
         M g[N * N];
 #pragma unroll
         for (int r = 0; r < N * N; ++r) g[r] = a.g_comb[t * N * N + r];
-        sinkhorn_backward_reg<N>([&](int r) { return mix[r] * s_res + base[r]; }, g, a.k.eps, a.k.iters, a.DIV + t,
+        sinkhorn_backward_reg<N, true>([&](int r) { return mix[r] * s_res + base[r]; }, g, a.k.eps, a.k.iters, a.DIV + t,
                                  a.T);
 #pragma unroll
         for (int r = 0; r < N * N; ++r) a.DL[t * m + 2 * N + r] = g[r];
@@ -287,31 +291,45 @@ __global__ void __launch_bounds__(256) grad_x_fn_fast(const GradXArgs<S> a) {
     for (int q = threadIdx.x; q < count * MR; q += 256) dp_s[q / MR][q % MR] = a.DP[(tb + q / MR) * MR + q % MR];
     for (int q = threadIdx.x; q < count; q += 256) xc_s[q] = a.XC[tb + q];
     __syncthreads();
-    for (int tt = 0; tt < count; ++tt) {
-      const int64_t t = tb + tt;
-      M xv[KV], gx[KV];
+    // Four tokens per step, their loads issued together: the loop is latency-bound otherwise.
+    constexpr int kBatch = 4;
+    for (int tt0 = 0; tt0 < count; tt0 += kBatch) {
+      M xv[kBatch][KV], gx[kBatch][KV];
 #pragma unroll
-      for (int e = 0; e < KV; ++e) {
-        const int64_t off = t * nC + k0 + e;
-        xv[e] = valid[e] ? to_math(a.x[off]) : 0.f;
-        gx[e] = xc_s[tt] * xv[e];
-        if (valid[e]) {
-          if (a.g) gx[e] += a.H[t * a.n + stream[e]] * to_math(a.g[t * a.C + chan[e]]);
-          if (a.accum) gx[e] += to_math(a.accum[off]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < MR; ++j) {
-        const M d = dp_s[tt][j];
+      for (int u = 0; u < kBatch; ++u) {
+        const int tt = tt0 + u;
+        const int64_t t = tb + tt;
 #pragma unroll
         for (int e = 0; e < KV; ++e) {
-          gx[e] += d * fnr[j][e];
-          gf[j][e] += d * xv[e];
+          const bool ok = valid[e] && tt < count;
+          const int64_t off = t * nC + k0 + e;
+          xv[u][e] = ok ? to_math(a.x[off]) : 0.f;
+          gx[u][e] = 0.f;
+          if (ok) {
+            if (a.g) gx[u][e] += a.H[t * a.n + stream[e]] * to_math(a.g[t * a.C + chan[e]]);
+            if (a.accum) gx[u][e] += to_math(a.accum[off]);
+          }
         }
       }
 #pragma unroll
-      for (int e = 0; e < KV; ++e)
-        if (valid[e]) a.grad_x[t * nC + k0 + e] = from_math<S>(gx[e]);
+      for (int u = 0; u < kBatch; ++u) {
+        const int tt = tt0 + u;
+        if (tt >= count) break;
+#pragma unroll
+        for (int e = 0; e < KV; ++e) gx[u][e] += xc_s[tt] * xv[u][e];
+#pragma unroll
+        for (int j = 0; j < MR; ++j) {
+          const M d = dp_s[tt][j];
+#pragma unroll
+          for (int e = 0; e < KV; ++e) {
+            gx[u][e] += d * fnr[j][e];
+            gf[j][e] += d * xv[u][e];
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < KV; ++e)
+          if (valid[e]) a.grad_x[(tb + tt) * nC + k0 + e] = from_math<S>(gx[u][e]);
+      }
     }
   }
 #pragma unroll
@@ -319,6 +337,186 @@ __global__ void __launch_bounds__(256) grad_x_fn_fast(const GradXArgs<S> a) {
     if (valid[e])
 #pragma unroll
       for (int j = 0; j < MR; ++j) a.GF[(int64_t(chunk) * MR + j) * nC + k0 + e] = gf[j][e];
+}
+
+// Tensor-core version of stage C for bf16 streams. A block owns 128 columns of x viewed as
+// [T, nC] and one chunk of tokens, walked in tiles of 32 tokens (x tile double-buffered with
+// cp.async):  grad_x tile = DP tile . fn slice (3 bf16 mma per fragment: DP and fn split hi + lo,
+// fp32-level accuracy) plus the elementwise terms, and grad_fn slice += DP^T tile . x tile
+// (2 mma: DP hi + lo, x exact), accumulated in registers over the chunk.
+constexpr int kTokTile = 32;
+
+template <int MR> struct GradShape {
+  static constexpr int MP = (MR + 15) / 16 * 16;  // rows of fn padded to the mma granularity
+  static constexpr int KS1 = MP / 16;             // k steps of DP . fn
+  static constexpr int MJ = MP / 16;              // row tiles of DP^T . x
+  static constexpr int SD = MP + 4;               // row stride (floats) of the DP tile: conflict-free reads
+  static constexpr int XS = kColsPerBlock + 8;    // row stride (elements) of the x tile: 17 x 16 bytes
+  static constexpr int PS = kColsPerBlock + 4;    // row stride (floats) of the staged DP . fn
+};
+
+template <int MR>
+__global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat16> a) {
+  using S = __nv_bfloat16;
+  using Sh = GradShape<MR>;
+  constexpr int P = kPack<S>;
+  __shared__ __align__(16) S xs[2][kTokTile * Sh::XS];
+  __shared__ __align__(16) float dps[kTokTile * Sh::SD];
+  __shared__ __align__(16) float part[kTokTile * Sh::PS];
+  __shared__ float xc_s[kTokTile];
+  const int64_t nC = int64_t(a.n) * a.C;
+  const int64_t col0 = int64_t(blockIdx.x) * kColsPerBlock;
+  const int chunk = blockIdx.y;
+  const int64_t per_chunk = (a.T + a.chunks - 1) / a.chunks;
+  const int64_t t_begin = std::min<int64_t>(a.T, chunk * per_chunk), t_end = std::min<int64_t>(a.T, t_begin + per_chunk);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const int nb = warp * 16;  // the warp's 16 columns (two column tiles of 8)
+
+  // fn fragments of DP . fn, resident for the whole chunk: B[k = j][n = column]
+  std::uint32_t fh[Sh::KS1][2][2], fl[Sh::KS1][2][2];
+#pragma unroll
+  for (int ks = 0; ks < Sh::KS1; ++ks)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int64_t col = col0 + nb + nt * 8 + g;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = ks * 16 + 2 * tq + h * 8;
+        const float f0 = j < MR && col < nC ? a.fn[j * nC + col] : 0.f;
+        const float f1 = j + 1 < MR && col < nC ? a.fn[(j + 1) * nC + col] : 0.f;
+        split_pair<S>(make_float2(f0, f1), fh[ks][nt][h], fl[ks][nt][h]);
+      }
+    }
+  float gf[Sh::MJ][2][4];
+#pragma unroll
+  for (int mj = 0; mj < Sh::MJ; ++mj)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) gf[mj][nt][0] = gf[mj][nt][1] = gf[mj][nt][2] = gf[mj][nt][3] = 0.f;
+
+  auto issue_x = [&](int64_t tb, int buf) {
+    for (int q = threadIdx.x; q < kTokTile * (kColsPerBlock / P); q += 256) {
+      const int tl = q / (kColsPerBlock / P), cp = (q % (kColsPerBlock / P)) * P;
+      const int64_t t = tb + tl, col = col0 + cp;
+      const bool valid = t < t_end && col < nC;
+      cp_async16(&xs[buf][tl * Sh::XS + cp], valid ? a.x + t * nC + col : a.x, valid);
+    }
+    cp_async_commit();
+  };
+
+  int buf = 0;
+  if (t_begin < t_end) issue_x(t_begin, 0);
+  for (int64_t tb = t_begin; tb < t_end; tb += kTokTile) {
+    const int count = static_cast<int>(std::min<int64_t>(kTokTile, t_end - tb));
+    for (int q = threadIdx.x; q < kTokTile * Sh::MP; q += 256) {
+      const int tl = q / Sh::MP, j = q % Sh::MP;
+      dps[tl * Sh::SD + j] = tl < count && j < MR ? a.DP[(tb + tl) * MR + j] : 0.f;
+    }
+    for (int q = threadIdx.x; q < kTokTile; q += 256) xc_s[q] = q < count ? a.XC[tb + q] : 0.f;
+    if (tb + kTokTile < t_end) {
+      issue_x(tb + kTokTile, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const S* xt = xs[buf];
+
+    // DP . fn  -> staged in shared memory for the elementwise epilogue
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < Sh::KS1; ++ks) {
+        const float* r0 = dps + (mt * 16 + g) * Sh::SD + ks * 16 + 2 * tq;
+        const float* r1 = r0 + 8 * Sh::SD;
+        std::uint32_t ah[4], al[4];
+        split_pair<S>(*reinterpret_cast<const float2*>(r0), ah[0], al[0]);
+        split_pair<S>(*reinterpret_cast<const float2*>(r1), ah[1], al[1]);
+        split_pair<S>(*reinterpret_cast<const float2*>(r0 + 8), ah[2], al[2]);
+        split_pair<S>(*reinterpret_cast<const float2*>(r1 + 8), ah[3], al[3]);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          mma_16816<S>(d[nt], al, fh[ks][nt]);
+          mma_16816<S>(d[nt], ah, fl[ks][nt]);
+          mma_16816<S>(d[nt], ah, fh[ks][nt]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int row = mt * 16 + g, col = nb + nt * 8 + 2 * tq;
+        *reinterpret_cast<float2*>(part + row * Sh::PS + col) = make_float2(d[nt][0], d[nt][1]);
+        *reinterpret_cast<float2*>(part + (row + 8) * Sh::PS + col) = make_float2(d[nt][2], d[nt][3]);
+      }
+    }
+
+    // grad_fn += DP^T . x  (A[row = j][k = token], B from the x tile through a transposing load)
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      std::uint32_t bx[4];
+      ldmatrix_x4_trans(bx, xt + (ks * 16 + (lane & 15)) * Sh::XS + nb + (lane >> 4) * 8);
+      const std::uint32_t b0[2] = {bx[0], bx[1]}, b1[2] = {bx[2], bx[3]};
+      const int k0 = ks * 16 + 2 * tq;
+#pragma unroll
+      for (int mj = 0; mj < Sh::MJ; ++mj) {
+        const int j0 = mj * 16 + g;
+        std::uint32_t ah[4], al[4];
+        split_pair<S>(make_float2(dps[k0 * Sh::SD + j0], dps[(k0 + 1) * Sh::SD + j0]), ah[0], al[0]);
+        split_pair<S>(make_float2(dps[k0 * Sh::SD + j0 + 8], dps[(k0 + 1) * Sh::SD + j0 + 8]), ah[1], al[1]);
+        split_pair<S>(make_float2(dps[(k0 + 8) * Sh::SD + j0], dps[(k0 + 9) * Sh::SD + j0]), ah[2], al[2]);
+        split_pair<S>(make_float2(dps[(k0 + 8) * Sh::SD + j0 + 8], dps[(k0 + 9) * Sh::SD + j0 + 8]), ah[3], al[3]);
+        mma_16816<S>(gf[mj][0], al, b0);
+        mma_16816<S>(gf[mj][0], ah, b0);
+        mma_16816<S>(gf[mj][1], al, b1);
+        mma_16816<S>(gf[mj][1], ah, b1);
+      }
+    }
+    __syncthreads();
+
+    // grad_x = DP . fn + XC x + h g (+ accum), in 16-byte packs
+    for (int q = threadIdx.x; q < count * (kColsPerBlock / P); q += 256) {
+      const int tl = q / (kColsPerBlock / P), cp = (q % (kColsPerBlock / P)) * P;
+      const int64_t t = tb + tl, col = col0 + cp;
+      if (col >= nC) continue;
+      const int i = static_cast<int>(col / a.C);
+      const int64_t c = col % a.C;
+      const Pack<S> xv = *reinterpret_cast<const Pack<S>*>(xt + tl * Sh::XS + cp);
+      float out[P];
+#pragma unroll
+      for (int e = 0; e < P; ++e) out[e] = part[tl * Sh::PS + cp + e] + xc_s[tl] * to_math(xv.v[e]);
+      if (a.g) {
+        const float h = a.H[t * a.n + i];
+        const Pack<S> gv = load_pack(a.g + t * a.C + c);
+#pragma unroll
+        for (int e = 0; e < P; ++e) out[e] += h * to_math(gv.v[e]);
+      }
+      if (a.accum) {
+        const Pack<S> av = load_pack_stream(a.accum + t * nC + col);
+#pragma unroll
+        for (int e = 0; e < P; ++e) out[e] += to_math(av.v[e]);
+      }
+      Pack<S> o;
+#pragma unroll
+      for (int e = 0; e < P; ++e) o.v[e] = from_math<S>(out[e]);
+      store_pack(a.grad_x + t * nC + col, o);
+    }
+    __syncthreads();  // x tile, DP tile and staging are reused by the next tile
+    buf ^= 1;
+  }
+
+  // this chunk's grad_fn partial of the block's columns
+#pragma unroll
+  for (int mj = 0; mj < Sh::MJ; ++mj)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int64_t col = col0 + nb + nt * 8 + 2 * tq;
+      if (col >= nC) continue;
+      const int j0 = mj * 16 + g;
+      if (j0 < MR)
+        *reinterpret_cast<float2*>(a.GF + (int64_t(chunk) * MR + j0) * nC + col) = make_float2(gf[mj][nt][0], gf[mj][nt][1]);
+      if (j0 + 8 < MR)
+        *reinterpret_cast<float2*>(a.GF + (int64_t(chunk) * MR + j0 + 8) * nC + col) =
+            make_float2(gf[mj][nt][2], gf[mj][nt][3]);
+    }
 }
 
 // Any m and dtype: one thread per element of grad_x.
@@ -376,6 +574,15 @@ __global__ void reduce_tokens(const M* __restrict__ src, int cols, int64_t T, M*
     block_sum<1>(acc, scratch);
     if (threadIdx.x == 0) out[col] = acc[0];
   }
+}
+
+// MHC_CUDA_PATH=generic also routes stage C to the fp32 FMA kernels (tests compare both).
+bool grad_generic_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("MHC_CUDA_PATH");
+    return v && std::string(v) == "generic";
+  }();
+  return forced;
 }
 
 // ---- driver shared by pre and head -------------------------------------------------------------------------
@@ -491,8 +698,26 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
   ga.m = m;
   ga.chunks = static_cast<int>(L.chunks);
   bool fast_done = false;
+  if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+    const bool vec_ok = C % kPack<S> == 0 && aligned16({io.x, io.g, io.grad_x}) &&
+                        (!io.accum || aligned16({io.accum})) && (reinterpret_cast<std::uintptr_t>(io.fn->data) & 7u) == 0;
+    if (has_fn && vec_ok && !grad_generic_forced()) {
+      auto launch = [&](auto mr_tag) {
+        constexpr int MR = decltype(mr_tag)::value;
+        const dim3 grid(static_cast<unsigned>((nC + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(L.chunks));
+        grad_x_fn_mma<MR><<<grid, 256, 0, stream>>>(ga);
+        MHC_CUDA_CHECK_LAUNCH();
+        fast_done = true;
+      };
+      using std::integral_constant;
+      if (m == 8) launch(integral_constant<int, 8>{});
+      else if (m == 24) launch(integral_constant<int, 24>{});
+      else if (m == 80) launch(integral_constant<int, 80>{});
+      else if (m == 4) launch(integral_constant<int, 4>{});  // head, n = 4
+    }
+  }
   if constexpr (kFloat) {
-    if (has_fn) {
+    if (has_fn && !fast_done) {
       auto launch = [&](auto mr_tag, auto kv_tag) {
         constexpr int MR = decltype(mr_tag)::value, KV = decltype(kv_tag)::value;
         const dim3 grid(static_cast<unsigned>((nC + 256 * KV - 1) / (256 * KV)), static_cast<unsigned>(L.chunks));

@@ -14,9 +14,19 @@ namespace mhc::cuda_impl {
 __host__ __device__ constexpr int sinkhorn_steps(int iters) { return 2 * iters - 1; }
 
 // ---- one thread per matrix -------------------------------------------------------------------------
+// kFast (fp32 only): reciprocals by __frcp_rn (correctly rounded, no division slow path) and
+// exponentials by __expf (a few ulp): a much shorter dependency chain per step.
+template <bool kFast, class M> __device__ __forceinline__ M sk_recip(M v) {
+  if constexpr (kFast && std::is_same_v<M, float>) return __frcp_rn(v);
+  else return M(1) / v;
+}
+template <bool kFast, class M> __device__ __forceinline__ M sk_exp(M v) {
+  if constexpr (kFast && std::is_same_v<M, float>) return __expf(v);
+  else return exp(v);
+}
 
 // p holds the logits on entry and P0 on exit.
-template <int N, class M> __device__ __forceinline__ void softmax_rows_plus_eps(M (&p)[N * N], M eps) {
+template <int N, bool kFast, class M> __device__ __forceinline__ void softmax_rows_plus_eps(M (&p)[N * N], M eps) {
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     M row_max = p[j * N];
@@ -25,73 +35,84 @@ template <int N, class M> __device__ __forceinline__ void softmax_rows_plus_eps(
     M sum = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      p[j * N + k] = exp(p[j * N + k] - row_max);
+      p[j * N + k] = sk_exp<kFast>(p[j * N + k] - row_max);
       sum += p[j * N + k];
     }
-    const M inv = M(1) / sum;
+    const M inv = sk_recip<kFast>(sum);
 #pragma unroll
     for (int k = 0; k < N; ++k) p[j * N + k] = p[j * N + k] * inv + eps;
   }
 }
 
-// Divides columns (by_column) or rows by their sums + eps; returns nothing, records divisors when
-// `divisors` is non-null: divisors[a * stride] for a = 0..N-1.
-template <int N, class M>
-__device__ __forceinline__ void normalise(M (&p)[N * N], bool by_column, M eps, M* divisors, std::int64_t stride) {
+// Divides columns (kByColumn) or rows by their sums + eps; records the divisors when `divisors` is
+// non-null: divisors[a * stride] for a = 0..N-1. The axis is a template parameter so that every
+// index into p is a compile-time constant (p stays in registers).
+template <int N, bool kFast, bool kByColumn, class M>
+__device__ __forceinline__ void normalise(M (&p)[N * N], M eps, M* divisors, std::int64_t stride) {
 #pragma unroll
   for (int a = 0; a < N; ++a) {
     M sum = 0;
 #pragma unroll
-    for (int b = 0; b < N; ++b) sum += by_column ? p[b * N + a] : p[a * N + b];
+    for (int b = 0; b < N; ++b) sum += kByColumn ? p[b * N + a] : p[a * N + b];
     const M d = sum + eps;
     if (divisors) divisors[a * stride] = d;
-    const M inv = M(1) / d;
+    const M inv = sk_recip<kFast>(d);
 #pragma unroll
-    for (int b = 0; b < N; ++b) (by_column ? p[b * N + a] : p[a * N + b]) *= inv;
+    for (int b = 0; b < N; ++b) (kByColumn ? p[b * N + a] : p[a * N + b]) *= inv;
   }
 }
 
 // p: logits in, comb out. divisors (optional): step s, entry a at divisors[(s * N + a) * stride].
-template <int N, class M>
+template <int N, bool kFast = false, class M>
 __device__ void sinkhorn_forward_reg(M (&p)[N * N], M eps, int iters, M* divisors = nullptr,
                                      std::int64_t stride = 1) {
-  softmax_rows_plus_eps<N>(p, eps);
-  const int steps = sinkhorn_steps(iters);
-  for (int s = 0; s < steps; ++s)
-    normalise<N>(p, (s & 1) == 0, eps, divisors ? divisors + s * N * stride : nullptr, stride);
+  softmax_rows_plus_eps<N, kFast>(p, eps);
+  auto at = [&](int s) { return divisors ? divisors + s * N * stride : nullptr; };
+  normalise<N, kFast, true>(p, eps, at(0), stride);
+  for (int it = 1; it < iters; ++it) {
+    normalise<N, kFast, false>(p, eps, at(2 * it - 1), stride);
+    normalise<N, kFast, true>(p, eps, at(2 * it), stride);
+  }
+}
+
+// Reverse of one normalisation: g (d output -> d input) and p (output -> input), divisors dv.
+template <int N, bool kFast, bool kByColumn, class M>
+__device__ __forceinline__ void normalise_backward(M (&p)[N * N], M (&g)[N * N], const M* dv, std::int64_t stride) {
+#pragma unroll
+  for (int a = 0; a < N; ++a) {
+    const M d = dv[a * stride];
+    M dot = 0;
+#pragma unroll
+    for (int b = 0; b < N; ++b) {
+      const int idx = kByColumn ? b * N + a : a * N + b;
+      dot += g[idx] * p[idx];
+    }
+    const M inv = sk_recip<kFast>(d);
+#pragma unroll
+    for (int b = 0; b < N; ++b) {
+      const int idx = kByColumn ? b * N + a : a * N + b;
+      g[idx] = (g[idx] - dot) * inv;
+      p[idx] *= d;  // rebuild the step's input
+    }
+  }
 }
 
 // g: d(comb) in, d(logits) out. logit(idx) returns logits[idx] (idx = j * N + k); it is called
 // twice per entry so the caller need not keep the logits in registers. divisors: scratch for
 // (2 * iters - 1) * N values at divisors[(s * N + a) * stride].
-template <int N, class M, class Logit>
+template <int N, bool kFast = false, class M, class Logit>
 __device__ void sinkhorn_backward_reg(Logit logit, M (&g)[N * N], M eps, int iters, M* divisors,
                                       std::int64_t stride) {
   M p[N * N];
 #pragma unroll
   for (int r = 0; r < N * N; ++r) p[r] = logit(r);
-  sinkhorn_forward_reg<N>(p, eps, iters, divisors, stride);
-  for (int s = sinkhorn_steps(iters) - 1; s >= 0; --s) {
-    const bool by_column = (s & 1) == 0;
-    const M* dv = divisors + s * N * stride;
-#pragma unroll
-    for (int a = 0; a < N; ++a) {
-      const M d = dv[a * stride];
-      M dot = 0;
-#pragma unroll
-      for (int b = 0; b < N; ++b) {
-        const int idx = by_column ? b * N + a : a * N + b;
-        dot += g[idx] * p[idx];
-      }
-      const M inv = M(1) / d;
-#pragma unroll
-      for (int b = 0; b < N; ++b) {
-        const int idx = by_column ? b * N + a : a * N + b;
-        g[idx] = (g[idx] - dot) * inv;
-        p[idx] *= d;  // rebuild the step's input
-      }
-    }
+  sinkhorn_forward_reg<N, kFast>(p, eps, iters, divisors, stride);
+  auto at = [&](int s) { return divisors + s * N * stride; };
+  for (int it = iters - 1; it >= 1; --it) {
+    normalise_backward<N, kFast, true>(p, g, at(2 * it), stride);
+    normalise_backward<N, kFast, false>(p, g, at(2 * it - 1), stride);
   }
+  normalise_backward<N, kFast, true>(p, g, at(0), stride);
   // softmax rows: d logits = S * (dP0 - <dP0, S>), S recomputed from the logits.
 #pragma unroll
   for (int j = 0; j < N; ++j) {
@@ -101,10 +122,10 @@ __device__ void sinkhorn_backward_reg(Logit logit, M (&g)[N * N], M eps, int ite
     M sm[N], sum = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      sm[k] = exp(logit(j * N + k) - row_max);
+      sm[k] = sk_exp<kFast>(logit(j * N + k) - row_max);
       sum += sm[k];
     }
-    const M inv = M(1) / sum;
+    const M inv = sk_recip<kFast>(sum);
     M dot = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {

@@ -125,8 +125,10 @@ def test_compile_fullgraph_and_cuda_graph_replay_match_eager():
     g = torch.randn(T, n, C, device="cuda").to(torch.bfloat16)
 
     def step():
-        out, _ = site(ops, x, y, fn, base, scale)
-        return [out] + list(torch.autograd.grad(out, (x, y, fn, base, scale), g))
+        # Fresh leaves per call: autograd nodes made on another stream must not outlive a capture.
+        leaves = [t.detach().requires_grad_(True) for t in (x, y, fn, base, scale)]
+        out, _ = site(ops, *leaves)
+        return [out] + list(torch.autograd.grad(out, leaves, g))
 
     eager = [t.detach().clone() for t in step()]
 
