@@ -22,12 +22,16 @@
 #include "backend.hpp"
 #include "common/float_types.hpp"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+// MHC_CPU_NO_CLONES (a compile definition) builds one version for the -march in effect: how the
+// baseline and x86-64-v3 code paths are tested on a machine that would pick the AVX-512 clone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) && !defined(MHC_CPU_NO_CLONES)
 #define MHC_CPU_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MHC_CPU_KERNEL
 #endif
 #define MHC_INLINE [[gnu::always_inline]] inline
+// For lambdas inside kernels: an outlined lambda would be compiled for the baseline ISA only.
+#define MHC_INLINE_LAMBDA __attribute__((always_inline))
 
 // Every vector helper is inlined into its caller, so the vector ABI of the baseline never applies.
 #pragma GCC diagnostic ignored "-Wpsabi"

@@ -111,7 +111,7 @@ MHC_CPU_ENTRIES(pre_forward_range, PreForward)
 template <class S>
 MHC_INLINE void post_forward_range(const PostForward& a, const MhcConfig&, int64_t begin, int64_t end) {
   using M = math_t<S>;
-  with_stream_count(a.x.shape[1], [&](int64_t n) {
+  with_stream_count(a.x.shape[1], [&](int64_t n) MHC_INLINE_LAMBDA {
     const int64_t C = a.x.shape[2], K = n * C;
     for (int64_t t = begin; t < end; ++t)
       post_token(a.x.ptr<const S>() + t * K, a.y.ptr<const S>() + t * C, a.h_post.ptr<const M>() + t * n,

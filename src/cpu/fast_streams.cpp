@@ -90,7 +90,7 @@ MHC_INLINE void post_backward_token(const S* g, const S* x, const S* y, const ma
 template <class S>
 MHC_INLINE void post_backward_range(const PostBackward& a, const MhcConfig&, int64_t begin, int64_t end) {
   using M = math_t<S>;
-  with_stream_count(a.x.shape[1], [&](int64_t n) {
+  with_stream_count(a.x.shape[1], [&](int64_t n) MHC_INLINE_LAMBDA {
     const int64_t C = a.x.shape[2], K = n * C;
     for (int64_t t = begin; t < end; ++t)
       post_backward_token(a.grad_x_next.ptr<const S>() + t * K, a.x.ptr<const S>() + t * K,
