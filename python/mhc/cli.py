@@ -12,16 +12,19 @@ RESIDUAL_KINDS = ("residual", "hc", "mhc")
 # ---- demo ---------------------------------------------------------------------------------------------------------
 def _add_demo_arguments(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else CPU), cpu, cuda, cuda:1")
-    p.add_argument("--steps", type=int, help="training steps per model (default: 300 on CPU, 1500 on CUDA)")
+    p.add_argument("--steps", type=int, help="training steps per model (default: 600 on CPU, 2000 on CUDA)")
     p.add_argument("--width", type=int, help="model width C (default: 128 on CPU, 384 on CUDA)")
     p.add_argument("--depth", type=int, help="transformer blocks, each with an attention and an MLP site "
                                               "(default: 4 on CPU, 8 on CUDA)")
     p.add_argument("--heads", type=int, help="attention heads (default: 4 on CPU, 6 on CUDA)")
     p.add_argument("--n", type=int, help="residual streams of HC and mHC (default: 4)")
     p.add_argument("--batch-size", type=int, help="sequences per step (default: 16 on CPU, 32 on CUDA)")
-    p.add_argument("--seq-len", type=int, help="characters per sequence (default: 128 on CPU, 256 on CUDA)")
-    p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default: 3e-3 on CPU, 2e-3 on CUDA)")
-    p.add_argument("--eval-interval", type=int, help="steps between validation passes")
+    p.add_argument("--seq-len", type=int, help="characters per sequence (default: 64 on CPU, 128 on CUDA)")
+    p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default: 3e-3 on CPU, 1e-3 on CUDA)")
+    p.add_argument("--dropout", type=float, help="dropout on attention and sub-layer outputs "
+                                                 "(default: 0 on CPU, 0.2 on CUDA)")
+    p.add_argument("--eval-interval", type=int, help="steps between validation passes (default: 100 on CPU, "
+                                                     "200 on CUDA)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="float32, or bfloat16 autocast (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--variants", default=",".join(RESIDUAL_KINDS),
@@ -39,8 +42,8 @@ def _run_demo(args) -> int:
     cfg = default_config(device)
     overrides = {"steps": args.steps, "width": args.width, "depth": args.depth, "heads": args.heads,
                  "n_streams": args.n, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-                 "eval_interval": args.eval_interval, "dtype": args.dtype, "seed": args.seed,
-                 "threads": args.threads, "corpus": args.corpus, "out": args.out}
+                 "dropout": args.dropout, "eval_interval": args.eval_interval, "dtype": args.dtype,
+                 "seed": args.seed, "threads": args.threads, "corpus": args.corpus, "out": args.out}
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)

@@ -98,6 +98,26 @@ def test_mhc_model_starts_near_the_residual_model():
     assert not torch.equal(logits["mhc"], logits["residual"])  # it is a different model, only close
 
 
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=10, seq_len=8, width=16, depth=1, heads=2, residual="hc", dropout=0.5))
+    idx = torch.randint(0, 10, (2, 8))
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_default_configs_are_valid():
+    from mhc.demo.train import default_config
+
+    cpu, gpu = default_config("cpu"), default_config("cuda")
+    cpu.validate()
+    gpu.validate()
+    assert (cpu.dtype, gpu.dtype) == ("float32", "bfloat16")
+    assert gpu.width * gpu.depth > cpu.width * cpu.depth  # the GPU run is the larger one
+    assert gpu.device == "cuda"
+
+
 def test_gpt_rejects_bad_arguments():
     with pytest.raises(ValueError, match="residual"):
         GPT(ModelConfig(vocab_size=10, seq_len=8, width=16, depth=1, heads=2, residual="dense"))
@@ -204,3 +224,5 @@ def test_demo_config_rejects_bad_values(tmp_path):
         run_demo(DemoConfig(steps=0, out=str(tmp_path)), quiet=True)
     with pytest.raises(ValueError, match="dtype"):
         run_demo(DemoConfig(dtype="float16", out=str(tmp_path)), quiet=True)
+    with pytest.raises(ValueError, match="dropout"):
+        run_demo(DemoConfig(dropout=1.0, out=str(tmp_path)), quiet=True)

@@ -35,6 +35,7 @@ class ModelConfig:
     n_streams: int = 4  # n, for hc and mhc
     sinkhorn_iters: int = 20
     alpha_init: float = 0.01  # gating factors of hc and mhc (mHC paper, Table 5)
+    dropout: float = 0.0  # on attention weights and on every sub-layer's output (training only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +105,7 @@ class Attention(nn.Module):
         if cfg.width % cfg.heads != 0:
             raise ValueError(f"heads: width {cfg.width} is not divisible by heads {cfg.heads}")
         self.heads = cfg.heads
+        self.dropout = cfg.dropout
         self.norm = nn.RMSNorm(cfg.width, eps=1e-6)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
@@ -111,19 +113,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, C = x.shape
         q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(B, S, C))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return F.dropout(self.proj(out.transpose(1, 2).reshape(B, S, C)), self.dropout, self.training)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.dropout = cfg.dropout
         self.norm = nn.RMSNorm(cfg.width, eps=1e-6)
         self.fc = nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width, bias=False)
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(self.norm(x))))
+        return F.dropout(self.proj(F.gelu(self.fc(self.norm(x)))), self.dropout, self.training)
 
 
 class GPT(nn.Module):

@@ -20,9 +20,11 @@ LABELS = {"residual": "residual", "hc": "HC (unconstrained)", "mhc": "mHC"}
 
 @dataclass
 class DemoConfig:
-    steps: int = 300
+    # CPU defaults: about 2.5 epochs of the corpus. Short sequences and many steps learn faster here than long
+    # sequences and few steps for the same compute (measured: val loss 2.04 vs 2.35 at 600 x 16 x 64 vs 600 x 8 x 128).
+    steps: int = 600
     batch_size: int = 16
-    seq_len: int = 128
+    seq_len: int = 64
     width: int = 128
     depth: int = 4
     heads: int = 4
@@ -31,8 +33,9 @@ class DemoConfig:
     min_lr_fraction: float = 0.1  # cosine decay ends at lr * min_lr_fraction
     warmup_steps: int = 30
     weight_decay: float = 0.1
+    dropout: float = 0.0
     grad_clip: float = 1.0  # the logged gradient norm is the one before clipping
-    eval_interval: int = 50
+    eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 10
     seed: int = 1234
@@ -52,6 +55,8 @@ class DemoConfig:
             raise ValueError(f"heads: width {self.width} is not divisible by heads {self.heads}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         bad = [v for v in self.variants if v not in RESIDUAL_KINDS]
@@ -60,10 +65,12 @@ class DemoConfig:
 
 
 def default_config(device: str) -> DemoConfig:
-    """Sizes for the device: on a 2-core CPU the three runs take about 5 minutes; on a GPU a larger model."""
+    """Sizes for the device: on a 2-core CPU the three runs take about 5 minutes; on a GPU a larger, deeper model
+    (16 sites) that sees the corpus about 30 times, hence dropout."""
     if device.startswith("cuda"):
-        return DemoConfig(steps=1500, batch_size=32, seq_len=256, width=384, depth=8, heads=6, lr=2e-3,
-                          warmup_steps=100, eval_interval=100, eval_batches=16, device=device, dtype="bfloat16")
+        return DemoConfig(steps=2000, batch_size=32, seq_len=128, width=384, depth=8, heads=6, lr=1e-3,
+                          warmup_steps=100, dropout=0.2, eval_interval=200, eval_batches=16, device=device,
+                          dtype="bfloat16")
     return DemoConfig(device=device)
 
 
@@ -123,7 +130,7 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, position: int = 0)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # same initial weights for the parts the variants share, same data order
     mcfg = ModelConfig(vocab_size=corpus.vocab_size, seq_len=cfg.seq_len, width=cfg.width, depth=cfg.depth,
-                       heads=cfg.heads, residual=kind, n_streams=cfg.n_streams)
+                       heads=cfg.heads, residual=kind, n_streams=cfg.n_streams, dropout=cfg.dropout)
     model = GPT(mcfg).to(device)
     optimizer = _optimizer(model, cfg)
     # The whole schedule of windows is drawn up front (the same for every variant) and lives on the device,
