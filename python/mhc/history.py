@@ -225,13 +225,7 @@ class HistoryBuffer:
         """Bytes the states currently held occupy (the whole ring in ring mode)."""
         if self._ring_mode:
             return self.allocated_nbytes
-        seen, total = set(), 0
-        for s in self._states:
-            key = (s.untyped_storage().data_ptr(), s.storage_offset())
-            if key not in seen:
-                seen.add(key)
-                total += s.numel() * s.element_size()
-        return total
+        return sum(s.numel() * s.element_size() for s in self._states)
 
     def _use_ring(self, x: Tensor) -> bool:
         return not torch.is_grad_enabled() and not _special_mode()

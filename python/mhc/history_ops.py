@@ -26,12 +26,14 @@ differentiable. The backend follows :func:`mhc.ops.use_backend` (``"reference"``
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.dlpack import to_dlpack
 
 from . import _C
@@ -96,10 +98,14 @@ def _workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
     return _new(like, (math.ceil(nbytes / 4),), torch.float32)  # poisoned too: backends may not assume zeros
 
 
+@functools.lru_cache(maxsize=256)
 def _config(constraint: str = "simplex", temperature: float = 1.0, epsilon: float = 0.1, sinkhorn_iters: int = 20,
             sinkhorn_eps: float = 1e-6):
     return _C.HistoryConfig(constraint=constraint, temperature=temperature, epsilon=epsilon,
                             sinkhorn_iters=sinkhorn_iters, sinkhorn_eps=sinkhorn_eps)
+
+
+atexit.register(_config.cache_clear)  # before the extension is torn down (nanobind counts live objects)
 
 
 def coef_dtype(stream: torch.dtype) -> torch.dtype:
@@ -128,13 +134,20 @@ def _check_name(constraint: str) -> str:
     return constraint
 
 
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """True for plain eager calls. They take a torch.autograd.Function straight to the kernels; the
+    custom ops (same kernels) serve torch.compile, export and tensor subclasses (fake tensors). The
+    custom-op autograd wrapper costs about 100 us of Python per call, which a small layer feels."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
+
+
 # ---- project_logits ------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::project_logits", mutates_args=())
-def _project_op(logits: Tensor, constraint: str, temperature: float, epsilon: float, sinkhorn_iters: int,
-                sinkhorn_eps: float, backend: str) -> Tensor:
-    """logits [..., H] (doubly_stochastic: [..., H, H]) -> weights on the manifold."""
+def _project_impl(logits: Tensor, constraint: str, temperature: float, epsilon: float, sinkhorn_iters: int,
+                  sinkhorn_eps: float, backend: str) -> Tensor:
     weights = _new(logits)
     with _device(logits):
         _C.project_logits_forward(logits=_dl(logits), weights=_dl(weights),
@@ -143,14 +156,20 @@ def _project_op(logits: Tensor, constraint: str, temperature: float, epsilon: fl
     return weights
 
 
+@torch.library.custom_op("mhc::project_logits", mutates_args=())
+def _project_op(logits: Tensor, constraint: str, temperature: float, epsilon: float, sinkhorn_iters: int,
+                sinkhorn_eps: float, backend: str) -> Tensor:
+    """logits [..., H] (doubly_stochastic: [..., H, H]) -> weights on the manifold."""
+    return _project_impl(logits, constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend)
+
+
 @_project_op.register_fake
 def _(logits, constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend):
     return _new(logits)
 
 
-@torch.library.custom_op("mhc::project_logits_backward", mutates_args=())
-def _project_backward_op(logits: Tensor, weights: Tensor, grad_weights: Tensor, constraint: str, temperature: float,
-                         epsilon: float, sinkhorn_iters: int, sinkhorn_eps: float, backend: str) -> Tensor:
+def _project_backward_impl(logits: Tensor, weights: Tensor, grad_weights: Tensor, constraint: str, temperature: float,
+                           epsilon: float, sinkhorn_iters: int, sinkhorn_eps: float, backend: str) -> Tensor:
     grad_logits = _new(logits)
     with _device(logits):
         _C.project_logits_backward(logits=_dl(logits), weights=_dl(weights), grad_weights=_dl(grad_weights),
@@ -158,6 +177,13 @@ def _project_backward_op(logits: Tensor, weights: Tensor, grad_weights: Tensor, 
                                    config=_config(constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps),
                                    backend=backend, stream=_stream(logits))
     return grad_logits
+
+
+@torch.library.custom_op("mhc::project_logits_backward", mutates_args=())
+def _project_backward_op(logits: Tensor, weights: Tensor, grad_weights: Tensor, constraint: str, temperature: float,
+                         epsilon: float, sinkhorn_iters: int, sinkhorn_eps: float, backend: str) -> Tensor:
+    return _project_backward_impl(logits, weights, grad_weights, constraint, temperature, epsilon, sinkhorn_iters,
+                                  sinkhorn_eps, backend)
 
 
 @_project_backward_op.register_fake
@@ -180,6 +206,23 @@ def _project_backward(ctx, grad_weights):
 _project_op.register_autograd(_project_backward, setup_context=_project_setup_context)
 
 
+class _ProjectFunction(torch.autograd.Function):
+    """Eager path of mhc::project_logits (same kernels, less Python per call)."""
+
+    @staticmethod
+    def forward(ctx, logits, *hyper):
+        weights = _project_impl(logits, *hyper)
+        ctx.save_for_backward(logits, weights)
+        ctx.hyper = hyper
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad_weights):
+        logits, weights = ctx.saved_tensors
+        grad_logits = _project_backward_impl(logits, weights, grad_weights.contiguous(), *ctx.hyper)
+        return (grad_logits,) + (None,) * len(ctx.hyper)
+
+
 def project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: float = 1.0, epsilon: float = 0.1,
                    sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6) -> Tensor:
     """Project ``logits`` over the last dim onto the ``constraint``'s manifold (see the module doc).
@@ -190,18 +233,17 @@ def project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: 
     """
     constraint = _check_name(constraint)
     work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    weights = _project_op(work.contiguous(), constraint, float(temperature), float(epsilon), int(sinkhorn_iters),
-                          float(sinkhorn_eps), _backend())
+    args = (work.contiguous(), constraint, float(temperature), float(epsilon), int(sinkhorn_iters),
+            float(sinkhorn_eps), _backend())
+    weights = _ProjectFunction.apply(*args) if _eager(work) else _project_op(*args)
     return weights.to(logits.dtype)
 
 
 # ---- history_mix ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::history_mix", mutates_args=())
-def _mix_op(x: Optional[Tensor], states: List[Tensor], weights: Tensor, gate: Optional[Tensor], backend: str
+def _mix_impl(x: Optional[Tensor], states: List[Tensor], weights: Tensor, gate: Optional[Tensor], backend: str
             ) -> Tensor:
-    """out = x + gate * sum_k weights[..., k] * states[k]."""
     out = _new(states[0], _mix_out_shape(states, weights), x.dtype if x is not None else states[0].dtype)
     with _device(out):
         _C.history_mix_forward(x=_dl(x), states=_dls(states), weights=_dl(weights), gate=_dl(gate), out=_dl(out),
@@ -209,15 +251,20 @@ def _mix_op(x: Optional[Tensor], states: List[Tensor], weights: Tensor, gate: Op
     return out
 
 
+@torch.library.custom_op("mhc::history_mix", mutates_args=())
+def _mix_op(x: Optional[Tensor], states: List[Tensor], weights: Tensor, gate: Optional[Tensor], backend: str
+            ) -> Tensor:
+    """out = x + gate * sum_k weights[..., k] * states[k]."""
+    return _mix_impl(x, states, weights, gate, backend)
+
+
 @_mix_op.register_fake
 def _(x, states, weights, gate, backend):
     return _new(states[0], _mix_out_shape(states, weights), x.dtype if x is not None else states[0].dtype)
 
 
-@torch.library.custom_op("mhc::history_mix_backward", mutates_args=())
-def _mix_backward_op(grad_out: Tensor, states: List[Tensor], weights: Tensor, gate: Optional[Tensor],
-                     need_states: bool, backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    """-> (grad_weights, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states))."""
+def _mix_backward_impl(grad_out: Tensor, states: List[Tensor], weights: Tensor, gate: Optional[Tensor],
+                       need_states: bool, backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
     grad_weights = _new(weights)
     grad_gate = _new(weights, (1,) if gate is not None else (0,))
     grad_states = [_new(s) for s in states] if need_states else []
@@ -231,6 +278,13 @@ def _mix_backward_op(grad_out: Tensor, states: List[Tensor], weights: Tensor, ga
         _C.history_mix_backward(**args(), workspace=_dl(_workspace(nbytes, grad_out)), config=cfg, backend=backend,
                                 stream=stream)
     return grad_weights, grad_gate, grad_states
+
+
+@torch.library.custom_op("mhc::history_mix_backward", mutates_args=())
+def _mix_backward_op(grad_out: Tensor, states: List[Tensor], weights: Tensor, gate: Optional[Tensor],
+                     need_states: bool, backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """-> (grad_weights, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states))."""
+    return _mix_backward_impl(grad_out, states, weights, gate, need_states, backend)
 
 
 @_mix_backward_op.register_fake
@@ -261,6 +315,33 @@ def _mix_backward(ctx, grad_out):
 
 
 _mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+
+
+class _MixFunction(torch.autograd.Function):
+    """Eager path of mhc::history_mix; the states come last, unpacked."""
+
+    @staticmethod
+    def forward(ctx, x, weights, gate, backend, *states):
+        out = _mix_impl(x, list(states), weights, gate, backend)
+        ctx.has_x, ctx.has_gate, ctx.backend = x is not None, gate is not None, backend
+        ctx.save_for_backward(weights, gate, *states)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weights, gate, *states = ctx.saved_tensors
+        need_x, need_weights, need_gate = ctx.needs_input_grad[:3]
+        need_states = any(ctx.needs_input_grad[4:])
+        grad_out = grad_out.contiguous()
+        grad_weights = grad_gate = None
+        grad_states = [None] * len(states)
+        if need_states or need_weights or need_gate:
+            grad_weights, grad_gate, computed = _mix_backward_impl(grad_out, states, weights, gate, need_states,
+                                                                   ctx.backend)
+            grad_gate = grad_gate if ctx.has_gate else None
+            if need_states:
+                grad_states = computed
+        return (grad_out if (ctx.has_x and need_x) else None, grad_weights, grad_gate, None, *grad_states)
 
 
 def _as_list(states: States) -> List[Tensor]:
@@ -296,17 +377,19 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
         stream = x.dtype
     coef = coef_dtype(stream)
     states = _prepare_states(states, stream, "history_mix")
-    return _mix_op(None if x is None else x.contiguous(), states, weights.to(coef).contiguous(),
-                   None if gate is None else gate.to(coef).reshape(1).contiguous(), _backend())
+    x = None if x is None else x.contiguous()
+    weights = weights.to(coef).contiguous()
+    gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
+    if _eager(x, weights, gate, *states):
+        return _MixFunction.apply(x, weights, gate, _backend(), *states)
+    return _mix_op(x, states, weights, gate, _backend())
 
 
 # ---- history_skip (fused) ------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::history_skip", mutates_args=())
-def _skip_op(x: Tensor, states: List[Tensor], logits: Tensor, gate: Optional[Tensor], constraint: str,
-             temperature: float, epsilon: float, backend: str) -> Tuple[Tensor, Tensor]:
-    """-> (out = x + gate * sum_k project(logits)[k] * states[k], weights = project(logits))."""
+def _skip_impl(x: Tensor, states: List[Tensor], logits: Tensor, gate: Optional[Tensor], constraint: str,
+               temperature: float, epsilon: float, backend: str) -> Tuple[Tensor, Tensor]:
     out, weights = _new(x), _new(logits)
     with _device(x):
         _C.history_skip_forward(x=_dl(x), states=_dls(states), logits=_dl(logits), gate=_dl(gate), out=_dl(out),
@@ -315,16 +398,21 @@ def _skip_op(x: Tensor, states: List[Tensor], logits: Tensor, gate: Optional[Ten
     return out, weights
 
 
+@torch.library.custom_op("mhc::history_skip", mutates_args=())
+def _skip_op(x: Tensor, states: List[Tensor], logits: Tensor, gate: Optional[Tensor], constraint: str,
+             temperature: float, epsilon: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """-> (out = x + gate * sum_k project(logits)[k] * states[k], weights = project(logits))."""
+    return _skip_impl(x, states, logits, gate, constraint, temperature, epsilon, backend)
+
+
 @_skip_op.register_fake
 def _(x, states, logits, gate, constraint, temperature, epsilon, backend):
     return _new(x), _new(logits)
 
 
-@torch.library.custom_op("mhc::history_skip_backward", mutates_args=())
-def _skip_backward_op(grad_out: Tensor, states: List[Tensor], logits: Tensor, weights: Tensor, gate: Optional[Tensor],
-                      need_states: bool, constraint: str, temperature: float, epsilon: float, backend: str
-                      ) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    """-> (grad_logits, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states))."""
+def _skip_backward_impl(grad_out: Tensor, states: List[Tensor], logits: Tensor, weights: Tensor,
+                        gate: Optional[Tensor], need_states: bool, constraint: str, temperature: float, epsilon: float,
+                        backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
     grad_logits = _new(logits)
     grad_gate = _new(logits, (1,) if gate is not None else (0,))
     grad_states = [_new(s) for s in states] if need_states else []
@@ -338,6 +426,15 @@ def _skip_backward_op(grad_out: Tensor, states: List[Tensor], logits: Tensor, we
         _C.history_skip_backward(**args(), workspace=_dl(_workspace(nbytes, grad_out)), config=cfg, backend=backend,
                                  stream=stream)
     return grad_logits, grad_gate, grad_states
+
+
+@torch.library.custom_op("mhc::history_skip_backward", mutates_args=())
+def _skip_backward_op(grad_out: Tensor, states: List[Tensor], logits: Tensor, weights: Tensor, gate: Optional[Tensor],
+                      need_states: bool, constraint: str, temperature: float, epsilon: float, backend: str
+                      ) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """-> (grad_logits, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states))."""
+    return _skip_backward_impl(grad_out, states, logits, weights, gate, need_states, constraint, temperature, epsilon,
+                               backend)
 
 
 @_skip_backward_op.register_fake
@@ -370,6 +467,35 @@ def _skip_backward(ctx, grad_out, _grad_weights):
 _skip_op.register_autograd(_skip_backward, setup_context=_skip_setup_context)
 
 
+class _SkipFunction(torch.autograd.Function):
+    """Eager path of mhc::history_skip; the states come last, unpacked."""
+
+    @staticmethod
+    def forward(ctx, x, logits, gate, constraint, temperature, epsilon, backend, *states):
+        out, weights = _skip_impl(x, list(states), logits, gate, constraint, temperature, epsilon, backend)
+        ctx.has_gate = gate is not None
+        ctx.hyper = (constraint, temperature, epsilon, backend)
+        ctx.save_for_backward(logits, weights, gate, *states)
+        ctx.mark_non_differentiable(weights)
+        return out, weights
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_weights):
+        logits, weights, gate, *states = ctx.saved_tensors
+        need_x, need_logits, need_gate = ctx.needs_input_grad[:3]
+        need_states = any(ctx.needs_input_grad[7:])
+        grad_out = grad_out.contiguous()
+        grad_logits = grad_gate = None
+        grad_states = [None] * len(states)
+        if need_states or need_logits or need_gate:
+            grad_logits, grad_gate, computed = _skip_backward_impl(grad_out, states, logits, weights, gate, need_states,
+                                                                   *ctx.hyper)
+            grad_gate = grad_gate if ctx.has_gate else None
+            if need_states:
+                grad_states = computed
+        return (grad_out if need_x else None, grad_logits, grad_gate, None, None, None, None, *grad_states)
+
+
 def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str = "simplex", temperature: float = 1.0,
                  epsilon: float = 0.1, gate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Fused ``project_logits`` + ``history_mix`` for a vector constraint: returns ``(out, weights)``.
@@ -383,9 +509,13 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
                          "(project_logits on [H, H] logits, then history_mix with 2-D weights)")
     coef = coef_dtype(x.dtype)
     states = _prepare_states(states, x.dtype, "history_skip")
-    return _skip_op(x.contiguous(), states, logits.to(coef).contiguous(),
-                    None if gate is None else gate.to(coef).reshape(1).contiguous(), constraint, float(temperature),
-                    float(epsilon), _backend())
+    x = x.contiguous()
+    logits = logits.to(coef).contiguous()
+    gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
+    hyper = (constraint, float(temperature), float(epsilon), _backend())
+    if _eager(x, logits, gate, *states):
+        return _SkipFunction.apply(x, logits, gate, *hyper, *states)
+    return _skip_op(x, states, logits, gate, *hyper)
 
 
 # ---- plain-PyTorch references (tests, ONNX export) -----------------------------------------------------

@@ -357,9 +357,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block: dots[r, k] = sum over blocks of the partials (fixed order, fp64), then
-// mix: grad_weights = gate * dots; skip: grad_logits = project_backward(gate * dots) on thread 0;
-// both: grad_gate = sum_{w != 0} w * dots.
+// One block: dots[r, k] = sum over blocks of the partials (fp64; a warp per (r, k), its lanes striding over
+// the blocks, then a fixed-order warp sum: deterministic), then mix: grad_weights = gate * dots; skip:
+// grad_logits = project_backward(gate * dots) on thread 0; both: grad_gate = sum_{w != 0} w * dots.
 template <class M>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const M* __restrict__ partials, int blocks, int R, int H, const M* __restrict__ weights,
@@ -368,18 +368,21 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double dots_s[kMaxH];
   __shared__ double red[kWarps];
   const double g = gate ? static_cast<double>(gate[0]) : 1.0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   double gate_part = 0;
-  for (int j = threadIdx.x; j < R * H; j += blockDim.x) {
+  for (int j = warp; j < R * H; j += kWarps) {
     const int r = j / H, k = j % H;
     double d = 0;
-    for (int b = 0; b < blocks; ++b) d += static_cast<double>(partials[(static_cast<std::int64_t>(r) * blocks + b) * H + k]);
-    const M wj = weights[j];
-    if (grad_logits) dots_s[j] = wj != M(0) ? d : 0.0;  // skip: R = 1, zero-weight states were not read
-    else grad_weights[j] = static_cast<M>(g * d);
-    if (wj != M(0)) gate_part += static_cast<double>(wj) * d;
+    for (int b = lane; b < blocks; b += 32)
+      d += static_cast<double>(partials[(static_cast<std::int64_t>(r) * blocks + b) * H + k]);
+    d = warp_sum(d);
+    if (lane == 0) {
+      const M wj = weights[j];
+      if (grad_logits) dots_s[j] = wj != M(0) ? d : 0.0;  // skip: R = 1, zero-weight states were not read
+      else grad_weights[j] = static_cast<M>(g * d);
+      if (wj != M(0)) gate_part += static_cast<double>(wj) * d;
+    }
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  gate_part = warp_sum(gate_part);
   if (lane == 0) red[warp] = gate_part;
   __syncthreads();
   if (threadIdx.x == 0) {

@@ -216,6 +216,29 @@ def test_opcheck():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_eager_function_and_custom_op_agree(gated):
+    # Eager calls take a torch.autograd.Function to the kernels; compile and fake tensors take the custom op.
+    x = _rand(3, 7, grad=True)
+    states = [_rand(3, 7, grad=True) for _ in range(4)]
+    logits = torch.tensor([0.4, 0.1, -0.2, 0.3], requires_grad=True)
+    gate = torch.tensor([0.7], requires_grad=True) if gated else None
+    leaves = [x, *states, logits] + ([gate] if gated else [])
+    out, w = hops.history_skip(x, states, logits, gate=gate)
+    g1 = torch.autograd.grad(out.square().sum(), leaves)
+    out2, w2 = torch.ops.mhc.history_skip(x, states, logits, gate, "simplex", 1.0, 0.1, "auto")
+    g2 = torch.autograd.grad(out2.square().sum(), leaves)
+    assert torch.equal(out, out2) and torch.equal(w, w2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    weights = torch.rand(4, requires_grad=True)
+    m1 = hops.history_mix(x, states, weights, gate=gate)
+    m2 = torch.ops.mhc.history_mix(x, states, weights, gate, "auto")
+    assert torch.equal(m1, m2)
+    for a, b in zip(torch.autograd.grad(m1.sum(), [weights, *states]), torch.autograd.grad(m2.sum(), [weights, *states])):
+        assert torch.equal(a, b)
+
+
 def test_compile_fullgraph_forward_and_backward():
     def f(x, states, logits, w):
         out, _ = hops.history_skip(x, states, logits, constraint="simplex")
