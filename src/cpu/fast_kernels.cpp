@@ -3,8 +3,8 @@
 //
 // The GEMMs are register-tiled on 64-byte vectors: the projection keeps kTokenTile x 4 (token,
 // row) accumulators so each vector of fn feeds kTokenTile tokens; the input gradient keeps
-// kTokenTile x 2 vectors of output per row of fn; the parameter gradient keeps 4 rows x 2 vectors
-// of grad_fn while streaming over tokens.
+// 16 tokens x 1 vector (or kTokenTile x 2) of output per row of fn; the parameter gradient keeps
+// 8 rows x 2 vectors of grad_fn while streaming over tokens.
 #include "cpu/fast_kernels.hpp"
 
 namespace mhc::cpu_fast::kernels {
@@ -169,11 +169,16 @@ MHC_INLINE void input_grad_chunk(const InputGradArgs<S>& a, int64_t i, int64_t c
   using M = math_t<S>;
   using V = vec_t<M>;
   constexpr int L = kLanes<M>;
+  constexpr int64_t kAhead = 8 * L;
   const int64_t K = a.n * a.C, k = i * a.C + c;
   V acc[TB][KV];
   for (int tb = 0; tb < TB; ++tb)
     for (int kv = 0; kv < KV; ++kv) {
       const int64_t e = tb * K + k + kv * L;
+      // TB interleaved streams per array are too many for the hardware prefetcher: the ones that
+      // come from memory (accum; out, which is written) are fetched kAhead elements early.
+      if (a.accum) __builtin_prefetch(a.accum + e + kAhead, 0, 3);
+      __builtin_prefetch(a.out + e + kAhead, 1, 3);
       V v = vload(a.x + e) * a.coef[tb];
       if (a.accum) v += vload(a.accum + e);
       if (a.g) v += vload(a.g + tb * a.C + c + kv * L) * a.w[tb * kMaxStreams + i];
@@ -192,15 +197,15 @@ MHC_INLINE void input_grad_chunk(const InputGradArgs<S>& a, int64_t i, int64_t c
     for (int kv = 0; kv < KV; ++kv) vstore(a.out + tb * K + k + kv * L, acc[tb][kv]);
 }
 
-template <class S, int TB> MHC_INLINE void input_grad_tile(const InputGradArgs<S>& a) {
+template <class S, int TB, int KV> MHC_INLINE void input_grad_tile(const InputGradArgs<S>& a) {
   using M = math_t<S>;
   constexpr int L = kLanes<M>;
-  constexpr int KV = 2;
   const int64_t K = a.n * a.C;
   for (int64_t i = 0; i < a.n; ++i) {
     int64_t c = 0;
     for (; c + KV * L <= a.C; c += KV * L) input_grad_chunk<S, TB, KV>(a, i, c);
-    for (; c + L <= a.C; c += L) input_grad_chunk<S, TB, 1>(a, i, c);
+    if constexpr (KV > 1)
+      for (; c + L <= a.C; c += L) input_grad_chunk<S, TB, 1>(a, i, c);
     for (; c < a.C; ++c)
       for (int tb = 0; tb < TB; ++tb) {
         const int64_t e = tb * K + i * a.C + c;
@@ -214,8 +219,11 @@ template <class S, int TB> MHC_INLINE void input_grad_tile(const InputGradArgs<S
   }
 }
 
+// 16 tokens share each vector of fn (a group of the batched Sinkhorn), else kTokenTile, else one.
+static_assert(kSinkhornBatch == 16, "input_grad_impl: the tile of a full group");
 template <class S> MHC_INLINE void input_grad_impl(int tokens, const InputGradArgs<S>& a) {
-  if (tokens == kTokenTile) return input_grad_tile<S, kTokenTile>(a);
+  if (tokens == 16) return input_grad_tile<S, 16, 1>(a);
+  if (tokens == kTokenTile) return input_grad_tile<S, kTokenTile, 2>(a);
   const int64_t K = a.n * a.C;
   for (int t = 0; t < tokens; ++t) {
     InputGradArgs<S> one = a;
@@ -226,7 +234,7 @@ template <class S> MHC_INLINE void input_grad_impl(int tokens, const InputGradAr
     one.coef += t;
     one.dP += t * a.rows;
     one.out += t * K;
-    input_grad_tile<S, 1>(one);
+    input_grad_tile<S, 1, 2>(one);
   }
 }
 
@@ -240,7 +248,7 @@ constexpr int64_t kGradTokens = 32;
 // tile (t0 == 0) starts from zero.
 template <class S, int RB, int KV>
 MHC_INLINE void param_grad_rows(const S* x, int64_t T, int64_t K, const math_t<S>* dP, int64_t rows, int64_t r0,
-                                int64_t k0, int64_t t0, int64_t t1, math_t<S>* grad_fn) {
+                                int64_t k0, int64_t t0, int64_t t1, math_t<S>* grad_fn, int64_t prefetch_bytes) {
   using M = math_t<S>;
   using V = vec_t<M>;
   constexpr int L = kLanes<M>;
@@ -249,9 +257,9 @@ MHC_INLINE void param_grad_rows(const S* x, int64_t T, int64_t K, const math_t<S
     for (int kv = 0; kv < KV; ++kv)
       acc[rb][kv] = t0 == 0 ? V{} : vload(grad_fn + (r0 + rb) * K + k0 + kv * L);
   for (int64_t t = t0; t < t1; ++t) {
-    if (t + kGradTokens < T) {
+    if (prefetch_bytes > 0 && t + kGradTokens < T) {  // this token's row of the next tile
       const char* next = reinterpret_cast<const char*>(x + (t + kGradTokens) * K + k0);
-      for (int kv = 0; kv < KV; ++kv) __builtin_prefetch(next + kv * L * sizeof(S), 0, 2);
+      for (int64_t b = 0; b < prefetch_bytes; b += 64) __builtin_prefetch(next + b, 0, 2);
     }
     V xv[KV];
     for (int kv = 0; kv < KV; ++kv) xv[kv] = vload(x + t * K + k0 + kv * L);
@@ -276,14 +284,17 @@ MHC_INLINE void param_grad_scalar_columns(const S* x, int64_t K, const math_t<S>
     }
 }
 
+// The first call of a tile (r0 == 0) prefetches the next tile's part of the column block.
 template <class S, int RB>
 MHC_INLINE void param_grad_row_group(const S* x, int64_t T, int64_t K, const math_t<S>* dP, int64_t rows,
-                                     int64_t r0, int64_t kb0, int64_t kb1, int64_t t0, int64_t t1,
+                                     int64_t r0, int64_t kb0, int64_t kb1, int64_t kb_end, int64_t t0, int64_t t1,
                                      math_t<S>* grad_fn) {
   constexpr int L = kLanes<math_t<S>>;
+  int64_t prefetch = r0 == 0 ? (kb_end - kb0) * static_cast<int64_t>(sizeof(S)) : 0;
   int64_t k = kb0;
-  for (; k + 2 * L <= kb1; k += 2 * L) param_grad_rows<S, RB, 2>(x, T, K, dP, rows, r0, k, t0, t1, grad_fn);
-  for (; k + L <= kb1; k += L) param_grad_rows<S, RB, 1>(x, T, K, dP, rows, r0, k, t0, t1, grad_fn);
+  for (; k + 2 * L <= kb1; k += 2 * L, prefetch = 0)
+    param_grad_rows<S, RB, 2>(x, T, K, dP, rows, r0, k, t0, t1, grad_fn, prefetch);
+  for (; k + L <= kb1; k += L, prefetch = 0) param_grad_rows<S, RB, 1>(x, T, K, dP, rows, r0, k, t0, t1, grad_fn, prefetch);
 }
 
 template <class S>
@@ -291,7 +302,6 @@ MHC_INLINE void param_grad_impl(const S* x, int64_t T, int64_t K, const math_t<S
                                 int64_t block_begin, int64_t block_end, math_t<S>* grad_fn) {
   using M = math_t<S>;
   constexpr int L = kLanes<M>;
-  constexpr int RB = 4;
   constexpr int64_t kWidth = 8 * L;
   static_assert(kWidth == (sizeof(M) == 8 ? 64 : 128), "param_grad_block_width");
   for (int64_t b = block_begin; b < block_end; ++b) {
@@ -303,8 +313,9 @@ MHC_INLINE void param_grad_impl(const S* x, int64_t T, int64_t K, const math_t<S
     for (int64_t t0 = 0; t0 < T; t0 += kGradTokens) {
       const int64_t t1 = std::min(T, t0 + kGradTokens);
       int64_t r = 0;
-      for (; r + RB <= rows; r += RB) param_grad_row_group<S, RB>(x, T, K, dP, rows, r, kb0, kv_end, t0, t1, grad_fn);
-      for (; r < rows; ++r) param_grad_row_group<S, 1>(x, T, K, dP, rows, r, kb0, kv_end, t0, t1, grad_fn);
+      for (; r + 8 <= rows; r += 8) param_grad_row_group<S, 8>(x, T, K, dP, rows, r, kb0, kv_end, kb1, t0, t1, grad_fn);
+      for (; r + 4 <= rows; r += 4) param_grad_row_group<S, 4>(x, T, K, dP, rows, r, kb0, kv_end, kb1, t0, t1, grad_fn);
+      for (; r < rows; ++r) param_grad_row_group<S, 1>(x, T, K, dP, rows, r, kb0, kv_end, kb1, t0, t1, grad_fn);
       param_grad_scalar_columns(x, K, dP, rows, kv_end, kb1, t0, t1, grad_fn);
     }
   }

@@ -158,20 +158,21 @@ template <class S> struct TokenGrads {
   M coef[kSinkhornBatch];            // d/dx of rstd, times sum_r dmixes_r * raw_r
 };
 
-// grad_x for a group of tokens, kTokenTile at a time.
+// grad_x for a group of tokens: a full group of kSinkhornBatch at once, else kTokenTile at a time.
 template <class S>
 MHC_INLINE void input_grad_group(int tokens, const InputGradArgs<S>& a, const TokenGrads<S>& tg) {
   const int64_t K = a.n * a.C;
-  for (int t0 = 0; t0 < tokens; t0 += kTokenTile) {
-    InputGradArgs<S> tile = a;
-    tile.x += t0 * K;
-    if (tile.accum) tile.accum += t0 * K;
-    if (tile.g) tile.g += t0 * a.C;
-    tile.w = &tg.w[t0][0];
-    tile.coef = tg.coef + t0;
-    tile.dP += t0 * a.rows;
-    tile.out += t0 * K;
-    input_grad(std::min(kTokenTile, tokens - t0), tile);
+  const int tile = tokens == kSinkhornBatch ? kSinkhornBatch : kTokenTile;
+  for (int t0 = 0; t0 < tokens; t0 += tile) {
+    InputGradArgs<S> args = a;
+    args.x += t0 * K;
+    if (args.accum) args.accum += t0 * K;
+    if (args.g) args.g += t0 * a.C;
+    args.w = &tg.w[t0][0];
+    args.coef = tg.coef + t0;
+    args.dP += t0 * a.rows;
+    args.out += t0 * K;
+    input_grad(std::min(tile, tokens - t0), args);
   }
 }
 
