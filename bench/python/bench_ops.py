@@ -66,12 +66,12 @@ def time_graph(step: Callable[[int], None], sets: int, reps: int = 10, min_calls
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    a = torch.randn(nbytes // 4, dtype=torch.float32, device="cuda")
     b = torch.empty_like(a)
     for _ in range(20):  # let the clocks ramp up before timing
         b.copy_(a)
     us = time_graph(lambda i: b.copy_(a), sets=1, reps=20, min_calls=10)
-    return 2 * nbytes / (us * 1e-6)
+    return 2 * a.numel() * 4 / (us * 1e-6)
 
 
 # ---- inputs and byte counts ----------------------------------------------------------------------------
@@ -215,6 +215,33 @@ def measure(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict, only: 
     return out
 
 
+def profile_kernels(n: int, C: int, T: int, only: Optional[List[str]]) -> None:
+    """Per-kernel device time of each mhc op at one shape (torch.profiler), to see where an op spends."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = make_steps("mhc", n, C, T, 1, {})
+    for name in OP_ORDER:
+        if name not in steps or (only and name not in only):
+            continue
+        for _ in range(3):
+            steps[name](0)
+        torch.cuda.synchronize()
+        reps = 5
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                steps[name](0)
+            torch.cuda.synchronize()
+        rows = []
+        for evt in prof.key_averages():
+            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+            if t > 0 and evt.key and not evt.key.startswith("cuda"):
+                rows.append((t / reps, evt.count // reps, evt.key))
+        rows.sort(reverse=True)
+        print(f"-- {name}  n={n} C={C} tokens={T}: {sum(r[0] for r in rows):.1f} us of kernels per call")
+        for t, count, key in rows[:8]:
+            print(f"   {t:9.1f} us  x{count}  {key[:110]}")
+
+
 def fmt(v: Optional[float], digits: int = 1) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -230,6 +257,8 @@ def main() -> int:
     ap.add_argument("--compile", choices=["none", "some", "all"], default="some",
                     help="torch.compile baselines: none, the SPEC table's shapes and one decode shape, or all")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", type=int, nargs=3, action="append", metavar=("N", "C", "TOKENS"),
+                    help="print the per-kernel device time of every op at this shape (repeatable) and exit")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -237,6 +266,10 @@ def main() -> int:
     if args.quick:
         args.n, args.C, args.tokens = [4], [1024, 4096], [1, 64, 4096]
 
+    if args.profile:
+        for n, C, T in args.profile:
+            profile_kernels(n, C, T, args.ops)
+        return 0
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
     l2 = props.L2_cache_size

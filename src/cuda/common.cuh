@@ -88,6 +88,14 @@ template <int R, class M> __device__ __forceinline__ void block_sum(M (&v)[R], M
 
 template <class M> __device__ __forceinline__ M sigmoid(M v) { return M(1) / (M(1) + exp(-v)); }
 
+// 1/v for positive normal v: hardware approximation plus one Newton step (~1 ulp), branch-free.
+// __frcp_rn and 1.f/v compile to a subroutine call with special-case branches: far longer chains.
+__device__ __forceinline__ float fast_rcp(float v) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r * (2.f - v * r);
+}
+
 // ---- host-side dispatch over the storage type -------------------------------------------------
 template <class T> struct TypeTag { using type = T; };
 

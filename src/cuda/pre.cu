@@ -179,6 +179,7 @@ template <class S> struct FusedArgs {
 
 constexpr int kFusedThreads = 256;
 constexpr int kFusedWarps = kFusedThreads / 32;
+constexpr int kMaxCluster = 16;
 constexpr int kCoefWarp = kFusedWarps - 1;  // computes the owned tokens' coefficients while the rest aggregate
 
 // Tiling of the fused kernel for N streams and a tile of MT tokens: each warp owns all m-tiles and
@@ -475,12 +476,22 @@ __global__ void __launch_bounds__(kFusedThreads, 1) pre_fused_kernel(const Fused
     cluster_sync();
     const float s_pre = scale_of(a.scale, 0);
     const int owned_count = (MT - int(rank) + int(cluster_size) - 1) / int(cluster_size);
+    // All peers' values are loaded before the fixed-order sum: the loads overlap instead of
+    // paying the distributed-shared-memory latency once per peer.
+    auto cluster_sum = [&](int offset) {
+      float v[kMaxCluster];
+#pragma unroll
+      for (int r = 0; r < kMaxCluster; ++r)
+        v[r] = r < int(cluster_size) ? cluster_peer(block_part, unsigned(r))[offset] : 0.f;
+      float s = 0.f;
+#pragma unroll
+      for (int r = 0; r < kMaxCluster; ++r) s += v[r];
+      return s;
+    };
     for (int q = threadIdx.x; q < MT * (N + 1); q += kFusedThreads) {
       const int tl = q / (N + 1), j = q % (N + 1);
       const int col = j < N ? j : M;
-      float s = 0.f;
-      for (unsigned r = 0; r < cluster_size; ++r) s += cluster_peer(block_part, r)[tl * PART + col];
-      owned[tl * PART + col] = s;  // scratch row of every token: pre columns and sum of squares
+      owned[tl * PART + col] = cluster_sum(tl * PART + col);  // every token: pre columns, sum of squares
     }
     __syncthreads();
     for (int q = threadIdx.x; q < MT * N; q += kFusedThreads) {
@@ -490,11 +501,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) pre_fused_kernel(const Fused
     }
     for (int q = threadIdx.x; q < owned_count * PART; q += kFusedThreads) {
       const int tl = int(rank) + (q / PART) * int(cluster_size), col = q % PART;
-      if ((col >= N && col < M)) {
-        float s = 0.f;
-        for (unsigned r = 0; r < cluster_size; ++r) s += cluster_peer(block_part, r)[tl * PART + col];
-        owned[tl * PART + col] = s;
-      }
+      if (col >= N && col < M) owned[tl * PART + col] = cluster_sum(tl * PART + col);
     }
     __syncthreads();
 
@@ -640,7 +647,7 @@ bool launch_fused(FusedArgs<S> args, DType dtype, const char* op, cudaStream_t s
   // Channel slices: as many as keep >= 64 channels each, at most 16 (non-portable above 8).
   int cluster = 16;
   while (cluster > 1 && C / cluster < 64) cluster /= 2;
-  cluster = tuned(key, "cluster", cluster);
+  cluster = std::clamp(tuned(key, "cluster", cluster), 1, kMaxCluster);
   int tile = tuned(key, "tile", T <= 16 ? 16 : 32);
   if (tile != 16) tile = 32;
 
@@ -685,7 +692,9 @@ bool launch_fused(FusedArgs<S> args, DType dtype, const char* op, cudaStream_t s
     }
     return false;
   };
-  return tile == 16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 32>{});
+  // A 32-token tile that does not fit (wide rows of n = 8) falls back to 16 tokens.
+  if (tile == 32 && run(std::integral_constant<int, 32>{})) return true;
+  return run(std::integral_constant<int, 16>{});
 }
 
 // Environment switch for tests and benchmarks: MHC_CUDA_PATH=generic forces the generic kernels.

@@ -14,10 +14,10 @@ namespace mhc::cuda_impl {
 __host__ __device__ constexpr int sinkhorn_steps(int iters) { return 2 * iters - 1; }
 
 // ---- one thread per matrix -------------------------------------------------------------------------
-// kFast (fp32 only): reciprocals by __frcp_rn (correctly rounded, no division slow path) and
-// exponentials by __expf (a few ulp): a much shorter dependency chain per step.
+// kFast (fp32 only): reciprocals by fast_rcp and exponentials by __expf (a few ulp each): a short,
+// branch-free dependency chain per step (the accurate versions are subroutine calls).
 template <bool kFast, class M> __device__ __forceinline__ M sk_recip(M v) {
-  if constexpr (kFast && std::is_same_v<M, float>) return __frcp_rn(v);
+  if constexpr (kFast && std::is_same_v<M, float>) return fast_rcp(v);
   else return M(1) / v;
 }
 template <bool kFast, class M> __device__ __forceinline__ M sk_exp(M v) {
