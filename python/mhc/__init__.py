@@ -38,3 +38,10 @@ __all__ = [
     "ops",
     "reference",
 ]
+
+# --- model integrations (rewire.py, hf.py, diagnostics.py) ---
+from . import diagnostics, hf
+from .rewire import AutoPatcher, MHCRewire, PatchReport
+
+__all__ += ["AutoPatcher", "MHCRewire", "PatchReport", "diagnostics", "hf"]  # hf does not import transformers
+# --- end model integrations ---
