@@ -242,6 +242,41 @@ def profile_kernels(n: int, C: int, T: int, only: Optional[List[str]]) -> None:
             print(f"   {t:9.1f} us  x{count}  {key[:110]}")
 
 
+def run_once(n: int, C: int, T: int, only: Optional[List[str]], calls: int = 4) -> None:
+    """Runs each selected op a few times, untimed: the workload for ncu / compute-sanitizer."""
+    steps = make_steps("mhc", n, C, T, 1, {})
+    for name in OP_ORDER:
+        if name in steps and (not only or name in only):
+            for _ in range(calls):
+                steps[name](0)
+    torch.cuda.synchronize()
+
+
+def ncu_hotspots(csv_path: str, top: int = 30) -> None:
+    """Top SASS lines by warp-stall samples from `ncu --page source --csv --print-source sass` output."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    header_at = next((i for i, r in enumerate(rows) if any("Stall Sampling" in c for c in r)), None)
+    if header_at is None:
+        print("no stall-sampling columns in", csv_path)
+        return
+    header = rows[header_at]
+    col = next(i for i, c in enumerate(header) if "Stall Sampling" in c and "All" in c)
+    src = next((i for i, c in enumerate(header) if c.strip() in ("Source", "# Source")), 1)
+    lines = []
+    for r in rows[header_at + 1:]:
+        try:
+            lines.append((float(r[col].replace(",", "")), r[src][:100]))
+        except (ValueError, IndexError):
+            continue
+    total = sum(v for v, _ in lines) or 1.0
+    print(f"{len(lines)} SASS lines, {total:.0f} stall samples; top {top}:")
+    for v, text in sorted(lines, reverse=True)[:top]:
+        print(f"  {100 * v / total:5.1f}%  {text}")
+
+
 def fmt(v: Optional[float], digits: int = 1) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -259,13 +294,22 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", type=int, nargs=3, action="append", metavar=("N", "C", "TOKENS"),
                     help="print the per-kernel device time of every op at this shape (repeatable) and exit")
+    ap.add_argument("--run-once", type=int, nargs=3, metavar=("N", "C", "TOKENS"),
+                    help="run the selected ops a few times without timing (for ncu) and exit")
+    ap.add_argument("--ncu-hotspots", metavar="CSV", help="summarise an ncu source-page CSV and exit")
     args = ap.parse_args()
+    if args.ncu_hotspots:
+        ncu_hotspots(args.ncu_hotspots)
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
     if args.quick:
         args.n, args.C, args.tokens = [4], [1024, 4096], [1, 64, 4096]
 
+    if args.run_once:
+        run_once(*args.run_once, args.ops)
+        return 0
     if args.profile:
         for n, C, T in args.profile:
             profile_kernels(n, C, T, args.ops)
