@@ -188,3 +188,15 @@ def test_bad_input():
         convert_decoder(model)
     with pytest.raises(ValueError, match="hidden_states"):
         model.model.layers[1](torch.randn(1, 3, HIDDEN))
+
+
+def test_amax_gain_of_a_converted_model():
+    model = convert_decoder(_tiny("LlamaConfig", "LlamaForCausalLM", layers=3), n=4)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with mhc.diagnostics.CombRecorder(model) as recorder, torch.no_grad():
+        model(ids, use_cache=False)
+    assert recorder.site_names == [f"model.layers.{i}.{site}" for i in range(3) for site in ("attn_site", "mlp_site")]
+    gain = recorder.amax_gain(cumulative=True)
+    assert gain.forward.shape == (6,)
+    # Sinkhorn makes every comb doubly stochastic up to eps: the composite neither amplifies nor damps
+    assert (gain.forward - 1).abs().max() < 1e-3 and (gain.backward - 1).abs().max() < 1e-3
