@@ -6,17 +6,33 @@ from pathlib import Path
 # A bare Figure renders with Agg and never touches pyplot's global backend: works without a display and
 # leaves the backend of a notebook that imports this alone.
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 COLORS = {"residual": "#555555", "hc": "#d62728", "mhc": "#1f77b4"}
 
 
-def _smooth(values, alpha=0.1):
-    """Exponential moving average, so that the trend shows through per-batch noise."""
-    out, avg = [], None
-    for v in values:
-        avg = v if avg is None else (1 - alpha) * avg + alpha * v
-        out.append(avg)
+def _smooth(values):
+    """Centred moving average over about 1/40 of the run, so that the trend shows through per-batch noise
+    without lagging behind it; the window shrinks at the ends."""
+    half = max(len(values) // 80, 1)
+    out = []
+    for i in range(len(values)):
+        window = values[max(i - half, 0):i + half + 1]
+        out.append(sum(window) / len(window))
     return out
+
+
+class _PlainLogFormatter(LogFormatter):
+    """Labels the ticks LogFormatter would label, written as plain numbers (0.6, 2, 50) rather than 6e-01."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def _plain_log_axis(ax):
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def plot_results(results: dict, path: str | Path) -> Path:
@@ -40,6 +56,8 @@ def plot_results(results: dict, path: str | Path) -> Path:
                          linewidth=1.6)
             ax_amax.plot(h["step"], h["amax_backward_max"], color=color, linestyle="--",
                          label=f"{label}: backward (column sums)", linewidth=1.6)
+            ax_amax.annotate(f"{h['amax_forward_max'][-1]:.3g}", (h["step"][-1], h["amax_forward_max"][-1]),
+                             xytext=(4, 0), textcoords="offset points", color=color, fontsize=9, va="center")
         if run["diverged_at_step"] is not None:
             for ax in (ax_train, ax_grad):
                 ax.axvline(run["diverged_at_step"], color=color, linestyle=":", linewidth=1)
@@ -49,10 +67,11 @@ def plot_results(results: dict, path: str | Path) -> Path:
     ax_val.set_title("Validation loss (held-out text)")
     ax_val.set_ylabel("cross-entropy (nats / character)")
     ax_grad.set_title("Gradient norm before clipping")
-    ax_grad.set_yscale("log")
+    _plain_log_axis(ax_grad)
     ax_amax.set_title("Amax gain of the composite H_res over all layers (worst token)")
     ax_amax.axhline(1.0, color="black", linewidth=0.8, alpha=0.5)
-    ax_amax.set_yscale("log")
+    _plain_log_axis(ax_amax)
+    ax_amax.margins(x=0.08)  # room for the final values written at the right end
     for ax in axes.ravel():
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

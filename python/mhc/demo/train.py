@@ -266,8 +266,8 @@ def _median(values):
 
 def summary_paragraph(cfg: DemoConfig, summary: dict[str, dict], png: Path, js: Path) -> str:
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-    parts = [f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} characters ({tokens:,} tokens) on {cfg.device}, "
-             f"width {cfg.width}, depth {cfg.depth}, n = {cfg.n_streams}."]
+    parts = [f"{cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} characters ({tokens:,} tokens) on {cfg.device}, "
+             f"width {cfg.width}, depth {cfg.depth}, n = {cfg.n_streams} streams."]
     losses = []
     for kind, s in summary.items():
         if s["diverged_at_step"] is not None:
@@ -275,18 +275,15 @@ def summary_paragraph(cfg: DemoConfig, summary: dict[str, dict], png: Path, js: 
         else:
             losses.append(f"{LABELS[kind]} {s['final_val_loss']:.3f}")
     parts.append("Final validation loss (nats/char): " + ", ".join(losses) + ".")
-    stab = []
-    for kind in ("hc", "mhc"):
-        if kind in summary and "max_amax_forward" in summary[kind]:
-            s = summary[kind]
-            stab.append(f"{LABELS[kind]} reached an Amax gain of {s['max_amax_forward']:.3g} forward / "
-                        f"{s['max_amax_backward']:.3g} backward (composite H_res over all {2 * cfg.depth} sites, "
-                        f"worst token; ends at {s['final_amax_forward']:.3g} / {s['final_amax_backward']:.3g})")
+    stab = [f"{LABELS[kind]} reached {s['max_amax_forward']:.3g} forward / {s['max_amax_backward']:.3g} backward "
+            f"({s['final_amax_forward']:.3g} / {s['final_amax_backward']:.3g} at the end)"
+            for kind, s in summary.items() if "max_amax_forward" in s]
     if stab:
-        parts.append("Stability: " + "; ".join(stab) + " - 1 is a signal neither amplified nor damped.")
-    parts.append("Largest gradient norm: " + ", ".join(
-        f"{LABELS[k]} {s['max_grad_norm']:.3g} (median {s['median_grad_norm']:.3g})" for k, s in summary.items())
-        + ".")
+        parts.append(f"Stability, as the Amax gain of the composite H_res over all {2 * cfg.depth} sites (worst token; "
+                     "1 = a signal neither amplified nor damped): " + "; ".join(stab) + ".")
+    parts.append("Largest gradient norm (median): " + ", ".join(
+        f"{LABELS[k]} {s['max_grad_norm']:.3g} ({s['median_grad_norm']:.3g})" for k, s in summary.items()) + ".")
+    parts.append("Wall time: " + ", ".join(f"{LABELS[k]} {s['wall_s']:.0f} s" for k, s in summary.items()) + ".")
     parts.append(f"Plot: {png}; numbers: {js}.")
     return " ".join(parts)
 
