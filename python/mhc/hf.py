@@ -26,7 +26,6 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .modules import MHC, MHCHead
