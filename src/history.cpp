@@ -143,7 +143,8 @@ void check_grad_states(const ArgChecker& check, std::span<const TensorView> grad
     check.fail("grad_states: expected " + std::to_string(states.size()) + " tensors (one per state) or none, got " +
                std::to_string(grad_states.size()));
   for (std::size_t k = 0; k < grad_states.size(); ++k)
-    check_shaped(check, grad_states[k], "grad_states[" + std::to_string(k) + "]", {}, states[0], states[0].dtype,
+    if (grad_states[k].present())  // absent: that state's gradient is not wanted
+      check_shaped(check, grad_states[k], "grad_states[" + std::to_string(k) + "]", {}, states[0], states[0].dtype,
                  device, "like the states");
 }
 

@@ -95,7 +95,8 @@ struct HistoryMixBackward {
   TensorView gate;                          // optional [1]
   TensorView grad_weights;                  // out, like weights: gate * <grad_out[r], h_k>
   TensorView grad_gate;                     // optional out [1] (only with gate)
-  std::span<const TensorView> grad_states;  // optional outs, like states: gate * sum_r w[r, k] grad_out[r]
+  std::span<const TensorView> grad_states;  // optional outs, like states: gate * sum_r w[r, k] grad_out[r];
+                                            // empty, or H entries of which absent ones are not written
   TensorView workspace;                     // bytes, at least history_mix_backward_workspace_bytes()
 };
 std::size_t history_mix_backward_workspace_bytes(const HistoryMixBackward& args, const HistoryConfig& cfg,
@@ -124,7 +125,7 @@ struct HistorySkipBackward {
   TensorView gate;     // optional [1]
   TensorView grad_logits;                   // out [H]
   TensorView grad_gate;                     // optional out [1] (only with gate)
-  std::span<const TensorView> grad_states;  // optional outs
+  std::span<const TensorView> grad_states;  // optional outs (empty, or H entries, absent ones not written)
   TensorView workspace;
 };
 std::size_t history_skip_backward_workspace_bytes(const HistorySkipBackward& args, const HistoryConfig& cfg,

@@ -72,8 +72,28 @@ def _dl(t: Optional[Tensor]):
     return None if t is None else to_dlpack(t)
 
 
-def _dls(ts: Sequence[Tensor]):
-    return [to_dlpack(t) for t in ts]
+def _dls(ts: Sequence[Optional[Tensor]]):
+    return [None if t is None else to_dlpack(t) for t in ts]
+
+
+def _grad_buffers(states: Sequence[Tensor], need) -> List[Optional[Tensor]]:
+    """Outputs for the states' gradients: all (True), none (False), or per state (a sequence of bools)."""
+    if need is True:
+        return [_new(s) for s in states]
+    if need is False:
+        return []
+    return [_new(s) if n else None for s, n in zip(states, need)]
+
+
+# Workspace bytes of a backward, by what determines them (the first call asks the C++ side).
+_workspace_sizes: dict = {}
+
+
+def _workspace_bytes(query, key) -> int:
+    nbytes = _workspace_sizes.get(key)
+    if nbytes is None:
+        nbytes = _workspace_sizes[key] = query()
+    return nbytes
 
 
 def _stream(t: Tensor) -> int:
@@ -267,14 +287,17 @@ def _mix_backward_impl(grad_out: Tensor, states: List[Tensor], weights: Tensor, 
                        need_states: bool, backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
     grad_weights = _new(weights)
     grad_gate = _new(weights, (1,) if gate is not None else (0,))
-    grad_states = [_new(s) for s in states] if need_states else []
+    grad_states = _grad_buffers(states, need_states)
     cfg = _config()
     with _device(grad_out):
         stream = _stream(grad_out)
         args = lambda: dict(grad_out=_dl(grad_out), states=_dls(states), weights=_dl(weights), gate=_dl(gate),  # noqa: E731
                             grad_weights=_dl(grad_weights), grad_gate=_dl(grad_gate if gate is not None else None),
                             grad_states=_dls(grad_states))
-        nbytes = _C.history_mix_backward_workspace_bytes(**args(), config=cfg, backend=backend, stream=stream)
+        key = ("mix", backend, grad_out.device, grad_out.dtype, states[0].numel(), len(states), weights.dim(),
+               weights.shape[0])
+        nbytes = _workspace_bytes(lambda: _C.history_mix_backward_workspace_bytes(
+            **args(), config=cfg, backend=backend, stream=stream), key)
         _C.history_mix_backward(**args(), workspace=_dl(_workspace(nbytes, grad_out)), config=cfg, backend=backend,
                                 stream=stream)
     return grad_weights, grad_gate, grad_states
@@ -331,15 +354,15 @@ class _MixFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         weights, gate, *states = ctx.saved_tensors
         need_x, need_weights, need_gate = ctx.needs_input_grad[:3]
-        need_states = any(ctx.needs_input_grad[4:])
+        need_each = tuple(ctx.needs_input_grad[4:])  # detached states: no gradient computed or written
         grad_out = grad_out.contiguous()
         grad_weights = grad_gate = None
         grad_states = [None] * len(states)
-        if need_states or need_weights or need_gate:
-            grad_weights, grad_gate, computed = _mix_backward_impl(grad_out, states, weights, gate, need_states,
-                                                                   ctx.backend)
+        if any(need_each) or need_weights or need_gate:
+            grad_weights, grad_gate, computed = _mix_backward_impl(grad_out, states, weights, gate,
+                                                                   need_each if any(need_each) else False, ctx.backend)
             grad_gate = grad_gate if ctx.has_gate else None
-            if need_states:
+            if any(need_each):
                 grad_states = computed
         return (grad_out if (ctx.has_x and need_x) else None, grad_weights, grad_gate, None, *grad_states)
 
@@ -415,14 +438,16 @@ def _skip_backward_impl(grad_out: Tensor, states: List[Tensor], logits: Tensor, 
                         backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
     grad_logits = _new(logits)
     grad_gate = _new(logits, (1,) if gate is not None else (0,))
-    grad_states = [_new(s) for s in states] if need_states else []
+    grad_states = _grad_buffers(states, need_states)
     cfg = _config(constraint, temperature, epsilon)
     with _device(grad_out):
         stream = _stream(grad_out)
         args = lambda: dict(grad_out=_dl(grad_out), states=_dls(states), logits=_dl(logits), weights=_dl(weights),  # noqa: E731
                             gate=_dl(gate), grad_logits=_dl(grad_logits),
                             grad_gate=_dl(grad_gate if gate is not None else None), grad_states=_dls(grad_states))
-        nbytes = _C.history_skip_backward_workspace_bytes(**args(), config=cfg, backend=backend, stream=stream)
+        key = ("skip", backend, grad_out.device, grad_out.dtype, states[0].numel(), len(states))
+        nbytes = _workspace_bytes(lambda: _C.history_skip_backward_workspace_bytes(
+            **args(), config=cfg, backend=backend, stream=stream), key)
         _C.history_skip_backward(**args(), workspace=_dl(_workspace(nbytes, grad_out)), config=cfg, backend=backend,
                                  stream=stream)
     return grad_logits, grad_gate, grad_states
@@ -483,15 +508,15 @@ class _SkipFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_weights):
         logits, weights, gate, *states = ctx.saved_tensors
         need_x, need_logits, need_gate = ctx.needs_input_grad[:3]
-        need_states = any(ctx.needs_input_grad[7:])
+        need_each = tuple(ctx.needs_input_grad[7:])  # detached states: no gradient computed or written
         grad_out = grad_out.contiguous()
         grad_logits = grad_gate = None
         grad_states = [None] * len(states)
-        if need_states or need_logits or need_gate:
-            grad_logits, grad_gate, computed = _skip_backward_impl(grad_out, states, logits, weights, gate, need_states,
-                                                                   *ctx.hyper)
+        if any(need_each) or need_logits or need_gate:
+            grad_logits, grad_gate, computed = _skip_backward_impl(grad_out, states, logits, weights, gate,
+                                                                   need_each if any(need_each) else False, *ctx.hyper)
             grad_gate = grad_gate if ctx.has_gate else None
-            if need_states:
+            if any(need_each):
                 grad_states = computed
         return (grad_out if need_x else None, grad_logits, grad_gate, None, None, None, None, *grad_states)
 

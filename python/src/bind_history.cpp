@@ -19,8 +19,17 @@ namespace {
 
 using Stream = std::uintptr_t;
 using ArrayList = std::vector<Array>;
+using OptArrayList = std::vector<OptArray>;  // None entries: absent (a gradient that is not wanted)
 
 std::vector<TensorView> to_views(const ArrayList& arrays, const char* name) {
+  std::vector<TensorView> views;
+  views.reserve(arrays.size());
+  for (std::size_t k = 0; k < arrays.size(); ++k)
+    views.push_back(to_view(arrays[k], (std::string(name) + "[" + std::to_string(k) + "]").c_str()));
+  return views;
+}
+
+std::vector<TensorView> to_views(const OptArrayList& arrays, const char* name) {
   std::vector<TensorView> views;
   views.reserve(arrays.size());
   for (std::size_t k = 0; k < arrays.size(); ++k)
@@ -42,7 +51,7 @@ struct MixBackwardArgs {
   std::vector<TensorView> states, grad_states;
   HistoryMixBackward a;
   MixBackwardArgs(const Array& grad_out, const ArrayList& states_in, const Array& weights, const OptArray& gate,
-                  const Array& grad_weights, const OptArray& grad_gate, const ArrayList& grad_states_in,
+                  const Array& grad_weights, const OptArray& grad_gate, const OptArrayList& grad_states_in,
                   const OptArray& workspace)
       : states(to_views(states_in, "states")), grad_states(to_views(grad_states_in, "grad_states")) {
     a.grad_out = to_view(grad_out, "grad_out");
@@ -61,7 +70,7 @@ struct SkipBackwardArgs {
   HistorySkipBackward a;
   SkipBackwardArgs(const Array& grad_out, const ArrayList& states_in, const Array& logits, const Array& weights,
                    const OptArray& gate, const Array& grad_logits, const OptArray& grad_gate,
-                   const ArrayList& grad_states_in, const OptArray& workspace)
+                   const OptArrayList& grad_states_in, const OptArray& workspace)
       : states(to_views(states_in, "states")), grad_states(to_views(grad_states_in, "grad_states")) {
     a.grad_out = to_view(grad_out, "grad_out");
     a.states = states;
@@ -143,7 +152,7 @@ void bind_history(nb::module_& m) {
   m.def(
       "history_mix_backward_workspace_bytes",
       [](const Array& grad_out, const ArrayList& states, const Array& weights, const OptArray& gate,
-         const Array& grad_weights, const OptArray& grad_gate, const ArrayList& grad_states, const HistoryConfig& cfg,
+         const Array& grad_weights, const OptArray& grad_gate, const OptArrayList& grad_states, const HistoryConfig& cfg,
          const std::string& backend, Stream stream) {
         MixBackwardArgs args(grad_out, states, weights, gate, grad_weights, grad_gate, grad_states, std::nullopt);
         return history_mix_backward_workspace_bytes(args.a, cfg, make_context(backend.c_str(), stream));
@@ -155,7 +164,7 @@ void bind_history(nb::module_& m) {
   m.def(
       "history_mix_backward",
       [](const Array& grad_out, const ArrayList& states, const Array& weights, const OptArray& gate,
-         const Array& grad_weights, const OptArray& grad_gate, const ArrayList& grad_states,
+         const Array& grad_weights, const OptArray& grad_gate, const OptArrayList& grad_states,
          const OptArray& workspace, const HistoryConfig& cfg, const std::string& backend, Stream stream) {
         MixBackwardArgs args(grad_out, states, weights, gate, grad_weights, grad_gate, grad_states, workspace);
         run(history_mix_backward, args.a, cfg, backend, stream);
@@ -184,7 +193,7 @@ void bind_history(nb::module_& m) {
   m.def(
       "history_skip_backward_workspace_bytes",
       [](const Array& grad_out, const ArrayList& states, const Array& logits, const Array& weights,
-         const OptArray& gate, const Array& grad_logits, const OptArray& grad_gate, const ArrayList& grad_states,
+         const OptArray& gate, const Array& grad_logits, const OptArray& grad_gate, const OptArrayList& grad_states,
          const HistoryConfig& cfg, const std::string& backend, Stream stream) {
         SkipBackwardArgs args(grad_out, states, logits, weights, gate, grad_logits, grad_gate, grad_states,
                               std::nullopt);
@@ -197,7 +206,7 @@ void bind_history(nb::module_& m) {
   m.def(
       "history_skip_backward",
       [](const Array& grad_out, const ArrayList& states, const Array& logits, const Array& weights,
-         const OptArray& gate, const Array& grad_logits, const OptArray& grad_gate, const ArrayList& grad_states,
+         const OptArray& gate, const Array& grad_logits, const OptArray& grad_gate, const OptArrayList& grad_states,
          const OptArray& workspace, const HistoryConfig& cfg, const std::string& backend, Stream stream) {
         SkipBackwardArgs args(grad_out, states, logits, weights, gate, grad_logits, grad_gate, grad_states,
                               workspace);

@@ -293,7 +293,7 @@ void mix_rows_backward(const X* grad_out, std::span<const TensorView> states, st
   const S* h[kMaxHistory];
   S* gh[kMaxHistory] = {};
   for (int k = 0; k < H; ++k) h[k] = states[k].ptr<const S>();
-  for (std::size_t k = 0; k < grad_states.size(); ++k) gh[k] = grad_states[k].ptr<S>();
+  for (std::size_t k = 0; k < grad_states.size(); ++k) gh[k] = grad_states[k].present() ? grad_states[k].ptr<S>() : nullptr;
   std::fill(partials, partials + threads * RH, 0.0);
   const std::int64_t chunks = chunks_of(N);
 #pragma omp parallel num_threads(threads) if (N * R * (H + 2) > kParallelMinWork)
@@ -312,6 +312,7 @@ void mix_rows_backward(const X* grad_out, std::span<const TensorView> states, st
       }
       if (!grad_states.empty())
         for (int k = 0; k < H; ++k) {
+          if (!gh[k]) continue;  // not wanted
           std::fill(acc, acc + len, M(0));
           for (std::int64_t r = 0; r < R; ++r) {
             const M scaled = gate * w[r * H + k];

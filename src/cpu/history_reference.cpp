@@ -252,7 +252,7 @@ void history_mix_backward(const HistoryMixBackward& a, const HistoryConfig&, con
   if (a.grad_gate.present()) coef_set(a.grad_gate, 0, grad_gate);
   if (!a.grad_states.empty())
     for (int k = 0; k < H; ++k)
-      for (std::int64_t n = 0; n < N; ++n) {
+      for (std::int64_t n = 0; n < N && a.grad_states[k].present(); ++n) {
         double sum = 0;
         for (std::int64_t r = 0; r < R; ++r) sum += coef_at(a.weights, r * H + k) * value_at(a.grad_out, r * N + n);
         value_set(a.grad_states[k], n, gate * sum);
@@ -301,7 +301,8 @@ void history_skip_backward(const HistorySkipBackward& a, const HistoryConfig& cf
   if (a.grad_gate.present()) coef_set(a.grad_gate, 0, grad_gate);
   if (!a.grad_states.empty())
     for (int k = 0; k < H; ++k)
-      for (std::int64_t n = 0; n < N; ++n) value_set(a.grad_states[k], n, gate * w[k] * value_at(a.grad_out, n));
+      if (a.grad_states[k].present())
+        for (std::int64_t n = 0; n < N; ++n) value_set(a.grad_states[k], n, gate * w[k] * value_at(a.grad_out, n));
 }
 
 }  // namespace mhc::cpu_ref

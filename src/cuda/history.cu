@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < V; ++i) acc[k] += gm[i] * to_math(hv[i]);
         }
-        if (write_grad_states) {
+        if (write_grad_states && grad_states.p[k]) {  // block-uniform; null: not wanted
           const M scaled = g * wk;
           alignas(16) S sv[V];
 #pragma unroll
@@ -337,6 +337,7 @@ __global__ void __launch_bounds__(kThreads)
        grp += stride) {
     const std::int64_t n = grp * V;
     for (int k = 0; k < H; ++k) {
+      if (!grad_states.p[k]) continue;  // not wanted
       M acc[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[i] = M(0);

@@ -409,6 +409,44 @@ TEST(HistoryMix, LargeInputsTakeTheThreadedPath) {
   expect_close(gw[1], gw[0], 1e-5, 1e-5 * std::sqrt(3.0 * (1 << 17)), "threaded backward");
 }
 
+TEST(HistoryMix, AbsentGradStatesAreNotWrittenAndTheRestUnchanged) {
+  // Detached states: their gradient buffers are absent; the others come out as with every buffer given.
+  std::mt19937 rng(14);
+  for (const Context& ctx : {kRef, kFast}) {
+    MixCase c{{DType::f32, DType::f32}, 3, 0, {5, 37}, true, true};
+    MixBufs m = make_mix(c, rng);
+    const auto sv = views(m.states);
+    Buf grad_out(DType::f32, m.out_shape);
+    grad_out.random(rng);
+    std::vector<Buf> full, part;
+    for (int k = 0; k < 3; ++k) {
+      full.emplace_back(DType::f32, c.shape);
+      part.emplace_back(DType::f32, c.shape);
+    }
+    Buf gw(DType::f32, {3}), gw2(DType::f32, {3});
+    auto run = [&](std::vector<Buf>& outs, Buf& grad_w, bool partial) {
+      std::vector<TensorView> gsv = views(outs);
+      if (partial) gsv[1] = TensorView::absent();
+      HistoryMixBackward b;
+      b.grad_out = grad_out.view();
+      b.states = sv;
+      b.weights = m.weights.view();
+      b.gate = m.gate.view();
+      b.grad_weights = grad_w.view();
+      b.grad_states = gsv;
+      std::vector<double> ws(history_mix_backward_workspace_bytes(b, {}, ctx) / sizeof(double) + 1);
+      b.workspace = TensorView::contiguous(ws.data(), DType::f64, {static_cast<std::int64_t>(ws.size())});
+      history_mix_backward(b, {}, ctx);
+    };
+    run(full, gw, false);
+    run(part, gw2, true);
+    expect_close(gw2, gw, 0, 0, "grad_weights");
+    expect_close(part[0], full[0], 0, 0, "grad_states[0]");
+    expect_close(part[2], full[2], 0, 0, "grad_states[2]");
+    for (std::int64_t i = 0; i < part[1].numel(); ++i) ASSERT_TRUE(std::isnan(part[1].get(i)));  // untouched
+  }
+}
+
 // Gradients of L = sum(grad_out * out) by central differences, fp64 reference.
 TEST(HistoryMix, BackwardMatchesFiniteDifferences) {
   std::mt19937 rng(6);

@@ -376,6 +376,59 @@ TEST_F(HistoryGpu, FusedSkipMatchesReferenceAndIsDeterministic) {
       }
 }
 
+TEST_F(HistoryGpu, AbsentGradStatesAreNotWritten) {
+  // Detached states: absent gradient buffers; the present ones match the reference.
+  std::mt19937 rng(5);
+  HistoryConfig cfg;
+  cfg.constraint = Constraint::softmax;
+  const std::vector<std::int64_t> shape{4096};
+  std::vector<Buf> states;
+  for (int k = 0; k < 3; ++k) {
+    states.emplace_back(DType::f32, shape);
+    states.back().random(rng);
+  }
+  Buf logits(DType::f32, {3}), w(DType::f32, {3}), grad_out(DType::f32, shape), gz_ref(DType::f32, {3}),
+      gz(DType::f32, {3});
+  logits.random(rng);
+  grad_out.random(rng);
+  Buf x(DType::f32, shape), out(DType::f32, shape);
+  x.random(rng);
+  const auto sv_h = views(states, false), sv_d = views(states, true);
+  history_skip_forward({x.view(false), sv_h, logits.view(false), {}, out.view(false), w.view(false)}, cfg, kRef);
+  w.upload();
+  std::vector<Buf> gs_ref, gs;
+  for (int k = 0; k < 3; ++k) {
+    gs_ref.emplace_back(DType::f32, shape);
+    gs.emplace_back(DType::f32, shape);
+  }
+  std::vector<TensorView> gref = views(gs_ref, false), gdev = views(gs, true);
+  gref[1] = TensorView::absent();
+  gdev[1] = TensorView::absent();
+  HistorySkipBackward b;
+  b.grad_out = grad_out.view(false);
+  b.states = sv_h;
+  b.logits = logits.view(false);
+  b.weights = w.view(false);
+  b.grad_logits = gz_ref.view(false);
+  b.grad_states = gref;
+  history_skip_backward(b, cfg, kRef);
+  b.grad_out = grad_out.view(true);
+  b.states = sv_d;
+  b.logits = logits.view(true);
+  b.weights = w.view(true);
+  b.grad_logits = gz.view(true);
+  b.grad_states = gdev;
+  Workspace ws(history_skip_backward_workspace_bytes(b, cfg, kCuda));
+  b.workspace = ws.view();
+  history_skip_backward(b, cfg, kCuda);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  expect_close(gz, gz_ref, 1e-4, 1e-4, "grad_logits");
+  expect_close(gs[0], gs_ref[0], 1e-6, 1e-6, "grad_states[0]");
+  expect_close(gs[2], gs_ref[2], 1e-6, 1e-6, "grad_states[2]");
+  gs[1].download();
+  for (std::int64_t i = 0; i < gs[1].numel(); ++i) ASSERT_TRUE(std::isnan(gs[1].get(i))) << i;
+}
+
 TEST_F(HistoryGpu, OneHotSkipsZeroWeightStates) {
   // One-hot sparsemax weights: the states with weight 0 hold NaN and must not be read.
   std::mt19937 rng(4);
