@@ -207,7 +207,8 @@ Selector = Union[None, str, Callable[[str, nn.Module], bool]]
 
 class AutoPatcher:
     """Finds the shape-preserving Linear layers of a model (see :func:`is_square_linear`) and wraps each in an
-    :class:`MHCRewire` in plain mode, in place. ``unpatch`` puts the original layers back."""
+    :class:`MHCRewire` in plain mode, in place. ``unpatch`` puts the original layers back; ``fold`` turns the
+    static sites around float ``nn.Linear`` layers into single ``nn.Linear`` layers (deployment)."""
 
     @staticmethod
     def patch(model: nn.Module, n_streams: int = 4, *, select: Selector = None, **mhc_kwargs) -> PatchReport:
@@ -273,6 +274,25 @@ class AutoPatcher:
         for name in names:
             _set_submodule(model, name, model.get_submodule(name).module)
         return names
+
+
+    @staticmethod
+    def fold(model: nn.Module) -> List[str]:
+        """Replace every :class:`MHCRewire` of ``model`` that folds exactly (a static site in plain mode around a
+        float ``nn.Linear``, no norm; see :meth:`MHCRewire.fold`) by its folded ``nn.Linear``, for deployment.
+        Returns the names replaced; the others stay as they are."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"mhc.AutoPatcher.fold: model: expected an nn.Module, got {type(model).__name__}")
+        names = [name for name, module in model.named_modules() if name and isinstance(module, MHCRewire)
+                 and _foldable(module) and not _inside_rewire(model, name)]
+        for name in names:
+            _set_submodule(model, name, model.get_submodule(name).fold())
+        return names
+
+
+def _foldable(rewire: MHCRewire) -> bool:
+    return (type(rewire.module) is nn.Linear and rewire.module.weight.is_floating_point() and rewire.mhc.static
+            and rewire.io != "streams" and rewire.norm is None)
 
 
 def _inside_rewire(model: nn.Module, name: str) -> bool:

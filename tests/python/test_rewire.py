@@ -282,6 +282,27 @@ def test_autopatcher_select():
     assert static.patched == ["mix"] and site.static and site.n == 8 and site.fn is None
 
 
+def test_autopatcher_fold_for_deployment():
+    torch.manual_seed(14)
+    model = _TinyNet()
+    mhc.AutoPatcher.patch(model, 4, select=r"^blocks\.", static=True)
+    mhc.AutoPatcher.patch(model, 4, select="mix")  # dynamic: stays
+    for site in (m for m in model.modules() if isinstance(m, mhc.MHC)):
+        with torch.no_grad():
+            site.base.normal_()
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        before = model(x)
+    assert mhc.AutoPatcher.fold(model) == ["blocks.0", "blocks.1"]
+    assert type(model.blocks[0]) is nn.Linear and model.blocks[0].bias is None
+    assert isinstance(model.mix, mhc.MHCRewire)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=2e-5, atol=2e-5)
+    assert mhc.AutoPatcher.fold(model) == []
+    with pytest.raises(TypeError, match="model"):
+        mhc.AutoPatcher.fold(3)
+
+
 def test_autopatcher_bad_arguments():
     model = _TinyNet()
     with pytest.raises(TypeError, match="model"):
