@@ -86,7 +86,8 @@ class MHCRewire(nn.Module):
         norm: optional module applied to ``layer_input`` before F (a pre-norm); default none.
         **mhc_kwargs: keywords of :class:`mhc.MHC` (``static``, ``iters``, ``alpha_init``, ``impl``, ...).
 
-    The site is ``self.mhc``; see the module docstring for plain mode, its initialisation and :meth:`fold`.
+    The site is ``self.mhc``, created on F's device (float32 parameters); see the module docstring for plain
+    mode, its initialisation and :meth:`fold`.
     """
 
     def __init__(self, module: nn.Module, dims: int, n: int = 4, *, io: str = "auto",
@@ -108,6 +109,9 @@ class MHCRewire(nn.Module):
         self.module = module
         self.norm = norm
         self.mhc = MHC(n, dims, **mhc_kwargs)
+        device = _module_device(module)
+        if device is not None:  # the site lives with F (float32 parameters whatever F's dtype)
+            self.mhc.to(device)
 
     def _is_streams(self, x: Tensor) -> bool:
         if self.io == "streams":
@@ -253,10 +257,7 @@ class AutoPatcher:
         report = PatchReport()
         for name, module in targets:
             width = module.in_features
-            device = _module_device(module)
             wrapper = MHCRewire(module, width, n_streams, io="plain", **mhc_kwargs)
-            if device is not None:
-                wrapper.mhc.to(device)
             _set_submodule(model, name, wrapper)
             report.patched.append(name)
             report.widths.append(width)
