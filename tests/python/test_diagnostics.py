@@ -54,7 +54,8 @@ def test_doubly_stochastic_stays_at_one_unconstrained_grows():
     gain = amax_gain(sinkhorn_combs, cumulative=True)
     torch.testing.assert_close(gain.forward, torch.ones(layers, dtype=torch.float64), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gain.backward, torch.ones(layers, dtype=torch.float64), rtol=1e-6, atol=1e-6)
-    amplifying = [1.1 * torch.eye(n, dtype=torch.float64) for _ in range(layers)]  # unconstrained HC drifting above identity
+    # unconstrained HC drifting above the identity
+    amplifying = [1.1 * torch.eye(n, dtype=torch.float64) for _ in range(layers)]
     grown = amax_gain(amplifying, cumulative=True)
     torch.testing.assert_close(grown.forward, 1.1 ** torch.arange(1, layers + 1, dtype=torch.float64))
 
