@@ -78,15 +78,12 @@ def _probe_backend(C, backend: str, device: str) -> str:
 
 
 def _tuning_file() -> str:
-    if importlib.util.find_spec("mhc.tuning") is None:
-        return "none (mhc.tuning not installed)"
-    tuning = importlib.import_module("mhc.tuning")
-    for name in ("tuning_file_path", "tuning_path", "find_tuning_file", "default_path"):
-        fn = getattr(tuning, name, None)
-        if callable(fn):
-            path = fn()
-            return str(path) if path else "none found"
-    return "unknown (mhc.tuning exposes no path query)"
+    from . import tuning
+
+    path = tuning.tuning_file_path()
+    if path is not None:
+        return str(path)
+    return f"none (looked for {tuning.default_path()}; set MHC_TUNING_FILE or run `mhc tune`)"
 
 
 def _run_info(args) -> int:

@@ -18,7 +18,10 @@ def test_info_reports_build_and_backends(capsys):
     assert "backend cpu reference  ok" in out  # the probe ran a real Sinkhorn and checked it
     assert "backend cpu fast       ok" in out
     assert "pre_forward" in out and "post_backward" in out
-    assert "tuning file" in out
+    from mhc import tuning
+
+    found = tuning.tuning_file_path()
+    assert f"tuning file     {found}" in out if found else f"looked for {tuning.default_path()}" in out
 
 
 def test_console_entry_point_runs_info():

@@ -221,7 +221,8 @@ class GPT(nn.Module):
 
 
 def amax_gain(combs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Amax gain magnitude (mHC paper, section 3.1) of the composite residual mapping across all sites.
+    """Amax gain magnitude (mHC paper, section 3.1) of the composite residual mapping across all sites, from the
+    library's ``mhc.diagnostics.amax_gain``.
 
     With ``H_l = comb_l^T`` the residual matrix of site l, the composite is ``P = H_L ... H_2 H_1`` for every token.
     Forward gain: the largest absolute row sum of P (how much a signal can be amplified from input to output);
@@ -229,20 +230,16 @@ def amax_gain(combs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     up to Sinkhorn's tolerance, for mHC (a product of doubly stochastic matrices is doubly stochastic).
     Returns 0-d float64 tensors: the worst token (``*_max``) and the token mean (``*_mean``), plus the worst single
     site's forward gain (``single_max``). Stays on the device (no host sync)."""
+    from mhc.diagnostics import amax_gain as library_amax_gain
+
     if not combs:
         raise ValueError("combs: empty (the plain residual model has no H_res)")
-    composite = None
-    single = []
-    for comb in combs:
-        h_res = comb.detach().to(torch.float64).transpose(-1, -2)
-        single.append(h_res.abs().sum(-1).amax(-1).max())
-        composite = h_res if composite is None else h_res @ composite
-    forward = composite.abs().sum(-1).amax(-1)  # [..]: per token, max over rows o of sum_i |P[o, i]|
-    backward = composite.abs().sum(-2).amax(-1)  # per token, max over columns i of sum_o |P[o, i]|
+    per_token = library_amax_gain(list(combs), reduce="none")
+    single = torch.stack([library_amax_gain([comb], reduce="max").forward for comb in combs])
     return {
-        "forward_max": forward.max(),
-        "forward_mean": forward.mean(),
-        "backward_max": backward.max(),
-        "backward_mean": backward.mean(),
-        "single_max": torch.stack(single).max(),
+        "forward_max": per_token.forward.max(),
+        "forward_mean": per_token.forward.mean(),
+        "backward_max": per_token.backward.max(),
+        "backward_mean": per_token.backward.mean(),
+        "single_max": single.max(),
     }
