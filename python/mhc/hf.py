@@ -106,7 +106,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def convert_decoder(model: nn.Module, n: int = 4, *, head: str = "learned", **mhc_kwargs) -> nn.Module:
     """Convert ``model`` in place (and return it): every decoder layer becomes an :class:`MHCDecoderLayer` with ``n``
     streams. ``head``: ``"learned"`` or ``"mean"`` (:class:`mhc.MHCHead`). ``mhc_kwargs`` go to every
-    :class:`mhc.MHC` site (``iters``, ``alpha_init``, ``static``, ``impl``, ...). The new parameters are float32 on
+    :class:`mhc.MHC` site (``iters``, ``alpha_init``, ``static``, ``impl``, ...; the head takes ``impl`` and
+    ``alpha_init``). The new parameters are float32 on
     the model's device. A model already converted raises ``ValueError``.
     """
     if not isinstance(model, nn.Module):
@@ -140,7 +141,8 @@ def convert_decoder(model: nn.Module, n: int = 4, *, head: str = "learned", **mh
     device = next(stack.parameters()).device
     last = len(layers) - 1
     for index in range(len(layers)):
-        mhc_head = MHCHead(n, hidden_size, mode=head, impl=mhc_kwargs.get("impl", "fused")) if index == last else None
+        head_kwargs = {key: mhc_kwargs[key] for key in ("impl", "alpha_init") if key in mhc_kwargs}
+        mhc_head = MHCHead(n, hidden_size, mode=head, **head_kwargs) if index == last else None
         converted = MHCDecoderLayer(layers[index], n, hidden_size, expand=index == 0, head=mhc_head,
                                     returns_tuple=returns_tuple, **mhc_kwargs)
         converted.attn_site.to(device)
