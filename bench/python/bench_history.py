@@ -251,6 +251,7 @@ def main():
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--op-numel", type=int, help="elements per state for the op benchmark (default: the model's)")
     p.add_argument("--op-repeats", type=int)
+    p.add_argument("--threads", type=int, help="PyTorch CPU threads (1 gives steadier figures on a busy machine)")
     p.add_argument("--profile", action="store_true", help="CUDA: print torch.profiler's top kernels of one step")
     p.add_argument("--no-ops", action="store_true", help="skip the op benchmark")
     p.add_argument("--json", help="write the results here")
@@ -261,8 +262,8 @@ def main():
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if device.type == "cpu":
-        torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "config": {k: getattr(args, k) for k in ("batch", "channels", "size", "depth", "steps", "amp")}}
