@@ -45,3 +45,31 @@ from .rewire import AutoPatcher, MHCRewire, PatchReport
 
 __all__ += ["AutoPatcher", "MHCRewire", "PatchReport", "diagnostics", "hf"]  # hf does not import transformers
 # --- end model integrations ---
+
+# --- multi-history skip connections (seed 000: history.py, history_ops.py, profiling.py, export.py) ---
+from . import export, history, history_ops, profiling, utils
+from .history import (
+    PRESETS,
+    HistoryBuffer,
+    MatrixMHCSkip,
+    MHCBasicBlock,
+    MHCBlock,
+    MHCBottleneck,
+    MHCConv2d,
+    MHCSequential,
+    MHCSkip,
+    MHCSkipConfig,
+    WeightedSum,
+    clear_history,
+    freeze_mhc,
+    history_memory_bytes,
+    inject_mhc,
+)
+from .history_ops import history_mix, history_skip, project_logits
+from .profiling import PerformanceAudit
+
+__all__ += ["PRESETS", "HistoryBuffer", "MatrixMHCSkip", "MHCBasicBlock", "MHCBlock", "MHCBottleneck", "MHCConv2d",
+            "MHCSequential", "MHCSkip", "MHCSkipConfig", "WeightedSum", "clear_history", "freeze_mhc",
+            "history_memory_bytes", "inject_mhc", "history_mix", "history_skip", "project_logits",
+            "PerformanceAudit", "export", "history", "history_ops", "profiling", "utils"]
+# --- end multi-history skip connections ---
