@@ -15,4 +15,4 @@ fi
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch from PyPI; the build tools so the package builds without isolation (no second download).
 python3 -m pip install -q "torch>=2.4" numpy tqdm matplotlib pytest "nanobind>=2.0" "scikit-build-core>=0.10" \
-  ninja onnx onnxruntime transformers
+  ninja onnx onnxruntime onnxscript transformers

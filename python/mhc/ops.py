@@ -675,3 +675,9 @@ def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Ten
         x.reshape(-1, n, C).contiguous(), res.to(x.dtype).reshape(-1, n, C).contiguous(),
         h_pre.to(coef_dtype(x.dtype)).reshape(-1, n).contiguous(), _backend)
     return x_out.view(x.shape), agg.view(*lead, C)
+
+
+# The multi-history skip ops live in history_ops.py; re-exported so every functional op is in mhc.ops.
+from .history_ops import history_mix, history_skip, project_logits  # noqa: E402
+
+__all__ += ["history_mix", "history_skip", "project_logits"]
