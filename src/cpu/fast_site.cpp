@@ -1,13 +1,14 @@
 // Fast CPU path of the projection sites: pre, post and post fused with the next pre, the head.
 //
-// Forward, per tile of kTokenTile tokens: one pass over the tokens' [n, C] blocks computes the
-// projection x @ fn^T and the sums of squares together (each fn load serves the whole tile), the
-// coefficients and Sinkhorn run on the stack, and a second pass over the same blocks (now in
-// cache) aggregates layer_input.
+// Forward, per group of tokens (16 when n <= 8, else 4): one pass over the tokens' [n, C] blocks
+// computes the projection x @ fn^T and the sums of squares together (each fn load serves a tile
+// of kTokenTile tokens), the coefficients run on the stack and Sinkhorn runs on the whole group in
+// vector lanes, and a second pass over the same blocks (now in cache) aggregates layer_input.
 //
 // Backward, phase 1 (parallel over tokens): d(coefficients) -> d(pre-activations) (Sinkhorn in
-// reverse through every iteration), written per token to the workspace as dz [T, rows] and
-// dP = d(raw projection) [T, rows]; then grad_x in one pass with the dP @ fn GEMM fused in.
+// reverse through every iteration, recomputed, a group at a time), written per token to the
+// workspace as dz [T, rows] and dP = d(raw projection) [T, rows]; then grad_x in one pass with
+// the dP @ fn GEMM fused in.
 // Phase 2 (parallel over columns of fn): grad_fn = dP^T @ x, each element summed over tokens in
 // order; grad_base and grad_scale reduced over tokens serially from the workspace. Parameter
 // gradients therefore do not depend on the thread count.
@@ -23,7 +24,7 @@ namespace {
 
 using namespace kernels;
 
-constexpr int64_t kTokenGrain = 16;  // tokens per parallel chunk (a multiple of kTokenTile)
+constexpr int64_t kTokenGrain = 16;  // tokens per parallel chunk: a multiple of every group size
 
 template <class M> M scale_or_zero(const TensorView& scale, int i) {
   return scale.present() ? scale.ptr<const M>()[i] : M(0);
