@@ -235,21 +235,29 @@ TEST(FastDeterminism, ParameterGradientsIndependentOfThreads) {
 }
 
 // The workspace query of the fast backward is what it uses: a buffer of exactly that size works,
-// and the contents it held before do not matter (it is NaN-filled by make_workspace).
+// nothing past it is touched (a canary follows it), and what it held before does not matter.
 TEST(FastWorkspace, ExactSizeSuffices) {
   std::mt19937_64 rng(5);
   const Shape s{10, 4, 9, DType::bf16};
   const MhcConfig cfg = config_for(s.n);
   PreBackwardProblem p(s, rng, cfg);
   const std::size_t bytes = pre_backward_workspace_bytes(p.args(), cfg, kFast);
-  EXPECT_GT(bytes, 0u);
-  p.workspace = Tensor(DType::bf16, {static_cast<int64_t>(bytes / 2)});  // bytes is even: floats
-  p.workspace.poison();
+  ASSERT_GT(bytes, 0u);
+  ASSERT_EQ(bytes % 2, 0u);
+  const int64_t exact = static_cast<int64_t>(bytes / 2), canary = 64;
+  Tensor buffer(DType::bf16, {exact + canary});
+  buffer.poison();
+  for (int64_t i = exact; i < exact + canary; ++i) buffer.set(i, 1024.0);  // exact in bf16
   for (Tensor* t : {&p.grad_x, &p.grad_fn, &p.grad_base, &p.grad_scale}) t->poison();
-  pre_backward(p.args(), cfg, kFast);
+  PreBackward a = p.args();
+  a.workspace = buffer.view();
+  a.workspace.shape[0] = exact;
+  pre_backward(a, cfg, kFast);
+  for (int64_t i = exact; i < exact + canary; ++i) ASSERT_EQ(buffer.get(i), 1024.0) << "canary " << i - exact;
   PreBackwardProblem want = p;
   want.run(cfg, kRef);
   EXPECT_TRUE(close("grad_fn", p.grad_fn, want.grad_fn, 1e-2));
+  EXPECT_TRUE(close("grad_x", p.grad_x, want.grad_x, 1e-2));
 }
 
 }  // namespace
