@@ -68,7 +68,8 @@ if has build; then
     cmake --build "$BUILD" -j "$JOBS" || return 1
     if [[ $py_on == ON ]]; then cp "$BUILD"/python/_C*.so python/mhc/ || return 1; fi
   }
-  run_stage build "${LIMIT_BUILD:-300}" build
+  export ROOT BUILD ARCH GTEST_SRC PY JOBS
+  run_stage build "${LIMIT_BUILD:-300}" bash -c "set -uo pipefail; $(declare -f build); build"
 fi
 
 GPU_TESTS=$BUILD/tests/cpp/mhc_gpu_tests

@@ -12,7 +12,6 @@
 // the grad_fn partials; its size depends only on (T, n, C, fn present, iters, device).
 #include <algorithm>
 #include <cstdlib>
-#include <mutex>
 #include <string>
 
 #include "cuda/coefficients.cuh"
@@ -356,37 +355,15 @@ template <int MR> struct GradShape {
   static constexpr int PS = kColsPerBlock + 4;    // row stride (floats) of the staged DP . fn
 };
 
-// Shared memory of grad_x_fn_mma (bytes): two buffers of the x, g and accum tiles, of the DP tile and
-// of XC (all filled by cp.async one tile ahead), and the staged DP . fn.
-template <int MR> struct GradSmem {
-  using Sh = GradShape<MR>;
-  static constexpr int kTile = kTokTile * Sh::XS * 2;  // one bf16 tile
-  static constexpr int kDp = kTokTile * Sh::SD * 4;
-  static constexpr int x = 0, g = 2 * kTile, acc = 4 * kTile, dp = 6 * kTile, xc = dp + 2 * kDp;
-  static constexpr int part = xc + 2 * kTokTile * 4;
-  static constexpr int total = part + kTokTile * Sh::PS * 4;
-};
-
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));
-}
-
 template <int MR>
 __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat16> a) {
   using S = __nv_bfloat16;
   using Sh = GradShape<MR>;
-  using L = GradSmem<MR>;
   constexpr int P = kPack<S>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  S* xs = reinterpret_cast<S*>(smem + L::x);
-  S* gs = reinterpret_cast<S*>(smem + L::g);
-  S* as = reinterpret_cast<S*>(smem + L::acc);
-  float* dps_all = reinterpret_cast<float*>(smem + L::dp);
-  float* xc_all = reinterpret_cast<float*>(smem + L::xc);
-  float* part = reinterpret_cast<float*>(smem + L::part);
-  constexpr int kTileElems = kTokTile * Sh::XS;
-  constexpr int kDpElems = kTokTile * Sh::SD;
-
+  __shared__ __align__(16) S xs[2][kTokTile * Sh::XS];
+  __shared__ __align__(16) float dps[kTokTile * Sh::SD];
+  __shared__ __align__(16) float part[kTokTile * Sh::PS];
+  __shared__ float xc_s[kTokTile];
   const int64_t nC = int64_t(a.n) * a.C;
   const int64_t col0 = int64_t(blockIdx.x) * kColsPerBlock;
   const int chunk = blockIdx.y;
@@ -394,12 +371,6 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
   const int64_t t_begin = std::min<int64_t>(a.T, chunk * per_chunk), t_end = std::min<int64_t>(a.T, t_begin + per_chunk);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
   const int nb = warp * 16;  // the warp's 16 columns (two column tiles of 8)
-
-  // padding columns of the DP tiles (rows of fn beyond MR) stay zero; cp.async never writes them
-  for (int q = threadIdx.x; q < 2 * kTokTile * (Sh::SD - MR); q += 256) {
-    const int b = q / (kTokTile * (Sh::SD - MR)), r = q % (kTokTile * (Sh::SD - MR));
-    dps_all[b * kDpElems + (r / (Sh::SD - MR)) * Sh::SD + MR + r % (Sh::SD - MR)] = 0.f;
-  }
 
   // fn fragments of DP . fn, resident for the whole chunk: B[k = j][n = column]
   std::uint32_t fh[Sh::KS1][2][2], fl[Sh::KS1][2][2];
@@ -422,43 +393,33 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) gf[mj][nt][0] = gf[mj][nt][1] = gf[mj][nt][2] = gf[mj][nt][3] = 0.f;
 
-  // Everything a tile needs, one tile ahead: x, g, accum, DP rows and XC (zero past the chunk).
-  auto issue = [&](int64_t tb, int buf) {
+  auto issue_x = [&](int64_t tb, int buf) {
     for (int q = threadIdx.x; q < kTokTile * (kColsPerBlock / P); q += 256) {
       const int tl = q / (kColsPerBlock / P), cp = (q % (kColsPerBlock / P)) * P;
       const int64_t t = tb + tl, col = col0 + cp;
       const bool valid = t < t_end && col < nC;
-      const int at = buf * kTileElems + tl * Sh::XS + cp;
-      cp_async16(xs + at, valid ? a.x + t * nC + col : a.x, valid);
-      if (a.g) cp_async16(gs + at, valid ? a.g + t * a.C + col % a.C : a.g, valid);
-      if (a.accum) cp_async16(as + at, valid ? a.accum + t * nC + col : a.accum, valid);
-    }
-    for (int q = threadIdx.x; q < kTokTile * (MR / 4); q += 256) {
-      const int tl = q / (MR / 4), ch = (q % (MR / 4)) * 4;
-      const bool valid = tb + tl < t_end;
-      cp_async16(dps_all + buf * kDpElems + tl * Sh::SD + ch, valid ? a.DP + (tb + tl) * MR + ch : a.DP, valid);
-    }
-    if (threadIdx.x < kTokTile) {
-      const bool valid = tb + threadIdx.x < t_end;
-      cp_async4(xc_all + buf * kTokTile + threadIdx.x, valid ? a.XC + tb + threadIdx.x : a.XC, valid);
+      cp_async16(&xs[buf][tl * Sh::XS + cp], valid ? a.x + t * nC + col : a.x, valid);
     }
     cp_async_commit();
   };
 
   int buf = 0;
-  if (t_begin < t_end) issue(t_begin, 0);
+  if (t_begin < t_end) issue_x(t_begin, 0);
   for (int64_t tb = t_begin; tb < t_end; tb += kTokTile) {
     const int count = static_cast<int>(std::min<int64_t>(kTokTile, t_end - tb));
+    for (int q = threadIdx.x; q < kTokTile * Sh::MP; q += 256) {
+      const int tl = q / Sh::MP, j = q % Sh::MP;
+      dps[tl * Sh::SD + j] = tl < count && j < MR ? a.DP[(tb + tl) * MR + j] : 0.f;
+    }
+    for (int q = threadIdx.x; q < kTokTile; q += 256) xc_s[q] = q < count ? a.XC[tb + q] : 0.f;
     if (tb + kTokTile < t_end) {
-      issue(tb + kTokTile, buf ^ 1);
+      issue_x(tb + kTokTile, buf ^ 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const S* xt = xs + buf * kTileElems;
-    const float* dps = dps_all + buf * kDpElems;
-    const float* xc_s = xc_all + buf * kTokTile;
+    const S* xt = xs[buf];
 
     // DP . fn  -> staged in shared memory for the elementwise epilogue
 #pragma unroll
@@ -516,19 +477,20 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
       const int tl = q / (kColsPerBlock / P), cp = (q % (kColsPerBlock / P)) * P;
       const int64_t t = tb + tl, col = col0 + cp;
       if (col >= nC) continue;
-      const int at = buf * kTileElems + tl * Sh::XS + cp;
-      const Pack<S> xv = *reinterpret_cast<const Pack<S>*>(xs + at);
+      const int i = static_cast<int>(col / a.C);
+      const int64_t c = col % a.C;
+      const Pack<S> xv = *reinterpret_cast<const Pack<S>*>(xt + tl * Sh::XS + cp);
       float out[P];
 #pragma unroll
       for (int e = 0; e < P; ++e) out[e] = part[tl * Sh::PS + cp + e] + xc_s[tl] * to_math(xv.v[e]);
       if (a.g) {
-        const float h = a.H[t * a.n + static_cast<int>(col / a.C)];
-        const Pack<S> gv = *reinterpret_cast<const Pack<S>*>(gs + at);
+        const float h = a.H[t * a.n + i];
+        const Pack<S> gv = load_pack(a.g + t * a.C + c);
 #pragma unroll
         for (int e = 0; e < P; ++e) out[e] += h * to_math(gv.v[e]);
       }
       if (a.accum) {
-        const Pack<S> av = *reinterpret_cast<const Pack<S>*>(as + at);
+        const Pack<S> av = load_pack_stream(a.accum + t * nC + col);
 #pragma unroll
         for (int e = 0; e < P; ++e) out[e] += to_math(av.v[e]);
       }
@@ -537,7 +499,7 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
       for (int e = 0; e < P; ++e) o.v[e] = from_math<S>(out[e]);
       store_pack(a.grad_x + t * nC + col, o);
     }
-    __syncthreads();  // this buffer is refilled two tiles on
+    __syncthreads();  // x tile, DP tile and staging are reused by the next tile
     buf ^= 1;
   }
 
@@ -743,18 +705,7 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
       auto launch = [&](auto mr_tag) {
         constexpr int MR = decltype(mr_tag)::value;
         const dim3 grid(static_cast<unsigned>((nC + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(L.chunks));
-        static std::mutex mutex;
-        static bool raised[64] = {};
-        {
-          const std::lock_guard<std::mutex> lock(mutex);
-          const int dev = current_device_info().index % 64;
-          if (!raised[dev]) {
-            MHC_CUDA_CHECK(cudaFuncSetAttribute(grad_x_fn_mma<MR>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                GradSmem<MR>::total));
-            raised[dev] = true;
-          }
-        }
-        grad_x_fn_mma<MR><<<grid, 256, GradSmem<MR>::total, stream>>>(ga);
+        grad_x_fn_mma<MR><<<grid, 256, 0, stream>>>(ga);
         MHC_CUDA_CHECK_LAUNCH();
         fast_done = true;
       };
