@@ -226,3 +226,31 @@ def test_demo_config_rejects_bad_values(tmp_path):
         run_demo(DemoConfig(dtype="float16", out=str(tmp_path)), quiet=True)
     with pytest.raises(ValueError, match="dropout"):
         run_demo(DemoConfig(dropout=1.0, out=str(tmp_path)), quiet=True)
+
+
+def test_a_diverging_run_stops_and_is_reported(tmp_path, monkeypatch):
+    """A non-finite loss ends that variant's run; the JSON stays valid (null for NaN) and the summary says so."""
+    import mhc.demo.train as train
+
+    class DivergesAtStep5(train.GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None):
+            logits, loss, combs = super().forward(idx, targets)
+            if self.training:
+                DivergesAtStep5.calls += 1
+                if DivergesAtStep5.calls > 5:
+                    loss = loss * float("nan")
+            return logits, loss, combs
+
+    monkeypatch.setattr(train, "GPT", DivergesAtStep5)
+    cfg = DemoConfig(steps=30, batch_size=4, seq_len=16, width=16, depth=1, heads=2, warmup_steps=2,
+                     eval_interval=10, eval_batches=1, log_interval=2, variants=("hc",), out=str(tmp_path), threads=1)
+    results = run_demo(cfg, quiet=True)
+    run = results["runs"]["hc"]
+    assert run["diverged_at_step"] == 5
+    assert run["history"]["step"][-1] < 10  # stopped at the next flush, not after 30 steps
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["runs"]["hc"]["history"]["train_loss"][5] is None
+    assert "diverged at step 5" in data["summary_text"]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000

@@ -125,7 +125,7 @@ def _evaluate(model: GPT, val_batches, cfg: DemoConfig) -> dict[str, float]:
     return result
 
 
-def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, position: int = 0) -> dict:
+def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, progress: bool = True) -> dict:
     """Trains one model and returns its history: per-step loss, gradient norm, Amax gain, tokens/s; evaluations."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # same initial weights for the parts the variants share, same data order
@@ -171,8 +171,7 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, position: int = 0)
                 diverged_at = step
         pending.clear()
 
-    bar = tqdm(total=cfg.steps, desc=f"{LABELS[kind]:>18}", unit="step", position=position, leave=True,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, desc=f"{LABELS[kind]:>18}", unit="step", dynamic_ncols=True, disable=not progress)
     start = time.perf_counter()
     window_start, window_steps = start, 0
     for step in range(cfg.steps):
@@ -335,8 +334,8 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
 
     start = time.perf_counter()
     runs = {}
-    for i, kind in enumerate(cfg.variants):
-        runs[kind] = train_variant(kind, corpus, cfg)
+    for kind in cfg.variants:
+        runs[kind] = train_variant(kind, corpus, cfg, progress=not quiet)
     total_wall = time.perf_counter() - start
 
     summary = summarize(runs)
