@@ -254,3 +254,16 @@ def test_a_diverging_run_stops_and_is_reported(tmp_path, monkeypatch):
     assert data["runs"]["hc"]["history"]["train_loss"][5] is None
     assert "diverged at step 5" in data["summary_text"]
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_bfloat16_autocast_run(tmp_path):
+    """The CUDA default's dtype path (bf16 autocast; fp32 streams and coefficients), exercised on the CPU."""
+    cfg = DemoConfig(steps=12, batch_size=4, seq_len=16, width=16, depth=1, heads=2, warmup_steps=2, eval_interval=6,
+                     eval_batches=1, log_interval=3, dtype="bfloat16", variants=("hc", "mhc"), out=str(tmp_path),
+                     threads=1)
+    data = json.loads(json.dumps(run_demo(cfg, quiet=True)["runs"], default=str))
+    for kind in ("hc", "mhc"):
+        h = data[kind]["history"]
+        assert data[kind]["diverged_at_step"] is None
+        assert all(math.isfinite(v) for v in h["train_loss"] + h["grad_norm"] + h["amax_forward_max"])
+    assert max(abs(v - 1) for v in data["mhc"]["history"]["amax_forward_max"]) < 1e-3
