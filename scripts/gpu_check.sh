@@ -5,7 +5,7 @@
 # limit, so a slow or failing stage still leaves the others' results; a summary is printed last.
 #
 #   scripts/gpu_check.sh                         # all stages
-#   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench
+#   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench,history_bench,demo
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh    # arguments for bench/python/bench_ops.py
 #   LIMIT_BUILD/LIMIT_TESTS/LIMIT_SANITIZE/LIMIT_PYTHON/LIMIT_BENCH: per-stage time limits in seconds
 #
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-build,test,sanitize,python,bench}
+STAGES=${STAGES:-build,test,sanitize,python,bench,history_bench,demo}
 JOBS=${JOBS:-$(nproc)}
 BUILD=${BUILD_DIR:-$ROOT/build/device}
 ARCH=${CUDA_ARCH:-90a-real}
@@ -89,8 +89,9 @@ fi
 
 if has python; then
   if ls python/mhc/_C*.so >/dev/null 2>&1; then
-    run_stage python_tests "${LIMIT_PYTHON:-180}" env PYTHONPATH="$ROOT/python" $PY -m pytest -q -x -p no:cacheprovider \
-      tests/python/test_cuda.py
+    # The whole suite: every op, module and history test has CUDA variants that skip without a GPU.
+    run_stage python_tests "${LIMIT_PYTHON:-300}" env PYTHONPATH="$ROOT/python" $PY -m pytest -q -p no:cacheprovider \
+      -rfE ${PYTEST_ARGS:-tests/python}
   else
     note "python_tests: skipped (no extension built)"
   fi
@@ -105,8 +106,28 @@ if has bench; then
   fi
 fi
 
+if has history_bench; then
+  if ls python/mhc/_C*.so >/dev/null 2>&1; then
+    run_stage history_bench "${LIMIT_HISTORY_BENCH:-240}" env PYTHONPATH="$ROOT/python" $PY bench/python/bench_history.py \
+      --device cuda --json "$OUT/bench_history.json" ${HISTORY_BENCH_ARGS:-}
+  else
+    note "history_bench: skipped (no extension built)"
+  fi
+fi
+
+if has demo; then
+  if ls python/mhc/_C*.so >/dev/null 2>&1; then
+    run_stage demo "${LIMIT_DEMO:-300}" env PYTHONPATH="$ROOT/python" $PY -m mhc.cli demo --device cuda \
+      --out "$OUT/demo" ${DEMO_ARGS:-}
+  else
+    note "demo: skipped (no extension built)"
+  fi
+fi
+
 echo
 echo "================ summary ================"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
 if [[ -f $OUT/gpu_tests.log ]]; then grep -E "^\[  (PASSED|FAILED) |tests? ran|FAILED TEST" "$OUT/gpu_tests.log" | tail -n 15; fi
+if [[ -f $OUT/python_tests.log ]]; then grep -E "passed|failed" "$OUT/python_tests.log" | tail -n 3; fi
 if [[ -f $OUT/bench.log ]]; then echo; tail -n 60 "$OUT/bench.log"; fi
+if [[ -f $OUT/demo.log ]]; then echo; tail -n 4 "$OUT/demo.log"; fi
