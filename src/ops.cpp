@@ -70,6 +70,22 @@ void check_pre_outputs(const ArgChecker& check, const Streams& s, const TensorVi
   check.optional(rstd, "rstd", {s.T}, s.coef, s.device);
 }
 
+// Logits [T, n, n] of the Sinkhorn ops: square, f32 or f64 (coefficients have no 16-bit storage).
+struct SinkhornShape {
+  Dim T, n;
+  DType coef;
+};
+SinkhornShape sinkhorn_logits(const ArgChecker& check, const TensorView& logits, const MhcConfig& cfg) {
+  check.config(cfg);
+  check.leading(logits, "logits", 3, "[T, n, n]");
+  const Dim T{logits.shape[0], "T"}, n{logits.shape[1], "n"};
+  check.streams(n.value, cfg, "logits");
+  if (logits.shape[2] != n.value) check.fail("logits: expected square [T, n, n] matrices, got " + logits.shape_string());
+  if (logits.dtype != DType::f32 && logits.dtype != DType::f64)
+    check.fail_dtype(std::string("logits: expected dtype float32 or float64, got ") + dtype_name(logits.dtype));
+  return {T, n, logits.dtype};
+}
+
 std::size_t backward_workspace(const PreBackward& a, const MhcConfig& cfg, const Context& ctx) {
   MHC_DISPATCH(a.x.device, ctx, pre_backward_workspace_bytes(a, cfg, ctx));
 }
@@ -165,14 +181,7 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
 
 void sinkhorn_forward(const SinkhornForward& a, const MhcConfig& cfg, const Context& ctx) {
   const ArgChecker check("sinkhorn_forward");
-  check.config(cfg);
-  check.leading(a.logits, "logits", 3, "[T, n, n]");
-  const Dim T{a.logits.shape[0], "T"}, n{a.logits.shape[1], "n"};
-  check.streams(n.value, cfg, "logits");
-  if (a.logits.shape[2] != n.value) check.fail("logits: expected square [T, n, n] matrices, got " + a.logits.shape_string());
-  const DType k = a.logits.dtype;
-  if (k != DType::f32 && k != DType::f64)
-    check.fail_dtype(std::string("logits: expected dtype float32 or float64, got ") + dtype_name(k));
+  const auto [T, n, k] = sinkhorn_logits(check, a.logits, cfg);
   check.tensor(a.comb, "comb", {T, n, n}, k, a.logits.device);
   check_finite(a.logits, "logits", "sinkhorn_forward", cfg, ctx);
   MHC_DISPATCH(a.logits.device, ctx, sinkhorn_forward(a, cfg, ctx));
@@ -180,14 +189,7 @@ void sinkhorn_forward(const SinkhornForward& a, const MhcConfig& cfg, const Cont
 
 void sinkhorn_backward(const SinkhornBackward& a, const MhcConfig& cfg, const Context& ctx) {
   const ArgChecker check("sinkhorn_backward");
-  check.config(cfg);
-  check.leading(a.logits, "logits", 3, "[T, n, n]");
-  const Dim T{a.logits.shape[0], "T"}, n{a.logits.shape[1], "n"};
-  check.streams(n.value, cfg, "logits");
-  if (a.logits.shape[2] != n.value) check.fail("logits: expected square [T, n, n] matrices, got " + a.logits.shape_string());
-  const DType k = a.logits.dtype;
-  if (k != DType::f32 && k != DType::f64)
-    check.fail_dtype(std::string("logits: expected dtype float32 or float64, got ") + dtype_name(k));
+  const auto [T, n, k] = sinkhorn_logits(check, a.logits, cfg);
   check.tensor(a.grad_comb, "grad_comb", {T, n, n}, k, a.logits.device);
   check.tensor(a.grad_logits, "grad_logits", {T, n, n}, k, a.logits.device);
   check_finite(a.grad_comb, "grad_comb", "sinkhorn_backward", cfg, ctx);
