@@ -19,4 +19,4 @@ cmake --build "$build-example"
 "$build-example/mhc_example" --steps 3
 
 python3 -m pip install -q --no-build-isolation --no-deps .
-python3 -m pytest -q tests/python
+MHC_RUN_SLOW=1 python3 -m pytest -q tests/python
