@@ -17,7 +17,7 @@ B="python3 bench/python/bench_ops.py"
   echo "variants (us per call): tokens, variant"
   timeout 90 python3 - <<'PY'
 import torch
-import bench_ops as b
+import mhc.tools.bench as b
 from mhc import ops
 for T in (1, 16384):
     x = torch.randn(T, 4, 1024, device="cuda", dtype=torch.bfloat16)

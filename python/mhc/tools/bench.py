@@ -1,0 +1,394 @@
+"""Benchmark of the n-stream mHC ops on CUDA against their memory floor, PyTorch eager and torch.compile.
+
+    mhc bench                  # the full grid (n 4, 8; C 1024..7168; tokens 1..16384)
+    mhc bench --quick          # a few shapes
+    mhc bench --json out.json  # also write every figure
+(`python bench/python/bench_ops.py ...` runs the same.)
+
+Method (docs/PERFORMANCE.md): bf16 streams; every timed region is captured in a CUDA graph and
+replayed, timed with CUDA events, median of the replays divided by the calls in the graph, after
+warm-up; each graph cycles through enough input sets to exceed 4x the L2 cache, so small shapes are
+not timed out of cache. The floor of an op is the bytes it must move (each input read once, each
+output written once, parameters included) over the measured device-to-device copy bandwidth
+(read + write). "site" is pre -> identity F -> post; its floors are the SPEC's 3nC + 2C elements
+per token forward and 7nC + 4C forward + backward (plus parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch._dynamo
+
+import mhc  # noqa: F401  (registers torch.ops.mhc)
+from mhc import ops
+from mhc import reference as ref
+
+DTYPE = torch.bfloat16
+ITERS, POST_MULT, EPS, NORM_EPS, PRE_EPS = 20, 2.0, 1e-6, 1e-6, 1e-6
+
+
+# ---- timing --------------------------------------------------------------------------------------------
+
+
+def time_graph(step: Callable[[int], None], sets: int, reps: int = 10, min_calls: int = 8) -> float:
+    """Median microseconds per call of step(i), i cycling over input sets, replayed from a CUDA graph."""
+    calls = max(sets, min_calls)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(calls, 3)):  # warm-up outside capture (allocator, lazy init, autotuning)
+            step(i % sets)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            step(i % sets)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def time_events(step: Callable[[int], None], sets: int, reps: int = 5) -> float:
+    """Median microseconds per call without a graph (host launch time included when it dominates)."""
+    calls = max(sets, 4)
+    for i in range(3):
+        step(i % sets)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for i in range(calls):
+            step(i % sets)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    a = torch.randn(nbytes // 4, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(20):  # let the clocks ramp up before timing
+        b.copy_(a)
+    us = time_graph(lambda i: b.copy_(a), sets=1, reps=20, min_calls=10)
+    return 2 * a.numel() * 4 / (us * 1e-6)
+
+
+# ---- inputs and byte counts ----------------------------------------------------------------------------
+
+
+def site_inputs(n: int, C: int, T: int, sets: int, grad: bool = False):
+    m = n * n + 2 * n
+    k = torch.float32
+    fn = (torch.randn(m, n * C, device="cuda", dtype=k) / math.sqrt(n * C)).requires_grad_(grad)
+    base = torch.randn(m, device="cuda", dtype=k).requires_grad_(grad)
+    scale = torch.full((3,), 0.5, device="cuda", dtype=k).requires_grad_(grad)
+    xs = [torch.randn(T, n, C, device="cuda", dtype=DTYPE).requires_grad_(grad) for _ in range(sets)]
+    return fn, base, scale, xs
+
+
+def floors(n: int, C: int, T: int, bw: float) -> Dict[str, float]:
+    """Microseconds each op needs at copy bandwidth: bytes it must move / bandwidth."""
+    e, f = 2, 4  # bytes per stream element (bf16), per coefficient (f32)
+    m = n * n + 2 * n
+    fn_bytes = m * n * C * f + 2 * m * f
+    coef = (2 * n + n * n) * f  # h_pre, h_post, comb per token
+    by = {
+        "pre": T * ((n * C + C) * e + coef + (m + 1) * f) + fn_bytes,
+        "post": T * ((2 * n * C + C) * e + (n + n * n) * f),
+        "post_pre": T * ((2 * n * C + 2 * C) * e + (n + n * n) * f + coef + (m + 1) * f) + fn_bytes,
+        "pre_bwd": T * ((2 * n * C + C) * e + (m + 1) * f + coef) + 2 * fn_bytes,
+        "post_bwd": T * ((3 * n * C + 2 * C) * e + 2 * (n + n * n) * f),
+        "site_fwd": T * (3 * n * C + 2 * C) * e + fn_bytes,
+        "site_fwd_bwd": T * (7 * n * C + 4 * C) * e + 2 * fn_bytes,
+    }
+    return {k: v / bw * 1e6 for k, v in by.items()}
+
+
+# ---- the timed ops -------------------------------------------------------------------------------------
+
+
+def hyper():
+    return dict(iters=ITERS, post_mult=POST_MULT, eps=EPS, norm_eps=NORM_EPS, pre_eps=PRE_EPS)
+
+
+def make_steps(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict):
+    """{op name: step(i)} for implementation impl in ("mhc", "eager", "compile")."""
+    lib = ops if impl == "mhc" else ref
+    fn, base, scale, xs = site_inputs(n, C, T, sets)
+    ys = [torch.randn(T, C, device="cuda", dtype=DTYPE) for _ in range(sets)]
+    h_post = torch.rand(T, n, device="cuda") * 2
+    comb = torch.rand(T, n, n, device="cuda")
+
+    def pre(x):
+        return lib.mhc_pre(x, fn, base, scale, **hyper())
+
+    def post(x, y):
+        return lib.mhc_post(x, y, h_post, comb)
+
+    def post_pre(x, y):
+        return lib.mhc_post_pre(x, y, h_post, comb, fn, base, scale, **hyper())
+
+    def site(x):
+        layer_input, _, hp, cb = lib.mhc_pre(x, fn, base, scale, **hyper())
+        return lib.mhc_post(x, layer_input, hp, cb)  # F = identity
+
+    if impl == "compile":
+        key = ("compiled",)
+        if key not in compiled:
+            compiled[key] = {name: torch.compile(f, dynamic=False) for name, f in
+                             [("pre", ref.mhc_pre), ("post", ref.mhc_post), ("post_pre", ref.mhc_post_pre)]}
+        c = compiled[key]
+
+        def pre(x):  # noqa: F811
+            return c["pre"](x, fn, base, scale, **hyper())
+
+        def post(x, y):  # noqa: F811
+            return c["post"](x, y, h_post, comb)
+
+        def post_pre(x, y):  # noqa: F811
+            return c["post_pre"](x, y, h_post, comb, fn, base, scale, **hyper())
+
+        def site(x):  # noqa: F811
+            layer_input, _, hp, cb = c["pre"](x, fn, base, scale, **hyper())
+            return c["post"](x, layer_input, hp, cb)
+
+    steps = {
+        "pre": lambda i: pre(xs[i]),
+        "post": lambda i: post(xs[i], ys[i]),
+        "post_pre": lambda i: post_pre(xs[i], ys[i]),
+        "site_fwd": lambda i: site(xs[i]),
+    }
+
+    # forward + backward of the site, gradients w.r.t. x and the parameters
+    gfn, gbase, gscale, gxs = site_inputs(n, C, T, sets, grad=True)
+    gouts = [torch.randn(T, n, C, device="cuda", dtype=DTYPE) for _ in range(sets)]
+
+    def site_grad(i):
+        x = gxs[i]
+        layer_input, _, hp, cb = (lib if impl != "compile" else ref).mhc_pre(x, gfn, gbase, gscale, **hyper())
+        out = (lib if impl != "compile" else ref).mhc_post(x, layer_input, hp, cb)
+        return torch.autograd.grad(out, (x, gfn, gbase, gscale), gouts[i])
+
+    if impl == "compile":
+        key = ("site_grad", n, C, T)
+        if key not in compiled:
+            compiled[key] = torch.compile(lambda x, fn_, b_, s_: ref.mhc_post(
+                x, *(lambda r: (r[0], r[2], r[3]))(ref.mhc_pre(x, fn_, b_, s_, **hyper()))), dynamic=False)
+        site_c = compiled[key]
+
+        def site_grad_compiled(i):  # compiled forward; AOTAutograd's compiled backward
+            out = site_c(gxs[i], gfn, gbase, gscale)
+            return torch.autograd.grad(out, (gxs[i], gfn, gbase, gscale), gouts[i])
+
+        steps["site_fwd_bwd"] = site_grad_compiled
+    else:
+        steps["site_fwd_bwd"] = site_grad
+
+    if impl == "mhc":  # the two backward kernels alone
+        saved = [torch.ops.mhc.pre(x, fn, base, scale, ITERS, POST_MULT, EPS, NORM_EPS, PRE_EPS, "cuda") for x in xs]
+        g_li = [torch.randn(T, C, device="cuda", dtype=DTYPE) for _ in range(sets)]
+        g_h = torch.randn(T, n, device="cuda")
+        g_c = torch.randn(T, n, n, device="cuda")
+        steps["pre_bwd"] = lambda i: torch.ops.mhc.pre_backward(
+            xs[i], fn, base, scale, saved[i][4], saved[i][5], g_li[i], g_h, g_h, g_c, None, ITERS, POST_MULT, EPS,
+            NORM_EPS, PRE_EPS, "cuda")
+        steps["post_bwd"] = lambda i: torch.ops.mhc.post_backward(gouts[i], xs[i], ys[i], h_post, comb, "cuda")
+    return steps
+
+
+# ---- driver --------------------------------------------------------------------------------------------
+
+OP_ORDER = ["pre", "post", "post_pre", "pre_bwd", "post_bwd", "site_fwd", "site_fwd_bwd"]
+
+
+def measure(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict, only: Optional[List[str]]) -> Dict[str, float]:
+    out = {}
+    try:
+        steps = make_steps(impl, n, C, T, sets, compiled)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {}
+    for name in OP_ORDER:
+        if name not in steps or (only and name not in only):
+            continue
+        try:
+            # torch.compile's code is timed without a CUDA graph (capturing it is not reliable);
+            # the baselines with fewer repetitions: they are the slow ones.
+            if impl == "compile":
+                out[name] = time_events(steps[name], sets)
+            else:
+                out[name] = time_graph(steps[name], sets, reps=10 if impl == "mhc" else 5,
+                                       min_calls=8 if sets > 1 else 2)
+        except torch.OutOfMemoryError:
+            out[name] = float("nan")
+        except Exception as e:  # a baseline that cannot be captured is reported, not fatal
+            print(f"  [{impl} {name} n={n} C={C} T={T}] {type(e).__name__}: {str(e)[:160]}", file=sys.stderr)
+            out[name] = float("nan")
+        torch.cuda.empty_cache()
+    return out
+
+
+def profile_kernels(n: int, C: int, T: int, only: Optional[List[str]]) -> None:
+    """Per-kernel device time of each mhc op at one shape (torch.profiler), to see where an op spends."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = make_steps("mhc", n, C, T, 1, {})
+    for name in OP_ORDER:
+        if name not in steps or (only and name not in only):
+            continue
+        for _ in range(3):
+            steps[name](0)
+        torch.cuda.synchronize()
+        reps = 5
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                steps[name](0)
+            torch.cuda.synchronize()
+        rows = []
+        for evt in prof.key_averages():
+            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+            if t > 0 and evt.key and not evt.key.startswith("cuda"):
+                rows.append((t / reps, evt.count // reps, evt.key))
+        rows.sort(reverse=True)
+        print(f"-- {name}  n={n} C={C} tokens={T}: {sum(r[0] for r in rows):.1f} us of kernels per call")
+        for t, count, key in rows[:8]:
+            print(f"   {t:9.1f} us  x{count}  {key[:110]}")
+
+
+def run_once(n: int, C: int, T: int, only: Optional[List[str]], calls: int = 4) -> None:
+    """Runs each selected op a few times, untimed: the workload for ncu / compute-sanitizer."""
+    steps = make_steps("mhc", n, C, T, 1, {})
+    for name in OP_ORDER:
+        if name in steps and (not only or name in only):
+            for _ in range(calls):
+                steps[name](0)
+    torch.cuda.synchronize()
+
+
+def ncu_hotspots(csv_path: str, top: int = 30) -> None:
+    """Top SASS lines by warp-stall samples from `ncu --page source --csv --print-source sass` output."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    header_at = next((i for i, r in enumerate(rows) if any("Stall Sampling" in c for c in r)), None)
+    if header_at is None:
+        print("no stall-sampling columns in", csv_path)
+        return
+    header = rows[header_at]
+    col = next(i for i, c in enumerate(header) if "Stall Sampling" in c and "All" in c)
+    src = next((i for i, c in enumerate(header) if c.strip() in ("Source", "# Source")), 1)
+    lines = []
+    for r in rows[header_at + 1:]:
+        try:
+            lines.append((float(r[col].replace(",", "")), r[src][:100]))
+        except (ValueError, IndexError):
+            continue
+    total = sum(v for v, _ in lines) or 1.0
+    print(f"{len(lines)} SASS lines, {total:.0f} stall samples; top {top}:")
+    for v, text in sorted(lines, reverse=True)[:top]:
+        print(f"  {100 * v / total:5.1f}%  {text}")
+
+
+def fmt(v: Optional[float], digits: int = 1) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="mhc bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--n", type=int, nargs="*", default=[4, 8])
+    ap.add_argument("--C", type=int, nargs="*", default=[1024, 2048, 4096, 7168])
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 64, 4096, 16384])
+    ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {OP_ORDER}")
+    ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--compile", choices=["none", "some", "all"], default="some",
+                    help="torch.compile baselines: none, the SPEC table's shapes and one decode shape, or all")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", type=int, nargs=3, action="append", metavar=("N", "C", "TOKENS"),
+                    help="print the per-kernel device time of every op at this shape (repeatable) and exit")
+    ap.add_argument("--run-once", type=int, nargs=3, metavar=("N", "C", "TOKENS"),
+                    help="run the selected ops a few times without timing (for ncu) and exit")
+    ap.add_argument("--ncu-hotspots", metavar="CSV", help="summarise an ncu source-page CSV and exit")
+    args = ap.parse_args(argv)
+    if args.ncu_hotspots:
+        ncu_hotspots(args.ncu_hotspots)
+        return 0
+    if not torch.cuda.is_available():
+        print("mhc bench: no CUDA device found; it times the CUDA kernels against PyTorch (the CPU path is benchmarked by bench/cpp/bench_cpu)", file=sys.stderr)
+        return 1
+    if args.quick:
+        args.n, args.C, args.tokens = [4], [1024, 4096], [1, 64, 4096]
+    torch._dynamo.config.cache_size_limit = 256  # one compiled graph per benchmarked shape
+
+    if args.run_once:
+        run_once(*args.run_once, args.ops)
+        return 0
+    if args.profile:
+        for n, C, T in args.profile:
+            profile_kernels(n, C, T, args.ops)
+        return 0
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth()
+    l2 = props.L2_cache_size
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB; torch {torch.__version__}")
+    print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s")
+    spec_shapes = {(4, 1024, 16384), (4, 2048, 16384), (4, 4096, 8192), (4, 7168, 4096), (4, 4096, 16)}
+    results = []
+    compiled: Dict = {}
+    t_start = time.time()
+    print("\n| op | n | C | tokens | mhc us | floor us | floor/mhc | eager us | compile us | vs eager | vs compile |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in args.n:
+        for C in args.C:
+            for T in args.tokens:
+                x_bytes = T * n * C * 2
+                sets = max(1, min(32, math.ceil(4 * l2 / x_bytes)))
+                fl = floors(n, C, T, bw)
+                mine = measure("mhc", n, C, T, sets, compiled, args.ops)
+                eager = {} if args.no_eager else measure("eager", n, C, T, sets, compiled, args.ops)
+                want_compile = args.compile == "all" or (args.compile == "some" and (n, C, T) in spec_shapes)
+                comp = measure("compile", n, C, T, sets, compiled, args.ops) if want_compile else {}
+                for name in OP_ORDER:
+                    if name not in mine:
+                        continue
+                    t = mine[name]
+                    row = dict(op=name, n=n, C=C, tokens=T, mhc_us=t, floor_us=fl[name],
+                               floor_fraction=fl[name] / t if t == t else None,
+                               eager_us=eager.get(name), compile_us=comp.get(name))
+                    results.append(row)
+                    e, c = row["eager_us"], row["compile_us"]
+                    print(f"| {name} | {n} | {C} | {T} | {fmt(t)} | {fmt(fl[name])} | {fmt(row['floor_fraction'], 2)} | "
+                          f"{fmt(e)} | {fmt(c)} | {fmt(e / t if e else None, 2)} | {fmt(c / t if c else None, 2)} |",
+                          flush=True)
+                if args.json:  # rewritten after every shape: a run cut short keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump(dict(device=props.name, torch=torch.__version__, copy_bandwidth=bw, rows=results), f,
+                                  indent=1)
+    print(f"\n(bench took {time.time() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
