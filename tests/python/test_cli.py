@@ -65,6 +65,19 @@ def test_bench_and_tune_dispatch_to_tools(monkeypatch, capsys):
     assert calls == [("bench", ["--sizes", "1024", "-h"]), ("tune", [])]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_without_a_gpu_says_why(capsys):
+    assert cli.main(["bench", "--quick"]) == 1
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "--help"])
+    assert stop.value.code == 0
+    assert "--tokens" in capsys.readouterr().out
+
+
 def test_demo_flags_reach_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     rc = cli.main(["demo", "--device", "cpu", "--steps", "8", "--width", "18", "--depth", "1", "--n", "2",
