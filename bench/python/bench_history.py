@@ -32,10 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
-
-from mhc.history import MHCSequential  # noqa: E402
-from mhc.history_ops import history_mix, history_skip  # noqa: E402
+from mhc.history import MHCSequential
+from mhc.history_ops import history_mix, history_skip
 
 
 def block(c):
