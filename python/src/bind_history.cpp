@@ -17,34 +17,8 @@ namespace mhc::python {
 
 namespace {
 
-using Stream = std::uintptr_t;
 using ArrayList = std::vector<Array>;
 using OptArrayList = std::vector<OptArray>;  // None entries: absent (a gradient that is not wanted)
-
-std::vector<TensorView> to_views(const ArrayList& arrays, const char* name) {
-  std::vector<TensorView> views;
-  views.reserve(arrays.size());
-  for (std::size_t k = 0; k < arrays.size(); ++k)
-    views.push_back(to_view(arrays[k], (std::string(name) + "[" + std::to_string(k) + "]").c_str()));
-  return views;
-}
-
-std::vector<TensorView> to_views(const OptArrayList& arrays, const char* name) {
-  std::vector<TensorView> views;
-  views.reserve(arrays.size());
-  for (std::size_t k = 0; k < arrays.size(); ++k)
-    views.push_back(to_view(arrays[k], (std::string(name) + "[" + std::to_string(k) + "]").c_str()));
-  return views;
-}
-
-template <class Args, class Op>
-void run(Op op, const Args& args, const HistoryConfig& cfg, const std::string& backend, Stream stream) {
-  const Context ctx = make_context(backend.c_str(), stream);
-  nb::gil_scoped_release no_gil;
-  op(args, cfg, ctx);
-}
-
-#define MHC_HISTORY_EXEC_ARGS nb::arg("config"), nb::arg("backend") = "auto", nb::arg("stream") = 0
 
 // The argument structs of the two backward ops, built from Python arguments (views kept alive here).
 struct MixBackwardArgs {
@@ -116,7 +90,7 @@ void bind_history(nb::module_& m) {
         a.weights = to_view(weights, "weights");
         run(project_logits_forward, a, cfg, backend, stream);
       },
-      nb::arg("logits"), nb::arg("weights"), MHC_HISTORY_EXEC_ARGS,
+      nb::arg("logits"), nb::arg("weights"), MHC_EXEC_ARGS,
       "Projects logits [..., H] (doubly_stochastic: [..., H, H]) onto the constraint's manifold.");
 
   m.def(
@@ -130,7 +104,7 @@ void bind_history(nb::module_& m) {
         a.grad_logits = to_view(grad_logits, "grad_logits");
         run(project_logits_backward, a, cfg, backend, stream);
       },
-      nb::arg("logits"), nb::arg("weights"), nb::arg("grad_weights"), nb::arg("grad_logits"), MHC_HISTORY_EXEC_ARGS,
+      nb::arg("logits"), nb::arg("weights"), nb::arg("grad_weights"), nb::arg("grad_logits"), MHC_EXEC_ARGS,
       "Backward of project_logits_forward.");
 
   m.def(
@@ -147,7 +121,7 @@ void bind_history(nb::module_& m) {
         run(history_mix_forward, a, cfg, backend, stream);
       },
       nb::arg("x").none(), nb::arg("states"), nb::arg("weights"), nb::arg("gate").none(), nb::arg("out"),
-      MHC_HISTORY_EXEC_ARGS, "out = x + gate * sum_k weights[..., k] * states[k].");
+      MHC_EXEC_ARGS, "out = x + gate * sum_k weights[..., k] * states[k].");
 
   m.def(
       "history_mix_backward_workspace_bytes",
@@ -158,7 +132,7 @@ void bind_history(nb::module_& m) {
         return history_mix_backward_workspace_bytes(args.a, cfg, make_context(backend.c_str(), stream));
       },
       nb::arg("grad_out"), nb::arg("states"), nb::arg("weights"), nb::arg("gate").none(), nb::arg("grad_weights"),
-      nb::arg("grad_gate").none(), nb::arg("grad_states"), MHC_HISTORY_EXEC_ARGS,
+      nb::arg("grad_gate").none(), nb::arg("grad_states"), MHC_EXEC_ARGS,
       "Bytes of workspace history_mix_backward needs for these arguments.");
 
   m.def(
@@ -170,7 +144,7 @@ void bind_history(nb::module_& m) {
         run(history_mix_backward, args.a, cfg, backend, stream);
       },
       nb::arg("grad_out"), nb::arg("states"), nb::arg("weights"), nb::arg("gate").none(), nb::arg("grad_weights"),
-      nb::arg("grad_gate").none(), nb::arg("grad_states"), nb::arg("workspace").none(), MHC_HISTORY_EXEC_ARGS,
+      nb::arg("grad_gate").none(), nb::arg("grad_states"), nb::arg("workspace").none(), MHC_EXEC_ARGS,
       "Backward of history_mix_forward: grad_weights, grad_gate, grad_states (grad_x is grad_out).");
 
   m.def(
@@ -188,7 +162,7 @@ void bind_history(nb::module_& m) {
         run(history_skip_forward, a, cfg, backend, stream);
       },
       nb::arg("x"), nb::arg("states"), nb::arg("logits"), nb::arg("gate").none(), nb::arg("out"), nb::arg("weights"),
-      MHC_HISTORY_EXEC_ARGS, "Fused projection + weighted sum: out = x + gate * sum_k project(logits)[k] * states[k].");
+      MHC_EXEC_ARGS, "Fused projection + weighted sum: out = x + gate * sum_k project(logits)[k] * states[k].");
 
   m.def(
       "history_skip_backward_workspace_bytes",
@@ -200,7 +174,7 @@ void bind_history(nb::module_& m) {
         return history_skip_backward_workspace_bytes(args.a, cfg, make_context(backend.c_str(), stream));
       },
       nb::arg("grad_out"), nb::arg("states"), nb::arg("logits"), nb::arg("weights"), nb::arg("gate").none(),
-      nb::arg("grad_logits"), nb::arg("grad_gate").none(), nb::arg("grad_states"), MHC_HISTORY_EXEC_ARGS,
+      nb::arg("grad_logits"), nb::arg("grad_gate").none(), nb::arg("grad_states"), MHC_EXEC_ARGS,
       "Bytes of workspace history_skip_backward needs for these arguments.");
 
   m.def(
@@ -214,7 +188,7 @@ void bind_history(nb::module_& m) {
       },
       nb::arg("grad_out"), nb::arg("states"), nb::arg("logits"), nb::arg("weights"), nb::arg("gate").none(),
       nb::arg("grad_logits"), nb::arg("grad_gate").none(), nb::arg("grad_states"), nb::arg("workspace").none(),
-      MHC_HISTORY_EXEC_ARGS, "Backward of history_skip_forward: grad_logits, grad_gate, grad_states.");
+      MHC_EXEC_ARGS, "Backward of history_skip_forward: grad_logits, grad_gate, grad_states.");
 }
 
 }  // namespace mhc::python

@@ -14,23 +14,6 @@
 
 namespace mhc::python {
 
-namespace {
-
-using Stream = std::uintptr_t;
-
-// Runs `op(args, cfg, ctx)` with the GIL released.
-template <class Args, class Op>
-void run(Op op, const Args& args, const MhcConfig& cfg, const std::string& backend, Stream stream) {
-  const Context ctx = make_context(backend.c_str(), stream);
-  nb::gil_scoped_release no_gil;
-  op(args, cfg, ctx);
-}
-
-// Keyword names shared by every binding: config, backend, stream.
-#define MHC_EXEC_ARGS nb::arg("config"), nb::arg("backend") = "auto", nb::arg("stream") = 0
-
-}  // namespace
-
 void bind_nstream(nb::module_& m) {
   // ---- pre -----------------------------------------------------------------------------------
   m.def(
