@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+source scripts/env.sh
+print_versions
 python3 -m pip install -q --no-build-isolation --no-deps .
 mhc demo "$@"

@@ -4,7 +4,11 @@
 # GPU tests run when a CUDA device is present and skip cleanly otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# The set-up's own output goes to a log (shown when it fails), so the tool versions are the first lines.
+mkdir -p build
+if ! bash scripts/setup.sh >build/setup.log 2>&1; then cat build/setup.log; exit 1; fi
+source scripts/env.sh
+print_versions
 
 jobs=$(nproc)
 build=build/test
