@@ -27,16 +27,22 @@ differentiable. The backend follows :func:`mhc.ops.use_backend` (``"reference"``
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
-from torch.utils.dlpack import to_dlpack
+from torch import Tensor
 
 from . import _C
+from ._plumbing import dl as _dl
+from ._plumbing import dls as _dls
+from ._plumbing import device as _device
+from ._plumbing import eager as _eager
+from ._plumbing import get_backend as _backend
+from ._plumbing import new as _new
+from ._plumbing import stream as _stream
+from ._plumbing import workspace as _workspace
+from ._plumbing import workspace_bytes as _workspace_bytes
 
 __all__ = [
     "CONSTRAINTS",
@@ -52,28 +58,8 @@ VECTOR_CONSTRAINTS = ("simplex", "softmax", "identity")
 
 States = Union[Tensor, Sequence[Tensor]]
 
-# Tests set this: every output is NaN-filled before the op runs, so elements it fails to write show.
-_poison_outputs = False
-
 
 # ---- helpers --------------------------------------------------------------------------------------------
-
-
-def _backend() -> str:
-    # Shared with the n-stream ops: ``with mhc.ops.use_backend("reference"):`` switches both.
-    try:
-        from . import ops
-    except ImportError:  # pragma: no cover - only while mhc.ops itself is importing us
-        return "auto"
-    return getattr(ops, "get_backend", lambda: "auto")()
-
-
-def _dl(t: Optional[Tensor]):
-    return None if t is None else to_dlpack(t)
-
-
-def _dls(ts: Sequence[Optional[Tensor]]):
-    return [None if t is None else to_dlpack(t) for t in ts]
 
 
 def _grad_buffers(states: Sequence[Tensor], need) -> List[Optional[Tensor]]:
@@ -83,39 +69,6 @@ def _grad_buffers(states: Sequence[Tensor], need) -> List[Optional[Tensor]]:
     if need is False:
         return []
     return [_new(s) if n else None for s, n in zip(states, need)]
-
-
-# Workspace bytes of a backward, by what determines them (the first call asks the C++ side).
-_workspace_sizes: dict = {}
-
-
-def _workspace_bytes(query, key) -> int:
-    nbytes = _workspace_sizes.get(key)
-    if nbytes is None:
-        nbytes = _workspace_sizes[key] = query()
-    return nbytes
-
-
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-
-
-def _device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor:
-    shape = like.shape if shape is None else shape
-    dtype = like.dtype if dtype is None else dtype
-    if _poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
-    if nbytes == 0:
-        return None
-    return _new(like, (math.ceil(nbytes / 4),), torch.float32)  # poisoned too: backends may not assume zeros
 
 
 @functools.lru_cache(maxsize=256)
@@ -152,15 +105,6 @@ def _check_name(constraint: str) -> str:
     if constraint not in CONSTRAINTS:
         raise ValueError(f"mhc.project_logits: constraint: expected one of {CONSTRAINTS}, got {constraint!r}")
     return constraint
-
-
-def _eager(*tensors: Optional[Tensor]) -> bool:
-    """True for plain eager calls. They take a torch.autograd.Function straight to the kernels; the
-    custom ops (same kernels) serve torch.compile, export and tensor subclasses (fake tensors). The
-    custom-op autograd wrapper costs about 100 us of Python per call, which a small layer feels."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    return all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
 
 
 # ---- project_logits ------------------------------------------------------------------------------------

@@ -27,15 +27,17 @@ or ``mhc.ops.set_backend(...)``; the backward of an op runs on the backend its f
 
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Iterator, Optional, Sequence, Tuple
+import atexit
+import functools
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.dlpack import to_dlpack
 
 from . import _C
+from ._plumbing import BACKENDS, Op, dl, get_backend, new, set_backend, use_backend, workspace
+from ._plumbing import device as _device
+from ._plumbing import stream as _stream
 from .reference import coef_dtype
 
 __all__ = [
@@ -52,84 +54,27 @@ __all__ = [
     "residual_add_agg",
 ]
 
-# ---- backend selection ----------------------------------------------------------------------------
 
-BACKENDS = ("auto", "reference", "fast", "cuda")
-_backend = "auto"
-
-
-def get_backend() -> str:
-    """The backend the next op call will use."""
-    return _backend
-
-
-def set_backend(name: str) -> None:
-    """Select the backend for subsequent op calls: one of :data:`BACKENDS`."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"mhc.ops.set_backend: backend: expected one of {BACKENDS}, got {name!r}")
-    _backend = name
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager: run the ops inside on backend ``name`` (e.g. ``"reference"``)."""
-    previous = _backend
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-# ---- helpers shared by the custom-op implementations --------------------------------------------------
-
-
-def _dl(t: Optional[Tensor]):
-    # A DLPack capsule straight from C++: unlike Tensor.__dlpack__ it neither refuses tensors that
-    # require grad nor makes the default stream wait on the current one (illegal in graph capture).
-    return None if t is None else to_dlpack(t)
-
-
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-
-
-def _device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
+@functools.lru_cache(maxsize=256)
 def _config(n: int, iters: int = 20, post_mult: float = 2.0, eps: float = 1e-6, norm_eps: float = 1e-6,
             pre_eps: float = 1e-6):
     return _C.Config(n=n, iters=iters, eps=eps, norm_eps=norm_eps, pre_eps=pre_eps, post_mult=post_mult)
 
 
-# Tests set this: every output is NaN-filled before the op runs, so elements it fails to write show.
-_poison_outputs = False
-
-
-def _new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An output buffer with like's device (and shape / dtype unless given)."""
-    shape = like.shape if shape is None else shape
-    dtype = like.dtype if dtype is None else dtype
-    if _poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
-    if nbytes == 0:
-        return None
-    return _new(like, (math.ceil(nbytes / 4),), torch.float32)  # poisoned too: backends may not assume zeros
+atexit.register(_config.cache_clear)  # before the extension is torn down (nanobind counts live objects)
 
 
 def _new_or_placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
     # Custom ops cannot return None: an absent parameter's gradient is a [0] placeholder.
-    return _new(t) if t is not None else like.new_empty((0,))
+    return new(t) if t is not None else like.new_empty((0,))
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
+
+
+def _param_grads(fn, scale, grad_fn, grad_base, grad_scale):
+    return (grad_fn if fn is not None else None, grad_base, grad_scale if scale is not None else None)
 
 
 # ---- pre -------------------------------------------------------------------------------------------------
@@ -139,59 +84,57 @@ def _pre_outputs(x: Tensor):
     T, n, C = x.shape
     k = coef_dtype(x.dtype)
     m = n * n + 2 * n
-    return (_new(x, (T, C)), _new(x, (T, n), k), _new(x, (T, n), k), _new(x, (T, n, n), k), _new(x, (T, m), k),
-            _new(x, (T,), k))
+    return (new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T, n, n), k), new(x, (T, m), k),
+            new(x, (T,), k))
 
 
-@torch.library.custom_op("mhc::pre", mutates_args=())
-def _pre_op(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], iters: int, post_mult: float,
-            eps: float, norm_eps: float, pre_eps: float, backend: str
-            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _pre_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], iters: int, post_mult: float,
+              eps: float, norm_eps: float, pre_eps: float, backend: str
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x [T, n, C] -> (layer_input [T, C], h_pre [T, n], h_post [T, n], comb [T, n, n], mixes [T, m], rstd [T])."""
     outs = _pre_outputs(x)
     layer_input, h_pre, h_post, comb, mixes, rstd = outs
     with _device(x):
-        _C.pre_forward(x=_dl(x), fn=_dl(fn), base=_dl(base), scale=_dl(scale), layer_input=_dl(layer_input),
-                       h_pre=_dl(h_pre), h_post=_dl(h_post), comb=_dl(comb), mixes=_dl(mixes), rstd=_dl(rstd),
+        _C.pre_forward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), layer_input=dl(layer_input),
+                       h_pre=dl(h_pre), h_post=dl(h_post), comb=dl(comb), mixes=dl(mixes), rstd=dl(rstd),
                        config=_config(x.shape[1], iters, post_mult, eps, norm_eps, pre_eps), backend=backend,
                        stream=_stream(x))
     return outs
 
 
-@_pre_op.register_fake
-def _(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
+def _pre_fake(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
     return _pre_outputs(x)
 
 
-@torch.library.custom_op("mhc::pre_backward", mutates_args=())
-def _pre_backward_op(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], mixes: Tensor,
-                     rstd: Tensor, grad_layer_input: Optional[Tensor], grad_h_pre: Optional[Tensor],
-                     grad_h_post: Optional[Tensor], grad_comb: Optional[Tensor], grad_x_accum: Optional[Tensor],
-                     iters: int, post_mult: float, eps: float, norm_eps: float, pre_eps: float, backend: str
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _pre_backward_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], mixes: Tensor,
+                       rstd: Tensor, grad_layer_input: Optional[Tensor], grad_h_pre: Optional[Tensor],
+                       grad_h_post: Optional[Tensor], grad_comb: Optional[Tensor], grad_x_accum: Optional[Tensor],
+                       iters: int, post_mult: float, eps: float, norm_eps: float, pre_eps: float, backend: str
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_x, grad_fn, grad_base, grad_scale); grad_fn / grad_scale are [0] when fn / scale are None."""
-    grad_x = _new(x)
+    grad_x = new(x)
     grad_fn, grad_scale = _new_or_placeholder(fn, base), _new_or_placeholder(scale, base)
-    grad_base = _new(base)
+    grad_base = new(base)
     cfg = _config(x.shape[1], iters, post_mult, eps, norm_eps, pre_eps)
     with _device(x):
         stream = _stream(x)
-        nbytes = _C.pre_backward_workspace_bytes(x=_dl(x), fn=_dl(fn), base=_dl(base), scale=_dl(scale),
+        nbytes = _C.pre_backward_workspace_bytes(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale),
                                                  config=cfg, backend=backend, stream=stream)
-        _C.pre_backward(x=_dl(x), fn=_dl(fn), base=_dl(base), scale=_dl(scale), mixes=_dl(mixes), rstd=_dl(rstd),
-                        grad_layer_input=_dl(grad_layer_input), grad_h_pre=_dl(grad_h_pre),
-                        grad_h_post=_dl(grad_h_post), grad_comb=_dl(grad_comb), grad_x_accum=_dl(grad_x_accum),
-                        grad_x=_dl(grad_x), grad_fn=_dl(grad_fn if fn is not None else None),
-                        grad_base=_dl(grad_base), grad_scale=_dl(grad_scale if scale is not None else None),
-                        workspace=_dl(_workspace(nbytes, x)), config=cfg, backend=backend, stream=stream)
+        _C.pre_backward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), mixes=dl(mixes), rstd=dl(rstd),
+                        grad_layer_input=dl(grad_layer_input), grad_h_pre=dl(grad_h_pre),
+                        grad_h_post=dl(grad_h_post), grad_comb=dl(grad_comb), grad_x_accum=dl(grad_x_accum),
+                        grad_x=dl(grad_x), grad_fn=dl(grad_fn if fn is not None else None),
+                        grad_base=dl(grad_base), grad_scale=dl(grad_scale if scale is not None else None),
+                        workspace=dl(workspace(nbytes, x)), config=cfg, backend=backend, stream=stream)
     return grad_x, grad_fn, grad_base, grad_scale
 
 
-@_pre_backward_op.register_fake
-def _(x, fn, base, scale, mixes, rstd, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, grad_x_accum, iters,
-      post_mult, eps, norm_eps, pre_eps, backend):
-    return (_new(x), _new_or_placeholder(fn, base), _new(base),
-            _new_or_placeholder(scale, base))
+def _pre_backward_fake(x, fn, base, scale, mixes, rstd, grad_layer_input, grad_h_pre, grad_h_post, grad_comb,
+                       grad_x_accum, iters, post_mult, eps, norm_eps, pre_eps, backend):
+    return new(x), _new_or_placeholder(fn, base), new(base), _new_or_placeholder(scale, base)
+
+
+_pre_backward_op = Op("pre_backward", _pre_backward_impl, _pre_backward_fake)
 
 
 def _pre_setup_context(ctx, inputs, output):
@@ -202,54 +145,49 @@ def _pre_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mixes, rstd)
 
 
-def _param_grads(fn, scale, grad_fn, grad_base, grad_scale):
-    return (grad_fn if fn is not None else None, grad_base, grad_scale if scale is not None else None)
-
-
 def _pre_backward(ctx, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, _grad_mixes, _grad_rstd):
     x, fn, base, scale, mixes, rstd = ctx.saved_tensors
-    grad_x, grad_fn, grad_base, grad_scale = torch.ops.mhc.pre_backward(
+    grad_x, grad_fn, grad_base, grad_scale = _pre_backward_op(
         x, fn, base, scale, mixes, rstd, _contig(grad_layer_input), _contig(grad_h_pre), _contig(grad_h_post),
         _contig(grad_comb), None, *ctx.hyper)
     return (grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale)) + (None,) * len(ctx.hyper)
 
 
-_pre_op.register_autograd(_pre_backward, setup_context=_pre_setup_context)
+_pre_op = Op("pre", _pre_impl, _pre_fake, setup_context=_pre_setup_context, backward=_pre_backward)
 
 
 # ---- post ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::post", mutates_args=())
-def _post_op(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str) -> Tensor:
+def _post_impl(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str) -> Tensor:
     """x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i] on [T, n, C]."""
-    x_next = _new(x)
+    x_next = new(x)
     with _device(x):
-        _C.post_forward(x=_dl(x), y=_dl(y), h_post=_dl(h_post), comb=_dl(comb), x_next=_dl(x_next),
+        _C.post_forward(x=dl(x), y=dl(y), h_post=dl(h_post), comb=dl(comb), x_next=dl(x_next),
                         config=_config(x.shape[1]), backend=backend, stream=_stream(x))
     return x_next
 
 
-@_post_op.register_fake
-def _(x, y, h_post, comb, backend):
-    return _new(x)
+def _post_fake(x, y, h_post, comb, backend):
+    return new(x)
 
 
-@torch.library.custom_op("mhc::post_backward", mutates_args=())
-def _post_backward_op(grad_x_next: Tensor, x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str
-                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _post_backward_impl(grad_x_next: Tensor, x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_x, grad_y, grad_h_post, grad_comb)."""
-    grads = (_new(x), _new(y), _new(h_post), _new(comb))
+    grads = (new(x), new(y), new(h_post), new(comb))
     with _device(x):
-        _C.post_backward(grad_x_next=_dl(grad_x_next), x=_dl(x), y=_dl(y), h_post=_dl(h_post), comb=_dl(comb),
-                         grad_x=_dl(grads[0]), grad_y=_dl(grads[1]), grad_h_post=_dl(grads[2]),
-                         grad_comb=_dl(grads[3]), config=_config(x.shape[1]), backend=backend, stream=_stream(x))
+        _C.post_backward(grad_x_next=dl(grad_x_next), x=dl(x), y=dl(y), h_post=dl(h_post), comb=dl(comb),
+                         grad_x=dl(grads[0]), grad_y=dl(grads[1]), grad_h_post=dl(grads[2]),
+                         grad_comb=dl(grads[3]), config=_config(x.shape[1]), backend=backend, stream=_stream(x))
     return grads
 
 
-@_post_backward_op.register_fake
-def _(grad_x_next, x, y, h_post, comb, backend):
-    return _new(x), _new(y), _new(h_post), _new(comb)
+def _post_backward_fake(grad_x_next, x, y, h_post, comb, backend):
+    return new(x), new(y), new(h_post), new(comb)
+
+
+_post_backward_op = Op("post_backward", _post_backward_impl, _post_backward_fake)
 
 
 def _post_setup_context(ctx, inputs, output):
@@ -260,35 +198,33 @@ def _post_setup_context(ctx, inputs, output):
 
 def _post_backward(ctx, grad_x_next):
     x, y, h_post, comb = ctx.saved_tensors
-    grads = torch.ops.mhc.post_backward(grad_x_next.contiguous(), x, y, h_post, comb, ctx.backend)
+    grads = _post_backward_op(grad_x_next.contiguous(), x, y, h_post, comb, ctx.backend)
     return (*grads, None)
 
 
-_post_op.register_autograd(_post_backward, setup_context=_post_setup_context)
+_post_op = Op("post", _post_impl, _post_fake, setup_context=_post_setup_context, backward=_post_backward)
 
 
 # ---- post of one site fused with pre of the next ----------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::post_pre", mutates_args=())
-def _post_pre_op(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optional[Tensor], base: Tensor,
-                 scale: Optional[Tensor], iters: int, post_mult: float, eps: float, norm_eps: float, pre_eps: float,
-                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _post_pre_impl(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optional[Tensor], base: Tensor,
+                   scale: Optional[Tensor], iters: int, post_mult: float, eps: float, norm_eps: float, pre_eps: float,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (x_next, layer_input, h_pre, h_post_next, comb_next, mixes, rstd) of the next site."""
-    x_next = _new(x)
+    x_next = new(x)
     layer_input, h_pre, h_post_next, comb_next, mixes, rstd = _pre_outputs(x)
     with _device(x):
-        _C.post_pre_forward(x=_dl(x), y=_dl(y), h_post=_dl(h_post), comb=_dl(comb), fn=_dl(fn), base=_dl(base),
-                            scale=_dl(scale), x_next=_dl(x_next), layer_input=_dl(layer_input), h_pre=_dl(h_pre),
-                            h_post_next=_dl(h_post_next), comb_next=_dl(comb_next), mixes=_dl(mixes),
-                            rstd=_dl(rstd), config=_config(x.shape[1], iters, post_mult, eps, norm_eps, pre_eps),
+        _C.post_pre_forward(x=dl(x), y=dl(y), h_post=dl(h_post), comb=dl(comb), fn=dl(fn), base=dl(base),
+                            scale=dl(scale), x_next=dl(x_next), layer_input=dl(layer_input), h_pre=dl(h_pre),
+                            h_post_next=dl(h_post_next), comb_next=dl(comb_next), mixes=dl(mixes),
+                            rstd=dl(rstd), config=_config(x.shape[1], iters, post_mult, eps, norm_eps, pre_eps),
                             backend=backend, stream=_stream(x))
     return x_next, layer_input, h_pre, h_post_next, comb_next, mixes, rstd
 
 
-@_post_pre_op.register_fake
-def _(x, y, h_post, comb, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
-    return (_new(x), *_pre_outputs(x))
+def _post_pre_fake(x, y, h_post, comb, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
+    return (new(x), *_pre_outputs(x))
 
 
 def _post_pre_setup_context(ctx, inputs, output):
@@ -303,49 +239,48 @@ def _post_pre_backward(ctx, grad_x_next, grad_layer_input, grad_h_pre, grad_h_po
                        _grad_mixes, _grad_rstd):
     x, y, h_post, comb, fn, base, scale, x_next, mixes, rstd = ctx.saved_tensors
     # x_next feeds both the caller and the next pre: pre_backward adds the caller's gradient in.
-    grad_x_next_total, grad_fn, grad_base, grad_scale = torch.ops.mhc.pre_backward(
+    grad_x_next_total, grad_fn, grad_base, grad_scale = _pre_backward_op(
         x_next, fn, base, scale, mixes, rstd, _contig(grad_layer_input), _contig(grad_h_pre),
         _contig(grad_h_post_next), _contig(grad_comb_next), _contig(grad_x_next), *ctx.hyper)
-    grad_x, grad_y, grad_h_post, grad_comb = torch.ops.mhc.post_backward(
-        grad_x_next_total, x, y, h_post, comb, ctx.hyper[-1])
+    grad_x, grad_y, grad_h_post, grad_comb = _post_backward_op(grad_x_next_total, x, y, h_post, comb, ctx.hyper[-1])
     return ((grad_x, grad_y, grad_h_post, grad_comb) + _param_grads(fn, scale, grad_fn, grad_base, grad_scale)
             + (None,) * len(ctx.hyper))
 
 
-_post_pre_op.register_autograd(_post_pre_backward, setup_context=_post_pre_setup_context)
+_post_pre_op = Op("post_pre", _post_pre_impl, _post_pre_fake, setup_context=_post_pre_setup_context,
+                  backward=_post_pre_backward)
 
 
 # ---- Sinkhorn ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::sinkhorn", mutates_args=())
-def _sinkhorn_op(logits: Tensor, iters: int, eps: float, backend: str) -> Tensor:
+def _sinkhorn_impl(logits: Tensor, iters: int, eps: float, backend: str) -> Tensor:
     """[T, n, n] logits -> comb."""
-    comb = _new(logits)
+    comb = new(logits)
     with _device(logits):
-        _C.sinkhorn_forward(logits=_dl(logits), comb=_dl(comb), config=_config(logits.shape[-1], iters, eps=eps),
+        _C.sinkhorn_forward(logits=dl(logits), comb=dl(comb), config=_config(logits.shape[-1], iters, eps=eps),
                             backend=backend, stream=_stream(logits))
     return comb
 
 
-@_sinkhorn_op.register_fake
-def _(logits, iters, eps, backend):
-    return _new(logits)
+def _sinkhorn_fake(logits, iters, eps, backend):
+    return new(logits)
 
 
-@torch.library.custom_op("mhc::sinkhorn_backward", mutates_args=())
-def _sinkhorn_backward_op(logits: Tensor, grad_comb: Tensor, iters: int, eps: float, backend: str) -> Tensor:
-    grad_logits = _new(logits)
+def _sinkhorn_backward_impl(logits: Tensor, grad_comb: Tensor, iters: int, eps: float, backend: str) -> Tensor:
+    grad_logits = new(logits)
     with _device(logits):
-        _C.sinkhorn_backward(logits=_dl(logits), grad_comb=_dl(grad_comb), grad_logits=_dl(grad_logits),
+        _C.sinkhorn_backward(logits=dl(logits), grad_comb=dl(grad_comb), grad_logits=dl(grad_logits),
                              config=_config(logits.shape[-1], iters, eps=eps), backend=backend,
                              stream=_stream(logits))
     return grad_logits
 
 
-@_sinkhorn_backward_op.register_fake
-def _(logits, grad_comb, iters, eps, backend):
-    return _new(logits)
+def _sinkhorn_backward_fake(logits, grad_comb, iters, eps, backend):
+    return new(logits)
+
+
+_sinkhorn_backward_op = Op("sinkhorn_backward", _sinkhorn_backward_impl, _sinkhorn_backward_fake)
 
 
 def _sinkhorn_setup_context(ctx, inputs, output):
@@ -356,42 +291,42 @@ def _sinkhorn_setup_context(ctx, inputs, output):
 
 def _sinkhorn_backward(ctx, grad_comb):
     (logits,) = ctx.saved_tensors
-    return torch.ops.mhc.sinkhorn_backward(logits, grad_comb.contiguous(), *ctx.hyper), None, None, None
+    return _sinkhorn_backward_op(logits, grad_comb.contiguous(), *ctx.hyper), None, None, None
 
 
-_sinkhorn_op.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup_context)
+_sinkhorn_op = Op("sinkhorn", _sinkhorn_impl, _sinkhorn_fake, setup_context=_sinkhorn_setup_context,
+                  backward=_sinkhorn_backward)
 
 
 # ---- stream expand ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::expand_streams", mutates_args=())
-def _expand_op(x: Tensor, n: int, backend: str) -> Tensor:
+def _expand_impl(x: Tensor, n: int, backend: str) -> Tensor:
     """[T, C] -> [T, n, C]."""
-    out = _new(x, (x.shape[0], n, x.shape[1]))
+    out = new(x, (x.shape[0], n, x.shape[1]))
     with _device(x):
-        _C.expand_forward(x=_dl(x), out=_dl(out), config=_config(n), backend=backend, stream=_stream(x))
+        _C.expand_forward(x=dl(x), out=dl(out), config=_config(n), backend=backend, stream=_stream(x))
     return out
 
 
-@_expand_op.register_fake
-def _(x, n, backend):
-    return _new(x, (x.shape[0], n, x.shape[1]))
+def _expand_fake(x, n, backend):
+    return new(x, (x.shape[0], n, x.shape[1]))
 
 
-@torch.library.custom_op("mhc::expand_streams_backward", mutates_args=())
-def _expand_backward_op(grad_out: Tensor, backend: str) -> Tensor:
+def _expand_backward_impl(grad_out: Tensor, backend: str) -> Tensor:
     """[T, n, C] -> sum over streams [T, C]."""
-    grad_x = _new(grad_out, (grad_out.shape[0], grad_out.shape[2]))
+    grad_x = new(grad_out, (grad_out.shape[0], grad_out.shape[2]))
     with _device(grad_out):
-        _C.expand_backward(grad_out=_dl(grad_out), grad_x=_dl(grad_x), config=_config(grad_out.shape[1]),
+        _C.expand_backward(grad_out=dl(grad_out), grad_x=dl(grad_x), config=_config(grad_out.shape[1]),
                            backend=backend, stream=_stream(grad_out))
     return grad_x
 
 
-@_expand_backward_op.register_fake
-def _(grad_out, backend):
-    return _new(grad_out, (grad_out.shape[0], grad_out.shape[2]))
+def _expand_backward_fake(grad_out, backend):
+    return new(grad_out, (grad_out.shape[0], grad_out.shape[2]))
+
+
+_expand_backward_op = Op("expand_streams_backward", _expand_backward_impl, _expand_backward_fake)
 
 
 def _expand_setup_context(ctx, inputs, output):
@@ -399,10 +334,11 @@ def _expand_setup_context(ctx, inputs, output):
 
 
 def _expand_backward(ctx, grad_out):
-    return torch.ops.mhc.expand_streams_backward(grad_out.contiguous(), ctx.backend), None, None
+    return _expand_backward_op(grad_out.contiguous(), ctx.backend), None, None
 
 
-_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup_context)
+_expand_op = Op("expand_streams", _expand_impl, _expand_fake, setup_context=_expand_setup_context,
+                backward=_expand_backward)
 
 
 # ---- head ------------------------------------------------------------------------------------------------
@@ -411,52 +347,50 @@ _expand_op.register_autograd(_expand_backward, setup_context=_expand_setup_conte
 def _head_outputs(x: Tensor):
     T, n, C = x.shape
     k = coef_dtype(x.dtype)
-    return _new(x, (T, C)), _new(x, (T, n), k), _new(x, (T, n), k), _new(x, (T,), k)
+    return new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T,), k)
 
 
-@torch.library.custom_op("mhc::head", mutates_args=())
-def _head_op(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], eps: float, backend: str
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _head_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], eps: float, backend: str
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [T, n, C] -> (out [T, C], weights [T, n], mixes [T, n], rstd [T])."""
     outs = _head_outputs(x)
     out, weights, mixes, rstd = outs
     with _device(x):
-        _C.head_forward(x=_dl(x), fn=_dl(fn), base=_dl(base), scale=_dl(scale), out=_dl(out), weights=_dl(weights),
-                        mixes=_dl(mixes), rstd=_dl(rstd), config=_config(x.shape[1], pre_eps=eps), backend=backend,
+        _C.head_forward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), out=dl(out), weights=dl(weights),
+                        mixes=dl(mixes), rstd=dl(rstd), config=_config(x.shape[1], pre_eps=eps), backend=backend,
                         stream=_stream(x))
     return outs
 
 
-@_head_op.register_fake
-def _(x, fn, base, scale, eps, backend):
+def _head_fake(x, fn, base, scale, eps, backend):
     return _head_outputs(x)
 
 
-@torch.library.custom_op("mhc::head_backward", mutates_args=())
-def _head_backward_op(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], mixes: Tensor,
-                      rstd: Tensor, grad_out: Optional[Tensor], grad_weights: Optional[Tensor], eps: float,
-                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _head_backward_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], mixes: Tensor,
+                        rstd: Tensor, grad_out: Optional[Tensor], grad_weights: Optional[Tensor], eps: float,
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_x, grad_fn, grad_base, grad_scale); grad_fn / grad_scale are [0] when fn / scale are None."""
-    grad_x = _new(x)
+    grad_x = new(x)
     grad_fn, grad_scale = _new_or_placeholder(fn, base), _new_or_placeholder(scale, base)
-    grad_base = _new(base)
+    grad_base = new(base)
     cfg = _config(x.shape[1], pre_eps=eps)
     with _device(x):
         stream = _stream(x)
-        nbytes = _C.head_backward_workspace_bytes(x=_dl(x), fn=_dl(fn), base=_dl(base), scale=_dl(scale),
+        nbytes = _C.head_backward_workspace_bytes(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale),
                                                   config=cfg, backend=backend, stream=stream)
-        _C.head_backward(x=_dl(x), fn=_dl(fn), base=_dl(base), scale=_dl(scale), mixes=_dl(mixes), rstd=_dl(rstd),
-                         grad_out=_dl(grad_out), grad_weights=_dl(grad_weights), grad_x=_dl(grad_x),
-                         grad_fn=_dl(grad_fn if fn is not None else None), grad_base=_dl(grad_base),
-                         grad_scale=_dl(grad_scale if scale is not None else None),
-                         workspace=_dl(_workspace(nbytes, x)), config=cfg, backend=backend, stream=stream)
+        _C.head_backward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), mixes=dl(mixes), rstd=dl(rstd),
+                         grad_out=dl(grad_out), grad_weights=dl(grad_weights), grad_x=dl(grad_x),
+                         grad_fn=dl(grad_fn if fn is not None else None), grad_base=dl(grad_base),
+                         grad_scale=dl(grad_scale if scale is not None else None),
+                         workspace=dl(workspace(nbytes, x)), config=cfg, backend=backend, stream=stream)
     return grad_x, grad_fn, grad_base, grad_scale
 
 
-@_head_backward_op.register_fake
-def _(x, fn, base, scale, mixes, rstd, grad_out, grad_weights, eps, backend):
-    return (_new(x), _new_or_placeholder(fn, base), _new(base),
-            _new_or_placeholder(scale, base))
+def _head_backward_fake(x, fn, base, scale, mixes, rstd, grad_out, grad_weights, eps, backend):
+    return new(x), _new_or_placeholder(fn, base), new(base), _new_or_placeholder(scale, base)
+
+
+_head_backward_op = Op("head_backward", _head_backward_impl, _head_backward_fake)
 
 
 def _head_setup_context(ctx, inputs, output):
@@ -469,47 +403,47 @@ def _head_setup_context(ctx, inputs, output):
 
 def _head_backward(ctx, grad_out, grad_weights, _grad_mixes, _grad_rstd):
     x, fn, base, scale, mixes, rstd = ctx.saved_tensors
-    grad_x, grad_fn, grad_base, grad_scale = torch.ops.mhc.head_backward(
+    grad_x, grad_fn, grad_base, grad_scale = _head_backward_op(
         x, fn, base, scale, mixes, rstd, _contig(grad_out), _contig(grad_weights), *ctx.hyper)
     return (grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale), None, None)
 
 
-_head_op.register_autograd(_head_backward, setup_context=_head_setup_context)
+_head_op = Op("head", _head_impl, _head_fake, setup_context=_head_setup_context, backward=_head_backward)
 
 
 # ---- residual add + aggregate ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::residual_add_agg", mutates_args=())
-def _residual_add_agg_op(x: Tensor, res: Tensor, h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def _residual_add_agg_impl(x: Tensor, res: Tensor, h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """-> (x_out = x + res [T, n, C], agg = sum_i h_pre[i] x_out[i] [T, C])."""
-    x_out, agg = _new(x), _new(x, (x.shape[0], x.shape[2]))
+    x_out, agg = new(x), new(x, (x.shape[0], x.shape[2]))
     with _device(x):
-        _C.residual_add_agg_forward(x=_dl(x), res=_dl(res), h_pre=_dl(h_pre), x_out=_dl(x_out), agg=_dl(agg),
+        _C.residual_add_agg_forward(x=dl(x), res=dl(res), h_pre=dl(h_pre), x_out=dl(x_out), agg=dl(agg),
                                     config=_config(x.shape[1]), backend=backend, stream=_stream(x))
     return x_out, agg
 
 
-@_residual_add_agg_op.register_fake
-def _(x, res, h_pre, backend):
-    return _new(x), _new(x, (x.shape[0], x.shape[2]))
+def _residual_add_agg_fake(x, res, h_pre, backend):
+    return new(x), new(x, (x.shape[0], x.shape[2]))
 
 
-@torch.library.custom_op("mhc::residual_add_agg_backward", mutates_args=())
-def _residual_add_agg_backward_op(grad_x_out: Optional[Tensor], grad_agg: Optional[Tensor], x_out: Tensor,
-                                  h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def _residual_add_agg_backward_impl(grad_x_out: Optional[Tensor], grad_agg: Optional[Tensor], x_out: Tensor,
+                                    h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """-> (grad_sum: the gradient of both x and res, grad_h_pre)."""
-    grad_sum, grad_h_pre = _new(x_out), _new(h_pre)
+    grad_sum, grad_h_pre = new(x_out), new(h_pre)
     with _device(x_out):
-        _C.residual_add_agg_backward(grad_x_out=_dl(grad_x_out), grad_agg=_dl(grad_agg), x_out=_dl(x_out),
-                                     h_pre=_dl(h_pre), grad_sum=_dl(grad_sum), grad_h_pre=_dl(grad_h_pre),
+        _C.residual_add_agg_backward(grad_x_out=dl(grad_x_out), grad_agg=dl(grad_agg), x_out=dl(x_out),
+                                     h_pre=dl(h_pre), grad_sum=dl(grad_sum), grad_h_pre=dl(grad_h_pre),
                                      config=_config(x_out.shape[1]), backend=backend, stream=_stream(x_out))
     return grad_sum, grad_h_pre
 
 
-@_residual_add_agg_backward_op.register_fake
-def _(grad_x_out, grad_agg, x_out, h_pre, backend):
-    return _new(x_out), _new(h_pre)
+def _residual_add_agg_backward_fake(grad_x_out, grad_agg, x_out, h_pre, backend):
+    return new(x_out), new(h_pre)
+
+
+_residual_add_agg_backward_op = Op("residual_add_agg_backward", _residual_add_agg_backward_impl,
+                                   _residual_add_agg_backward_fake)
 
 
 def _residual_add_agg_setup_context(ctx, inputs, output):
@@ -519,12 +453,13 @@ def _residual_add_agg_setup_context(ctx, inputs, output):
 
 def _residual_add_agg_backward(ctx, grad_x_out, grad_agg):
     x_out, h_pre = ctx.saved_tensors
-    grad_sum, grad_h_pre = torch.ops.mhc.residual_add_agg_backward(_contig(grad_x_out), _contig(grad_agg), x_out,
-                                                                    h_pre, ctx.backend)
+    grad_sum, grad_h_pre = _residual_add_agg_backward_op(_contig(grad_x_out), _contig(grad_agg), x_out, h_pre,
+                                                         ctx.backend)
     return grad_sum, grad_sum, grad_h_pre, None
 
 
-_residual_add_agg_op.register_autograd(_residual_add_agg_backward, setup_context=_residual_add_agg_setup_context)
+_residual_add_agg_op = Op("residual_add_agg", _residual_add_agg_impl, _residual_add_agg_fake,
+                          setup_context=_residual_add_agg_setup_context, backward=_residual_add_agg_backward)
 
 
 # ---- public API: argument checks, casts, leading dims ----------------------------------------------------
@@ -565,7 +500,24 @@ def _per_token(op: str, name: str, t, shape: Tuple[int, ...], layout: str) -> No
 
 
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype).contiguous()
+    # Casts and copies only when needed: each no-op .to() still costs a microsecond or two of host time.
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _tokens(t: Tensor, trailing: int, *shape: int) -> Tensor:
+    """t [..., *shape] as [T, *shape] (contiguous); no reshape when it already has that rank."""
+    if t.dim() != trailing + 1:
+        t = t.reshape(-1, *shape)
+    return t.contiguous()
+
+
+def _restore(t: Tensor, lead: Sequence[int], *shape: int) -> Tensor:
+    """The [T, *shape] result back to [*lead, *shape]."""
+    return t if len(lead) == 1 else t.view(*lead, *shape)
 
 
 def _params(op: str, x: Tensor, fn, base, scale):
@@ -591,10 +543,11 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
     _stream_input("mhc_pre", "x", x, ("n", "C"))
     fn, base, scale = _params("mhc_pre", x, fn, base, scale)
     *lead, n, C = x.shape
-    outs = torch.ops.mhc.pre(x.reshape(-1, n, C).contiguous(), fn, base, scale,
-                             *_hyper(iters, post_mult, eps, norm_eps, pre_eps), _backend)
+    outs = _pre_op(_tokens(x, 2, n, C), fn, base, scale, *_hyper(iters, post_mult, eps, norm_eps, pre_eps),
+                   get_backend())
     layer_input, h_pre, h_post, comb = outs[:4]
-    return (layer_input.view(*lead, C), h_pre.view(*lead, n), h_post.view(*lead, n), comb.view(*lead, n, n))
+    return (_restore(layer_input, lead, C), _restore(h_pre, lead, n), _restore(h_post, lead, n),
+            _restore(comb, lead, n, n))
 
 
 def _post_inputs(op: str, x, y, h_post, comb):
@@ -605,14 +558,15 @@ def _post_inputs(op: str, x, y, h_post, comb):
     _per_token(op, "h_post", h_post, lead + (n,), "[..., n]")
     _per_token(op, "comb", comb, lead + (n, n), "[..., n, n]")
     k = coef_dtype(x.dtype)
-    return (x.reshape(-1, n, C).contiguous(), y.to(x.dtype).reshape(-1, C).contiguous(),
-            h_post.to(k).reshape(-1, n).contiguous(), comb.to(k).reshape(-1, n, n).contiguous())
+    return (_tokens(x, 2, n, C), _tokens(_as(y, x.dtype), 1, C), _tokens(_as(h_post, k), 1, n),
+            _tokens(_as(comb, k), 2, n, n))
 
 
 def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor) -> Tensor:
     """mHC post: ``x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i]``; ``x [..., n, C]``, ``y [..., C]``."""
     flat = _post_inputs("mhc_post", x, y, h_post, comb)
-    return torch.ops.mhc.post(*flat, _backend).view(x.shape)
+    x_next = _post_op(*flat, get_backend())
+    return x_next if x.dim() == 3 else x_next.view(x.shape)
 
 
 def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optional[Tensor], base: Tensor,
@@ -625,11 +579,10 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
     flat = _post_inputs("mhc_post_pre", x, y, h_post, comb)
     fn, base, scale = _params("mhc_post_pre", x, fn, base, scale)
     *lead, n, C = x.shape
-    outs = torch.ops.mhc.post_pre(*flat, fn, base, scale, *_hyper(iters, post_mult, eps, norm_eps, pre_eps),
-                                  _backend)
+    outs = _post_pre_op(*flat, fn, base, scale, *_hyper(iters, post_mult, eps, norm_eps, pre_eps), get_backend())
     x_next, layer_input, h_pre, h_post_next, comb_next = outs[:5]
-    return (x_next.view(x.shape), layer_input.view(*lead, C), h_pre.view(*lead, n), h_post_next.view(*lead, n),
-            comb_next.view(*lead, n, n))
+    return (_restore(x_next, lead, n, C), _restore(layer_input, lead, C), _restore(h_pre, lead, n),
+            _restore(h_post_next, lead, n), _restore(comb_next, lead, n, n))
 
 
 def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
@@ -639,8 +592,8 @@ def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
     if logits.shape[-2] != n:
         raise ValueError(f"mhc.sinkhorn: logits: expected square [..., n, n] matrices, got shape "
                          f"{_shape_str(logits.shape)}")
-    flat = logits.to(coef_dtype(logits.dtype)).reshape(-1, n, n).contiguous()
-    return torch.ops.mhc.sinkhorn(flat, int(iters), float(eps), _backend).view(logits.shape)
+    flat = _tokens(_as(logits, coef_dtype(logits.dtype)), 2, n, n)
+    return _restore(_sinkhorn_op(flat, int(iters), float(eps), get_backend()), logits.shape[:-2], n, n)
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
@@ -649,8 +602,8 @@ def expand_streams(x: Tensor, n: int) -> Tensor:
     if not 1 <= n <= 64:
         raise ValueError(f"mhc.expand_streams: n: expected 1..64 streams, got {n}")
     C = x.shape[-1]
-    out = torch.ops.mhc.expand_streams(x.reshape(-1, C).contiguous(), int(n), _backend)
-    return out.view(*x.shape[:-1], n, C)
+    out = _expand_op(_tokens(x, 1, C), int(n), get_backend())
+    return _restore(out, x.shape[:-1], n, C)
 
 
 def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], *, eps: float = 1e-6
@@ -660,8 +613,8 @@ def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tens
     _stream_input("mhc_head", "x", x, ("n", "C"))
     fn, base, scale = _params("mhc_head", x, fn, base, scale)
     *lead, n, C = x.shape
-    out = torch.ops.mhc.head(x.reshape(-1, n, C).contiguous(), fn, base, scale, float(eps), _backend)[0]
-    return out.view(*lead, C)
+    out = _head_op(_tokens(x, 2, n, C), fn, base, scale, float(eps), get_backend())[0]
+    return _restore(out, lead, C)
 
 
 def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Tensor]:
@@ -671,10 +624,9 @@ def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Ten
     lead = tuple(lead)
     _per_token("residual_add_agg", "res", res, lead + (n, C), "[..., n, C]")
     _per_token("residual_add_agg", "h_pre", h_pre, lead + (n,), "[..., n]")
-    x_out, agg = torch.ops.mhc.residual_add_agg(
-        x.reshape(-1, n, C).contiguous(), res.to(x.dtype).reshape(-1, n, C).contiguous(),
-        h_pre.to(coef_dtype(x.dtype)).reshape(-1, n).contiguous(), _backend)
-    return x_out.view(x.shape), agg.view(*lead, C)
+    x_out, agg = _residual_add_agg_op(_tokens(x, 2, n, C), _tokens(_as(res, x.dtype), 2, n, C),
+                                      _tokens(_as(h_pre, coef_dtype(x.dtype)), 1, n), get_backend())
+    return _restore(x_out, lead, n, C), _restore(agg, lead, C)
 
 
 # The multi-history skip ops live in history_ops.py; re-exported so every functional op is in mhc.ops.

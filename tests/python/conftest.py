@@ -54,11 +54,11 @@ def pytest_runtest_setup(item):
 @pytest.fixture(autouse=True)
 def _poison_and_seed():
     """NaN-fill every op output before the op runs (unwritten elements show) and fix the seed."""
-    previous = ops._poison_outputs
-    ops._poison_outputs = True
+    previous = mhc._plumbing.poison_outputs
+    mhc._plumbing.poison_outputs = True
     torch.manual_seed(0)
     yield
-    ops._poison_outputs = previous
+    mhc._plumbing.poison_outputs = previous
 
 
 def coef(dtype: torch.dtype) -> torch.dtype:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mhc
 from mhc import history_ops as hops
 from mhc import ops
 
@@ -16,10 +17,10 @@ CONSTRAINTS = ["simplex", "softmax", "identity"]
 
 @pytest.fixture(autouse=True)
 def _poison():
-    previous = hops._poison_outputs
-    hops._poison_outputs = True
+    previous = mhc._plumbing.poison_outputs
+    mhc._plumbing.poison_outputs = True
     yield
-    hops._poison_outputs = previous
+    mhc._plumbing.poison_outputs = previous
 
 
 def _close(got, want, dtype=None):

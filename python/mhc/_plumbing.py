@@ -1,0 +1,170 @@
+"""The path from a public op to the C++ core, shared by both op families (n-stream and multi-history).
+
+Everything an op call needs besides its own arguments lives here once: the backend selection, output
+allocation (with the tests' poison flag), DLPack views, the CUDA stream and device guard, cached configs,
+backward workspaces, and the registration of an op.
+
+An op is one implementation function (it allocates its outputs with :func:`new` and calls ``mhc._C``),
+one fake implementation and, for forwards, one autograd formula (``setup_context`` and ``backward``).
+:class:`Op` registers them as a ``torch.library`` custom op and builds from the same functions an eager
+``torch.autograd.Function``. A call takes one of two routes:
+
+- plain eager calls (real tensors, no torch.compile / tracing / dispatch or function modes) go straight to
+  the implementation, through the ``autograd.Function`` when a gradient is needed: this saves the custom-op
+  wrapper's Python, most of an eager call's host cost (docs/PERFORMANCE.md, host cost);
+- everything else (torch.compile, fake and meta tensors, tensor subclasses such as DTensor, FlopCounterMode,
+  export) dispatches ``torch.ops.mhc.<name>``.
+
+Both routes run the same kernels and the same autograd formulas, so their results are identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.dlpack import to_dlpack
+
+from . import _C
+
+# ---- backend selection (one setting for both families) --------------------------------------------------
+
+BACKENDS = ("auto", "reference", "fast", "cuda")
+_backend = "auto"
+
+
+def get_backend() -> str:
+    """The backend the next op call will use."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for subsequent op calls: one of :data:`BACKENDS`."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"mhc.ops.set_backend: backend: expected one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the ops inside on backend ``name`` (e.g. ``"reference"``)."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+# ---- buffers, views, streams ------------------------------------------------------------------------------
+
+# Tests set this: every output is NaN-filled before the op runs, so elements an op fails to write show.
+poison_outputs = False
+
+
+def new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An output buffer on like's device (with like's shape and dtype unless given)."""
+    shape = like.shape if shape is None else shape
+    dtype = like.dtype if dtype is None else dtype
+    if poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
+    """A backward's scratch buffer (poisoned too: backends may not assume zeros)."""
+    if nbytes == 0:
+        return None
+    return new(like, (math.ceil(nbytes / 4),), torch.float32)
+
+
+_workspace_sizes: dict = {}
+
+
+def workspace_bytes(query: Callable[[], int], key) -> int:
+    """Workspace bytes of a backward, asked of the C++ side once per key (what determines them)."""
+    nbytes = _workspace_sizes.get(key)
+    if nbytes is None:
+        nbytes = _workspace_sizes[key] = query()
+    return nbytes
+
+
+def dl(t: Optional[Tensor]):
+    # A DLPack capsule straight from C++: unlike Tensor.__dlpack__ it neither refuses tensors that
+    # require grad nor makes the default stream wait on the current one (illegal in graph capture).
+    return None if t is None else to_dlpack(t)
+
+
+def dls(ts):
+    return [None if t is None else to_dlpack(t) for t in ts]
+
+
+def stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+_no_guard = contextlib.nullcontext()
+
+
+def device(t: Tensor):
+    """The device guard of an op call on t (nothing on the CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else _no_guard
+
+
+# ---- the two routes -----------------------------------------------------------------------------------------
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def eager(*tensors: Optional[Tensor]) -> bool:
+    """True for a plain eager call: real CPU/CUDA tensors, nothing tracing or intercepting the dispatcher."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() \
+            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() \
+            or torch.jit.is_tracing():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return False
+    return True
+
+
+def _needs_grad(tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+class Op:
+    """One op: a ``torch.library`` custom op and its eager route, from one set of functions.
+
+    ``impl(*args)`` computes the outputs; ``fake(*args)`` their metadata; ``setup_context(ctx, inputs, output)``
+    and ``backward(ctx, *grads)`` are the autograd formula (forwards only). Call the Op with the custom op's
+    positional arguments.
+    """
+
+    def __init__(self, name: str, impl: Callable, fake: Callable, *, setup_context: Optional[Callable] = None,
+                 backward: Optional[Callable] = None):
+        self.impl = impl
+        self.custom_op = torch.library.custom_op(f"mhc::{name}", mutates_args=())(impl)
+        self.custom_op.register_fake(fake)
+        self.function = None
+        if backward is not None:
+            self.custom_op.register_autograd(backward, setup_context=setup_context)
+            self.function = type(f"{name}_function", (torch.autograd.Function,), {
+                "forward": staticmethod(impl),
+                "setup_context": staticmethod(setup_context),
+                "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+            })
+        self.dispatch = getattr(torch.ops.mhc, name).default
+
+    def __call__(self, *args):
+        tensors = [a for a in args if isinstance(a, Tensor) or a is None]
+        if not eager(*tensors):
+            return self.dispatch(*args)
+        if self.function is not None and _needs_grad(tensors):
+            return self.function.apply(*args)
+        return self.impl(*args)
