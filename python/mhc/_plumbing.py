@@ -138,6 +138,22 @@ def _needs_grad(tensors) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
+def _eager_function(name: str, impl: Callable, setup_context: Callable, backward: Callable):
+    """A torch.autograd.Function running impl with the custom op's autograd formula.
+
+    forward takes ctx itself (the separate setup_context style binds the arguments with inspect on every call)."""
+
+    def forward(ctx, *args):
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(f"{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+    })
+
+
 class Op:
     """One op: a ``torch.library`` custom op and its eager route, from one set of functions.
 
@@ -154,11 +170,7 @@ class Op:
         self.function = None
         if backward is not None:
             self.custom_op.register_autograd(backward, setup_context=setup_context)
-            self.function = type(f"{name}_function", (torch.autograd.Function,), {
-                "forward": staticmethod(impl),
-                "setup_context": staticmethod(setup_context),
-                "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
-            })
+            self.function = _eager_function(name, impl, setup_context, backward)
         self.dispatch = getattr(torch.ops.mhc, name).default
 
     def __call__(self, *args):

@@ -99,6 +99,29 @@ TEST_P(SinkhornProperties, RowShiftChangesNothing) {
     }
 }
 
+// The fast path runs a few tokens one matrix at a time and more in vector batches: a token's result must not
+// depend on how many tokens share the call (forward and backward, bit for bit).
+TEST_P(SinkhornProperties, TokenCountDoesNotChangeBits) {
+  constexpr int64_t kMany = 19;  // one full batch of 16 plus a ragged one
+  SinkhornProblem many(kMany, n, k, rng);
+  many.forward(cfg, ctx);
+  many.backward(cfg, ctx);
+  const int64_t nn = static_cast<int64_t>(n) * n;
+  for (int64_t count : {1, 2, 3}) {
+    SinkhornProblem few(count, n, k, rng);
+    for (int64_t e = 0; e < count * nn; ++e) {
+      few.logits.set(e, many.logits.get(e));
+      few.g_comb.set(e, many.g_comb.get(e));
+    }
+    few.forward(cfg, ctx);
+    few.backward(cfg, ctx);
+    for (int64_t e = 0; e < count * nn; ++e) {
+      ASSERT_EQ(few.comb.get(e), many.comb.get(e)) << count << " tokens, element " << e;
+      ASSERT_EQ(few.grad_logits.get(e), many.grad_logits.get(e)) << count << " tokens, element " << e;
+    }
+  }
+}
+
 std::vector<SinkhornCase> sinkhorn_cases() {
   std::vector<SinkhornCase> cases;
   for (bool fast : {false, true})
