@@ -454,9 +454,8 @@ MHC_INLINE void sinkhorn_backward_impl(const M* logits, const M* grad_comb, M* g
 // Layout [n*n][kBatch]: element-major, one lane per token. Every step is then kBatch-wide vector
 // arithmetic, and the serial chain of 2*iters - 1 normalisations is paid once per kBatch tokens.
 // Same operations, in the same order, as the one-matrix path above.
-constexpr int kBatch = kSinkhornBatch;
 
-template <class M> MHC_INLINE void batch_softmax_plus_eps(const M* logits, M* p, int n, M eps) {
+template <int kBatch, class M> MHC_INLINE void batch_softmax_plus_eps(const M* logits, M* p, int n, M eps) {
   for (int j = 0; j < n; ++j) {
     M mx[kBatch], sum[kBatch];
     for (int b = 0; b < kBatch; ++b) mx[b] = logits[(j * n) * kBatch + b];
@@ -477,7 +476,7 @@ template <class M> MHC_INLINE void batch_softmax_plus_eps(const M* logits, M* p,
 // Element (a, b) of the step's group g: column normalisations group by column, rows by row.
 MHC_INLINE int group_index(bool by_column, int n, int g, int e) { return by_column ? e * n + g : g * n + e; }
 
-template <class M> MHC_INLINE void batch_step(M* a, int n, int step, M eps) {
+template <int kBatch, class M> MHC_INLINE void batch_step(M* a, int n, int step, M eps) {
   const bool by_column = step & 1;
   for (int g = 0; g < n; ++g) {
     M sum[kBatch];
@@ -490,7 +489,7 @@ template <class M> MHC_INLINE void batch_step(M* a, int n, int step, M eps) {
   }
 }
 
-template <class M> MHC_INLINE void batch_step_backward(const M* a, M* grad, int n, int step, M eps) {
+template <int kBatch, class M> MHC_INLINE void batch_step_backward(const M* a, M* grad, int n, int step, M eps) {
   const bool by_column = step & 1;
   for (int g = 0; g < n; ++g) {
     M inv[kBatch], dotv[kBatch];
@@ -514,27 +513,27 @@ template <class M> MHC_INLINE void batch_step_backward(const M* a, M* grad, int 
 }
 
 // Token-major [count][stride] <-> lanes [n*n][kBatch]; lanes past count hold zeros.
-template <class M> MHC_INLINE void to_lanes(const M* src, int64_t stride, int count, int nn, M* dst) {
+template <int kBatch, class M> MHC_INLINE void to_lanes(const M* src, int64_t stride, int count, int nn, M* dst) {
   for (int e = 0; e < nn; ++e)
     for (int b = 0; b < kBatch; ++b) dst[e * kBatch + b] = b < count ? src[b * stride + e] : M(0);
 }
-template <class M> MHC_INLINE void from_lanes(const M* src, int count, int nn, M* dst, int64_t stride) {
+template <int kBatch, class M> MHC_INLINE void from_lanes(const M* src, int count, int nn, M* dst, int64_t stride) {
   for (int b = 0; b < count; ++b)
     for (int e = 0; e < nn; ++e) dst[b * stride + e] = src[e * kBatch + b];
 }
 
-template <class M>
+template <int kBatch, class M>
 MHC_INLINE void sinkhorn_forward_batch_impl(int count, const M* logits, int64_t ld_logits, M* comb, int64_t ld_comb,
                                             int n, int iters, M eps) {
   alignas(64) M l[kSinkhornBatchMaxN * kSinkhornBatchMaxN * kBatch], p[kSinkhornBatchMaxN * kSinkhornBatchMaxN * kBatch];
-  to_lanes(logits, ld_logits, count, n * n, l);
-  batch_softmax_plus_eps(l, p, n, eps);
-  for (int step = 1; step <= 2 * iters - 1; ++step) batch_step(p, n, step, eps);
-  from_lanes(p, count, n * n, comb, ld_comb);
+  to_lanes<kBatch>(logits, ld_logits, count, n * n, l);
+  batch_softmax_plus_eps<kBatch>(l, p, n, eps);
+  for (int step = 1; step <= 2 * iters - 1; ++step) batch_step<kBatch>(p, n, step, eps);
+  from_lanes<kBatch>(p, count, n * n, comb, ld_comb);
 }
 
 // Reverse mode as in sinkhorn_backward_impl, with the same checkpointing, kBatch tokens at a time.
-template <class M>
+template <int kBatch, class M>
 MHC_INLINE void sinkhorn_backward_batch_impl(int count, const M* logits, int64_t ld_logits, const M* grad_comb,
                                              int64_t ld_grad, M* grad_logits, int64_t ld_out, int n, int iters, M eps) {
   constexpr int kScratch = 16384;
@@ -546,22 +545,22 @@ MHC_INLINE void sinkhorn_backward_batch_impl(int count, const M* logits, int64_t
   const int stride = (steps + slots - 2) / (slots - 1);
   M* work = scratch + static_cast<int64_t>(slots - 1) * state;
 
-  to_lanes(logits, ld_logits, count, nn, l);
-  to_lanes(grad_comb, ld_grad, count, nn, g);
-  batch_softmax_plus_eps(l, work, n, eps);
+  to_lanes<kBatch>(logits, ld_logits, count, nn, l);
+  to_lanes<kBatch>(grad_comb, ld_grad, count, nn, g);
+  batch_softmax_plus_eps<kBatch>(l, work, n, eps);
   for (int s = 0; s < steps; ++s) {
     if (s % stride == 0) std::memcpy(scratch + static_cast<int64_t>(s / stride) * state, work, state * sizeof(M));
-    if (s + 1 < steps) batch_step(work, n, s + 1, eps);
+    if (s + 1 < steps) batch_step<kBatch>(work, n, s + 1, eps);
   }
   for (int step = steps; step >= 1; --step) {
     const int st = step - 1, ckpt = st / stride;
     const M* in = scratch + static_cast<int64_t>(ckpt) * state;
     if (st != ckpt * stride) {
       std::memcpy(work, in, state * sizeof(M));
-      for (int s = ckpt * stride + 1; s <= st; ++s) batch_step(work, n, s, eps);
+      for (int s = ckpt * stride + 1; s <= st; ++s) batch_step<kBatch>(work, n, s, eps);
       in = work;
     }
-    batch_step_backward(in, g, n, step, eps);
+    batch_step_backward<kBatch>(in, g, n, step, eps);
   }
   // Softmax rows: dl = s * (g - <g, s>), s recomputed from the logits.
   for (int j = 0; j < n; ++j) {
@@ -584,7 +583,7 @@ MHC_INLINE void sinkhorn_backward_batch_impl(int count, const M* logits, int64_t
     for (int k = 0; k < n; ++k)
       for (int b = 0; b < kBatch; ++b) l[(j * n + k) * kBatch + b] = sm[k][b] * (g[(j * n + k) * kBatch + b] - dotv[b]);
   }
-  from_lanes(l, count, nn, grad_logits, ld_out);
+  from_lanes<kBatch>(l, count, nn, grad_logits, ld_out);
 }
 
 }  // namespace
@@ -628,16 +627,25 @@ void sinkhorn_backward_matrix(const double* logits, const double* grad_comb, dou
   MHC_SINKHORN_BY_N(sinkhorn_backward_impl(logits, grad_comb, grad_logits, n, iters, eps))
 }
 
+// A batch computes all of its lanes whatever the count: a few tokens (decode, tiny calls) take a narrow batch.
+// Lanes are independent and see the same operations whatever the width, so the bits do not change (tested).
+constexpr int kSinkhornNarrowBatch = 2;
+
 #define MHC_SINKHORN_BATCH_ENTRIES(M)                                                                   \
   MHC_CPU_KERNEL void sinkhorn_forward_batch(int count, const M* logits, int64_t ld_logits, M* comb,      \
                                              int64_t ld_comb, int n, int iters, M eps) {                \
-    MHC_SINKHORN_BY_N(sinkhorn_forward_batch_impl(count, logits, ld_logits, comb, ld_comb, n, iters, eps)) \
+    if (count <= kSinkhornNarrowBatch)                                                                  \
+      MHC_SINKHORN_BY_N(sinkhorn_forward_batch_impl<kSinkhornNarrowBatch>(count, logits, ld_logits, comb, ld_comb, n, iters, eps)) \
+    MHC_SINKHORN_BY_N(sinkhorn_forward_batch_impl<kSinkhornBatch>(count, logits, ld_logits, comb, ld_comb, n, iters, eps)) \
   }                                                                                                     \
   MHC_CPU_KERNEL void sinkhorn_backward_batch(int count, const M* logits, int64_t ld_logits,              \
                                               const M* grad_comb, int64_t ld_grad, M* grad_logits,      \
                                               int64_t ld_out, int n, int iters, M eps) {                \
-    MHC_SINKHORN_BY_N(sinkhorn_backward_batch_impl(count, logits, ld_logits, grad_comb, ld_grad, grad_logits, \
-                                                   ld_out, n, iters, eps))                              \
+    if (count <= kSinkhornNarrowBatch)                                                                  \
+      MHC_SINKHORN_BY_N(sinkhorn_backward_batch_impl<kSinkhornNarrowBatch>(count, logits, ld_logits, grad_comb, ld_grad, \
+                                                                          grad_logits, ld_out, n, iters, eps)) \
+    MHC_SINKHORN_BY_N(sinkhorn_backward_batch_impl<kSinkhornBatch>(count, logits, ld_logits, grad_comb, ld_grad, \
+                                                                   grad_logits, ld_out, n, iters, eps))  \
   }
 MHC_SINKHORN_BATCH_ENTRIES(float)
 MHC_SINKHORN_BATCH_ENTRIES(double)
