@@ -68,11 +68,12 @@ poison_outputs = False
 
 def new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor:
     """An output buffer on like's device (with like's shape and dtype unless given)."""
-    shape = like.shape if shape is None else shape
-    dtype = like.dtype if dtype is None else dtype
     if poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+        return torch.full(like.shape if shape is None else shape, float("nan"), dtype=dtype or like.dtype,
+                          device=like.device)
+    if shape is None:
+        return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+    return like.new_empty(shape, dtype=dtype)  # a third cheaper than torch.empty(..., device=like.device)
 
 
 def workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
@@ -158,13 +159,16 @@ class Op:
     """One op: a ``torch.library`` custom op and its eager route, from one set of functions.
 
     ``impl(*args)`` computes the outputs; ``fake(*args)`` their metadata; ``setup_context(ctx, inputs, output)``
-    and ``backward(ctx, *grads)`` are the autograd formula (forwards only). Call the Op with the custom op's
-    positional arguments.
+    and ``backward(ctx, *grads)`` are the autograd formula (forwards only); ``inference_impl(*args)``, if given,
+    serves eager calls that need no gradient and may return None for outputs only the backward uses. Call the
+    Op with the custom op's positional arguments.
     """
 
     def __init__(self, name: str, impl: Callable, fake: Callable, *, setup_context: Optional[Callable] = None,
-                 backward: Optional[Callable] = None):
+                 backward: Optional[Callable] = None, inference_impl: Optional[Callable] = None):
         self.impl = impl
+        # Eager calls that need no gradient may skip the outputs only the backward reads (same results otherwise).
+        self.inference_impl = inference_impl or impl
         self.custom_op = torch.library.custom_op(f"mhc::{name}", mutates_args=())(impl)
         self.custom_op.register_fake(fake)
         self.function = None
@@ -179,4 +183,4 @@ class Op:
             return self.dispatch(*args)
         if self.function is not None and _needs_grad(tensors):
             return self.function.apply(*args)
-        return self.impl(*args)
+        return self.inference_impl(*args)

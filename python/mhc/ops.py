@@ -80,19 +80,28 @@ def _param_grads(fn, scale, grad_fn, grad_base, grad_scale):
 # ---- pre -------------------------------------------------------------------------------------------------
 
 
-def _pre_outputs(x: Tensor):
+def _pre_outputs(x: Tensor, for_backward: bool = True):
+    """(layer_input, h_pre, h_post, comb, mixes, rstd); mixes and rstd (read only by the backward) may be None."""
     T, n, C = x.shape
     k = coef_dtype(x.dtype)
     m = n * n + 2 * n
-    return (new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T, n, n), k), new(x, (T, m), k),
-            new(x, (T,), k))
+    return (new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T, n, n), k),
+            new(x, (T, m), k) if for_backward else None, new(x, (T,), k) if for_backward else None)
 
 
 def _pre_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], iters: int, post_mult: float,
               eps: float, norm_eps: float, pre_eps: float, backend: str
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x [T, n, C] -> (layer_input [T, C], h_pre [T, n], h_post [T, n], comb [T, n, n], mixes [T, m], rstd [T])."""
-    outs = _pre_outputs(x)
+    return _pre_compute(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend, True)
+
+
+def _pre_inference(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
+    return _pre_compute(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend, False)
+
+
+def _pre_compute(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend, for_backward):
+    outs = _pre_outputs(x, for_backward)
     layer_input, h_pre, h_post, comb, mixes, rstd = outs
     with _device(x):
         _C.pre_forward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), layer_input=dl(layer_input),
@@ -153,7 +162,8 @@ def _pre_backward(ctx, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, _gr
     return (grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale)) + (None,) * len(ctx.hyper)
 
 
-_pre_op = Op("pre", _pre_impl, _pre_fake, setup_context=_pre_setup_context, backward=_pre_backward)
+_pre_op = Op("pre", _pre_impl, _pre_fake, setup_context=_pre_setup_context, backward=_pre_backward,
+             inference_impl=_pre_inference)
 
 
 # ---- post ------------------------------------------------------------------------------------------------
@@ -483,6 +493,9 @@ def _check_tensor(op: str, name: str, t, *, optional: bool = False) -> None:
 def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
     """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1."""
     _check_tensor(op, name, x)
+    shape = x.shape
+    if len(shape) >= len(trailing) and min(shape[-len(trailing):]) >= 1:
+        return
     layout = "[..., " + ", ".join(trailing) + "]"
     if x.dim() < len(trailing):
         raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout}, got shape {_shape_str(x.shape)}")
@@ -494,7 +507,7 @@ def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
 def _per_token(op: str, name: str, t, shape: Tuple[int, ...], layout: str) -> None:
     """A per-token tensor whose full shape is fixed by the leading stream tensor."""
     _check_tensor(op, name, t)
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:
         raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, "
                          f"got {_shape_str(t.shape)}")
 

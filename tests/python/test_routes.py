@@ -1,0 +1,93 @@
+"""The two routes of an op call (mhc._plumbing.Op): plain eager calls go straight to the kernels, everything else
+dispatches torch.ops.mhc. Both must give the same bits, forward and backward, and each must be taken when it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mhc
+from mhc import ops
+
+
+class _Passthrough(TorchDispatchMode):
+    """Any active dispatch mode sends calls down the dispatch route; this one changes nothing else."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _cases(dtype):
+    g = torch.Generator().manual_seed(7)
+    n, C, T = 4, 19, 5
+    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=dt)  # noqa: E731
+    site, nxt = mhc.MHC(n, C).to(torch.float64 if dtype == torch.float64 else torch.float32), mhc.MHC(n, C)
+    head = mhc.MHCHead(n, C)
+    k = torch.float64 if dtype == torch.float64 else torch.float32
+    h_post, comb = torch.rand(T, n, generator=g, dtype=k) * 2, torch.rand(T, n, n, generator=g, dtype=k)
+    return {
+        "pre": (lambda x: ops.mhc_pre(x, site.fn, site.base, site.scale), (r(T, n, C),)),
+        "post": (lambda x, y: ops.mhc_post(x, y, h_post, comb), (r(T, n, C), r(T, C))),
+        "post_pre": (lambda x, y: ops.mhc_post_pre(x, y, h_post, comb, nxt.fn.to(k), nxt.base.to(k),
+                                                     nxt.scale.to(k)), (r(T, n, C), r(T, C))),
+        "sinkhorn": (lambda logits: ops.sinkhorn(logits), (r(T, n, n, dt=k),)),
+        "expand": (lambda x: ops.expand_streams(x, n), (r(2, 3, C),)),
+        "head": (lambda x: ops.mhc_head(x, head.fn.to(k), head.base.to(k), head.scale.to(k)), (r(T, n, C),)),
+        "residual_add_agg": (lambda x, res: ops.residual_add_agg(x, res, h_post), (r(T, n, C), r(T, n, C))),
+    }
+
+
+def _run(fn, inputs):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum()
+               for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", list(_cases(torch.float32)))
+def test_eager_and_dispatch_routes_give_the_same_bits(name, dtype):
+    fn, inputs = _cases(dtype)[name]
+    eager = _run(fn, inputs)
+    with _Passthrough():
+        dispatched = _run(fn, inputs)
+    assert len(eager) == len(dispatched)
+    for a, b in zip(eager, dispatched):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), name
+
+
+def _count_dispatches(monkeypatch, op):
+    calls = []
+    original = op.dispatch
+    monkeypatch.setattr(op, "dispatch", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
+    calls = _count_dispatches(monkeypatch, ops._pre_op)
+    site = mhc.MHC(4, 8)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    site.pre(x)[0].sum().backward()
+    with torch.no_grad():
+        site.pre(x)
+    assert calls == [] and x.grad is not None
+
+
+def test_modes_meta_and_compile_take_the_dispatch_route(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = _count_dispatches(monkeypatch, ops._pre_op)
+    site = mhc.MHC(4, 8)
+    x = torch.randn(2, 4, 8)
+    with FlopCounterMode(display=False):
+        site.pre(x)
+    assert len(calls) == 1
+    out = ops.mhc_pre(x.to("meta"), site.fn.to("meta"), site.base.to("meta"), site.scale.to("meta"))[0]
+    assert out.is_meta and len(calls) == 2
+    compiled = torch.compile(lambda t: site.pre(t)[0], backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), site.pre(x)[0])
