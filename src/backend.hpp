@@ -1,52 +1,66 @@
-// The backends behind the public ops. The front end (src/ops.cpp) validates every argument and
-// then calls exactly one of these with the same argument structs; backends may assume valid input.
+// The backends behind the public ops of both families (include/mhc/ops.hpp: n-stream; include/mhc/history.hpp:
+// multi-history skip). The front ends (src/ops.cpp, src/history.cpp) validate every argument and then call exactly
+// one of these with the same argument structs; backends may assume valid input.
+//
+// One table: every op, its argument struct and its config. The declarations of each backend, the no-CUDA
+// stubs (src/ops_nocuda.cpp) and the front ends' dispatch follow from it. Adding an op is a row here.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+#include "mhc/history.hpp"
 #include "mhc/ops.hpp"
 
-// X(op_name, ArgsStruct) for every op that a backend implements.
-#define MHC_FOR_EACH_OP(X)                         \
-  X(pre_forward, PreForward)                       \
-  X(pre_backward, PreBackward)                     \
-  X(post_forward, PostForward)                     \
-  X(post_backward, PostBackward)                   \
-  X(post_pre_forward, PostPreForward)              \
-  X(sinkhorn_forward, SinkhornForward)             \
-  X(sinkhorn_backward, SinkhornBackward)           \
-  X(expand_forward, ExpandForward)                 \
-  X(expand_backward, ExpandBackward)               \
-  X(head_forward, HeadForward)                     \
-  X(head_backward, HeadBackward)                   \
-  X(residual_add_agg_forward, ResidualAddAggForward) \
-  X(residual_add_agg_backward, ResidualAddAggBackward)
+// X(op_name, ArgsStruct, ConfigStruct) for every op that a backend implements.
+#define MHC_FOR_EACH_OP(X)                                            \
+  X(pre_forward, PreForward, MhcConfig)                               \
+  X(pre_backward, PreBackward, MhcConfig)                             \
+  X(post_forward, PostForward, MhcConfig)                             \
+  X(post_backward, PostBackward, MhcConfig)                           \
+  X(post_pre_forward, PostPreForward, MhcConfig)                      \
+  X(sinkhorn_forward, SinkhornForward, MhcConfig)                     \
+  X(sinkhorn_backward, SinkhornBackward, MhcConfig)                   \
+  X(expand_forward, ExpandForward, MhcConfig)                         \
+  X(expand_backward, ExpandBackward, MhcConfig)                       \
+  X(head_forward, HeadForward, MhcConfig)                             \
+  X(head_backward, HeadBackward, MhcConfig)                           \
+  X(residual_add_agg_forward, ResidualAddAggForward, MhcConfig)       \
+  X(residual_add_agg_backward, ResidualAddAggBackward, MhcConfig)     \
+  X(project_logits_forward, ProjectLogitsForward, HistoryConfig)      \
+  X(project_logits_backward, ProjectLogitsBackward, HistoryConfig)    \
+  X(history_mix_forward, HistoryMixForward, HistoryConfig)            \
+  X(history_mix_backward, HistoryMixBackward, HistoryConfig)          \
+  X(history_skip_forward, HistorySkipForward, HistoryConfig)          \
+  X(history_skip_backward, HistorySkipBackward, HistoryConfig)
 
-#define MHC_DECLARE_OP(name, Args) void name(const Args& args, const MhcConfig& cfg, const Context& ctx);
+// X(query_name, ArgsStruct, ConfigStruct): the workspace bytes of the backward ops that reduce parameter
+// gradients over tokens (the caller allocates the workspace).
+#define MHC_FOR_EACH_WORKSPACE_QUERY(X)                                          \
+  X(pre_backward_workspace_bytes, PreBackward, MhcConfig)                        \
+  X(head_backward_workspace_bytes, HeadBackward, MhcConfig)                      \
+  X(history_mix_backward_workspace_bytes, HistoryMixBackward, HistoryConfig)     \
+  X(history_skip_backward_workspace_bytes, HistorySkipBackward, HistoryConfig)
 
-// Workspace queries of the backward ops that reduce parameter gradients over tokens.
-#define MHC_DECLARE_WORKSPACE_QUERIES                                                               \
-  std::size_t pre_backward_workspace_bytes(const PreBackward& args, const MhcConfig& cfg,          \
-                                           const Context& ctx);                                    \
-  std::size_t head_backward_workspace_bytes(const HeadBackward& args, const MhcConfig& cfg,        \
-                                            const Context& ctx);
+#define MHC_DECLARE_OP(name, Args, Config) void name(const Args& args, const Config& cfg, const Context& ctx);
+#define MHC_DECLARE_WORKSPACE_QUERY(name, Args, Config) \
+  std::size_t name(const Args& args, const Config& cfg, const Context& ctx);
+#define MHC_DECLARE_BACKEND                          \
+  MHC_FOR_EACH_OP(MHC_DECLARE_OP)                    \
+  MHC_FOR_EACH_WORKSPACE_QUERY(MHC_DECLARE_WORKSPACE_QUERY)
 
 namespace mhc {
 
-namespace cpu_ref {  // src/cpu/reference.cpp: plain loops, fp64 accumulation
-MHC_FOR_EACH_OP(MHC_DECLARE_OP)
-MHC_DECLARE_WORKSPACE_QUERIES
+namespace cpu_ref {  // src/cpu/reference.cpp, history_reference.cpp: plain loops, fp64 accumulation
+MHC_DECLARE_BACKEND
 }  // namespace cpu_ref
 
-namespace cpu_fast {  // src/cpu/fast*.cpp: threaded, vectorisable
-MHC_FOR_EACH_OP(MHC_DECLARE_OP)
-MHC_DECLARE_WORKSPACE_QUERIES
+namespace cpu_fast {  // src/cpu/fast*.cpp, history_fast.cpp: threaded, vectorisable
+MHC_DECLARE_BACKEND
 }  // namespace cpu_fast
 
 namespace cuda_impl {  // src/cuda/*.cu (or src/ops_nocuda.cpp when built without CUDA)
-MHC_FOR_EACH_OP(MHC_DECLARE_OP)
-MHC_DECLARE_WORKSPACE_QUERIES
+MHC_DECLARE_BACKEND
 std::int64_t count_nonfinite(const TensorView& t, const Context& ctx);  // synchronises the stream
 int device_count();
 }  // namespace cuda_impl

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "common/validate.hpp"
-#include "history_backend.hpp"
+#include "backend.hpp"
 
 namespace mhc {
 

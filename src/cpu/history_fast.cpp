@@ -13,7 +13,7 @@
 #endif
 
 #include "common/float_types.hpp"
-#include "history_backend.hpp"
+#include "backend.hpp"
 
 namespace mhc::cpu_fast {
 

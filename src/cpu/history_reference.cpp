@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "common/float_types.hpp"
-#include "history_backend.hpp"
+#include "backend.hpp"
 
 namespace mhc::cpu_ref {
 

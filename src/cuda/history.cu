@@ -19,7 +19,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
-#include "history_backend.hpp"
+#include "backend.hpp"
 
 namespace mhc::cuda_impl {
 
