@@ -14,6 +14,7 @@
 
 #include "common/float_types.hpp"
 #include "backend.hpp"
+#include "cpu/fast_kernels.hpp"
 
 namespace mhc::cpu_fast {
 
@@ -145,68 +146,26 @@ template <class M> void project_row_backward(const M* z, const M* w, const M* g,
   for (int k = 0; k < H; ++k) grad_z[k] = c * s[k] * (g[k] - gs) * inv_t;
 }
 
-// Sinkhorn of SPEC section 1 on an H x H matrix. Step 0 normalises columns, then rows and columns
-// alternate: 2 * iters - 1 normalisations after the row softmax (+ eps).
-int sinkhorn_steps(const HistoryConfig& cfg) { return 2 * cfg.sinkhorn_iters - 1; }
-bool step_is_rows(int step) { return step % 2 == 1; }
-
-template <class M> void normalise(M* a, int H, bool rows, M eps) {
-  for (int i = 0; i < H; ++i) {
-    M sum = 0;
-    for (int j = 0; j < H; ++j) sum += rows ? a[i * H + j] : a[j * H + i];
-    const M inv = M(1) / (sum + eps);
-    for (int j = 0; j < H; ++j) (rows ? a[i * H + j] : a[j * H + i]) *= inv;
-  }
+// The doubly stochastic projection is the n-stream Sinkhorn (MATH.md section 1.1) of z / T: the one
+// implementation of the fast CPU backend (fast_kernels.cpp), whose reverse mode keeps checkpoints instead of
+// recomputing every step from the logits.
+template <class M> void sinkhorn_of_scaled(const M* z, M* w, int H, const HistoryConfig& cfg) {
+  const M inv_t = M(1) / static_cast<M>(cfg.temperature);
+  const int HH = H * H;
+  for (int e = 0; e < HH; ++e) w[e] = z[e] * inv_t;
+  kernels::sinkhorn_forward_matrix(w, w, H, cfg.sinkhorn_iters, static_cast<M>(cfg.sinkhorn_eps));
 }
 
-// Runs the first `steps` normalisations; a = their output.
-template <class M> void sinkhorn_prefix(const M* z, M* a, int H, int steps, const HistoryConfig& cfg) {
-  const M inv_t = M(1) / static_cast<M>(cfg.temperature), eps = static_cast<M>(cfg.sinkhorn_eps);
-  M u[kMaxHistory] = {};
-  for (int i = 0; i < H; ++i) {
-    for (int j = 0; j < H; ++j) u[j] = z[i * H + j] * inv_t;
-    softmax_row(u, a + i * H, H);
-    for (int j = 0; j < H; ++j) a[i * H + j] += eps;
-  }
-  for (int step = 0; step < steps; ++step) normalise(a, H, step_is_rows(step), eps);
-}
-
-// Reverse mode through every normalisation; each step's input is recomputed from the logits
-// (O(iters^2 H^2) work on a few KiB instead of storing 2 * iters matrices).
-template <class M> void sinkhorn_backward(const M* z, const M* grad_out, M* grad_z, int H, const HistoryConfig& cfg,
-                                          std::vector<M>& scratch) {
-  const std::size_t HH = static_cast<std::size_t>(H) * H;
-  scratch.resize(3 * HH);
-  M *in = scratch.data(), *out = in + HH, *g = out + HH;
-  const M eps = static_cast<M>(cfg.sinkhorn_eps), inv_t = M(1) / static_cast<M>(cfg.temperature);
-  std::copy(grad_out, grad_out + HH, g);
-  for (int step = sinkhorn_steps(cfg) - 1; step >= 0; --step) {
-    sinkhorn_prefix(z, in, H, step, cfg);
-    std::copy(in, in + HH, out);
-    const bool rows = step_is_rows(step);
-    normalise(out, H, rows, eps);
-    for (int i = 0; i < H; ++i) {
-      M sum = 0, dot = 0;
-      for (int j = 0; j < H; ++j) {
-        const int idx = rows ? i * H + j : j * H + i;
-        sum += in[idx];
-        dot += g[idx] * out[idx];
-      }
-      const M inv = M(1) / (sum + eps);
-      for (int j = 0; j < H; ++j) {
-        const int idx = rows ? i * H + j : j * H + i;
-        g[idx] = (g[idx] - dot) * inv;
-      }
-    }
-  }
-  M u[kMaxHistory] = {}, s[kMaxHistory] = {};
-  for (int i = 0; i < H; ++i) {
-    for (int j = 0; j < H; ++j) u[j] = z[i * H + j] * inv_t;
-    softmax_row(u, s, H);
-    M gs = 0;
-    for (int j = 0; j < H; ++j) gs += g[i * H + j] * s[j];
-    for (int j = 0; j < H; ++j) grad_z[i * H + j] = s[j] * (g[i * H + j] - gs) * inv_t;
-  }
+template <class M> void sinkhorn_of_scaled_backward(const M* z, const M* grad_w, M* grad_z, int H,
+                                                    const HistoryConfig& cfg) {
+  const M inv_t = M(1) / static_cast<M>(cfg.temperature);
+  const int HH = H * H;
+  thread_local std::vector<M> scaled;  // grows once per thread, reused by later calls
+  scaled.resize(static_cast<std::size_t>(HH));
+  M* u = scaled.data();
+  for (int e = 0; e < HH; ++e) u[e] = z[e] * inv_t;
+  kernels::sinkhorn_backward_matrix(u, grad_w, grad_z, H, cfg.sinkhorn_iters, static_cast<M>(cfg.sinkhorn_eps));
+  for (int e = 0; e < HH; ++e) grad_z[e] *= inv_t;
 }
 
 template <class M> void project_forward_typed(const ProjectLogitsForward& a, const HistoryConfig& cfg, int threads) {
@@ -218,7 +177,7 @@ template <class M> void project_forward_typed(const ProjectLogitsForward& a, con
   M* w = a.weights.ptr<M>();
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * block * block > kParallelMinWork)
   for (std::int64_t r = 0; r < rows; ++r) {
-    if (square) sinkhorn_prefix(z + r * block, w + r * block, H, sinkhorn_steps(cfg), cfg);
+    if (square) sinkhorn_of_scaled(z + r * block, w + r * block, H, cfg);
     else project_row(z + r * block, w + r * block, H, cfg);
   }
 }
@@ -233,8 +192,7 @@ template <class M> void project_backward_typed(const ProjectLogitsBackward& a, c
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * block * block > kParallelMinWork)
   for (std::int64_t r = 0; r < rows; ++r) {
     if (square) {
-      thread_local std::vector<M> scratch;  // grows once per thread, reused by later calls
-      sinkhorn_backward(z + r * block, g + r * block, gz + r * block, H, cfg, scratch);
+      sinkhorn_of_scaled_backward(z + r * block, g + r * block, gz + r * block, H, cfg);
     } else {
       project_row_backward(z + r * block, w + r * block, g + r * block, gz + r * block, H, cfg);
     }
