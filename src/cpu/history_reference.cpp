@@ -7,6 +7,7 @@
 
 #include "common/float_types.hpp"
 #include "backend.hpp"
+#include "cpu/reference_sinkhorn.hpp"
 
 namespace mhc::cpu_ref {
 
@@ -78,7 +79,7 @@ void project_row(const double* z, double* w, int H, const HistoryConfig& cfg) {
       softmax_row(u.data(), w, H);
       for (int k = 0; k < H; ++k) w[k] = (1.0 - cfg.epsilon) * w[k] + (k == 0 ? cfg.epsilon : 0.0);
       break;
-    case Constraint::doubly_stochastic: break;  // matrices: see sinkhorn below
+    case Constraint::doubly_stochastic: break;  // matrices: see doubly_stochastic below
   }
 }
 
@@ -108,72 +109,21 @@ void project_row_backward(const double* z, const double* w, const double* g, dou
   for (int k = 0; k < H; ++k) grad_z[k] = c * s[k] * (g[k] - gs) * inv_t;
 }
 
-// Sinkhorn of SPEC section 1 on one H x H matrix: softmax over rows + eps, column normalisation,
-// then (iters - 1) x {rows; columns}. `stages` receives the input of every normalisation (for the
-// backward): stage 0 is softmax + eps, stage i the input of normalisation i.
-enum class Axis { rows, cols };
-Axis axis_of(int step) { return step == 0 ? Axis::cols : (step % 2 == 1 ? Axis::rows : Axis::cols); }
-int sinkhorn_steps(const HistoryConfig& cfg) { return 2 * cfg.sinkhorn_iters - 1; }
-
-void normalise(std::vector<double>& a, int H, Axis axis, double eps) {
-  for (int i = 0; i < H; ++i) {
-    double sum = 0;
-    for (int j = 0; j < H; ++j) sum += axis == Axis::rows ? a[i * H + j] : a[j * H + i];
-    const double d = sum + eps;
-    for (int j = 0; j < H; ++j) (axis == Axis::rows ? a[i * H + j] : a[j * H + i]) /= d;
-  }
+// The doubly stochastic projection: the reference Sinkhorn (cpu/reference_sinkhorn.hpp) of z / T.
+void doubly_stochastic(const double* z, double* out, int H, const HistoryConfig& cfg) {
+  std::vector<double> u(z, z + static_cast<std::size_t>(H) * H);
+  for (double& v : u) v /= cfg.temperature;
+  const auto trace = sinkhorn::sinkhorn_trace(u, H, cfg.sinkhorn_iters, cfg.sinkhorn_eps);
+  std::copy(trace.steps.back().begin(), trace.steps.back().end(), out);
 }
 
-void sinkhorn(const double* z, double* out, int H, const HistoryConfig& cfg,
-              std::vector<std::vector<double>>* stages) {
-  std::vector<double> a(static_cast<std::size_t>(H) * H), u(H);
-  for (int i = 0; i < H; ++i) {
-    for (int j = 0; j < H; ++j) u[j] = z[i * H + j] / cfg.temperature;
-    softmax_row(u.data(), &a[i * H], H);
-    for (int j = 0; j < H; ++j) a[i * H + j] += cfg.sinkhorn_eps;
-  }
-  for (int step = 0; step < sinkhorn_steps(cfg); ++step) {
-    if (stages) stages->push_back(a);
-    normalise(a, H, axis_of(step), cfg.sinkhorn_eps);
-  }
-  std::copy(a.begin(), a.end(), out);
-}
-
-void sinkhorn_backward(const double* z, const double* grad_out, double* grad_z, int H, const HistoryConfig& cfg) {
-  std::vector<std::vector<double>> stages;
-  std::vector<double> out(static_cast<std::size_t>(H) * H);
-  sinkhorn(z, out.data(), H, cfg, &stages);
-  std::vector<double> g(grad_out, grad_out + H * H), next(out);
-  for (int step = sinkhorn_steps(cfg) - 1; step >= 0; --step) {
-    // next = normalise(stages[step]); grad_in = (g - <g, next> along the axis) / (sum + eps)
-    const std::vector<double>& in = stages[step];
-    const bool rows = axis_of(step) == Axis::rows;
-    std::vector<double> grad_in(g.size());
-    for (int i = 0; i < H; ++i) {
-      double sum = 0, dot = 0;
-      for (int j = 0; j < H; ++j) {
-        const int idx = rows ? i * H + j : j * H + i;
-        sum += in[idx];
-        dot += g[idx] * next[idx];
-      }
-      const double d = sum + cfg.sinkhorn_eps;
-      for (int j = 0; j < H; ++j) {
-        const int idx = rows ? i * H + j : j * H + i;
-        grad_in[idx] = (g[idx] - dot) / d;
-      }
-    }
-    g.swap(grad_in);
-    next = in;
-  }
-  // Softmax over each row (the + eps has no gradient), then the temperature.
-  std::vector<double> u(H), s(H);
-  for (int i = 0; i < H; ++i) {
-    for (int j = 0; j < H; ++j) u[j] = z[i * H + j] / cfg.temperature;
-    softmax_row(u.data(), s.data(), H);
-    double gs = 0;
-    for (int j = 0; j < H; ++j) gs += g[i * H + j] * s[j];
-    for (int j = 0; j < H; ++j) grad_z[i * H + j] = s[j] * (g[i * H + j] - gs) / cfg.temperature;
-  }
+void doubly_stochastic_backward(const double* z, const double* grad_out, double* grad_z, int H, const HistoryConfig& cfg) {
+  std::vector<double> u(z, z + static_cast<std::size_t>(H) * H);
+  for (double& v : u) v /= cfg.temperature;
+  const auto trace = sinkhorn::sinkhorn_trace(u, H, cfg.sinkhorn_iters, cfg.sinkhorn_eps);
+  const auto g = sinkhorn::sinkhorn_trace_backward(trace, std::vector<double>(grad_out, grad_out + u.size()),
+                                                   cfg.sinkhorn_eps);
+  for (std::size_t e = 0; e < g.size(); ++e) grad_z[e] = g[e] / cfg.temperature;
 }
 
 // ---- helpers shared by the mix ops ---------------------------------------------------------------------
@@ -191,7 +141,7 @@ void project_logits_forward(const ProjectLogitsForward& a, const HistoryConfig& 
   std::vector<double> z(block), w(block);
   for (std::int64_t r = 0; r < rows; ++r) {
     for (std::int64_t i = 0; i < block; ++i) z[i] = coef_at(a.logits, r * block + i);
-    if (cfg.constraint == Constraint::doubly_stochastic) sinkhorn(z.data(), w.data(), H, cfg, nullptr);
+    if (cfg.constraint == Constraint::doubly_stochastic) doubly_stochastic(z.data(), w.data(), H, cfg);
     else project_row(z.data(), w.data(), H, cfg);
     for (std::int64_t i = 0; i < block; ++i) coef_set(a.weights, r * block + i, w[i]);
   }
@@ -208,7 +158,7 @@ void project_logits_backward(const ProjectLogitsBackward& a, const HistoryConfig
       w[i] = coef_at(a.weights, r * block + i);
       g[i] = coef_at(a.grad_weights, r * block + i);
     }
-    if (cfg.constraint == Constraint::doubly_stochastic) sinkhorn_backward(z.data(), g.data(), gz.data(), H, cfg);
+    if (cfg.constraint == Constraint::doubly_stochastic) doubly_stochastic_backward(z.data(), g.data(), gz.data(), H, cfg);
     else project_row_backward(z.data(), w.data(), g.data(), gz.data(), H, cfg);
     for (std::int64_t i = 0; i < block; ++i) coef_set(a.grad_logits, r * block + i, gz[i]);
   }
