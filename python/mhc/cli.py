@@ -65,7 +65,7 @@ def _probe_backend(C, backend: str, device: str) -> str:
     try:
         logits = torch.tensor([[[0.3, -0.2], [0.1, 0.5]]], device=device)
         comb = torch.full_like(logits, float("nan"))
-        C.sinkhorn_forward(logits, comb, config=C.Config(n=2), backend=backend,
+        C.sinkhorn_forward(logits=logits, comb=comb, config=C.Config(n=2), backend=backend,
                            stream=torch.cuda.current_stream().cuda_stream if device == "cuda" else 0)
         if device == "cuda":
             torch.cuda.synchronize()

@@ -104,6 +104,24 @@ NB_MODULE(_C, m) {
   m.def("built_with_cuda", &mhc::built_with_cuda);
   m.def("cuda_device_count", &mhc::cuda_device_count);
 
-  python::bind_nstream(m);
-  python::bind_history(m);
+  nb::class_<HistoryConfig>(m, "HistoryConfig")
+      .def(
+          "__init__",
+          [](HistoryConfig* c, const std::string& constraint, double temperature, double epsilon, int sinkhorn_iters,
+             double sinkhorn_eps, NanPolicy nan_policy) {
+            new (c) HistoryConfig{parse_constraint(constraint), temperature, epsilon, sinkhorn_iters, sinkhorn_eps,
+                                  nan_policy};
+          },
+          nb::kw_only(), nb::arg("constraint") = "simplex", nb::arg("temperature") = 1.0,
+          nb::arg("epsilon") = 0.1, nb::arg("sinkhorn_iters") = 20, nb::arg("sinkhorn_eps") = 1e-6,
+          nb::arg("nan_policy") = NanPolicy::propagate)
+      .def_prop_ro("constraint", [](const HistoryConfig& c) { return std::string(constraint_name(c.constraint)); })
+      .def_rw("temperature", &HistoryConfig::temperature)
+      .def_rw("epsilon", &HistoryConfig::epsilon)
+      .def_rw("sinkhorn_iters", &HistoryConfig::sinkhorn_iters)
+      .def_rw("sinkhorn_eps", &HistoryConfig::sinkhorn_eps)
+      .def_rw("nan_policy", &HistoryConfig::nan_policy);
+  m.attr("MAX_HISTORY") = kMaxHistory;
+
+  python::bind_ops(m);
 }

@@ -47,10 +47,7 @@ void run(Op op, const Args& args, const Config& cfg, const std::string& backend,
   op(args, cfg, ctx);
 }
 
-// Keyword names shared by every op binding: config, backend, stream.
-#define MHC_EXEC_ARGS nb::arg("config"), nb::arg("backend") = "auto", nb::arg("stream") = 0
 
-void bind_nstream(nb::module_& m);  // python/src/bind_nstream.cpp
-void bind_history(nb::module_& m);  // python/src/bind_history.cpp
+void bind_ops(nb::module_& m);  // python/src/bind_ops.cpp: every op of both families
 
 }  // namespace mhc::python
