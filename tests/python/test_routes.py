@@ -91,3 +91,21 @@ def test_modes_meta_and_compile_take_the_dispatch_route(monkeypatch):
     assert out.is_meta and len(calls) == 2
     compiled = torch.compile(lambda t: site.pre(t)[0], backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), site.pre(x)[0])
+
+
+def test_bindings_take_named_fields_and_reject_unknown_ones():
+    from mhc import _C
+
+    logits = torch.randn(3, 4, 4)
+    comb = torch.full_like(logits, float("nan"))
+    cfg = _C.Config(n=4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'comb_out'"):
+        _C.sinkhorn_forward(logits=logits, comb_out=comb, config=cfg)
+    with pytest.raises(TypeError, match="config"):
+        _C.sinkhorn_forward(logits=logits, comb=comb)
+    with pytest.raises(TypeError, match="logits: expected a tensor"):
+        _C.sinkhorn_forward(logits=[1.0], comb=comb, config=cfg)
+    with pytest.raises(ValueError, match="comb"):  # a missing field is absent; the front end names it
+        _C.sinkhorn_forward(logits=logits, config=cfg)
+    _C.sinkhorn_forward(logits=logits, comb=comb, config=cfg)
+    assert torch.equal(comb, ops.sinkhorn(logits))
