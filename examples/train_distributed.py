@@ -45,6 +45,7 @@ class TrainConfig:
     depth: int = 2  # blocks, each an attention and an MLP site
     heads: int = 4
     n_streams: int = 4
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9), which does not turn rounding noise into whole steps
     lr: float = 3e-3
     warmup_steps: int = 5
     grad_clip: float = 1.0
@@ -185,11 +186,19 @@ def _tensor_parallel(model: MHCTransformer, world: int, device: torch.device) ->
             "mlp": gather_tokens, "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
         }.items()})
     parallelize_module(model, mesh, plan)
+    # torch's SequenceParallel leaves the norms' weight gradients Partial (a sum over the ranks still to be done,
+    # redone by every optimizer op that reads them, and refused by the checkpoint): sum them once in the backward,
+    # as MHCSequenceParallel does for the mHC parameters.
+    for name, parameter in model.named_parameters():
+        if name.endswith("norm.weight"):
+            parameter.register_hook(lambda grad: grad.redistribute(placements=[Replicate()]))
 
 
 def check_config(cfg: TrainConfig, world: int, vocab_size: int) -> None:
     if cfg.distributed not in MODES:
         raise ValueError(f"--distributed: expected one of {MODES}, got {cfg.distributed!r}")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"--optimizer: expected adamw or sgd, got {cfg.optimizer!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype: expected float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.width % cfg.heads:
@@ -226,7 +235,10 @@ def build(cfg: TrainConfig, vocab_size: int, device: torch.device):
     """The model (same initial weights in every mode and on every rank), parallelized, and its optimizer."""
     torch.manual_seed(cfg.seed)
     model = parallelize(MHCTransformer(cfg, vocab_size).to(device), cfg, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     return model, optimizer
 
 
@@ -344,6 +356,9 @@ def parse_args(argv=None) -> TrainConfig:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "grad_clip"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=defaults.optimizer,
+                   help="adamw, or sgd with momentum 0.9 (comparing runs: Adam's first steps turn gradients at "
+                        "rounding level into whole steps)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
                    help="bfloat16: FSDP2 mixed precision under fsdp (mHC parameters stay float32), autocast otherwise")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
