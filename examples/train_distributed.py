@@ -315,6 +315,11 @@ def train(cfg: TrainConfig, log=print) -> list[float]:
     vocab_size = padded_vocab_size(corpus)
     check_config(cfg, world, vocab_size)
     model, optimizer = build(cfg, vocab_size, device)
+    if rank == 0:
+        log(f"mode {cfg.distributed}, {world} rank(s) on {device.type}"
+            f"{' (' + dist.get_backend() + ')' if dist.is_initialized() else ''}, "
+            f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters, "
+            f"global batch {cfg.batch_size} x {cfg.seq_len}, dtype {cfg.dtype}")
     start_step = 0
     if cfg.resume:
         path = latest_checkpoint(cfg.checkpoint_dir)
@@ -323,11 +328,6 @@ def train(cfg: TrainConfig, log=print) -> list[float]:
         start_step = load(model, optimizer, path)
         if rank == 0:
             log(f"resumed from {path} after step {start_step}")
-    if rank == 0:
-        log(f"mode {cfg.distributed}, {world} rank(s) on {device.type}"
-            f"{' (' + dist.get_backend() + ')' if dist.is_initialized() else ''}, "
-            f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters on rank 0, "
-            f"global batch {cfg.batch_size} x {cfg.seq_len}, dtype {cfg.dtype}")
     losses = []
     begin = time.perf_counter()
     for step in range(start_step, cfg.steps):

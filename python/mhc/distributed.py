@@ -38,16 +38,20 @@ MHC_PARAMETER_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dt
 
 
 def fully_shard_mhc(model: nn.Module, *, mp_policy: MixedPrecisionPolicy = MHC_PARAMETER_POLICY,
-                    **fully_shard_kwargs) -> int:
-    """``fully_shard`` every :class:`~mhc.MHC` and :class:`~mhc.MHCHead` of ``model`` as its own group (policy
-    ``mp_policy``, float32 by default; other keywords such as ``mesh`` or ``reshard_after_forward`` go to
-    ``fully_shard``). Call it before sharding the blocks and the root, so their policies do not reach the mHC
-    parameters. Returns the number of modules sharded."""
+                    reshard_after_forward: bool = False, **fully_shard_kwargs) -> int:
+    """``fully_shard`` every :class:`~mhc.MHC` and :class:`~mhc.MHCHead` of ``model`` as its own group. Call it
+    before sharding the blocks and the root, so that their policies do not reach the mHC parameters.
+
+    ``mp_policy``: float32 parameters and reduction by default. ``reshard_after_forward=False`` (FSDP2's default
+    is True): a site is called several times per step (pre, post, post_pre), and FSDP2 gathers a resharded group
+    at every call and again in the backward; kept, its parameters (small: ``(n*n+2n) * (n*C+1) + 3`` values) are
+    gathered once per step. Other keywords (``mesh``, ...) go to ``fully_shard``. Returns the number of modules
+    sharded."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc.distributed.fully_shard_mhc: model: expected an nn.Module, got {type(model).__name__}")
     sites = [m for m in model.modules() if isinstance(m, _SHARDED_MODULES) and any(True for _ in m.parameters())]
     for site in sites:
-        fully_shard(site, mp_policy=mp_policy, **fully_shard_kwargs)
+        fully_shard(site, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward, **fully_shard_kwargs)
     return len(sites)
 
 

@@ -48,11 +48,13 @@ _PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
 def _parameters_for_ops(module: nn.Module, x: Tensor, params: tuple) -> tuple:
-    """``params`` as the ops take them for the streams ``x``. Plain tensors pass as they are; DTensors (tensor
-    parallelism) go through :mod:`mhc.distributed`, which gives the local copy of a replicated parameter or says
-    why a layout cannot work. (That module is imported only here: a DTensor exists only once
-    ``torch.distributed.tensor``, 0.7 s to import, is loaded.)"""
+    """``params`` as the ops take them for the streams ``x``. Plain tensors pass as they are; other tensor types
+    go through :mod:`mhc.distributed`, which gives the local copy of a replicated DTensor parameter (tensor
+    parallelism) or says why a DTensor layout cannot work, and passes the rest (fake tensors). It is imported
+    only here: it loads ``torch.distributed.tensor``, 0.7 s."""
     if type(x) in _PLAIN_TENSOR_TYPES and all(p is None or type(p) in _PLAIN_TENSOR_TYPES for p in params):
+        return params
+    if not torch.distributed.is_available():  # a build without torch.distributed has no DTensor
         return params
     from . import distributed
 
