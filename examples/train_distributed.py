@@ -137,7 +137,8 @@ def parallelize(model: MHCTransformer, cfg: TrainConfig, device: torch.device) -
         _tensor_parallel(model, world, device)
     if cfg.compile:
         for block in model.blocks:
-            block.compile(backend=cfg.compile, fullgraph=cfg.distributed != "fsdp")  # FSDP2's hooks break graphs
+            # Under FSDP2 the sites' hooks sit inside the block, and dynamo cannot trace them: graph breaks there.
+            block.compile(backend=cfg.compile, fullgraph=cfg.distributed != "fsdp")
     if cfg.distributed == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -176,15 +177,15 @@ def _tensor_parallel(model: MHCTransformer, world: int, device: torch.device) ->
         "out_norm": SequenceParallel(),
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     }
+    block_plan = {
+        "attn_site": MHCSequenceParallel(), "mlp_site": MHCSequenceParallel(),
+        "attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(),
+        "attn": gather_tokens, "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
+        "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "mlp": gather_tokens, "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
+    }
     for k in range(len(model.blocks)):
-        prefix = f"blocks.{k}."
-        plan.update({prefix + name: style for name, style in {
-            "attn_site": MHCSequenceParallel(), "mlp_site": MHCSequenceParallel(),
-            "attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(),
-            "attn": gather_tokens, "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
-            "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "mlp": gather_tokens, "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
-        }.items()})
+        plan.update({f"blocks.{k}.{name}": style for name, style in block_plan.items()})
     parallelize_module(model, mesh, plan)
     # torch's SequenceParallel leaves the norms' weight gradients Partial (a sum over the ranks still to be done,
     # redone by every optimizer op that reads them, and refused by the checkpoint): sum them once in the backward,
@@ -210,7 +211,8 @@ def check_config(cfg: TrainConfig, world: int, vocab_size: int) -> None:
     if cfg.distributed == "tp":
         for name, size in (("--heads", cfg.heads), ("--seq-len", cfg.seq_len), ("the vocabulary", vocab_size)):
             if size % world:
-                raise ValueError(f"tensor parallelism over {world} ranks: {name} ({size}) must be a multiple of {world}")
+                raise ValueError(f"tensor parallelism over {world} ranks: {name} ({size}) must be a multiple of "
+                                 f"{world}")
 
 
 # ---- training -------------------------------------------------------------------------------------------------
