@@ -44,6 +44,23 @@ def _pre_base(n: int) -> float:
     return _logit(min(1.0 / n, 0.99))
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
+
+
+def _parameters_for_ops(module: nn.Module, x: Tensor, params: tuple) -> tuple:
+    """``params`` as the ops take them for the streams ``x``. Plain tensors pass as they are; other tensor types
+    go through :mod:`mhc.distributed`, which gives the local copy of a replicated DTensor parameter (tensor
+    parallelism) or says why a DTensor layout cannot work, and passes the rest (fake tensors). It is imported
+    only here: it loads ``torch.distributed.tensor``, 0.7 s."""
+    if type(x) in _PLAIN_TENSOR_TYPES and all(p is None or type(p) in _PLAIN_TENSOR_TYPES for p in params):
+        return params
+    if not torch.distributed.is_available():  # a build without torch.distributed has no DTensor
+        return params
+    from . import distributed
+
+    return distributed.local_parameters(module, x, params)
+
+
 def _impl(name: str):
     if name not in _IMPLS:
         raise ValueError(f"mhc: impl: expected 'fused' or 'torch', got {name!r}")
@@ -113,25 +130,54 @@ class MHC(nn.Module):
         return dict(iters=self.iters, post_mult=self.post_mult, eps=self.eps, norm_eps=self.norm_eps,
                     pre_eps=self.pre_eps)
 
+    def forward(self, x: Tensor, y: Optional[Tensor] = None, state: Optional[MHCState] = None, *,
+                then_pre: bool = False):
+        """Every use of the site is one call of the module, so that module hooks see it (FSDP2 gathers the
+        parameters in one, profilers time it); :meth:`pre`, :meth:`post` and :meth:`post_pre` call this.
+
+        - ``site(x)`` -> ``(layer_input, state)``: the pre.
+        - ``site(x, y, state)`` -> ``x_next``: the post; it reads no parameter (``state`` holds the coefficients).
+        - ``site(x, y, state, then_pre=True)`` -> ``(x_next, layer_input, state of this site)``: the post that
+          consumes ``state`` fused with this site's pre, one pass over the residual.
+        """
+        if y is None and state is None:
+            if then_pre:
+                raise ValueError("mhc.MHC: then_pre=True needs y and state (the post that comes before the pre)")
+            return self._pre(x)
+        if y is None or state is None:
+            raise ValueError(f"mhc.MHC: y and state: give both (post) or neither (pre), got "
+                             f"y={type(y).__name__}, state={type(state).__name__}")
+        if then_pre:
+            return self._post_pre(x, y, state)
+        _parameters_for_ops(self, x, ())  # a DTensor x raises there
+        return self._ops.mhc_post(x, y, state.h_post, state.comb)
+
     def pre(self, x: Tensor) -> Tuple[Tensor, MHCState]:
-        """``x [..., n, C]`` -> ``(layer_input [..., C], state)``."""
-        layer_input, h_pre, h_post, comb = self._ops.mhc_pre(x, self.fn, self.base, self.scale, **self._hyper())
-        return layer_input, MHCState(h_pre, h_post, comb)
+        """``x [..., n, C]`` -> ``(layer_input [..., C], state)``; same as ``site(x)``."""
+        return self(x)
 
     def post(self, x: Tensor, y: Tensor, state: MHCState) -> Tensor:
-        """``x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i]``; y is F's output ``[..., C]``."""
-        return self._ops.mhc_post(x, y, state.h_post, state.comb)
+        """``x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i]``; y is F's output ``[..., C]``; same as
+        ``site(x, y, state)``."""
+        return self(x, y, state)
 
     def post_pre(self, x: Tensor, y: Tensor, state: MHCState, next_site: "MHC") -> Tuple[Tensor, Tensor, MHCState]:
         """This site's post fused with ``next_site``'s pre (one pass over the residual):
-        -> ``(x_next, layer_input of next_site, state of next_site)``."""
+        -> ``(x_next, layer_input of next_site, state of next_site)``. A call of ``next_site``, whose parameters
+        it reads: ``next_site(x, y, state, then_pre=True)``."""
+        return next_site(x, y, state, then_pre=True)
+
+    def _pre(self, x: Tensor) -> Tuple[Tensor, MHCState]:
+        layer_input, h_pre, h_post, comb = self._ops.mhc_pre(x, *self._parameters_for_ops(x), **self._hyper())
+        return layer_input, MHCState(h_pre, h_post, comb)
+
+    def _post_pre(self, x: Tensor, y: Tensor, state: MHCState) -> Tuple[Tensor, Tensor, MHCState]:
         x_next, layer_input, h_pre, h_post, comb = self._ops.mhc_post_pre(
-            x, y, state.h_post, state.comb, next_site.fn, next_site.base, next_site.scale, **next_site._hyper())
+            x, y, state.h_post, state.comb, *self._parameters_for_ops(x), **self._hyper())
         return x_next, layer_input, MHCState(h_pre, h_post, comb)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, MHCState]:
-        """Same as :meth:`pre`."""
-        return self.pre(x)
+    def _parameters_for_ops(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+        return _parameters_for_ops(self, x, (self.fn, self.base, self.scale))
 
     def extra_repr(self) -> str:
         return (f"n={self.n}, C={self.C}, iters={self.iters}, post_mult={self.post_mult}, static={self.static}, "
@@ -174,6 +220,7 @@ class StreamExpand(nn.Module):
         return _IMPLS[self.impl]
 
     def forward(self, x: Tensor) -> Tensor:
+        _parameters_for_ops(self, x, ())  # a DTensor x raises there
         return self._ops.expand_streams(x, self.n)
 
     def extra_repr(self) -> str:
@@ -217,7 +264,7 @@ class MHCHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "mean":
             return x.mean(dim=-2)
-        return self._ops.mhc_head(x, self.fn, self.base, self.scale, eps=self.eps)
+        return self._ops.mhc_head(x, *_parameters_for_ops(self, x, (self.fn, self.base, self.scale)), eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, C={self.C}, mode={self.mode!r}"

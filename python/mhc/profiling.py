@@ -5,11 +5,13 @@
 
 For every leaf module (and every multi-history skip) the audit records its parameter bytes, the bytes
 of its output, the bytes autograd saved for the backward during its forward (``training=True``), on
-CUDA the memory it allocated and its transient peak, and its forward time. Skips (:class:`~mhc.history.MHCSkip`,
-:class:`~mhc.history.MatrixMHCSkip`, :class:`~mhc.history.WeightedSum`) count as *mixing*, everything
-else as *transformation*; what remains of the measured forward time (history pushes, Python, containers)
-is *other*. For every :class:`~mhc.history.MHCSequential` it compares the history memory predicted by
-``B x C x S x H x bytes`` with the bytes its history buffer actually held.
+CUDA the memory it allocated and its transient peak, and its forward time, summed over its calls (an
+:class:`~mhc.MHC` site is called for its pre and for its post). Skips (:class:`~mhc.history.MHCSkip`,
+:class:`~mhc.history.MatrixMHCSkip`, :class:`~mhc.history.WeightedSum`) and the n-stream modules
+(:class:`~mhc.MHC`, :class:`~mhc.StreamExpand`, :class:`~mhc.MHCHead`) count as *mixing*, everything else as
+*transformation*; what remains of the measured forward time (history pushes, Python, containers) is *other*.
+For every :class:`~mhc.history.MHCSequential` it compares the history memory predicted by ``B x C x S x H x bytes``
+with the bytes its history buffer actually held.
 
 The audit synchronises the device around every module to time it: it is a diagnostic, not a training
 path (the ops themselves never synchronise).
@@ -26,10 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from .history import HistoryBuffer, MatrixMHCSkip, MHCSequential, MHCSkip, WeightedSum, _FrozenMatrix
+from .modules import MHC, MHCHead, StreamExpand
 
 __all__ = ["PerformanceAudit", "LayerRecord", "HistoryRecord"]
 
-_MIXING = (MHCSkip, MatrixMHCSkip, WeightedSum, _FrozenMatrix)
+_MIXING = (MHCSkip, MatrixMHCSkip, WeightedSum, _FrozenMatrix, MHC, StreamExpand, MHCHead)
 
 
 @dataclasses.dataclass

@@ -1,5 +1,6 @@
 """Modules: initialisation near a plain residual network, fused vs plain-PyTorch implementations,
-post_pre fusion, MHCLayer shapes, head, state_dict round trip, autocast."""
+post_pre fusion, every use of a site a module call (hooks, PerformanceAudit), MHCLayer shapes, head,
+state_dict round trip, autocast."""
 
 from __future__ import annotations
 
@@ -88,6 +89,71 @@ def test_post_pre_equals_post_then_pre():
     assert_close(layer_input, want_input)
     for got, want in zip(next_state, want_state):
         assert_close(got, want)
+
+
+def test_every_use_of_a_site_is_a_module_call():
+    """pre, post and post_pre go through nn.Module.__call__ (FSDP2 and profilers hook there); post_pre is a call of
+    the site whose parameters it reads, and each equals the op it wraps."""
+    n, C = 3, 8
+    first, second = mhc.MHC(n, C), mhc.MHC(n, C)
+    calls = []
+    for name, site in (("first", first), ("second", second)):
+        site.register_forward_pre_hook(lambda module, args, kwargs, name=name: calls.append(
+            (name, len(args), kwargs.get("then_pre", False))), with_kwargs=True)
+    x, y = torch.randn(2, 5, n, C), torch.randn(2, 5, C)
+    layer_input, state = first.pre(x)
+    x_next, next_input, next_state = first.post_pre(x, y, state, second)
+    out = second.post(x_next, y, next_state)
+    assert calls == [("first", 1, False), ("second", 3, True), ("second", 3, False)]
+    want = mhc.ops.mhc_pre(x, first.fn, first.base, first.scale)
+    assert torch.equal(layer_input, want[0]) and torch.equal(state.comb, want[3])
+    want_x = mhc.ops.mhc_post(x, y, state.h_post, state.comb)
+    assert torch.equal(x_next, want_x)
+    assert torch.equal(next_input, mhc.ops.mhc_pre(want_x, second.fn, second.base, second.scale)[0])
+    assert torch.equal(out, mhc.ops.mhc_post(x_next, y, next_state.h_post, next_state.comb))
+    assert torch.equal(first(x)[0], layer_input) and torch.equal(first(x, y, state), want_x)
+
+
+def test_site_call_needs_y_and_state_together():
+    site = mhc.MHC(2, 4)
+    x = torch.randn(3, 2, 4)
+    _, state = site(x)
+    with pytest.raises(ValueError, match="y and state: give both"):
+        site(x, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="y and state: give both"):
+        site(x, state=state)
+    with pytest.raises(ValueError, match="then_pre=True needs y and state"):
+        site(x, then_pre=True)
+
+
+def test_performance_audit_times_n_stream_sites():
+    """The audit hooks modules: each site's pre and post (2 calls) are timed and their bytes counted as mixing."""
+    from mhc.profiling import PerformanceAudit
+
+    n, C = 4, 16
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand, self.head = mhc.StreamExpand(n), mhc.MHCHead(n, C)
+            self.sites = nn.ModuleList(mhc.MHC(n, C) for _ in range(2))
+            self.blocks = nn.ModuleList(nn.Linear(C, C) for _ in range(2))
+
+        def forward(self, e):
+            x = self.expand(e)
+            for site, block in zip(self.sites, self.blocks):
+                layer_input, state = site.pre(x)
+                x = site.post(x, block(layer_input), state)
+            return self.head(x)
+
+    audit = PerformanceAudit(Model(), training=True, repeats=1).run(input_size=(2, 8, C))
+    records = {r.name: r for r in audit.layers}
+    for name in ("sites.0", "sites.1"):
+        site = records[name]
+        assert site.kind == "mixing" and site.calls == 2 and site.time_s > 0, site
+        assert site.output_bytes >= 2 * 8 * n * C * 4 and site.saved_bytes > 0, site
+    assert records["head"].time_s > 0 and records["expand"].time_s > 0
+    assert audit.mixing_time_s > 0 and "sites.0" in audit.report()
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 16), (2, 5, 4, 16)])
