@@ -104,16 +104,18 @@ class MHCDecoderLayer(nn.Module):
         if self._recompute is not None and torch.is_grad_enabled():
             chain = self._recompute.chain_for(2 * self.layer_index)
         with chain if chain is not None else contextlib.nullcontext():
+            # With recomputation the norms' outputs are recomputed too (SiteChain.run), not kept.
+            norm = chain.run if chain is not None else (lambda f, h: f(h))
             layer_input, state = chain.pre(self.attn_site, x) if chain is not None else self.attn_site.pre(x)
             attn_out = _first_output(layer.self_attn(
-                hidden_states=layer.input_layernorm(layer_input), attention_mask=attention_mask,
+                hidden_states=norm(layer.input_layernorm, layer_input), attention_mask=attention_mask,
                 position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
                 position_embeddings=position_embeddings, **kwargs))
             if chain is not None:
                 x, layer_input, state = chain.post_pre(self.attn_site, x, attn_out, state, self.mlp_site)
             else:
                 x, layer_input, state = self.attn_site.post_pre(x, attn_out, state, self.mlp_site)
-            mlp_out = layer.mlp(layer.post_attention_layernorm(layer_input))
+            mlp_out = layer.mlp(norm(layer.post_attention_layernorm, layer_input))
             if chain is not None:
                 x = chain.post(self.mlp_site, x, mlp_out, state)
             else:

@@ -253,6 +253,15 @@ class SiteChain:
         return self._run(_post_pre_step(site, next_site, type(state)), [x, self._cast_like(y, x), *state],
                          internal=internal, block=self._advance())
 
+    def run(self, fn: Callable, *tensors: Tensor):
+        """``fn(*tensors)`` as part of the current site's block: its outputs are recomputed in the backward instead
+        of kept. For a sub-layer's cheap first step, its pre-norm: the sub-layer's first matmul would keep the
+        norm's output. ``fn`` must be deterministic and compute the same values with and without autograd (norms
+        and pointwise activations do)."""
+        if self.block_size is None:
+            raise RuntimeError("mhc.recompute.SiteChain: run: call pre (the chain's first site) first")
+        return self._run(fn, list(tensors), internal=True, block=self._block_of(self.next_site))
+
     # -- internals --
 
     def _resolve_block_size(self, site) -> None:
@@ -353,14 +362,15 @@ def _post_pre_step(site, next_site, state_type):
 
 
 def run_sites(x: Tensor, sites: Sequence, sublayers: Sequence[Callable[[Tensor], Tensor]], *,
-              recompute: bool = False, block_size: Optional[int] = None,
-              states: Optional[list] = None) -> Tensor:
+              norms: Optional[Sequence[Callable[[Tensor], Tensor]]] = None, recompute: bool = False,
+              block_size: Optional[int] = None, states: Optional[list] = None) -> Tensor:
     """The residual after a chain of sites: ``layer_input, state = sites[0].pre(x)``, then for every site
-    ``y = sublayers[l](layer_input)`` and ``post_pre`` into the next site (``post`` after the last).
+    ``y = sublayers[l](norms[l](layer_input))`` (no norm when ``norms`` is None) and ``post_pre`` into the next site
+    (``post`` after the last).
 
     ``recompute``: recompute the mHC intermediates in the backward (:class:`SiteChain`), in blocks of ``block_size``
-    sites (default :func:`default_block_size`). ``states``: a list that receives each site's state
-    (``MHCState``), in site order.
+    sites (default :func:`default_block_size`); the norms' outputs are recomputed too (:meth:`SiteChain.run`).
+    ``states``: a list that receives each site's state (``MHCState``), in site order.
     """
     sites, sublayers = list(sites), list(sublayers)
     if not sites:
@@ -368,6 +378,9 @@ def run_sites(x: Tensor, sites: Sequence, sublayers: Sequence[Callable[[Tensor],
     if len(sublayers) != len(sites):
         raise ValueError(f"mhc.recompute.run_sites: sublayers: expected one per site ({len(sites)}), "
                          f"got {len(sublayers)}")
+    norms = list(norms) if norms is not None else None
+    if norms is not None and len(norms) != len(sites):
+        raise ValueError(f"mhc.recompute.run_sites: norms: expected one per site ({len(sites)}), got {len(norms)}")
     chain = SiteChain(len(sites), block_size=block_size) if recompute else None
     with chain if chain is not None else contextlib.nullcontext():
         layer_input, state = chain.pre(sites[0], x) if chain is not None else sites[0].pre(x)
@@ -375,6 +388,8 @@ def run_sites(x: Tensor, sites: Sequence, sublayers: Sequence[Callable[[Tensor],
         for index, (site, sublayer) in enumerate(zip(sites, sublayers)):
             if states is not None:
                 states.append(state)
+            if norms is not None:
+                layer_input = chain.run(norms[index], layer_input) if chain is not None else norms[index](layer_input)
             y = sublayer(layer_input)
             if index == last:
                 x = chain.post(site, x, y, state) if chain is not None else site.post(x, y, state)
@@ -393,19 +408,25 @@ class MHCStack(nn.Module):
 
     Args:
         sites: the :class:`mhc.MHC` sites, one per sub-layer (kept in ``self.sites``).
-        sublayers: modules mapping a layer input ``[..., C]`` to ``y [..., C]``, norm included (``self.sublayers``).
+        sublayers: modules mapping a layer input ``[..., C]`` (normalised by ``norms`` when given) to ``y [..., C]``.
+        norms: optional pre-norms, one per sub-layer (``self.norms``): with recomputation their outputs are
+            recomputed too instead of kept.
         recompute: recompute the mHC intermediates in the backward, keeping the first residual of each block.
         block_size: sites per block (default: the paper's L_r*, :func:`default_block_size`).
     """
 
-    def __init__(self, sites: Iterable[nn.Module], sublayers: Iterable[nn.Module], *, recompute: bool = False,
+    def __init__(self, sites: Iterable[nn.Module], sublayers: Iterable[nn.Module], *,
+                 norms: Optional[Iterable[nn.Module]] = None, recompute: bool = False,
                  block_size: Optional[int] = None):
         super().__init__()
         self.sites = nn.ModuleList(sites)
         self.sublayers = nn.ModuleList(sublayers)
+        self.norms = nn.ModuleList(norms) if norms is not None else None
         if len(self.sites) == 0 or len(self.sublayers) != len(self.sites):
             raise ValueError(f"mhc.MHCStack: expected as many sub-layers as sites (at least one), got "
                              f"{len(self.sites)} sites and {len(self.sublayers)} sub-layers")
+        if self.norms is not None and len(self.norms) != len(self.sites):
+            raise ValueError(f"mhc.MHCStack: norms: expected one per site ({len(self.sites)}), got {len(self.norms)}")
         if block_size is not None:
             _check_count("MHCStack", "block_size", block_size)
             if block_size > len(self.sites):
@@ -414,8 +435,8 @@ class MHCStack(nn.Module):
         self.recompute, self.block_size = recompute, block_size
 
     def forward(self, x: Tensor, states: Optional[list] = None) -> Tensor:
-        return run_sites(x, self.sites, self.sublayers, recompute=self.recompute, block_size=self.block_size,
-                         states=states)
+        return run_sites(x, self.sites, self.sublayers, norms=self.norms, recompute=self.recompute,
+                         block_size=self.block_size, states=states)
 
     def extra_repr(self) -> str:
         return f"sites={len(self.sites)}, recompute={self.recompute}, block_size={self.block_size}"

@@ -14,20 +14,28 @@ from torch.utils.checkpoint import checkpoint
 import mhc
 from mhc import ops
 from mhc.recompute import MHCStack, SiteChain, default_block_size, run_sites
+from conftest import TARGETS
 
 N, C, L = 4, 23, 6
 
 
-def make_parts(num_sites=L, dtype=torch.float32, n=N, width=C, site_class=mhc.MHC):
-    """Sites with their symmetric initialisation broken (every coefficient matters) and MLP sub-layers."""
-    sites = [site_class(n, width) for _ in range(num_sites)]
+def make_parts(num_sites=L, dtype=torch.float32, n=N, width=C, site_class=mhc.MHC, device="cpu", norms=False):
+    """Sites with their symmetric initialisation broken (every coefficient matters) and MLP sub-layers, each with
+    its RMSNorm inside or, with ``norms``, as a separate list (the third element)."""
+    sites = [site_class(n, width).to(device) for _ in range(num_sites)]
     with torch.no_grad():
         for site in sites:
             site.fn.add_(0.5 * torch.randn_like(site.fn))
             site.scale.add_(0.5)
-    sublayers = [nn.Sequential(nn.RMSNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
-                               nn.Linear(2 * width, width)).to(dtype) for _ in range(num_sites)]
-    return sites, sublayers
+    norm_list = [nn.RMSNorm(width).to(device, dtype) for _ in range(num_sites)]
+    with torch.no_grad():
+        for norm in norm_list:
+            norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+    bodies = [nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)).to(device, dtype)
+              for _ in range(num_sites)]
+    if norms:
+        return sites, bodies, norm_list
+    return sites, [nn.Sequential(norm, body) for norm, body in zip(norm_list, bodies)]
 
 
 def step_grads(stack: nn.Module, x0: torch.Tensor, weight: torch.Tensor, *, forward=None) -> dict:
@@ -47,9 +55,9 @@ def assert_bitwise(got: dict, want: dict) -> None:
         assert torch.equal(got[name], want[name]), f"{name}: max |diff| {(got[name] - want[name]).abs().max()}"
 
 
-def inputs(dtype=torch.float32, n=N, width=C):
-    x0 = torch.randn(2, 5, n, width, dtype=dtype)
-    return x0, torch.randn(x0.shape, dtype=torch.float64)
+def inputs(dtype=torch.float32, n=N, width=C, device="cpu"):
+    x0 = torch.randn(2, 5, n, width, dtype=dtype, device=device)
+    return x0, torch.randn(x0.shape, dtype=torch.float64, device=device)
 
 
 def test_default_block_size_is_the_papers():
@@ -84,15 +92,22 @@ def test_without_recompute_the_stack_is_the_plain_chain():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("block_size", [1, 2, 4, L, None], ids=lambda b: f"Lr{b}")
-@pytest.mark.parametrize("backend", ["fast", "reference"])
-def test_gradients_are_bit_identical(dtype, block_size, backend):
-    sites, sublayers = make_parts(dtype=dtype)
-    x0, weight = inputs(dtype)
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("norms", [False, True], ids=["norm-inside", "norms-recomputed"])
+def test_gradients_are_bit_identical(dtype, block_size, device, backend, norms):
+    parts = make_parts(dtype=dtype, device=device, norms=norms)
+    x0, weight = inputs(dtype, device=device)
+
+    def stack(recompute):
+        sites, sublayers, *norm_list = copy.deepcopy(parts)
+        return MHCStack(sites, sublayers, norms=norm_list[0] if norm_list else None, recompute=recompute,
+                        block_size=block_size)
+
     with ops.use_backend(backend):
-        want = step_grads(MHCStack(copy.deepcopy(sites), copy.deepcopy(sublayers)), x0, weight)
-        stack = MHCStack(sites, sublayers, recompute=True, block_size=block_size)
-        assert_bitwise(step_grads(stack, x0, weight), want)
-        assert_bitwise(step_grads(stack, x0, weight), want)  # a second step: nothing left over from the first
+        want = step_grads(stack(False), x0, weight)
+        recomputing = stack(True)
+        assert_bitwise(step_grads(recomputing, x0, weight), want)
+        assert_bitwise(step_grads(recomputing, x0, weight), want)  # a second step: nothing left over from the first
 
 
 def _spy_parts(log):
@@ -139,6 +154,28 @@ def test_recompute_frees_block_internal_tensors(block_size, x_alive, layer_input
     out.sum().backward()
     del out
     assert _alive(log["x"]) == "0" * len(log["x"])  # the replays' residuals too: freed with their last user
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["off", "on"])
+def test_recomputed_norms_free_their_outputs(recompute):
+    sites, bodies, norms = make_parts(norms=True)
+    outputs = []
+
+    class SpyNorm(nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, h):
+            out = self.norm(h)
+            outputs.append(StorageWeakRef(out.untyped_storage()))
+            return out
+
+    stack = MHCStack(sites, bodies, norms=[SpyNorm(n) for n in norms], recompute=recompute, block_size=L)
+    x = torch.randn(2, 5, N, C, requires_grad=True)
+    out = stack(x)
+    assert _alive(outputs[:L]) == ("000000" if recompute else "111111")  # the first Linear of each body saved them
+    out.sum().backward()
 
 
 def test_each_block_is_replayed_once(monkeypatch):
@@ -256,7 +293,7 @@ def test_a_tensor_changed_before_the_backward_raises(changed):
     x = torch.randn(2, 5, N, C, requires_grad=True)
     out = MHCStack(sites, sublayers, recompute=True, block_size=3)(x)
     with torch.no_grad():
-        (sites[4].base if changed == "site" else sublayers[1][1].weight).add_(1.0)
+        (sites[4].base if changed == "site" else sublayers[1][1][0].weight).add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an in-place operation"):
         out.sum().backward()
 
@@ -308,19 +345,26 @@ def _count(gm, op) -> int:
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["off", "on"])
-def test_compiled_fullgraph_recomputes_in_the_backward_graph(recompute, monkeypatch):
+@pytest.mark.parametrize("norms", [False, True], ids=["norm-inside", "norms-recomputed"])
+def test_compiled_fullgraph_recomputes_in_the_backward_graph(recompute, norms, monkeypatch):
     """Under torch.compile the block-internal ops run in checkpoints: the partitioner moves them into the backward
     graph (2 blocks of 3 sites: the first pre and 2 x 2 internal post_pre), and the gradients are the eager ones
     (eager without the pre / post pairing of the first site, which compiled code does not use)."""
     monkeypatch.setattr(ops, "_pair_sites", False)
     torch._dynamo.reset()
-    sites, sublayers = make_parts()
+    parts = make_parts(norms=norms)
     x0, weight = inputs()
-    want = step_grads(MHCStack(copy.deepcopy(sites), copy.deepcopy(sublayers)), x0, weight)
+
+    def stack(recompute):
+        sites, sublayers, *norm_list = copy.deepcopy(parts)
+        return MHCStack(sites, sublayers, norms=norm_list[0] if norm_list else None, recompute=recompute,
+                        block_size=3)
+
+    want = step_grads(stack(False), x0, weight)
     graphs = {}
-    stack = MHCStack(sites, sublayers, recompute=recompute, block_size=3)
-    compiled = torch.compile(stack, backend=_backward_graph_recording_backend(graphs), fullgraph=True)
-    assert_bitwise(step_grads(stack, x0, weight, forward=compiled), want)
+    compiled_stack = stack(recompute)
+    compiled = torch.compile(compiled_stack, backend=_backward_graph_recording_backend(graphs), fullgraph=True)
+    assert_bitwise(step_grads(compiled_stack, x0, weight, forward=compiled), want)
     backward = graphs["backward"]
     assert _count(backward, torch.ops.mhc.post_pre.default) == (4 if recompute else 0)
     assert _count(backward, torch.ops.mhc.pre.default) == (1 if recompute else 0)

@@ -113,8 +113,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.norm(x))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The sub-layer after its pre-norm (the residual kinds with sites run the norm themselves)."""
         B, S, C = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                              dropout_p=self.dropout if self.training else 0.0)
         return F.dropout(self.proj(out.transpose(1, 2).reshape(B, S, C)), self.dropout, self.training)
@@ -129,7 +133,11 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.proj(F.gelu(self.fc(self.norm(x)))), self.dropout, self.training)
+        return self.body(self.norm(x))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The sub-layer after its pre-norm."""
+        return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
 
 
 class GPT(nn.Module):
@@ -207,10 +215,11 @@ class GPT(nn.Module):
                 x = self.expand(h)
             else:  # HC paper: the initial hyper hidden matrix is n copies of the embedding
                 x = h.unsqueeze(-2).expand(B, S, self.cfg.n_streams, self.cfg.width)
-            # Site by site: pre, sub-layer, then post fused with the next site's pre (mHC) or post and pre (HC).
+            # Site by site: pre, norm, sub-layer, then post fused with the next site's pre (mHC) or post and pre
+            # (HC). With recomputation the norms' outputs are recomputed too.
             states: list = []
-            x = run_sites(x, self.sites, self.sublayers, recompute=self.cfg.recompute,
-                          block_size=self.cfg.recompute_block, states=states)
+            x = run_sites(x, self.sites, [s.body for s in self.sublayers], norms=[s.norm for s in self.sublayers],
+                          recompute=self.cfg.recompute, block_size=self.cfg.recompute_block, states=states)
             combs = [state.comb.detach() for state in states]
             # mHC: the library's learned head. HC: the HC paper sums the streams; the mean differs only by the
             # factor n, which the final RMSNorm removes (up to its eps), and keeps HC at init exactly the residual net.
