@@ -5,13 +5,13 @@ every site, the residual ``x_l`` (``[..., n, C]``: n times a plain residual netw
 that F's first op saves (its norm) and F's output ``y`` (post's backward needs it). With recomputation the sites are
 grouped in blocks of ``block_size`` (L_r) consecutive sites. Kept for the backward: the residual entering each block
 and the layer input that crosses into it, every ``y``, F's own activations, the small per-token coefficients. The
-mHC ops of a block are run again, from those, the first time the backward needs one of their results: F is not run
-again. The recomputation runs the same ops on the same inputs with the same backend, so every gradient is
-bit-identical to the run without it.
+mHC ops of a block (and F's pre-norm, when it runs through :meth:`SiteChain.run`, ``norms=``) are run again, from
+those, the first time the backward needs one of their results; the rest of F is not run again. The recomputation
+runs the same ops on the same inputs with the same backend, so every gradient is bit-identical to the run without.
 
 Eager mode: autograd's saved-tensor hooks (while the chain is active, ``with chain:``) replace every saved tensor
-that lives in a residual or layer input produced inside a block by a handle; unpacking a handle replays the
-block's mHC ops once, and each recomputed tensor is freed when the last node that saved it has run.
+that lives in a residual, layer input or norm output produced inside a block by a handle; unpacking a handle
+replays the block once, and each recomputed tensor is freed when the last node that saved it has run.
 Under ``torch.compile``: every op whose results stay inside its block runs in ``torch.utils.checkpoint``, so the
 partitioner recomputes it in the backward graph; the ops that cross a block boundary are saved.
 
@@ -166,7 +166,7 @@ class SiteChain:
         with chain:
             layer_input, state = chain.pre(sites[0], x)
             for l, F in enumerate(sublayers):
-                y = F(layer_input)
+                y = F(chain.run(norms[l], layer_input))   # or F(layer_input): F's norm output then is kept
                 if l + 1 < len(sites):
                     x, layer_input, state = chain.post_pre(sites[l], x, y, state, sites[l + 1])
                 else:

@@ -242,3 +242,22 @@ def test_recompute_bad_block_and_layers_out_of_order():
                position_embeddings=model.model.rotary_emb(torch.randn(1, 4, HIDDEN), torch.arange(4)[None]))
     with torch.no_grad():  # inference does not use the chain
         assert model(torch.randint(0, VOCAB, (1, 4))).logits.shape == (1, 4, VOCAB)
+
+
+def test_recompute_under_torch_compile(monkeypatch):
+    """The converted model with recomputation compiles as one graph (aot_eager) with the eager model's gradients
+    (eager without the pre / post pairing, which compiled code does not use)."""
+    from mhc import ops
+
+    monkeypatch.setattr(ops, "_pair_sites", False)
+    torch._dynamo.reset()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for recompute, compiled in ((False, False), (True, True)):
+        model = convert_decoder(_tiny("LlamaConfig", "LlamaForCausalLM", layers=3), n=4, recompute=recompute,
+                                recompute_block=3).train()
+        forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        forward(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 import mhc
 from mhc import ops
 from mhc import reference as ref
-from conftest import TOL, assert_close, coef, site_params
+from conftest import TARGETS, TOL, assert_close, coef, site_params
 
 HYPER = dict(iters=7, post_mult=1.5, eps=1e-5, norm_eps=1e-4, pre_eps=1e-3)
 
@@ -48,13 +48,14 @@ def site_step(lib, x, params, next_params, weight, fused: bool):
     return (lib.mhc_post(x, y, h_post, comb).double() * weight[0]).sum() + (h_pre.double() * weight[2]).sum()
 
 
-def make_inputs(n, C, lead, dtype, static=False):
+def make_inputs(n, C, lead, dtype, static=False, device="cpu"):
     k = coef(dtype)
-    x = torch.randn(*lead, n, C, dtype=dtype)
-    params = (*site_params(n, C, dtype=k, static=static), torch.randn(C, C, dtype=dtype) / C ** 0.5)
-    next_params = site_params(n, C, dtype=k, static=static)
+    x = torch.randn(*lead, n, C, dtype=dtype, device=device)
+    params = (*site_params(n, C, dtype=k, static=static, device=device),
+              torch.randn(C, C, dtype=dtype, device=device) / C ** 0.5)
+    next_params = site_params(n, C, dtype=k, static=static, device=device)
     shapes = [(*lead, n, C), (*lead, C), (*lead, n), (*lead, n), (*lead, n, n)]
-    weight = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    weight = [torch.randn(s, dtype=torch.float64, device=device) for s in shapes]
     return x, params, next_params, weight
 
 
@@ -66,13 +67,14 @@ def grads(lib, x, params, next_params, weight, fused, *, log=None):
     return [t.grad for t in leaves if t is not None and t.grad is not None]
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("device, backend", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("fused", [False, True], ids=["post", "post_pre"])
 @pytest.mark.parametrize("n, C, lead, static", [(4, 33, (2, 3), False), (1, 5, (3,), False), (3, 7, (), True),
                                                 (8, 9, (5,), False)])
-def test_pair_writes_grad_x_once_with_the_same_gradients(backend, dtype, fused, n, C, lead, static, monkeypatch):
-    x, params, next_params, weight = make_inputs(n, C, lead, dtype, static)
+def test_pair_writes_grad_x_once_with_the_same_gradients(device, backend, dtype, fused, n, C, lead, static,
+                                                         monkeypatch):
+    x, params, next_params, weight = make_inputs(n, C, lead, dtype, static, device)
     with ops.use_backend(backend):
         log = OpLog()
         paired = grads(ops, x, params, next_params, weight, fused, log=log)
