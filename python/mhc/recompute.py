@@ -68,13 +68,14 @@ class _Entry(NamedTuple):
 
 
 class _Step:
-    """One mHC op of a block, replayable: its function, its arguments (tensors kept or _Refs) and its context."""
+    """One op of a block (a site method, or a function given to SiteChain.run), replayable: the function, its
+    arguments (kept tensors or _Refs) and the backend and autocast state it ran with."""
 
     __slots__ = ("fn", "args", "versions", "backend", "autocast")
 
     def __init__(self, fn: Callable, args: list, device_type: str):
         self.fn, self.args = fn, args
-        # Kept tensors (parameters, the block's input, every y) must not change before the replay.
+        # Kept arguments (the block's input residual and state, every y) must not change before the replay.
         self.versions = [a._version if isinstance(a, Tensor) else None for a in args]
         self.backend = ops.get_backend()
         self.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
@@ -85,9 +86,8 @@ class _Step:
             if isinstance(a, _Ref):
                 a = outputs[a.step][a.index].as_strided(a.size, a.stride, a.offset)
             elif isinstance(a, Tensor) and a._version != version:
-                raise RuntimeError("mhc.recompute: a tensor the recomputation reads (a site's parameter, a block's "
-                                   "input residual or a sub-layer's output) was modified in place between the "
-                                   "forward and the backward")
+                raise RuntimeError("mhc.recompute: a tensor the recomputation reads (a block's input residual or "
+                                   "a sub-layer's output) was modified by an in-place operation after the forward")
             args.append(a)
         device_type, enabled, dtype = self.autocast
         with torch.no_grad(), ops.use_backend(self.backend), torch.autocast(device_type, dtype=dtype,
