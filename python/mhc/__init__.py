@@ -39,6 +39,13 @@ __all__ = [
     "reference",
 ]
 
+# --- activation recomputation (recompute.py) ---
+from . import recompute
+from .recompute import MHCStack
+
+__all__ += ["MHCStack", "recompute"]
+# --- end activation recomputation ---
+
 # --- model integrations (rewire.py, hf.py, diagnostics.py) ---
 from . import diagnostics, hf
 from .rewire import AutoPatcher, MHCRewire, PatchReport

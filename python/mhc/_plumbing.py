@@ -177,6 +177,11 @@ class Op:
             self.function = _eager_function(name, impl, setup_context, backward)
         self.dispatch = getattr(torch.ops.mhc, name).default
 
+    def all_outputs(self, *args):
+        """Every output, without autograd (for autograd Functions built around the op)."""
+        tensors = [a for a in args if isinstance(a, Tensor) or a is None]
+        return self.impl(*args) if eager(*tensors) else self.dispatch(*args)
+
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, Tensor) or a is None]
         if not eager(*tensors):

@@ -7,11 +7,15 @@ import importlib.util
 import sys
 
 RESIDUAL_KINDS = ("residual", "hc", "mhc")
+DEMO_PRESETS = ("gpt2-small",)  # mhc.demo.train.PRESETS (not imported here: `mhc --help` stays free of torch)
 
 
 # ---- demo ---------------------------------------------------------------------------------------------------------
 def _add_demo_arguments(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else CPU), cpu, cuda, cuda:1")
+    p.add_argument("--preset", choices=DEMO_PRESETS,
+                   help="a named size instead of the device's defaults: gpt2-small (width 768, depth 12, 12 heads, "
+                        "1200 steps of 32 x 256 characters; for a GPU); the other flags still override it")
     p.add_argument("--steps", type=int, help="training steps per model (default: 600 on CPU, 2000 on CUDA)")
     p.add_argument("--width", type=int, help="model width C (default: 128 on CPU, 384 on CUDA)")
     p.add_argument("--depth", type=int, help="transformer blocks, each with an attention and an MLP site "
@@ -32,6 +36,10 @@ def _add_demo_arguments(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, help="random seed (default: 1234)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--corpus", help="a UTF-8 text file to train on instead of the shipped Shakespeare")
+    p.add_argument("--recompute", action="store_true",
+                   help="the mHC variant recomputes its intermediates in the backward (mhc.recompute)")
+    p.add_argument("--recompute-block", type=int,
+                   help="sites per recomputation block (default: the paper's sqrt(n L / (n + 2)))")
     p.add_argument("--out", default="mhc_demo_out", help="output folder for demo.png and demo.json")
 
 
@@ -39,11 +47,12 @@ def _run_demo(args) -> int:
     from .demo.train import default_config, resolve_device, run_demo
 
     device = resolve_device(args.device)
-    cfg = default_config(device)
+    cfg = default_config(device, args.preset)
     overrides = {"steps": args.steps, "width": args.width, "depth": args.depth, "heads": args.heads,
                  "n_streams": args.n, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
                  "dropout": args.dropout, "eval_interval": args.eval_interval, "dtype": args.dtype,
-                 "seed": args.seed, "threads": args.threads, "corpus": args.corpus, "out": args.out}
+                 "seed": args.seed, "threads": args.threads, "corpus": args.corpus, "out": args.out,
+                 "recompute_block": args.recompute_block}
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -52,6 +61,7 @@ def _run_demo(args) -> int:
     if args.steps is not None and args.eval_interval is None:
         cfg.eval_interval = max(min(cfg.eval_interval, cfg.steps // 4), 1)
         cfg.warmup_steps = min(cfg.warmup_steps, max(cfg.steps // 10, 1))
+    cfg.recompute = args.recompute or args.recompute_block is not None
     cfg.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     run_demo(cfg)
     return 0

@@ -15,6 +15,9 @@ At initialisation every site computes ``x + F(x)`` on identical streams and the 
 :mod:`mhc.modules`), so the converted model's logits are close to the original's (within about 1% per site):
 pretrained weights stay useful. ``generate`` with the KV cache works (the attention modules are the original ones).
 
+``recompute=True`` recomputes the mHC intermediates in the backward (:mod:`mhc.recompute`): one chain of
+``2 * num_layers`` sites runs through the model's own layer loop, each converted layer running its two sites in it.
+
 Limits: ``output_hidden_states`` does not see the converted layers (transformers records the original layer
 class); ``save_pretrained`` saves the weights but ``from_pretrained`` builds the plain model: rebuild it, call
 ``convert_decoder`` with the same arguments, then ``load_state_dict``. Transformers' gradient checkpointing does not
@@ -23,12 +26,15 @@ wrap the converted layers.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .modules import MHC, MHCHead
+from .recompute import SiteChain
 
 __all__ = ["MHCDecoderLayer", "convert_decoder", "decoder_layers"]
 
@@ -39,6 +45,27 @@ def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _RecomputePlan:
+    """Shared by the converted layers of one model: the recomputation chain of the forward pass running now."""
+
+    def __init__(self, num_sites: int, block_size: Optional[int]):
+        self.num_sites, self.block_size = num_sites, block_size
+        self.chain: Optional[SiteChain] = None
+
+    def chain_for(self, first_site: int) -> SiteChain:
+        if torch.compiler.is_compiling():  # stateless there: each layer's ops only need their site index
+            return SiteChain(self.num_sites, block_size=self.block_size, start=first_site)
+        if first_site == 0:
+            self.chain = SiteChain(self.num_sites, block_size=self.block_size)
+        elif self.chain is None or self.chain.next_site != first_site:
+            raise RuntimeError(f"mhc.hf.MHCDecoderLayer: recompute: the layer of site {first_site} ran out of order "
+                               "(the converted layers must run in sequence, from the first, in one forward pass)")
+        chain = self.chain
+        if first_site + 2 == self.num_sites:  # the last layer: the next forward pass starts a new chain
+            self.chain = None
+        return chain
+
+
 class MHCDecoderLayer(nn.Module):
     """A pre-norm decoder layer (attention + MLP) with an mHC site around each residual branch.
 
@@ -47,13 +74,15 @@ class MHCDecoderLayer(nn.Module):
     """
 
     def __init__(self, layer: nn.Module, n: int, hidden_size: int, *, expand: bool, head: Optional[MHCHead],
-                 returns_tuple: bool = False, **mhc_kwargs):
+                 returns_tuple: bool = False, recompute: Optional[_RecomputePlan] = None, layer_index: int = 0,
+                 **mhc_kwargs):
         super().__init__()
         self.layer = layer
         self.n, self.hidden_size, self.expand, self.returns_tuple = n, hidden_size, expand, returns_tuple
         self.attn_site = MHC(n, hidden_size, **mhc_kwargs)
         self.mlp_site = MHC(n, hidden_size, **mhc_kwargs)
         self.head = head
+        self._recompute, self.layer_index = recompute, layer_index
         if hasattr(layer, "attention_type"):  # read by some models' loops (sliding-window masks)
             self.attention_type = layer.attention_type
 
@@ -71,13 +100,26 @@ class MHCDecoderLayer(nn.Module):
                                  f"(streams of the previous layer), got {list(hidden_states.shape)}")
             x = hidden_states.unflatten(-1, (n, C))
         layer = self.layer
-        layer_input, state = self.attn_site.pre(x)
-        attn_out = _first_output(layer.self_attn(
-            hidden_states=layer.input_layernorm(layer_input), attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-            position_embeddings=position_embeddings, **kwargs))
-        x, layer_input, state = self.attn_site.post_pre(x, attn_out, state, self.mlp_site)
-        x = self.mlp_site.post(x, layer.mlp(layer.post_attention_layernorm(layer_input)), state)
+        chain = None
+        if self._recompute is not None and torch.is_grad_enabled():
+            chain = self._recompute.chain_for(2 * self.layer_index)
+        with chain if chain is not None else contextlib.nullcontext():
+            # With recomputation the norms' outputs are recomputed too (SiteChain.run), not kept.
+            norm = chain.run if chain is not None else (lambda f, h: f(h))
+            layer_input, state = chain.pre(self.attn_site, x) if chain is not None else self.attn_site.pre(x)
+            attn_out = _first_output(layer.self_attn(
+                hidden_states=norm(layer.input_layernorm, layer_input), attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                position_embeddings=position_embeddings, **kwargs))
+            if chain is not None:
+                x, layer_input, state = chain.post_pre(self.attn_site, x, attn_out, state, self.mlp_site)
+            else:
+                x, layer_input, state = self.attn_site.post_pre(x, attn_out, state, self.mlp_site)
+            mlp_out = layer.mlp(norm(layer.post_attention_layernorm, layer_input))
+            if chain is not None:
+                x = chain.post(self.mlp_site, x, mlp_out, state)
+            else:
+                x = self.mlp_site.post(x, mlp_out, state)
         out = self.head(x) if self.head is not None else x.flatten(-2)
         return (out,) if self.returns_tuple else out
 
@@ -103,12 +145,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return stack.layers
 
 
-def convert_decoder(model: nn.Module, n: int = 4, *, head: str = "learned", **mhc_kwargs) -> nn.Module:
+def convert_decoder(model: nn.Module, n: int = 4, *, head: str = "learned", recompute: bool = False,
+                    recompute_block: Optional[int] = None, **mhc_kwargs) -> nn.Module:
     """Convert ``model`` in place (and return it): every decoder layer becomes an :class:`MHCDecoderLayer` with ``n``
-    streams. ``head``: ``"learned"`` or ``"mean"`` (:class:`mhc.MHCHead`). ``mhc_kwargs`` go to every
-    :class:`mhc.MHC` site (``iters``, ``alpha_init``, ``static``, ``impl``, ...; the head takes ``impl`` and
-    ``alpha_init``). The new parameters are float32 on
-    the model's device. A model already converted raises ``ValueError``.
+    streams. ``head``: ``"learned"`` or ``"mean"`` (:class:`mhc.MHCHead`). ``recompute``: recompute the mHC
+    intermediates in the backward, in blocks of ``recompute_block`` sites (two per layer; default the paper's
+    :func:`mhc.recompute.default_block_size`). ``mhc_kwargs`` go to every :class:`mhc.MHC` site (``iters``,
+    ``alpha_init``, ``static``, ``impl``, ...; the head takes ``impl`` and ``alpha_init``). The new parameters are
+    float32 on the model's device. A model already converted raises ``ValueError``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc.hf.convert_decoder: model: expected an nn.Module, got {type(model).__name__}")
@@ -138,13 +182,19 @@ def convert_decoder(model: nn.Module, n: int = 4, *, head: str = "learned", **mh
         returns_tuple = "layer_outputs[0]" in inspect.getsource(type(stack).forward)
     except (OSError, TypeError):
         returns_tuple = False
+    num_sites = 2 * len(layers)
+    if recompute_block is not None and (isinstance(recompute_block, bool) or not isinstance(recompute_block, int)
+                                        or not 1 <= recompute_block <= num_sites):
+        raise ValueError(f"mhc.hf.convert_decoder: recompute_block: expected an int in 1..{num_sites} (two sites per "
+                         f"layer), got {recompute_block!r}")
+    plan = _RecomputePlan(num_sites, recompute_block) if recompute else None
     device = next(stack.parameters()).device
     last = len(layers) - 1
     for index in range(len(layers)):
         head_kwargs = {key: mhc_kwargs[key] for key in ("impl", "alpha_init") if key in mhc_kwargs}
         mhc_head = MHCHead(n, hidden_size, mode=head, **head_kwargs) if index == last else None
         converted = MHCDecoderLayer(layers[index], n, hidden_size, expand=index == 0, head=mhc_head,
-                                    returns_tuple=returns_tuple, **mhc_kwargs)
+                                    returns_tuple=returns_tuple, recompute=plan, layer_index=index, **mhc_kwargs)
         converted.attn_site.to(device)
         converted.mlp_site.to(device)
         if mhc_head is not None:

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import atexit
 import functools
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _C
-from ._plumbing import BACKENDS, Op, dl, get_backend, new, set_backend, use_backend, workspace
+from ._plumbing import BACKENDS, Op, dl, eager, get_backend, new, set_backend, use_backend, workspace
 from ._plumbing import device as _device
 from ._plumbing import stream as _stream
 from .reference import coef_dtype
@@ -472,6 +473,115 @@ _residual_add_agg_op = Op("residual_add_agg", _residual_add_agg_impl, _residual_
                           setup_context=_residual_add_agg_setup_context, backward=_residual_add_agg_backward)
 
 
+# ---- one site's pre and post on the same x: grad_x written once ---------------------------------------------
+#
+# Used as a pair, ``mhc_pre(x, ...)`` then ``mhc_post(x, y, h_post, comb)`` (or ``mhc_post_pre``) with pre's own
+# h_post and comb, x has two consumers, and autograd would add their grad_x in an extra pass over [T, n, C]. Paired,
+# post's autograd node returns no grad_x: its backward leaves it in the pair's link, and pre's backward, which
+# autograd always runs after post's (post's gradients of h_post and comb flow into it), passes it to pre_backward as
+# grad_x_accum. Eager autograd only: under torch.compile, tracing and torch.func transforms the ops run unpaired.
+
+_pair_sites = True  # tests turn it off to compare with the unpaired path
+
+
+def _pairing(x: Tensor) -> bool:
+    return _pair_sites and torch.is_grad_enabled() and x.requires_grad and eager(x)
+
+
+class _PairLink:
+    """Shared by the pre and the post of one site: the pair's tensors, and post's grad_x until pre's backward."""
+
+    __slots__ = ("x", "h_post", "comb", "claimed", "grad_x", "task")
+
+    def __init__(self):
+        self.x = self.h_post = self.comb = None  # weak references, set by _tie
+        self.claimed = False
+        self.grad_x: Optional[Tensor] = None
+        self.task = None
+
+    def claim(self, x: Tensor, h_post: Tensor, comb: Tensor) -> bool:
+        """True for the first post that reads pre's own x, h_post and comb."""
+        if self.claimed or self.x() is not x or self.h_post() is not h_post or self.comb() is not comb:
+            return False
+        self.claimed = True
+        return True
+
+    def deposit(self, grad_x: Tensor) -> None:
+        self.grad_x, self.task = grad_x, torch._C._current_graph_task_id()
+
+    def take(self) -> Optional[Tensor]:
+        # Only from this backward pass: one that stopped before pre (autograd.grad of h_post) leaves nothing behind.
+        grad_x, self.grad_x = self.grad_x, None
+        return grad_x if self.task == torch._C._current_graph_task_id() else None
+
+
+def _claimed_link(x: Tensor, h_post: Tensor, comb: Tensor) -> Optional[_PairLink]:
+    link = getattr(comb, "_mhc_pair_link", None) if _pairing(x) else None
+    return link if link is not None and link.claim(x, h_post, comb) else None
+
+
+class _PairedPre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, link, x, fn, base, scale, *hyper):
+        outs = _pre_op.all_outputs(x, fn, base, scale, *hyper)
+        _pre_setup_context(ctx, (x, fn, base, scale, *hyper), outs)
+        ctx.link = link
+        return outs
+
+    @staticmethod
+    def backward(ctx, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, _grad_mixes, _grad_rstd):
+        x, fn, base, scale, mixes, rstd = ctx.saved_tensors
+        grad_x, grad_fn, grad_base, grad_scale = _pre_backward_op(
+            x, fn, base, scale, mixes, rstd, _contig(grad_layer_input), _contig(grad_h_pre), _contig(grad_h_post),
+            _contig(grad_comb), ctx.link.take(), *ctx.hyper)
+        return (None, grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale)) + (None,) * len(ctx.hyper)
+
+
+class _PairedPost(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, link, x, y, h_post, comb, backend):
+        x_next = _post_op.all_outputs(x, y, h_post, comb, backend)
+        _post_setup_context(ctx, (x, y, h_post, comb, backend), x_next)
+        ctx.link = link
+        return x_next
+
+    @staticmethod
+    def backward(ctx, grad_x_next):
+        grad_x, *rest = _post_backward(ctx, grad_x_next)
+        ctx.link.deposit(grad_x)
+        return (None, None, *rest)
+
+
+class _PairedPostPre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, link, x, y, h_post, comb, fn, base, scale, *hyper):
+        outs = _post_pre_op.all_outputs(x, y, h_post, comb, fn, base, scale, *hyper)
+        _post_pre_setup_context(ctx, (x, y, h_post, comb, fn, base, scale, *hyper), outs)
+        ctx.link = link
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        grad_x, *rest = _post_pre_backward(ctx, *grad_outputs)
+        ctx.link.deposit(grad_x)
+        return (None, None, *rest)
+
+
+def _pre_maybe_paired(x: Tensor, fn, base, scale, hyper) -> Tuple[Tensor, ...]:
+    """The pre op on flat x; paired (its public comb carries the link) when x takes gradients in eager autograd."""
+    if not _pairing(x):
+        return _pre_op(x, fn, base, scale, *hyper), None
+    link = _PairLink()
+    return _PairedPre.apply(link, x, fn, base, scale, *hyper), link
+
+
+def _tie(link: Optional[_PairLink], x: Tensor, h_post: Tensor, comb: Tensor) -> None:
+    """Marks the public h_post and comb of a paired pre: a post that reads them and x is the pair's post."""
+    if link is not None:
+        link.x, link.h_post, link.comb = weakref.ref(x), weakref.ref(h_post), weakref.ref(comb)
+        comb._mhc_pair_link = link
+
+
 # ---- public API: argument checks, casts, leading dims ----------------------------------------------------
 
 _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -556,11 +666,12 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
     _stream_input("mhc_pre", "x", x, ("n", "C"))
     fn, base, scale = _params("mhc_pre", x, fn, base, scale)
     *lead, n, C = x.shape
-    outs = _pre_op(_tokens(x, 2, n, C), fn, base, scale, *_hyper(iters, post_mult, eps, norm_eps, pre_eps),
-                   get_backend())
+    outs, link = _pre_maybe_paired(_tokens(x, 2, n, C), fn, base, scale,
+                                   (*_hyper(iters, post_mult, eps, norm_eps, pre_eps), get_backend()))
     layer_input, h_pre, h_post, comb = outs[:4]
-    return (_restore(layer_input, lead, C), _restore(h_pre, lead, n), _restore(h_post, lead, n),
-            _restore(comb, lead, n, n))
+    h_post, comb = _restore(h_post, lead, n), _restore(comb, lead, n, n)
+    _tie(link, x, h_post, comb)
+    return _restore(layer_input, lead, C), _restore(h_pre, lead, n), h_post, comb
 
 
 def _post_inputs(op: str, x, y, h_post, comb):
@@ -578,7 +689,11 @@ def _post_inputs(op: str, x, y, h_post, comb):
 def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor) -> Tensor:
     """mHC post: ``x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i]``; ``x [..., n, C]``, ``y [..., C]``."""
     flat = _post_inputs("mhc_post", x, y, h_post, comb)
-    x_next = _post_op(*flat, get_backend())
+    link = _claimed_link(x, h_post, comb)
+    if link is not None:
+        x_next = _PairedPost.apply(link, *flat, get_backend())
+    else:
+        x_next = _post_op(*flat, get_backend())
     return x_next if x.dim() == 3 else x_next.view(x.shape)
 
 
@@ -592,7 +707,12 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
     flat = _post_inputs("mhc_post_pre", x, y, h_post, comb)
     fn, base, scale = _params("mhc_post_pre", x, fn, base, scale)
     *lead, n, C = x.shape
-    outs = _post_pre_op(*flat, fn, base, scale, *_hyper(iters, post_mult, eps, norm_eps, pre_eps), get_backend())
+    hyper = (*_hyper(iters, post_mult, eps, norm_eps, pre_eps), get_backend())
+    link = _claimed_link(x, h_post, comb)
+    if link is not None:
+        outs = _PairedPostPre.apply(link, *flat, fn, base, scale, *hyper)
+    else:
+        outs = _post_pre_op(*flat, fn, base, scale, *hyper)
     x_next, layer_input, h_pre, h_post_next, comb_next = outs[:5]
     return (_restore(x_next, lead, n, C), _restore(layer_input, lead, C), _restore(h_pre, lead, n),
             _restore(h_post_next, lead, n), _restore(comb_next, lead, n, n))

@@ -267,3 +267,60 @@ def test_bfloat16_autocast_run(tmp_path):
         assert data[kind]["diverged_at_step"] is None
         assert all(math.isfinite(v) for v in h["train_loss"] + h["grad_norm"] + h["amax_forward_max"])
     assert max(abs(v - 1) for v in data["mhc"]["history"]["amax_forward_max"]) < 1e-3
+
+
+# ---- recomputation and presets ---------------------------------------------------------------------------------
+def test_mhc_gpt_with_recompute_has_the_same_gradients():
+    idx = torch.randint(0, 30, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for recompute, block in ((False, None), (True, None), (True, 3)):
+        torch.manual_seed(11)
+        model = GPT(ModelConfig(vocab_size=30, seq_len=16, width=32, depth=3, heads=2, residual="mhc",
+                                recompute=recompute, recompute_block=block))
+        logits, loss, combs = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), len(combs), [p.grad for p in model.parameters()]))
+    for loss, sites, grads in results[1:]:
+        assert torch.equal(loss, results[0][0]) and sites == results[0][1] == 6
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][2]))
+
+
+def test_recompute_is_an_mhc_option():
+    with pytest.raises(ValueError, match="recompute: only the mhc residual"):
+        GPT(ModelConfig(vocab_size=10, seq_len=8, width=16, depth=1, heads=2, residual="hc", recompute=True))
+    with pytest.raises(ValueError, match="recompute_block"):
+        GPT(ModelConfig(vocab_size=10, seq_len=8, width=16, depth=1, heads=2, recompute=True, recompute_block=3))
+    with pytest.raises(ValueError, match="recompute_block"):
+        DemoConfig(depth=2, recompute_block=5).validate()
+
+
+def test_gpt2_small_preset():
+    from mhc import cli
+    from mhc.demo.train import PRESETS, default_config
+
+    assert tuple(PRESETS) == cli.DEMO_PRESETS
+    cfg = default_config("cuda", "gpt2-small")
+    cfg.validate()
+    assert (cfg.width, cfg.depth, cfg.heads, cfg.preset, cfg.dtype) == (768, 12, 12, "gpt2-small", "bfloat16")
+    model = GPT(ModelConfig(vocab_size=65, seq_len=cfg.seq_len, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+                            residual="residual"))
+    body = sum(p.numel() for name, p in model.named_parameters() if "embedding" not in name)
+    assert 80e6 < body < 90e6  # GPT-2 small without its embeddings: 85M
+    assert default_config("cpu") == DemoConfig(device="cpu")  # the CPU default is unchanged
+    with pytest.raises(ValueError, match="preset"):
+        default_config("cuda", "gpt3")
+
+
+def test_demo_recompute_flags_reach_the_mhc_run(tmp_path):
+    from mhc import cli
+
+    out = tmp_path / "recompute"
+    assert cli.main(["demo", "--device", "cpu", "--steps", "4", "--width", "16", "--depth", "2", "--batch-size", "2",
+                     "--seq-len", "8", "--variants", "residual,mhc", "--recompute-block", "2", "--threads", "1",
+                     "--out", str(out)]) == 0
+    data = json.loads((out / "demo.json").read_text())
+    assert data["config"]["recompute"] is True and data["config"]["recompute_block"] == 2
+    assert data["runs"]["mhc"]["model"]["recompute"] is True
+    assert data["runs"]["residual"]["model"]["recompute"] is False
+    assert data["summary"]["mhc"]["peak_memory_bytes"] is None  # CPU: no allocator statistics
+    assert "with recomputation" in data["summary_text"]

@@ -200,3 +200,64 @@ def test_amax_gain_of_a_converted_model():
     assert gain.forward.shape == (6,)
     # Sinkhorn makes every comb doubly stochastic up to eps: the composite neither amplifies nor damps
     assert (gain.forward - 1).abs().max() < 1e-3 and (gain.backward - 1).abs().max() < 1e-3
+
+
+# Replays per step: one per block (each recomputes at least its sites' norm outputs).
+@pytest.mark.parametrize("block, replays_per_step", [(None, 3), (1, 6), (3, 2), (6, 1)])
+def test_recompute_gives_the_same_gradients(block, replays_per_step, monkeypatch):
+    """One recomputation chain through the model's own layer loop (3 layers, 6 sites; the default block is 2):
+    bit-identical gradients, every block replayed once per step."""
+    from mhc import recompute as rc
+
+    replays = []
+    replay = rc._Block.replay
+    monkeypatch.setattr(rc._Block, "replay", lambda b: replays.append(b) or replay(b))
+    results = []
+    for recompute in (False, True):
+        model = convert_decoder(_tiny("LlamaConfig", "LlamaForCausalLM", layers=3), n=4, recompute=recompute,
+                                recompute_block=block if recompute else None).train()
+        for index, layer in enumerate(mhc.hf.decoder_layers(model)):
+            _randomise(layer.attn_site, 2 * index)
+            _randomise(layer.mlp_site, 2 * index + 1)
+        ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+        for _ in range(2):  # a second step starts a new chain
+            model.zero_grad(set_to_none=True)
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (want_loss, want), (got_loss, got) = results
+    assert len(replays) == 2 * replays_per_step
+    assert torch.equal(got_loss, want_loss) and got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_recompute_bad_block_and_layers_out_of_order():
+    with pytest.raises(ValueError, match="recompute_block"):
+        convert_decoder(_tiny("LlamaConfig", "LlamaForCausalLM"), recompute=True, recompute_block=5)
+    model = convert_decoder(_tiny("LlamaConfig", "LlamaForCausalLM", layers=2), n=2, recompute=True)
+    second = mhc.hf.decoder_layers(model)[1]
+    with pytest.raises(RuntimeError, match="out of order"):
+        second(torch.randn(1, 4, 2 * HIDDEN, requires_grad=True),
+               position_embeddings=model.model.rotary_emb(torch.randn(1, 4, HIDDEN), torch.arange(4)[None]))
+    with torch.no_grad():  # inference does not use the chain
+        assert model(torch.randint(0, VOCAB, (1, 4))).logits.shape == (1, 4, VOCAB)
+
+
+def test_recompute_under_torch_compile(monkeypatch):
+    """The converted model with recomputation compiles as one graph (aot_eager) with the eager model's gradients
+    (eager without the pre / post pairing, which compiled code does not use)."""
+    from mhc import ops
+
+    monkeypatch.setattr(ops, "_pair_sites", False)
+    torch._dynamo.reset()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for recompute, compiled in ((False, False), (True, True)):
+        model = convert_decoder(_tiny("LlamaConfig", "LlamaForCausalLM", layers=3), n=4, recompute=recompute,
+                                recompute_block=3).train()
+        forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        forward(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

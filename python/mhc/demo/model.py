@@ -36,6 +36,8 @@ class ModelConfig:
     sinkhorn_iters: int = 20
     alpha_init: float = 0.01  # gating factors of hc and mhc (mHC paper, Table 5)
     dropout: float = 0.0  # on attention weights and on every sub-layer's output (training only)
+    recompute: bool = False  # mhc only: recompute the mHC intermediates in the backward (mhc.recompute)
+    recompute_block: int | None = None  # sites per recomputation block; None: the paper's sqrt(n L / (n + 2))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,8 +113,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.norm(x))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The sub-layer after its pre-norm (the residual kinds with sites run the norm themselves)."""
         B, S, C = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                              dropout_p=self.dropout if self.training else 0.0)
         return F.dropout(self.proj(out.transpose(1, 2).reshape(B, S, C)), self.dropout, self.training)
@@ -127,7 +133,11 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.proj(F.gelu(self.fc(self.norm(x)))), self.dropout, self.training)
+        return self.body(self.norm(x))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The sub-layer after its pre-norm."""
+        return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
 
 
 class GPT(nn.Module):
@@ -139,6 +149,11 @@ class GPT(nn.Module):
             raise ValueError(f"residual: expected one of {RESIDUAL_KINDS}, got {cfg.residual!r}")
         if cfg.residual != "residual" and cfg.n_streams < 1:
             raise ValueError(f"n_streams: expected >= 1, got {cfg.n_streams}")
+        if cfg.recompute and cfg.residual != "mhc":
+            raise ValueError(f"recompute: only the mhc residual recomputes, got residual={cfg.residual!r}")
+        if cfg.recompute_block is not None and not 1 <= cfg.recompute_block <= 2 * cfg.depth:
+            raise ValueError(f"recompute_block: expected 1..{2 * cfg.depth} (the number of sites), "
+                             f"got {cfg.recompute_block}")
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.seq_len, cfg.width)
@@ -194,22 +209,18 @@ class GPT(nn.Module):
             for sublayer in self.sublayers:
                 h = h + sublayer(h)
         else:
+            from mhc.recompute import run_sites
+
             if kind == "mhc":
                 x = self.expand(h)
             else:  # HC paper: the initial hyper hidden matrix is n copies of the embedding
                 x = h.unsqueeze(-2).expand(B, S, self.cfg.n_streams, self.cfg.width)
-            layer_input, state = self.sites[0].pre(x)
-            last = len(self.sublayers) - 1
-            for k, sublayer in enumerate(self.sublayers):
-                combs.append(state.comb.detach())
-                y = sublayer(layer_input)
-                if k < last and hasattr(self.sites[k], "post_pre"):
-                    # one pass over the residual for post of site k and pre of site k+1
-                    x, layer_input, state = self.sites[k].post_pre(x, y, state, self.sites[k + 1])
-                else:
-                    x = self.sites[k].post(x, y, state)
-                    if k < last:
-                        layer_input, state = self.sites[k + 1].pre(x)
+            # Site by site: pre, norm, sub-layer, then post fused with the next site's pre (mHC) or post and pre
+            # (HC). With recomputation the norms' outputs are recomputed too.
+            states: list = []
+            x = run_sites(x, self.sites, [s.body for s in self.sublayers], norms=[s.norm for s in self.sublayers],
+                          recompute=self.cfg.recompute, block_size=self.cfg.recompute_block, states=states)
+            combs = [state.comb.detach() for state in states]
             # mHC: the library's learned head. HC: the HC paper sums the streams; the mean differs only by the
             # factor n, which the final RMSNorm removes (up to its eps), and keeps HC at init exactly the residual net.
             h = self.head(x) if kind == "mhc" else x.mean(dim=-2)

@@ -45,6 +45,9 @@ class DemoConfig:
     corpus: str | None = None  # None: the shipped Shakespeare
     out: str = "mhc_demo_out"
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    recompute: bool = False  # the mHC variant recomputes its intermediates in the backward (mhc.recompute)
+    recompute_block: int | None = None  # sites per recomputation block; None: the paper's default
+    preset: str | None = None  # the named size it started from (PRESETS), for the record
 
     def validate(self):
         for name in ("steps", "batch_size", "seq_len", "width", "depth", "heads", "n_streams", "eval_interval",
@@ -59,14 +62,30 @@ class DemoConfig:
             raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.recompute_block is not None and not 1 <= self.recompute_block <= 2 * self.depth:
+            raise ValueError(f"recompute_block: expected 1..{2 * self.depth} (the number of sites), "
+                             f"got {self.recompute_block}")
         bad = [v for v in self.variants if v not in RESIDUAL_KINDS]
         if bad or not self.variants:
             raise ValueError(f"variants: expected a non-empty subset of {RESIDUAL_KINDS}, got {self.variants}")
 
 
-def default_config(device: str) -> DemoConfig:
+# Named sizes for `mhc demo --preset`. gpt2-small: GPT-2 small's width, depth and heads (85M parameters besides the
+# embeddings; 24 sites), long enough on a GPU to compare the variants' validation loss (about 10 passes over the text,
+# hence dropout 0.2).
+PRESETS = {
+    "gpt2-small": dict(steps=1200, batch_size=32, seq_len=256, width=768, depth=12, heads=12, lr=6e-4,
+                       warmup_steps=100, dropout=0.2, eval_interval=200, eval_batches=16, dtype="bfloat16"),
+}
+
+
+def default_config(device: str, preset: str | None = None) -> DemoConfig:
     """Sizes for the device: on a 2-core CPU the three runs take about 5 minutes; on a GPU a larger, deeper model
-    (16 sites) that sees the corpus about 30 times, hence dropout."""
+    (16 sites) that sees the corpus about 30 times, hence dropout. ``preset``: one of :data:`PRESETS` instead."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+        return DemoConfig(**PRESETS[preset], device=device, preset=preset)
     if device.startswith("cuda"):
         return DemoConfig(steps=2000, batch_size=32, seq_len=128, width=384, depth=8, heads=6, lr=1e-3,
                           warmup_steps=100, dropout=0.2, eval_interval=200, eval_batches=16, device=device,
@@ -130,7 +149,8 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, progress: bool = T
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # same initial weights for the parts the variants share, same data order
     mcfg = ModelConfig(vocab_size=corpus.vocab_size, seq_len=cfg.seq_len, width=cfg.width, depth=cfg.depth,
-                       heads=cfg.heads, residual=kind, n_streams=cfg.n_streams, dropout=cfg.dropout)
+                       heads=cfg.heads, residual=kind, n_streams=cfg.n_streams, dropout=cfg.dropout,
+                       recompute=cfg.recompute and kind == "mhc", recompute_block=cfg.recompute_block)
     model = GPT(mcfg).to(device)
     optimizer = _optimizer(model, cfg)
     # The whole schedule of windows is drawn up front (the same for every variant) and lives on the device,
@@ -172,6 +192,8 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, progress: bool = T
         pending.clear()
 
     bar = tqdm(total=cfg.steps, desc=f"{LABELS[kind]:>18}", unit="step", dynamic_ncols=True, disable=not progress)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     window_start, window_steps = start, 0
     for step in range(cfg.steps):
@@ -222,6 +244,8 @@ def train_variant(kind: str, corpus: Corpus, cfg: DemoConfig, progress: bool = T
         "hyper_connection_parameters": n_hyper,
         "wall_s": wall,
         "tokens_per_s": cfg.steps * tokens_per_step / wall if diverged_at is None else None,
+        # what recomputation saves shows here (CUDA only: torch's CPU allocator keeps no statistics)
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "diverged_at_step": diverged_at,
         "history": history,
         "evals": evals,
@@ -243,6 +267,7 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict]:
             "diverged_at_step": run["diverged_at_step"],
             "wall_s": run["wall_s"],
             "tokens_per_s": run["tokens_per_s"],
+            "peak_memory_bytes": run["peak_memory_bytes"],
         }
         if h["amax_forward_max"]:
             s["max_amax_forward"] = max(h["amax_forward_max"])
@@ -266,7 +291,8 @@ def _median(values):
 def summary_paragraph(cfg: DemoConfig, summary: dict[str, dict], png: Path, js: Path) -> str:
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
     parts = [f"{cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} characters ({tokens:,} tokens) on {cfg.device}, "
-             f"width {cfg.width}, depth {cfg.depth}, n = {cfg.n_streams} streams."]
+             f"width {cfg.width}, depth {cfg.depth}, n = {cfg.n_streams} streams"
+             + (", mHC with recomputation." if cfg.recompute else ".")]
     losses = []
     for kind, s in summary.items():
         if s["diverged_at_step"] is not None:
@@ -283,6 +309,9 @@ def summary_paragraph(cfg: DemoConfig, summary: dict[str, dict], png: Path, js: 
     parts.append("Largest gradient norm (median): " + ", ".join(
         f"{LABELS[k]} {s['max_grad_norm']:.3g} ({s['median_grad_norm']:.3g})" for k, s in summary.items()) + ".")
     parts.append("Wall time: " + ", ".join(f"{LABELS[k]} {s['wall_s']:.0f} s" for k, s in summary.items()) + ".")
+    if all(s["peak_memory_bytes"] is not None for s in summary.values()):
+        parts.append("Peak memory: " + ", ".join(f"{LABELS[k]} {s['peak_memory_bytes'] / 2**30:.2f} GiB"
+                                                 for k, s in summary.items()) + ".")
     parts.append(f"Plot: {png}; numbers: {js}.")
     return " ".join(parts)
 

@@ -3,6 +3,7 @@
     mhc bench                  # the full grid (n 4, 8; C 1024..7168; tokens 1..16384)
     mhc bench --quick          # a few shapes
     mhc bench --json out.json  # also write every figure
+    mhc bench --model gpt|vision   # whole training steps against plain residuals (mhc.tools.bench_model)
 (`python bench/python/bench_ops.py ...` runs the same.)
 
 Method (docs/PERFORMANCE.md): bf16 streams; every timed region is captured in a CUDA graph and
@@ -316,7 +317,14 @@ def fmt(v: Optional[float], digits: int = 1) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--model" or a.startswith("--model=") for a in argv):  # whole-model steps: mhc.tools.bench_model
+        from . import bench_model
+
+        return bench_model.main(argv)
     ap = argparse.ArgumentParser(prog="mhc bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("gpt", "vision"),
+                    help="time whole training steps instead (mhc.tools.bench_model; `mhc bench --model gpt --help`)")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--n", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--C", type=int, nargs="*", default=[1024, 2048, 4096, 7168])
