@@ -25,6 +25,7 @@
 #include "cuda/coefficients.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/pre_stream.hpp"
 #include "cuda/sinkhorn.cuh"
 #include "cuda/tuning.hpp"
 
@@ -776,6 +777,7 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) 
   if (T == 0) return;
   const DeviceGuard guard(a.x.device);
   const cudaStream_t stream = stream_of(ctx);
+  if (!generic_forced() && pre_path() == PrePath::stream && pre_stream_forward(a, cfg, stream)) return;
   if (try_fused<false>(a.x, nullptr, nullptr, nullptr, nullptr, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
                        a.h_post, a.comb, a.mixes, a.rstd, cfg, stream))
     return;
@@ -792,6 +794,7 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
   if (T == 0) return;
   const DeviceGuard guard(a.x.device);
   const cudaStream_t stream = stream_of(ctx);
+  if (!generic_forced() && pre_path() == PrePath::stream && post_pre_stream_forward(a, cfg, stream)) return;
   if (try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
                       a.h_post_next, a.comb_next, a.mixes, a.rstd, cfg, stream))
     return;
