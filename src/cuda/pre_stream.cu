@@ -41,7 +41,6 @@ namespace {
 using std::int64_t;
 
 constexpr int kThreads = 256, kWarps = kThreads / 32;
-constexpr int kStages = 3;
 constexpr int kChunk = 128;   // k elements of x per chunk and token: 256 bytes of 16-bit x
 constexpr int kMaxGroup = 8;  // tokens per block of B
 
@@ -59,27 +58,32 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 
 // ================================ A. projection partials ===========================================
 
-// Warp tiling of one chunk for N streams and MT tokens: every warp holds all m-tiles of the tile and
-// NTW of the NT column tiles, and KSW of the 8 k-steps of 16.
+// Warp tiling of one chunk for N streams and MT tokens: warp (wm, wn, wk) holds MTW of the MTILES
+// m-tiles, NTW of the NT column tiles and KSW of the 8 k-steps of 16.
 template <int N, int MT> struct ProjShape {
   static constexpr int M = N * N + 2 * N;
-  static constexpr int PART = M + 1;            // projection row + sum of squares
-  static constexpr int NT = M / 8;              // column tiles of 8: 1, 3 or 10
-  static constexpr int WN = N == 8 ? 2 : 1;     // warps splitting the column tiles
-  static constexpr int NTW = NT / WN;
-  static constexpr int WK = kWarps / WN;        // warps splitting the k-steps of a chunk
-  static constexpr int KSW = kChunk / 16 / WK;  // k-steps per warp and chunk
+  static constexpr int PART = M + 1;                 // projection row + sum of squares
+  static constexpr int NT = M / 8;                   // column tiles of 8: 1, 3 or 10
   static constexpr int MTILES = MT / 16;
-  static constexpr int KCC = kChunk / N;        // post+pre: channels of every stream per chunk
+  static constexpr int WM = MT == 128 ? 2 : 1;       // warps splitting the m-tiles
+  static constexpr int WN = N == 8 ? 2 : 1;          // warps splitting the column tiles
+  static constexpr int WK = kWarps / (WM * WN);      // warps splitting the k-steps of a chunk
+  static constexpr int MTW = MTILES / WM, NTW = NT / WN;
+  static constexpr int KSW = kChunk / 16 / WK;       // k-steps per warp and chunk
+  static constexpr int KCC = kChunk / N;             // post+pre: channels of every stream per chunk
   // Row strides of a stage. x: 272 bytes, an odd number of 16-byte units (ldmatrix rows hit distinct
   // banks). fn: 136 floats = 8 mod 32 (the float2 reads of a B fragment hit distinct banks).
   static constexpr int XROW = kChunk + 8;
   static constexpr int FROW = kChunk + 8;
-  static constexpr int MIN_BLOCKS = N == 8 ? 1 : 2;  // register budget: 2 blocks per SM for n <= 4
-  static_assert(NT * 8 == M && NTW * WN == NT && KSW * WK * 16 == kChunk, "chunk must tile the warps");
+  // Ring depth and register budget: 128-token tiles of n = 8 fit two stages; n <= 4 with 16- and
+  // 64-token tiles runs two blocks per SM.
+  static constexpr int STAGES = (N == 8 && MT == 128) ? 2 : 3;
+  static constexpr int MIN_BLOCKS = (N == 8 || MT == 128) ? 1 : 2;
+  static_assert(NT * 8 == M && NTW * WN == NT && MTW * WM == MTILES && KSW * WK * 16 == kChunk,
+                "chunk must tile the warps");
 };
 
-// Shared memory of project_kernel (bytes): kStages stages of {x tile, y tile (post+pre), fn chunk}, then
+// Shared memory of project_kernel (bytes): STAGES stages of {x tile, y tile (post+pre), fn chunk}, then
 // the scratch in which the warps' partials are summed.
 template <class S, int N, int MT, bool kPost> struct ProjSmem {
   using Sh = ProjShape<N, MT>;
@@ -88,7 +92,7 @@ template <class S, int N, int MT, bool kPost> struct ProjSmem {
   static constexpr int F = Sh::M * Sh::FROW * 4;
   static constexpr int STAGE = (X + Y + F + 127) / 128 * 128;
   static constexpr int SCRATCH = MT * Sh::PART * 4;
-  static constexpr int TOTAL = kStages * STAGE + SCRATCH;
+  static constexpr int TOTAL = Sh::STAGES * STAGE + SCRATCH;
 };
 
 template <class S> struct ProjArgs {
@@ -120,36 +124,46 @@ __host__ __device__ __forceinline__ int runs_of_tile(int64_t tile, int64_t chunk
   return static_cast<int>(((tile + 1) * chunks_per_tile - 1) / per_block - first_run(tile, chunks_per_tile, per_block) + 1);
 }
 
+// Position of a chunk in the op's sequence: token tile and k chunk within the tile (32-bit: a tile has at
+// least 16 tokens of at least 8 elements, so tiles < 2^31 for any tensor that fits in memory).
+struct ChunkCursor {
+  int tile, kc;
+  __device__ void advance(int chunks_per_tile) {
+    if (++kc == chunks_per_tile) kc = 0, ++tile;
+  }
+};
+
 template <class S, int N, int MT, bool kPost>
 __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) project_kernel(const ProjArgs<S> a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Sh = ProjShape<N, MT>;
   using L = ProjSmem<S, N, MT, kPost>;
-  constexpr int M = Sh::M, PART = Sh::PART, P = kPack<S>, KCC = Sh::KCC;
+  constexpr int M = Sh::M, PART = Sh::PART, P = kPack<S>, KCC = Sh::KCC, STAGES = Sh::STAGES;
   extern __shared__ __align__(128) unsigned char smem[];
-  float* scratch = reinterpret_cast<float*>(smem + kStages * L::STAGE);
+  float* scratch = reinterpret_cast<float*>(smem + STAGES * L::STAGE);
   allow_dependent_launch();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
-  const int wn = warp % Sh::WN, wk = warp / Sh::WN;
-  const int64_t C = a.C, K = int64_t(N) * C, cpt = a.chunks_per_tile;
+  const int wn = warp % Sh::WN, wm = warp / Sh::WN % Sh::WM, wk = warp / (Sh::WN * Sh::WM);
+  const int64_t C = a.C, K = int64_t(N) * C;
+  const int cpt = static_cast<int>(a.chunks_per_tile);
   const int64_t q_begin = int64_t(blockIdx.x) * a.per_block;
-  const int64_t q_end = std::min(a.total_chunks, q_begin + a.per_block);
+  const int count = static_cast<int>(std::min(a.total_chunks, q_begin + a.per_block) - q_begin);  // chunks of the run
   auto stage_x = [&](int s) { return reinterpret_cast<S*>(smem + s * L::STAGE); };
   auto stage_y = [&](int s) { return reinterpret_cast<S*>(smem + s * L::STAGE + L::X); };
   auto stage_f = [&](int s) { return reinterpret_cast<float*>(smem + s * L::STAGE + L::X + L::Y); };
 
-  // ---- 1. loads: chunk q of the run into stage s, zero-filled past T and the row; one commit group
+  // ---- 1. loads: chunk `at` into stage s, zero-filled past T and the row; one commit group per call
   // (empty past the run's end, so the group count stays uniform)
-  auto issue = [&](int64_t q, int s) {
-    if (q < q_end) {
-      const int64_t t0 = q / cpt * MT, kc = q % cpt;
+  auto issue = [&](bool live, ChunkCursor at, int s) {
+    if (live) {
+      const int64_t t0 = int64_t(at.tile) * MT;
       S* xs = stage_x(s);
       float* fs = stage_f(s);
       if constexpr (!kPost) {
         // x rows and fn rows are contiguous over k = i * C + c: chunk kc is k in [kc * 128, +128)
-        const int64_t k0 = kc * kChunk;
+        const int64_t k0 = int64_t(at.kc) * kChunk;
         for (int i = threadIdx.x; i < MT * (kChunk / P); i += kThreads) {
           const int tl = i / (kChunk / P), kp = (i % (kChunk / P)) * P;
           const int64_t t = t0 + tl, k = k0 + kp;
@@ -163,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
         }
       } else {
         // chunk kc is channels [kc * KCC, +KCC) of every stream: tile column st * KCC + cl
-        const int64_t c0 = kc * KCC;
+        const int64_t c0 = int64_t(at.kc) * KCC;
         for (int i = threadIdx.x; i < MT * N * (KCC / P); i += kThreads) {
           const int tl = i / (N * (KCC / P)), r = i % (N * (KCC / P));
           const int st = r / (KCC / P), cl = (r % (KCC / P)) * P;
@@ -191,8 +205,8 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
   };
 
   // ---- 2. post+pre: x_next = h_post * y + comb^T x, in place in the stage's x tile and to device memory
-  auto post_chunk = [&](int64_t q, int s) {
-    const int64_t t0 = q / cpt * MT, c0 = q % cpt * KCC;
+  auto post_chunk = [&](ChunkCursor at, int s) {
+    const int64_t t0 = int64_t(at.tile) * MT, c0 = int64_t(at.kc) * KCC;
     S* xs = stage_x(s);
     const S* ys = stage_y(s);
     for (int i = threadIdx.x; i < MT * (KCC / P); i += kThreads) {
@@ -203,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
 #pragma unroll
       for (int st = 0; st < N; ++st) xp[st] = *reinterpret_cast<const Pack<S>*>(xs + tl * Sh::XROW + st * KCC + cl);
       const Pack<S> yp = *reinterpret_cast<const Pack<S>*>(ys + tl * KCC + cl);
-#pragma unroll
+#pragma unroll 1  // one output stream at a time: the accumulators of the projection stay in registers
       for (int o = 0; o < N; ++o) {
         const float hp = __ldg(a.post_h + t * N + o);
         float cb[N];
@@ -224,11 +238,11 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
   };
 
   // ---- 3. the chunk's projection and squares on tensor cores
-  float acc[Sh::MTILES][Sh::NTW][4];
-  float sq[Sh::MTILES][2];
+  float acc[Sh::MTW][Sh::NTW][4];
+  float sq[Sh::MTW][2];
   auto clear = [&] {
 #pragma unroll
-    for (int mt = 0; mt < Sh::MTILES; ++mt) {
+    for (int mt = 0; mt < Sh::MTW; ++mt) {
       sq[mt][0] = sq[mt][1] = 0.f;
 #pragma unroll
       for (int nt = 0; nt < Sh::NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
@@ -246,9 +260,9 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
         split_pair<S>(*reinterpret_cast<const float2*>(row + 8), hi[nt][1], lo[nt][1]);
       }
 #pragma unroll
-      for (int mt = 0; mt < Sh::MTILES; ++mt) {
+      for (int mt = 0; mt < Sh::MTW; ++mt) {
         std::uint32_t af[4];
-        ldmatrix_x4(af, xs + (mt * 16 + (lane & 15)) * Sh::XROW + kk + (lane >> 4) * 8);
+        ldmatrix_x4(af, xs + ((wm * Sh::MTW + mt) * 16 + (lane & 15)) * Sh::XROW + kk + (lane >> 4) * 8);
         if (wn == 0) {
           sq[mt][0] += sum_sq_pair<S>(af[0]) + sum_sq_pair<S>(af[2]);
           sq[mt][1] += sum_sq_pair<S>(af[1]) + sum_sq_pair<S>(af[3]);
@@ -264,9 +278,9 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
 
   // ---- 4. end of the run's part of a tile: the warps' partials summed in scratch in a fixed order
   // (k-warp 0 first), then parked in the tile's layer_input rows as this run's partial row
-  auto finish_tile = [&](int64_t tile) {
+  auto finish_tile = [&](int tile) {
 #pragma unroll
-    for (int mt = 0; mt < Sh::MTILES; ++mt)
+    for (int mt = 0; mt < Sh::MTW; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 1);
@@ -275,8 +289,8 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
     for (int round = 0; round < Sh::WK; ++round) {
       if (wk == round) {
 #pragma unroll
-        for (int mt = 0; mt < Sh::MTILES; ++mt) {
-          const int row = mt * 16 + g;
+        for (int mt = 0; mt < Sh::MTW; ++mt) {
+          const int row = (wm * Sh::MTW + mt) * 16 + g;
 #pragma unroll
           for (int nt = 0; nt < Sh::NTW; ++nt) {
             float* d = scratch + row * PART + (wn * Sh::NTW + nt) * 8 + 2 * tq;
@@ -308,32 +322,38 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
     }
     const int slot = static_cast<int>(int64_t(blockIdx.x) - first_run(tile, cpt, a.per_block));
     for (int i = threadIdx.x; i < MT * PART; i += kThreads) {
-      const int64_t t = tile * MT + i / PART;
+      const int64_t t = int64_t(tile) * MT + i / PART;
       if (t >= a.T) continue;
       float* row = parked(a.layer_input, t, C) + slot * PART + i % PART;
       for (int c = 0; c < a.copies; ++c) row[c * a.copy_stride] = scratch[i];
     }
   };
 
-  // ---- the run: a kStages-deep ring; chunk q + kStages - 1 loads while chunk q is worked on
+  // ---- the run: a STAGES-deep ring; chunk q + STAGES - 1 loads while chunk q is worked on
+  ChunkCursor at{static_cast<int>(q_begin / cpt), static_cast<int>(q_begin % cpt)}, ahead = at;
   clear();
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(q_begin + s, s);
+  for (int s = 0; s < STAGES - 1; ++s) {
+    issue(s < count, ahead, s);
+    ahead.advance(cpt);
+  }
   int stage = 0;
-  for (int64_t q = q_begin; q < q_end; ++q) {
-    cp_async_wait<kStages - 2>();
+  for (int q = 0; q < count; ++q) {
+    cp_async_wait<STAGES - 2>();
     __syncthreads();  // chunk q visible to all; every warp is done with the stage refilled next
-    issue(q + kStages - 1, (stage + kStages - 1) % kStages);
+    issue(q + STAGES - 1 < count, ahead, (stage + STAGES - 1) % STAGES);
+    ahead.advance(cpt);
     if constexpr (kPost) {
-      post_chunk(q, stage);
+      post_chunk(at, stage);
       __syncthreads();
     }
     mma_chunk(stage_x(stage), stage_f(stage));
-    if ((q + 1) % cpt == 0 || q + 1 == q_end) {
-      finish_tile(q / cpt);
+    if (at.kc == cpt - 1 || q + 1 == count) {
+      finish_tile(at.tile);
       clear();
     }
-    stage = (stage + 1) % kStages;
+    at.advance(cpt);
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
   }
   cp_async_wait<0>();
 #endif
@@ -630,7 +650,7 @@ bool run_stream(const TensorView& x, const TensorView& fn, std::initializer_list
   if (!fn.present() || (x.dtype != DType::bf16 && x.dtype != DType::f16) || (n != 2 && n != 4 && n != 8)) return false;
   if (C % 8 != 0 || !aligned16(rows) || !aligned16({&fn})) return false;
   const TuningKey key{op, n, x.dtype, C, T};
-  const bool small_tile = tuned(key, "stream_tile", T <= 32 ? 16 : 64) == 16;
+  const int tile = tuned(key, "stream_tile", T <= 32 ? 16 : 64);
   return dispatch_storage(x.dtype, [&](auto tag) -> bool {
     using S = typename decltype(tag)::type;
     if constexpr (std::is_same_v<S, __nv_bfloat16> || std::is_same_v<S, __half>) {
@@ -645,8 +665,9 @@ bool run_stream(const TensorView& x, const TensorView& fn, std::initializer_list
           pa.C = ca.C = C;
           pa.fn = fn.ptr<const float>();
           fill(pa, ca);
-          return small_tile ? launch_stream<S, N, 16, kPost>(pa, ca, key, stream)
-                            : launch_stream<S, N, 64, kPost>(pa, ca, key, stream);
+          if (tile == 16) return launch_stream<S, N, 16, kPost>(pa, ca, key, stream);
+          if (tile == 128) return launch_stream<S, N, 128, kPost>(pa, ca, key, stream);
+          return launch_stream<S, N, 64, kPost>(pa, ca, key, stream);
         }
       });
     } else {

@@ -269,8 +269,8 @@ TEST(CudaPostPre, ForwardLargeTile) {
 }
 
 // The streaming kernels under forced work splits: runs of one chunk (many partial rows per tile,
-// several threads summing a pair), runs spanning tiles, 16-token tiles on many tokens and 64-token
-// tiles on few, 2- and 8-token groups, and channel slices (one copy of the partials per slice).
+// several threads summing a pair), runs spanning tiles, 16-token tiles on many tokens, 64- and 128-token
+// tiles on few, 2-, 4- and 8-token groups, and channel slices (one copy of the partials per slice).
 TEST(CudaPre, StreamWorkSplitsMatchReference) {
   MHC_REQUIRE_GPU();
   const std::vector<std::string> tables = {
@@ -281,7 +281,9 @@ TEST(CudaPre, StreamWorkSplitsMatchReference) {
       R"({"op": "pre_forward", "params": {"stream_chunks": 1000000, "stream_tile": 64, "stream_group": 8}},
          {"op": "post_pre_forward", "params": {"stream_chunks": 1000000, "stream_tile": 64, "stream_group": 8}})",
       R"({"op": "pre_forward", "params": {"stream_chunks": 3, "stream_slices": 8}},
-         {"op": "post_pre_forward", "params": {"stream_chunks": 3, "stream_slices": 8}})"};
+         {"op": "post_pre_forward", "params": {"stream_chunks": 3, "stream_slices": 8}})",
+      R"({"op": "pre_forward", "params": {"stream_tile": 128, "stream_chunks": 5, "stream_group": 4}},
+         {"op": "post_pre_forward", "params": {"stream_tile": 128, "stream_chunks": 5, "stream_group": 4}})"};
   const std::vector<Shape> shapes = quick() ? std::vector<Shape>{{70, 4, 1000}, {9, 8, 512}}
                                             : std::vector<Shape>{{70, 4, 1000}, {9, 8, 512}, {1, 4, 4096},
                                                                  {131, 2, 200}, {300, 8, 1024}};
