@@ -8,7 +8,7 @@
 #   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench,history_bench,demo
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh    # arguments for bench/python/bench_ops.py
 #   LIMIT_BUILD/LIMIT_TESTS/LIMIT_SANITIZE/LIMIT_PYTHON/LIMIT_BENCH: per-stage time limits in seconds
-#   MEMCHECK_FILTER/RACECHECK_FILTER: gtest filters of the sanitizer runs (defaults below)
+#   TEST_FILTER/MEMCHECK_FILTER/RACECHECK_FILTER: gtest filters of the GPU suite and the sanitizer runs
 #   BUILD_DIR: build tree (default build/device); without the build stage its binaries are used as found
 #
 # GoogleTest: found by CMake when installed; otherwise built from $GTEST_SRC (default
@@ -76,7 +76,7 @@ fi
 
 GPU_TESTS=$BUILD/tests/cpp/mhc_gpu_tests
 if has test && [[ -x $GPU_TESTS ]]; then
-  run_stage gpu_tests "${LIMIT_TESTS:-180}" "$GPU_TESTS" --gtest_color=no
+  run_stage gpu_tests "${LIMIT_TESTS:-180}" "$GPU_TESTS" --gtest_color=no --gtest_filter="${TEST_FILTER:-*}"
 fi
 
 if has sanitize && [[ -x $GPU_TESTS ]]; then

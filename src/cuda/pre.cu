@@ -777,7 +777,7 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) 
   if (T == 0) return;
   const DeviceGuard guard(a.x.device);
   const cudaStream_t stream = stream_of(ctx);
-  if (!generic_forced() && pre_path() == PrePath::stream && pre_stream_forward(a, cfg, stream)) return;
+  if (!generic_forced() && pre_path() != PrePath::cluster && pre_stream_forward(a, cfg, stream)) return;
   if (try_fused<false>(a.x, nullptr, nullptr, nullptr, nullptr, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
                        a.h_post, a.comb, a.mixes, a.rstd, cfg, stream))
     return;
@@ -789,22 +789,23 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) 
 }
 
 void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Context& ctx) {
-  const int64_t T = a.x.shape[0], C = a.x.shape[2];
-  const int n = static_cast<int>(a.x.shape[1]);
+  const int64_t T = a.x.shape[0];
   if (T == 0) return;
   const DeviceGuard guard(a.x.device);
   const cudaStream_t stream = stream_of(ctx);
-  if (!generic_forced() && pre_path() == PrePath::stream && post_pre_stream_forward(a, cfg, stream)) return;
-  if (try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
-                      a.h_post_next, a.comb_next, a.mixes, a.rstd, cfg, stream))
-    return;
+  const PreForward next{a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next, a.comb_next,
+                        a.mixes, a.rstd};
+  if (!generic_forced()) {
+    const PrePath path = pre_path();
+    const bool unfused = path == PrePath::stream && T > kFusedPostPreTokens && pre_stream_supported(next);
+    if (path != PrePath::cluster && !unfused && post_pre_stream_forward(a, cfg, stream)) return;
+    if (!unfused && try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input,
+                                    a.h_pre, a.h_post_next, a.comb_next, a.mixes, a.rstd, cfg, stream))
+      return;
+  }
   // Unfused: post into x_next, then pre reading x_next as stored.
   cuda_impl::post_forward({.x = a.x, .y = a.y, .h_post = a.h_post, .comb = a.comb, .x_next = a.x_next}, cfg, ctx);
-  dispatch_storage(a.x.dtype, [&](auto tag) {
-    using S = typename decltype(tag)::type;
-    pre_generic<S>(a.x_next.ptr<const S>(), a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next,
-                   a.comb_next, a.mixes, a.rstd, T, n, C, cfg, stream);
-  });
+  cuda_impl::pre_forward(next, cfg, ctx);
 }
 
 void head_forward(const HeadForward& a, const MhcConfig& cfg, const Context& ctx) {

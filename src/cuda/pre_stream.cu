@@ -75,16 +75,17 @@ template <int N, int MT> struct ProjShape {
   // banks). fn: 136 floats = 8 mod 32 (the float2 reads of a B fragment hit distinct banks).
   static constexpr int XROW = kChunk + 8;
   static constexpr int FROW = kChunk + 8;
-  // Ring depth and register budget: 128-token tiles of n = 8 fit two stages; n <= 4 with 16- and
-  // 64-token tiles runs two blocks per SM.
-  static constexpr int STAGES = (N == 8 && MT == 128) ? 2 : 3;
+  // Register budget: two blocks per SM for n <= 4 with 16- and 64-token tiles, else one.
   static constexpr int MIN_BLOCKS = (N == 8 || MT == 128) ? 1 : 2;
   static_assert(NT * 8 == M && NTW * WN == NT && MTW * WM == MTILES && KSW * WK * 16 == kChunk,
                 "chunk must tile the warps");
 };
 
 // Shared memory of project_kernel (bytes): STAGES stages of {x tile, y tile (post+pre), fn chunk}, then
-// the scratch in which the warps' partials are summed.
+// the scratch in which the warps' partials are summed. The ring is as deep as the SM's shared memory
+// allows for MIN_BLOCKS blocks (at most 5): the loads of a stage complete together, so the bytes in flight
+// per SM, not the bandwidth, bound a shallow ring (measured: 3 stages of 64-token tiles moved 2.2 TB/s).
+constexpr int kSmemPerSm = 233472, kSmemPerBlockMax = 232448, kSmemReserved = 1024;
 template <class S, int N, int MT, bool kPost> struct ProjSmem {
   using Sh = ProjShape<N, MT>;
   static constexpr int X = MT * Sh::XROW * int(sizeof(S));
@@ -92,7 +93,10 @@ template <class S, int N, int MT, bool kPost> struct ProjSmem {
   static constexpr int F = Sh::M * Sh::FROW * 4;
   static constexpr int STAGE = (X + Y + F + 127) / 128 * 128;
   static constexpr int SCRATCH = MT * Sh::PART * 4;
-  static constexpr int TOTAL = Sh::STAGES * STAGE + SCRATCH;
+  static constexpr int BUDGET = std::min(kSmemPerBlockMax, kSmemPerSm / Sh::MIN_BLOCKS - kSmemReserved);
+  static constexpr int STAGES = std::min(5, (BUDGET - SCRATCH) / STAGE);
+  static constexpr int TOTAL = STAGES * STAGE + SCRATCH;
+  static_assert(STAGES >= 2, "a ring needs two stages");
 };
 
 template <class S> struct ProjArgs {
@@ -138,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Sh = ProjShape<N, MT>;
   using L = ProjSmem<S, N, MT, kPost>;
-  constexpr int M = Sh::M, PART = Sh::PART, P = kPack<S>, KCC = Sh::KCC, STAGES = Sh::STAGES;
+  constexpr int M = Sh::M, PART = Sh::PART, P = kPack<S>, KCC = Sh::KCC, STAGES = L::STAGES;
   extern __shared__ __align__(128) unsigned char smem[];
   float* scratch = reinterpret_cast<float*>(smem + STAGES * L::STAGE);
   allow_dependent_launch();
@@ -495,12 +499,31 @@ __global__ void __launch_bounds__(kThreads) coef_aggregate_kernel(const CoefArgs
     store_pack(a.layer_input + (t0 + tl) * a.C + c_begin + (q % packs) * P, out);
   };
   if (!has_first) return;
-  aggregate(rank, first);
-  for (int q = rank + agg_threads; q < work; q += agg_threads) {
-    Pack<S> xp[N];
+  if constexpr (N <= 4) {
+    // The next packs load while these are summed: two iterations of loads in flight per thread (n <= 4
+    // leaves the registers for it), which halves the latency of few-token calls.
+    Pack<S> cur[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) xp[i] = load_pack_stream(x_at(q) + i * a.C);
-    aggregate(q, xp);
+    for (int i = 0; i < N; ++i) cur[i] = first[i];
+    for (int q = rank;; q += agg_threads) {
+      const bool more = q + agg_threads < work;
+      Pack<S> nxt[N];
+      if (more)
+#pragma unroll
+        for (int i = 0; i < N; ++i) nxt[i] = load_pack_stream(x_at(q + agg_threads) + i * a.C);
+      aggregate(q, cur);
+      if (!more) break;
+#pragma unroll
+      for (int i = 0; i < N; ++i) cur[i] = nxt[i];
+    }
+  } else {
+    aggregate(rank, first);
+    for (int q = rank + agg_threads; q < work; q += agg_threads) {
+      Pack<S> xp[N];
+#pragma unroll
+      for (int i = 0; i < N; ++i) xp[i] = load_pack_stream(x_at(q) + i * a.C);
+      aggregate(q, xp);
+    }
   }
 }
 
@@ -640,17 +663,23 @@ void set_coefficient_outputs(CoefArgs<S>& ca, const TensorView& base, const Tens
   ca.k = site_consts<float>(cfg);
 }
 
-// Shape checks and dispatch: 16-bit streams, n in {2, 4, 8}, fn present, 16-byte aligned rows. `fill`
-// sets the op's pointers of both kernels' arguments.
+// The shapes the streaming kernels take: 16-bit streams, n in {2, 4, 8}, fn present, 16-byte aligned rows.
+bool stream_shape_ok(const TensorView& x, const TensorView& fn, std::initializer_list<const TensorView*> rows) {
+  const int n = static_cast<int>(x.shape[1]);
+  return fn.present() && (x.dtype == DType::bf16 || x.dtype == DType::f16) && (n == 2 || n == 4 || n == 8) &&
+         x.shape[2] % 8 == 0 && aligned16(rows) && aligned16({&fn});
+}
+
+// Shape checks and dispatch; `fill` sets the op's pointers of both kernels' arguments.
 template <bool kPost, class Fill>
 bool run_stream(const TensorView& x, const TensorView& fn, std::initializer_list<const TensorView*> rows,
                 const char* op, cudaStream_t stream, Fill fill) {
   const int64_t T = x.shape[0], C = x.shape[2];
   const int n = static_cast<int>(x.shape[1]);
-  if (!fn.present() || (x.dtype != DType::bf16 && x.dtype != DType::f16) || (n != 2 && n != 4 && n != 8)) return false;
-  if (C % 8 != 0 || !aligned16(rows) || !aligned16({&fn})) return false;
+  if (!stream_shape_ok(x, fn, rows)) return false;
   const TuningKey key{op, n, x.dtype, C, T};
-  const int tile = tuned(key, "stream_tile", T <= 32 ? 16 : 64);
+  // 128-token tiles (a 4-stage ring for n = 4, half the fn traffic of 64) once there are 4 of them.
+  const int tile = tuned(key, "stream_tile", T <= 32 ? 16 : T < 512 ? 64 : 128);
   return dispatch_storage(x.dtype, [&](auto tag) -> bool {
     using S = typename decltype(tag)::type;
     if constexpr (std::is_same_v<S, __nv_bfloat16> || std::is_same_v<S, __half>) {
@@ -682,7 +711,16 @@ template <class Args> using StorageOf = std::remove_const_t<std::remove_pointer_
 
 PrePath pre_path() {
   const char* v = std::getenv("MHC_CUDA_PRE");
-  return v && std::strcmp(v, "cluster") == 0 ? PrePath::cluster : PrePath::stream;
+  if (v && std::strcmp(v, "cluster") == 0) return PrePath::cluster;
+  if (v && std::strcmp(v, "fused") == 0) return PrePath::fused;
+  return PrePath::stream;
+}
+
+bool pre_stream_supported(const PreForward& a) {
+  const int64_t C = a.x.shape[2];
+  const int n = static_cast<int>(a.x.shape[1]);
+  const int64_t elem = a.x.dtype == DType::f64 ? 8 : a.x.dtype == DType::f32 ? 4 : 2;
+  return stream_shape_ok(a.x, a.fn, {&a.x, &a.layer_input}) && C * elem >= 4 * int64_t(n * n + 2 * n + 1);
 }
 
 bool pre_stream_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t stream) {

@@ -1,17 +1,22 @@
 // The streaming (cluster-free) pre and fused post+pre of src/cuda/pre_stream.cu, called by the entry
-// points in src/cuda/pre.cu. Each returns false, having launched nothing, when the shape is not one it
-// handles (the caller then runs the cluster kernel or the generic path).
+// points in src/cuda/pre.cu. The *_forward functions return false, having launched nothing, when the shape
+// is not one they handle (the caller then runs the cluster kernel or the generic path).
 #pragma once
 
 #include "cuda/host.hpp"
 
 namespace mhc::cuda_impl {
 
-// Which fast pre forward is tried first: MHC_CUDA_PRE=cluster selects the cluster kernel of pre.cu,
-// anything else (or unset) the streaming one. Read at every call, so benchmarks can switch at run time.
-enum class PrePath { stream, cluster };
+// Which fast pre forward runs, from MHC_CUDA_PRE (read at every call, so benchmarks can switch at run time):
+//   stream (default, or unset): the streaming pre; post+pre fused into it for <= kFusedPostPreTokens
+//     tokens, else the post kernel followed by the streaming pre (measured faster on H200: docs/cuda_notes.md)
+//   fused: the streaming pre, post+pre always fused into it
+//   cluster: the cluster kernels of pre.cu
+enum class PrePath { stream, fused, cluster };
 PrePath pre_path();
+constexpr std::int64_t kFusedPostPreTokens = 64;
 
+bool pre_stream_supported(const PreForward& a);  // pre_stream_forward would run (default work split)
 bool pre_stream_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t stream);
 bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cudaStream_t stream);
 

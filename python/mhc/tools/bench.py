@@ -15,7 +15,8 @@ output written once, parameters included) over the measured device-to-device cop
 forward and 7nC + 4C forward + backward (plus parameters). "chain" is a stack of sites run the way a
 model runs them: expand -> pre -> F -> post_pre -> F -> ... -> post -> head, F = identity; its figures
 are per site (the chain's time / sites, expand and head included, and so are their bytes in the floor).
-Ops marked @cluster run the cluster kernel of pre (MHC_CUDA_PRE=cluster) instead of the streaming one.
+Ops marked @fused fuse post_pre into the streaming pre at every size (MHC_CUDA_PRE=fused), @cluster run
+the cluster kernels (MHC_CUDA_PRE=cluster); unmarked ones the default.
 """
 
 from __future__ import annotations
@@ -108,7 +109,11 @@ def copy_bandwidth(nbytes: int = 1 << 31) -> float:
 # ---- inputs and byte counts ----------------------------------------------------------------------------
 
 CHAIN_SITES = 8
-PATHS = ("stream", "cluster")  # MHC_CUDA_PRE values: the streaming pre and the cluster kernel
+# MHC_CUDA_PRE values: the streaming pre (post_pre unfused above 64 tokens), the streaming pre with post_pre
+# always fused into it, the cluster kernels; and the forward ops each one changes
+PATHS = ("stream", "fused", "cluster")
+PATH_OPS = {"stream": ("pre", "post_pre", "site_fwd", "chain_fwd"), "fused": ("post_pre", "chain_fwd"),
+            "cluster": ("pre", "post_pre", "site_fwd", "chain_fwd")}
 ISSUE_SHAPES = [(4, 1024, 16384), (4, 2048, 16384), (4, 4096, 8192), (4, 7168, 4096), (8, 4096, 4096)]
 DECODE_SHAPES = [(4, 4096, 1), (4, 4096, 16), (4, 4096, 64), (4, 7168, 1), (4, 7168, 16), (4, 7168, 64),
                  (8, 4096, 1), (8, 4096, 64)]
@@ -282,6 +287,7 @@ def make_steps(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict, wit
 OP_ORDER = ["pre", "post", "post_pre", "pre_bwd", "post_bwd", "site_fwd", "site_fwd_bwd", "chain_fwd",
             "chain_fwd_bwd"]
 PER_SITE = ("chain_fwd", "chain_fwd_bwd")  # timed per chain, reported per site
+COMPILE_OPS = ("pre", "post", "site_fwd", "site_fwd_bwd")  # the torch.compile baselines the tables compare with
 
 
 def measure(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict, only: Optional[List[str]],
@@ -318,9 +324,9 @@ def measure_paths(n: int, C: int, T: int, sets: int, only: Optional[List[str]], 
     try:
         os.environ["MHC_CUDA_PRE"] = paths[0]
         out = measure("mhc", n, C, T, sets, {}, only)
-        fwd = [o for o in ("pre", "post_pre", "site_fwd", "chain_fwd") if not only or o in only]
         for path in paths[1:]:
             os.environ["MHC_CUDA_PRE"] = path
+            fwd = [o for o in PATH_OPS[path] if not only or o in only]
             out.update(measure("mhc", n, C, T, sets, {}, fwd, with_backward=False, suffix="@" + path))
     finally:
         if saved is None:
@@ -408,35 +414,38 @@ def summary(rows: List[Dict], shapes, decode) -> None:
     def ratio(a, b):
         return None if a is None or b is None or a != a or b != b or b == 0 else a / b
 
-    print(f"\nper site, us (x its floor); floors of a site: (3n+2)C forward, (7n+4)C with backward; the chain's per "
+    print(f"\nper site, us (x its floor; @fused: post_pre fused at every size); floors of a site: (3n+2)C forward, (7n+4)C with backward; the chain's per "
           f"site add expand's and head's bytes / {CHAIN_SITES} sites; x compile: torch.compile of one site (the same "
           "math) over ours per site:")
-    print("| n, C, tokens | site floor fwd | chain fwd | site fwd | compile fwd | chain x compile | "
+    print("| n, C, tokens | site floor fwd | chain fwd | chain fwd@fused | site fwd | compile fwd | chain x compile | "
           "site floor fwd+bwd | chain fwd+bwd | site fwd+bwd | compile fwd+bwd | chain x compile |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for sh in shapes:
         cells = []
         for fwd in (True, False):
             chain, site = ("chain_fwd", "site_fwd") if fwd else ("chain_fwd_bwd", "site_fwd_bwd")
             fl = get(site, sh, "floor_us")
             c, s_, comp = get(chain, sh), get(site, sh), get(site, sh, "compile_us")
-            cells += [fmt(fl), f"{fmt(c)} ({fmt(ratio(c, get(chain, sh, 'floor_us')), 2)}x)",
-                      f"{fmt(s_)} ({fmt(ratio(s_, fl), 2)}x)", fmt(comp), fmt(ratio(comp, c), 2)]
+            cells += [fmt(fl), f"{fmt(c)} ({fmt(ratio(c, get(chain, sh, 'floor_us')), 2)}x)"]
+            if fwd:
+                cf = get("chain_fwd@fused", sh)
+                cells.append(f"{fmt(cf)} ({fmt(ratio(cf, get(chain, sh, 'floor_us')), 2)}x)")
+            cells += [f"{fmt(s_)} ({fmt(ratio(s_, fl), 2)}x)", fmt(comp), fmt(ratio(comp, c), 2)]
         print(f"| {sh[0]}, {sh[1]}, {sh[2]} | " + " | ".join(cells) + " |")
 
     print("\nstandalone ops, us (x floor); pre's floor is one read of x, (n + 1)C:")
-    print("| n, C, tokens | pre | pre@cluster | post_pre | post_pre@cluster | post | post_bwd | pre_bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    standalone = ("pre", "pre@cluster", "post_pre", "post_pre@fused", "post_pre@cluster", "post", "post_bwd", "pre_bwd")
+    print("| n, C, tokens | " + " | ".join(standalone) + " |")
+    print("|---|" + "---|" * len(standalone))
     for sh in shapes:
-        cells = [f"{fmt(get(op, sh))} ({fmt(ratio(get(op, sh), get(op, sh, 'floor_us')), 2)}x)"
-                 for op in ("pre", "pre@cluster", "post_pre", "post_pre@cluster", "post", "post_bwd", "pre_bwd")]
+        cells = [f"{fmt(get(op, sh))} ({fmt(ratio(get(op, sh), get(op, sh, 'floor_us')), 2)}x)" for op in standalone]
         print(f"| {sh[0]}, {sh[1]}, {sh[2]} | " + " | ".join(cells) + " |")
 
     print("\ndecode, us per call replayed from a CUDA graph (boundary = post of one site + pre of the next, "
           "one op):")
     print("| n, C, tokens | boundary | boundary@cluster | pre | pre@cluster | post | site fwd | chain fwd per site |")
     print("|---|---|---|---|---|---|---|---|")
-    for sh in decode:
+    for sh in decode:  # the default fuses the boundary at these sizes
         cells = [fmt(get(op, sh)) for op in
                  ("post_pre", "post_pre@cluster", "pre", "pre@cluster", "post", "site_fwd", "chain_fwd")]
         print(f"| {sh[0]}, {sh[1]}, {sh[2]} | " + " | ".join(cells) + " |")
@@ -500,7 +509,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         fl = floors(n, C, T, bw)
         mine = measure_paths(n, C, T, sets, args.ops, args.paths)
         eager = measure("eager", n, C, T, sets, compiled, args.ops) if args.eager else {}
-        comp = measure("compile", n, C, T, sets, compiled, args.ops) if (n, C, T) in compile_at else {}
+        comp = measure("compile", n, C, T, sets, compiled, [o for o in COMPILE_OPS if not args.ops or o in args.ops]
+                       ) if (n, C, T) in compile_at else {}
         for name in OP_ORDER + [o + "@" + p for p in PATHS for o in OP_ORDER]:
             if name not in mine:
                 continue

@@ -82,7 +82,7 @@ std::vector<Shape> site_shapes() {
           {17, 8, 64, 1}, {40, 4, 2048}, {3, 16, 24}};
 }
 
-// Selects the fast pre forward (MHC_CUDA_PRE: "stream" or "cluster") for the scope's duration.
+// Selects the fast pre forward (MHC_CUDA_PRE: "stream", "fused" or "cluster") for the scope's duration.
 class PrePathScope {
  public:
   explicit PrePathScope(const char* path) {
@@ -261,11 +261,23 @@ TEST(CudaPostPre, ForwardClusterKernelMatchesReference) {
     for (const Shape& s : site_shapes()) run_post_pre(d, s);
 }
 
+// The streaming post+pre fused at every size (the default fuses it only for few tokens).
+TEST(CudaPostPre, ForwardFusedStreamKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("fused");
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_post_pre(d, s);
+}
+
 TEST(CudaPostPre, ForwardLargeTile) {
   MHC_REQUIRE_GPU();
   if (quick()) GTEST_SKIP() << "quick mode";
-  run_post_pre(DType::bf16, {4100, 4, 1024});
-  run_post_pre(DType::f16, {1030, 8, 1024});
+  for (const char* path : {"stream", "fused"}) {
+    SCOPED_TRACE(path);
+    const PrePathScope scope(path);
+    run_post_pre(DType::bf16, {4100, 4, 1024});
+    run_post_pre(DType::f16, {1030, 8, 1024});
+  }
 }
 
 // The streaming kernels under forced work splits: runs of one chunk (many partial rows per tile,
@@ -287,6 +299,7 @@ TEST(CudaPre, StreamWorkSplitsMatchReference) {
   const std::vector<Shape> shapes = quick() ? std::vector<Shape>{{70, 4, 1000}, {9, 8, 512}}
                                             : std::vector<Shape>{{70, 4, 1000}, {9, 8, 512}, {1, 4, 4096},
                                                                  {131, 2, 200}, {300, 8, 1024}};
+  const PrePathScope path("fused");  // post_pre_forward's table entries apply to the fused kernel
   for (const std::string& table : tables) {
     SCOPED_TRACE(table);
     const TuningScope tuning(table);
