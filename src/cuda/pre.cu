@@ -1,6 +1,9 @@
 // Forward of the projection-based ops: pre, the fused post+pre, and the head.
 //
-// Fast path (n in {2, 4, 8}; f32/f16/bf16; rows of 16-byte packs; sm_90): one launch, one pass over x.
+// The streaming kernels of pre_stream.cu run first for 16-bit streams (MHC_CUDA_PRE selects: see
+// pre_stream.hpp); the cluster kernel below takes f32 and the shapes they do not, and MHC_CUDA_PRE=cluster.
+//
+// Cluster path (n in {2, 4, 8}; f32/f16/bf16; rows of 16-byte packs; sm_90): one launch, one pass over x.
 // A thread-block cluster of S blocks owns a tile of MT tokens; block s holds channels
 // [s*cs, (s+1)*cs) of every stream of those tokens in shared memory. Each block projects its slice on
 // tensor cores (bf16/f16 mma with fn split into hi + lo halves, or 3xTF32 for f32: fp32-level
@@ -797,7 +800,8 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
                         a.mixes, a.rstd};
   if (!generic_forced()) {
     const PrePath path = pre_path();
-    const bool unfused = path == PrePath::stream && T > kFusedPostPreTokens && pre_stream_supported(next);
+    const int n = static_cast<int>(a.x.shape[1]);
+    const bool unfused = path == PrePath::stream && (T > kFusedPostPreTokens || n > 4) && pre_stream_supported(next);
     if (path != PrePath::cluster && !unfused && post_pre_stream_forward(a, cfg, stream)) return;
     if (!unfused && try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input,
                                     a.h_pre, a.h_post_next, a.comb_next, a.mixes, a.rstd, cfg, stream))
