@@ -459,14 +459,16 @@ def summary(rows: List[Dict], shapes, decode, bw: float) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="mhc bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two large shapes and a few decode shapes")
-    ap.add_argument("--grid", action="store_true", help="the cartesian grid of --n, --C, --tokens")
-    ap.add_argument("--n", type=int, nargs="*", default=[4, 8])
-    ap.add_argument("--C", type=int, nargs="*", default=[1024, 2048, 4096, 7168])
-    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 64, 4096, 16384])
+    ap.add_argument("--grid", action="store_true",
+                    help="the cartesian grid of --n, --C, --tokens (implied when any of them is given)")
+    ap.add_argument("--n", type=int, nargs="*", default=None, help="grid: stream counts (default 4 8)")
+    ap.add_argument("--C", type=int, nargs="*", default=None, help="grid: widths (default 1024 2048 4096 7168)")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None, help="grid: token counts (default 1 16 64 4096 16384)")
     ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {OP_ORDER}")
     ap.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS,
                     help="pre paths to time, the first for every op, the others for the forward ops (@path)")
-    ap.add_argument("--eager", action="store_true", help="also time PyTorch eager (mhc.reference)")
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False,
+                    help="also time PyTorch eager (mhc.reference); off by default")
     ap.add_argument("--compile", choices=["none", "some", "all"], default="some",
                     help="torch.compile baselines: none, the large shapes (the first one only with --quick), or all")
     ap.add_argument("--json", default=None)
@@ -492,9 +494,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for n, C, T in args.profile:
             profile_kernels(n, C, T, args.ops)
         return 0
-    if args.grid:
-        big = [(n, C, T) for n in args.n for C in args.C for T in args.tokens if T > 64]
-        small = [(n, C, T) for n in args.n for C in args.C for T in args.tokens if T <= 64]
+    if args.grid or args.n or args.C or args.tokens:
+        grid = [(n, C, T) for n in args.n or [4, 8] for C in args.C or [1024, 2048, 4096, 7168]
+                for T in args.tokens or [1, 16, 64, 4096, 16384]]
+        big, small = [s for s in grid if s[2] > 64], [s for s in grid if s[2] <= 64]
     elif args.quick:
         big, small = QUICK_SHAPES, QUICK_DECODE
     else:
