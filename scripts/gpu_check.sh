@@ -8,6 +8,8 @@
 #   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench,history_bench,demo
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh    # arguments for bench/python/bench_ops.py
 #   LIMIT_BUILD/LIMIT_TESTS/LIMIT_SANITIZE/LIMIT_PYTHON/LIMIT_BENCH: per-stage time limits in seconds
+#   TEST_FILTER/MEMCHECK_FILTER/RACECHECK_FILTER: gtest filters of the GPU suite and the sanitizer runs
+#   BUILD_DIR: build tree (default build/device); without the build stage its binaries are used as found
 #
 # GoogleTest: found by CMake when installed; otherwise built from $GTEST_SRC (default
 # build/devdeps/googletest, a copy of /usr/src/googletest carried to machines without it).
@@ -74,16 +76,17 @@ fi
 
 GPU_TESTS=$BUILD/tests/cpp/mhc_gpu_tests
 if has test && [[ -x $GPU_TESTS ]]; then
-  run_stage gpu_tests "${LIMIT_TESTS:-180}" "$GPU_TESTS" --gtest_color=no
+  run_stage gpu_tests "${LIMIT_TESTS:-180}" "$GPU_TESTS" --gtest_color=no --gtest_filter="${TEST_FILTER:-*}"
 fi
 
 if has sanitize && [[ -x $GPU_TESTS ]]; then
   # The quick shape set keeps the instrumented run short; every kernel variant still runs.
   export MHC_GPU_TEST_QUICK=1
   run_stage memcheck "${LIMIT_SANITIZE:-240}" compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-    "$GPU_TESTS" --gtest_color=no --gtest_filter='Cuda*'
+    "$GPU_TESTS" --gtest_color=no --gtest_filter="${MEMCHECK_FILTER:-Cuda*}"
   run_stage racecheck "${LIMIT_SANITIZE:-240}" compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
-    "$GPU_TESTS" --gtest_color=no --gtest_filter='CudaPre.*:CudaPostPre.*:CudaPost.*:CudaSinkhorn.*:CudaResidual*'
+    "$GPU_TESTS" --gtest_color=no \
+    --gtest_filter="${RACECHECK_FILTER:-CudaPre.*:CudaPostPre.*:CudaPost.*:CudaSinkhorn.*:CudaResidual*}"
   unset MHC_GPU_TEST_QUICK
 fi
 

@@ -1,6 +1,9 @@
 // Forward of the projection-based ops: pre, the fused post+pre, and the head.
 //
-// Fast path (n in {2, 4, 8}; f32/f16/bf16; rows of 16-byte packs; sm_90): one launch, one pass over x.
+// The streaming kernels of pre_stream.cu run first for 16-bit streams (MHC_CUDA_PRE selects: see
+// pre_stream.hpp); the cluster kernel below takes f32 and the shapes they do not, and MHC_CUDA_PRE=cluster.
+//
+// Cluster path (n in {2, 4, 8}; f32/f16/bf16; rows of 16-byte packs; sm_90): one launch, one pass over x.
 // A thread-block cluster of S blocks owns a tile of MT tokens; block s holds channels
 // [s*cs, (s+1)*cs) of every stream of those tokens in shared memory. Each block projects its slice on
 // tensor cores (bf16/f16 mma with fn split into hi + lo halves, or 3xTF32 for f32: fp32-level
@@ -25,6 +28,7 @@
 #include "cuda/coefficients.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/pre_stream.hpp"
 #include "cuda/sinkhorn.cuh"
 #include "cuda/tuning.hpp"
 
@@ -776,6 +780,7 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) 
   if (T == 0) return;
   const DeviceGuard guard(a.x.device);
   const cudaStream_t stream = stream_of(ctx);
+  if (!generic_forced() && pre_path() != PrePath::cluster && pre_stream_forward(a, cfg, stream)) return;
   if (try_fused<false>(a.x, nullptr, nullptr, nullptr, nullptr, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
                        a.h_post, a.comb, a.mixes, a.rstd, cfg, stream))
     return;
@@ -787,21 +792,24 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) 
 }
 
 void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Context& ctx) {
-  const int64_t T = a.x.shape[0], C = a.x.shape[2];
-  const int n = static_cast<int>(a.x.shape[1]);
+  const int64_t T = a.x.shape[0];
   if (T == 0) return;
   const DeviceGuard guard(a.x.device);
   const cudaStream_t stream = stream_of(ctx);
-  if (try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
-                      a.h_post_next, a.comb_next, a.mixes, a.rstd, cfg, stream))
-    return;
+  const PreForward next{a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next, a.comb_next,
+                        a.mixes, a.rstd};
+  if (!generic_forced()) {
+    const PrePath path = pre_path();
+    const int n = static_cast<int>(a.x.shape[1]);
+    const bool unfused = path == PrePath::stream && (T > kFusedPostPreTokens || n > 4) && pre_stream_supported(next);
+    if (path != PrePath::cluster && !unfused && post_pre_stream_forward(a, cfg, stream)) return;
+    if (!unfused && try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input,
+                                    a.h_pre, a.h_post_next, a.comb_next, a.mixes, a.rstd, cfg, stream))
+      return;
+  }
   // Unfused: post into x_next, then pre reading x_next as stored.
   cuda_impl::post_forward({.x = a.x, .y = a.y, .h_post = a.h_post, .comb = a.comb, .x_next = a.x_next}, cfg, ctx);
-  dispatch_storage(a.x.dtype, [&](auto tag) {
-    using S = typename decltype(tag)::type;
-    pre_generic<S>(a.x_next.ptr<const S>(), a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next,
-                   a.comb_next, a.mixes, a.rstd, T, n, C, cfg, stream);
-  });
+  cuda_impl::pre_forward(next, cfg, ctx);
 }
 
 void head_forward(const HeadForward& a, const MhcConfig& cfg, const Context& ctx) {

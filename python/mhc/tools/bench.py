@@ -1,18 +1,23 @@
-"""Benchmark of the n-stream mHC ops on CUDA against their memory floor, PyTorch eager and torch.compile.
+"""Benchmark of the n-stream mHC ops on CUDA against their memory floor and torch.compile.
 
-    mhc bench                  # the full grid (n 4, 8; C 1024..7168; tokens 1..16384)
-    mhc bench --quick          # a few shapes
+    mhc bench                  # the issue shapes (n = 4, 8; C 1024..7168; 4k-16k tokens) and decode shapes
+    mhc bench --quick          # two large shapes and a few decode shapes (about 2 minutes)
+    mhc bench --grid           # the cartesian grid of --n, --C, --tokens instead
     mhc bench --json out.json  # also write every figure
     mhc bench --model gpt|vision   # whole training steps against plain residuals (mhc.tools.bench_model)
 (`python bench/python/bench_ops.py ...` runs the same.)
 
-Method (docs/PERFORMANCE.md): bf16 streams; every timed region is captured in a CUDA graph and
+Method (docs/PERFORMANCE.md): bf16 streams; every timed region of ours is captured in a CUDA graph and
 replayed, timed with CUDA events, median of the replays divided by the calls in the graph, after
 warm-up; each graph cycles through enough input sets to exceed 4x the L2 cache, so small shapes are
 not timed out of cache. The floor of an op is the bytes it must move (each input read once, each
 output written once, parameters included) over the measured device-to-device copy bandwidth
-(read + write). "site" is pre -> identity F -> post; its floors are the SPEC's 3nC + 2C elements
-per token forward and 7nC + 4C forward + backward (plus parameters).
+(read + write). "site" is pre -> identity F -> post; its floors are 3nC + 2C elements per token
+forward and 7nC + 4C forward + backward (plus parameters). "chain" is a stack of sites run the way a
+model runs them: expand -> pre -> F -> post_pre -> F -> ... -> post -> head, F = identity; its figures
+are per site (the chain's time / sites, expand and head included, and so are their bytes in the floor).
+Ops marked @fused fuse post_pre into the streaming pre at every size (MHC_CUDA_PRE=fused), @cluster run
+the cluster kernels (MHC_CUDA_PRE=cluster); unmarked ones the default.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -85,27 +91,64 @@ def time_events(step: Callable[[int], None], sets: int, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+def copy_bandwidth(nbytes: int = 1 << 31) -> float:
+    """Device-to-device copy bandwidth of torch's copy_ in bytes/s, counting bytes read plus bytes written.
+
+    The copies run for half a second before the timed replays (an idle H200's clocks read 345 MHz). On the
+    H200 this probe read 2.77 TB/s while our post kernels moved 3.96 TB/s: it is not the ceiling there, so
+    `--bandwidth` sets the figure the floors use (docs/PERFORMANCE.md uses 4.12 TB/s)."""
     a = torch.randn(nbytes // 4, dtype=torch.float32, device="cuda")
     b = torch.empty_like(a)
-    for _ in range(20):  # let the clocks ramp up before timing
-        b.copy_(a)
+    start = time.time()
+    while time.time() - start < 0.5:
+        for _ in range(10):
+            b.copy_(a)
+        torch.cuda.synchronize()
     us = time_graph(lambda i: b.copy_(a), sets=1, reps=20, min_calls=10)
     return 2 * a.numel() * 4 / (us * 1e-6)
 
 
 # ---- inputs and byte counts ----------------------------------------------------------------------------
 
+CHAIN_SITES = 8
+# MHC_CUDA_PRE values: the streaming pre (post_pre unfused above 64 tokens), the streaming pre with post_pre
+# always fused into it, the cluster kernels; and the forward ops each one changes
+PATHS = ("stream", "fused", "cluster")
+PATH_OPS = {"stream": ("pre", "post_pre", "site_fwd", "chain_fwd"), "fused": ("post_pre", "chain_fwd"),
+            "cluster": ("pre", "post_pre", "site_fwd", "chain_fwd")}
+ISSUE_SHAPES = [(4, 1024, 16384), (4, 2048, 16384), (4, 4096, 8192), (4, 7168, 4096), (8, 4096, 4096)]
+DECODE_SHAPES = [(4, 4096, 1), (4, 4096, 16), (4, 4096, 64), (4, 7168, 1), (4, 7168, 16), (4, 7168, 64),
+                 (8, 4096, 1), (8, 4096, 64)]
+QUICK_SHAPES = [(4, 4096, 8192), (8, 4096, 4096)]
+QUICK_DECODE = [(4, 4096, 1), (4, 4096, 64), (4, 7168, 16)]
+
+
+def site_params(n: int, C: int, rows: int, scales: int, grad: bool):
+    """(fn [rows, n*C], base [rows], scale [scales]) in fp32."""
+    k = torch.float32
+    fn = (torch.randn(rows, n * C, device="cuda", dtype=k) / math.sqrt(n * C)).requires_grad_(grad)
+    base = torch.randn(rows, device="cuda", dtype=k).requires_grad_(grad)
+    scale = torch.full((scales,), 0.5, device="cuda", dtype=k).requires_grad_(grad)
+    return fn, base, scale
+
 
 def site_inputs(n: int, C: int, T: int, sets: int, grad: bool = False):
-    m = n * n + 2 * n
-    k = torch.float32
-    fn = (torch.randn(m, n * C, device="cuda", dtype=k) / math.sqrt(n * C)).requires_grad_(grad)
-    base = torch.randn(m, device="cuda", dtype=k).requires_grad_(grad)
-    scale = torch.full((3,), 0.5, device="cuda", dtype=k).requires_grad_(grad)
     xs = [torch.randn(T, n, C, device="cuda", dtype=DTYPE).requires_grad_(grad) for _ in range(sets)]
-    return fn, base, scale, xs
+    return (*site_params(n, C, n * n + 2 * n, 3, grad), xs)
+
+
+def chain_params(n: int, C: int, grad: bool):
+    """Parameters of CHAIN_SITES sites (a list of (fn, base, scale)) and of the head (fn, base, scale)."""
+    return [site_params(n, C, n * n + 2 * n, 3, grad) for _ in range(CHAIN_SITES)], site_params(n, C, n, 1, grad)
+
+
+def chain_forward(lib, x0, n: int, sites, head):
+    """expand -> pre -> F -> post_pre -> ... -> post -> head with F = identity; [T, C] -> [T, C]."""
+    x = lib.expand_streams(x0, n)
+    layer_input, _, h_post, comb = lib.mhc_pre(x, *sites[0], **hyper())
+    for params in sites[1:]:
+        x, layer_input, _, h_post, comb = lib.mhc_post_pre(x, layer_input, h_post, comb, *params, **hyper())
+    return lib.mhc_head(lib.mhc_post(x, layer_input, h_post, comb), *head)
 
 
 def floors(n: int, C: int, T: int, bw: float) -> Dict[str, float]:
@@ -113,7 +156,13 @@ def floors(n: int, C: int, T: int, bw: float) -> Dict[str, float]:
     e, f = 2, 4  # bytes per stream element (bf16), per coefficient (f32)
     m = n * n + 2 * n
     fn_bytes = m * n * C * f + 2 * m * f
+    head_fn = n * n * C * f
     coef = (2 * n + n * n) * f  # h_pre, h_post, comb per token
+    L = CHAIN_SITES
+    # chain: L sites of 3nC + 2C (7nC + 4C with backward), expand and head ((n + 1)C each way; the head
+    # backward reads x and grad_out and writes grad_x: (2n + 1)C), per site
+    chain_fwd = T * e * C * (L * (3 * n + 2) + 2 * (n + 1)) + L * fn_bytes + head_fn
+    chain_bwd_extra = T * e * C * (L * (4 * n + 2) + (n + 1) + (2 * n + 1)) + L * fn_bytes + head_fn
     by = {
         "pre": T * ((n * C + C) * e + coef + (m + 1) * f) + fn_bytes,
         "post": T * ((2 * n * C + C) * e + (n + n * n) * f),
@@ -122,6 +171,8 @@ def floors(n: int, C: int, T: int, bw: float) -> Dict[str, float]:
         "post_bwd": T * ((3 * n * C + 2 * C) * e + 2 * (n + n * n) * f),
         "site_fwd": T * (3 * n * C + 2 * C) * e + fn_bytes,
         "site_fwd_bwd": T * (7 * n * C + 4 * C) * e + 2 * fn_bytes,
+        "chain_fwd": chain_fwd / L,
+        "chain_fwd_bwd": (chain_fwd + chain_bwd_extra) / L,
     }
     return {k: v / bw * 1e6 for k, v in by.items()}
 
@@ -133,8 +184,9 @@ def hyper():
     return dict(iters=ITERS, post_mult=POST_MULT, eps=EPS, norm_eps=NORM_EPS, pre_eps=PRE_EPS)
 
 
-def make_steps(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict):
-    """{op name: step(i)} for implementation impl in ("mhc", "eager", "compile")."""
+def make_steps(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict, with_backward: bool = True):
+    """{op name: step(i)} for implementation impl in ("mhc", "eager", "compile"); the chain steps (ours only)
+    run a whole chain of CHAIN_SITES sites, measure() reports them per site."""
     lib = ops if impl == "mhc" else ref
     fn, base, scale, xs = site_inputs(n, C, T, sets)
     ys = [torch.randn(T, C, device="cuda", dtype=DTYPE) for _ in range(sets)]
@@ -180,6 +232,11 @@ def make_steps(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict):
         "post_pre": lambda i: post_pre(xs[i], ys[i]),
         "site_fwd": lambda i: site(xs[i]),
     }
+    if impl == "mhc":
+        sites, head = chain_params(n, C, grad=False)
+        steps["chain_fwd"] = lambda i: chain_forward(ops, ys[i], n, sites, head)
+    if not with_backward:
+        return steps
 
     # forward + backward of the site, gradients w.r.t. x and the parameters
     gfn, gbase, gscale, gxs = site_inputs(n, C, T, sets, grad=True)
@@ -206,7 +263,7 @@ def make_steps(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict):
     else:
         steps["site_fwd_bwd"] = site_grad
 
-    if impl == "mhc":  # the two backward kernels alone
+    if impl == "mhc":  # the two backward kernels alone, and the chain differentiated end to end
         saved = [torch.ops.mhc.pre(x, fn, base, scale, ITERS, POST_MULT, EPS, NORM_EPS, PRE_EPS, "cuda") for x in xs]
         g_li = [torch.randn(T, C, device="cuda", dtype=DTYPE) for _ in range(sets)]
         g_h = torch.randn(T, n, device="cuda")
@@ -215,18 +272,31 @@ def make_steps(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict):
             xs[i], fn, base, scale, saved[i][4], saved[i][5], g_li[i], g_h, g_h, g_c, None, ITERS, POST_MULT, EPS,
             NORM_EPS, PRE_EPS, "cuda")
         steps["post_bwd"] = lambda i: torch.ops.mhc.post_backward(gouts[i], xs[i], ys[i], h_post, comb, "cuda")
+        gsites, ghead = chain_params(n, C, grad=True)
+        leaves = [p for s in gsites for p in s] + list(ghead)
+        x0s = [y.clone().requires_grad_(True) for y in ys]
+
+        def chain_grad(i):
+            out = chain_forward(ops, x0s[i], n, gsites, ghead)
+            return torch.autograd.grad(out, [x0s[i]] + leaves, ys[i])
+
+        steps["chain_fwd_bwd"] = chain_grad
     return steps
 
 
 # ---- driver --------------------------------------------------------------------------------------------
 
-OP_ORDER = ["pre", "post", "post_pre", "pre_bwd", "post_bwd", "site_fwd", "site_fwd_bwd"]
+OP_ORDER = ["pre", "post", "post_pre", "pre_bwd", "post_bwd", "site_fwd", "site_fwd_bwd", "chain_fwd",
+            "chain_fwd_bwd"]
+PER_SITE = ("chain_fwd", "chain_fwd_bwd")  # timed per chain, reported per site
+COMPILE_OPS = ("pre", "post", "site_fwd", "site_fwd_bwd")  # the torch.compile baselines the tables compare with
 
 
-def measure(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict, only: Optional[List[str]]) -> Dict[str, float]:
+def measure(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict, only: Optional[List[str]],
+            with_backward: bool = True, suffix: str = "") -> Dict[str, float]:
     out = {}
     try:
-        steps = make_steps(impl, n, C, T, sets, compiled)
+        steps = make_steps(impl, n, C, T, sets, compiled, with_backward)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {}
@@ -237,16 +307,34 @@ def measure(impl: str, n: int, C: int, T: int, sets: int, compiled: Dict, only: 
             # torch.compile's code is timed without a CUDA graph (capturing it is not reliable);
             # the baselines with fewer repetitions: they are the slow ones.
             if impl == "compile":
-                out[name] = time_events(steps[name], sets)
+                t = time_events(steps[name], sets)
             else:
-                out[name] = time_graph(steps[name], sets, reps=10 if impl == "mhc" else 5,
-                                       min_calls=8 if sets > 1 else 2)
+                t = time_graph(steps[name], sets, reps=10 if impl == "mhc" else 5, min_calls=8 if sets > 1 else 2)
+            out[name + suffix] = t / CHAIN_SITES if name in PER_SITE else t
         except torch.OutOfMemoryError:
-            out[name] = float("nan")
+            out[name + suffix] = float("nan")
         except Exception as e:  # a baseline that cannot be captured is reported, not fatal
-            print(f"  [{impl} {name} n={n} C={C} T={T}] {type(e).__name__}: {str(e)[:160]}", file=sys.stderr)
-            out[name] = float("nan")
+            print(f"  [{impl} {name}{suffix} n={n} C={C} T={T}] {type(e).__name__}: {str(e)[:160]}", file=sys.stderr)
+            out[name + suffix] = float("nan")
         torch.cuda.empty_cache()
+    return out
+
+
+def measure_paths(n: int, C: int, T: int, sets: int, only: Optional[List[str]], paths) -> Dict[str, float]:
+    """Our ops with the first pre path, then the forward ops again with each other one."""
+    saved = os.environ.get("MHC_CUDA_PRE")
+    try:
+        os.environ["MHC_CUDA_PRE"] = paths[0]
+        out = measure("mhc", n, C, T, sets, {}, only)
+        for path in paths[1:]:
+            os.environ["MHC_CUDA_PRE"] = path
+            fwd = [o for o in PATH_OPS[path] if not only or o in only]
+            out.update(measure("mhc", n, C, T, sets, {}, fwd, with_backward=False, suffix="@" + path))
+    finally:
+        if saved is None:
+            os.environ.pop("MHC_CUDA_PRE", None)
+        else:
+            os.environ["MHC_CUDA_PRE"] = saved
     return out
 
 
@@ -316,6 +404,59 @@ def fmt(v: Optional[float], digits: int = 1) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def summary(rows: List[Dict], shapes, decode, bw: float) -> None:
+    """The tables of docs/PERFORMANCE.md: per shape, the chain and the site against their floors and
+    torch.compile; the standalone ops; decode."""
+    at = {(r["op"], r["n"], r["C"], r["tokens"]): r for r in rows}
+    streams = [r["floor_us"] * bw / r["mhc_us"] for r in rows if r["op"] in ("post", "post_bwd") and r["tokens"] >= 4096
+               and r["mhc_us"] == r["mhc_us"]]
+    if streams:  # a check of the ceiling: the pure streaming kernels should move about the copy bandwidth
+        print(f"\nfloors at {bw / 1e12:.3f} TB/s; our post / post backward kernels move up to {max(streams) / 1e12:.3f} TB/s")
+
+    def get(op, shape, key="mhc_us"):
+        r = at.get((op,) + tuple(shape))
+        return None if r is None else r.get(key)
+
+    def ratio(a, b):
+        return None if a is None or b is None or a != a or b != b or b == 0 else a / b
+
+    print(f"\nper site, us (x its floor; @fused: post_pre fused at every size); floors of a site: (3n+2)C forward, (7n+4)C with backward; the chain's per "
+          f"site add expand's and head's bytes / {CHAIN_SITES} sites; x compile: torch.compile of one site (the same "
+          "math) over ours per site:")
+    print("| n, C, tokens | site floor fwd | chain fwd | chain fwd@fused | site fwd | compile fwd | chain x compile | "
+          "site floor fwd+bwd | chain fwd+bwd | site fwd+bwd | compile fwd+bwd | chain x compile |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for sh in shapes:
+        cells = []
+        for fwd in (True, False):
+            chain, site = ("chain_fwd", "site_fwd") if fwd else ("chain_fwd_bwd", "site_fwd_bwd")
+            fl = get(site, sh, "floor_us")
+            c, s_, comp = get(chain, sh), get(site, sh), get(site, sh, "compile_us")
+            cells += [fmt(fl), f"{fmt(c)} ({fmt(ratio(c, get(chain, sh, 'floor_us')), 2)}x)"]
+            if fwd:
+                cf = get("chain_fwd@fused", sh)
+                cells.append(f"{fmt(cf)} ({fmt(ratio(cf, get(chain, sh, 'floor_us')), 2)}x)")
+            cells += [f"{fmt(s_)} ({fmt(ratio(s_, fl), 2)}x)", fmt(comp), fmt(ratio(comp, c), 2)]
+        print(f"| {sh[0]}, {sh[1]}, {sh[2]} | " + " | ".join(cells) + " |")
+
+    print("\nstandalone ops, us (x floor); pre's floor is one read of x, (n + 1)C:")
+    standalone = ("pre", "pre@cluster", "post_pre", "post_pre@fused", "post_pre@cluster", "post", "post_bwd", "pre_bwd")
+    print("| n, C, tokens | " + " | ".join(standalone) + " |")
+    print("|---|" + "---|" * len(standalone))
+    for sh in shapes:
+        cells = [f"{fmt(get(op, sh))} ({fmt(ratio(get(op, sh), get(op, sh, 'floor_us')), 2)}x)" for op in standalone]
+        print(f"| {sh[0]}, {sh[1]}, {sh[2]} | " + " | ".join(cells) + " |")
+
+    print("\ndecode, us per call replayed from a CUDA graph (boundary = post of one site + pre of the next, "
+          "one op):")
+    print("| n, C, tokens | boundary | boundary@cluster | pre | pre@cluster | post | site fwd | chain fwd per site |")
+    print("|---|---|---|---|---|---|---|---|")
+    for sh in decode:  # the default fuses the boundary at these sizes
+        cells = [fmt(get(op, sh)) for op in
+                 ("post_pre", "post_pre@cluster", "pre", "pre@cluster", "post", "site_fwd", "chain_fwd")]
+        print(f"| {sh[0]}, {sh[1]}, {sh[2]} | " + " | ".join(cells) + " |")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--model" or a.startswith("--model=") for a in argv):  # whole-model steps: mhc.tools.bench_model
@@ -325,15 +466,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="mhc bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("gpt", "vision"),
                     help="time whole training steps instead (mhc.tools.bench_model; `mhc bench --model gpt --help`)")
-    ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    ap.add_argument("--n", type=int, nargs="*", default=[4, 8])
-    ap.add_argument("--C", type=int, nargs="*", default=[1024, 2048, 4096, 7168])
-    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 64, 4096, 16384])
+    ap.add_argument("--quick", action="store_true", help="two large shapes and a few decode shapes")
+    ap.add_argument("--grid", action="store_true",
+                    help="the cartesian grid of --n, --C, --tokens (implied when any of them is given)")
+    ap.add_argument("--n", type=int, nargs="*", default=None, help="grid: stream counts (default 4 8)")
+    ap.add_argument("--C", type=int, nargs="*", default=None, help="grid: widths (default 1024 2048 4096 7168)")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None, help="grid: token counts (default 1 16 64 4096 16384)")
     ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {OP_ORDER}")
-    ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS,
+                    help="pre paths to time, the first for every op, the others for the forward ops (@path)")
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False,
+                    help="also time PyTorch eager (mhc.reference); off by default")
     ap.add_argument("--compile", choices=["none", "some", "all"], default="some",
-                    help="torch.compile baselines: none, the SPEC table's shapes and one decode shape, or all")
+                    help="torch.compile baselines: none, the large shapes (the first one only with --quick), or all")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--bandwidth", type=float, default=None, metavar="TB_S",
+                    help="copy bandwidth for the floors (read + write, TB/s) instead of the probe's")
     ap.add_argument("--profile", type=int, nargs=3, action="append", metavar=("N", "C", "TOKENS"),
                     help="print the per-kernel device time of every op at this shape (repeatable) and exit")
     ap.add_argument("--run-once", type=int, nargs=3, metavar=("N", "C", "TOKENS"),
@@ -346,10 +494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("mhc bench: no CUDA device found; it times the CUDA kernels against PyTorch (the CPU path is benchmarked by bench/cpp/bench_cpu)", file=sys.stderr)
         return 1
-    if args.quick:
-        args.n, args.C, args.tokens = [4], [1024, 4096], [1, 64, 4096]
     torch._dynamo.config.cache_size_limit = 256  # one compiled graph per benchmarked shape
-
     if args.run_once:
         run_once(*args.run_once, args.ops)
         return 0
@@ -357,43 +502,52 @@ def main(argv: Optional[List[str]] = None) -> int:
         for n, C, T in args.profile:
             profile_kernels(n, C, T, args.ops)
         return 0
+    if args.grid or args.n or args.C or args.tokens:
+        grid = [(n, C, T) for n in args.n or [4, 8] for C in args.C or [1024, 2048, 4096, 7168]
+                for T in args.tokens or [1, 16, 64, 4096, 16384]]
+        big, small = [s for s in grid if s[2] > 64], [s for s in grid if s[2] <= 64]
+    elif args.quick:
+        big, small = QUICK_SHAPES, QUICK_DECODE
+    else:
+        big, small = ISSUE_SHAPES, DECODE_SHAPES
+    compile_at = {"none": [], "some": big[:1] if args.quick else big, "all": big + small}[args.compile]
     props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
+    probe = copy_bandwidth()
+    bw = args.bandwidth * 1e12 if args.bandwidth else probe
     l2 = props.L2_cache_size
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB; torch {torch.__version__}")
-    print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s")
-    spec_shapes = {(4, 1024, 16384), (4, 2048, 16384), (4, 4096, 8192), (4, 7168, 4096), (4, 4096, 16)}
+    print(f"copy bandwidth (read + write): {probe / 1e12:.3f} TB/s measured (torch copy_ in a CUDA graph), "
+          f"{bw / 1e12:.3f} TB/s used for the floors")
     results = []
     compiled: Dict = {}
     t_start = time.time()
     print("\n| op | n | C | tokens | mhc us | floor us | floor/mhc | eager us | compile us | vs eager | vs compile |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n in args.n:
-        for C in args.C:
-            for T in args.tokens:
-                x_bytes = T * n * C * 2
-                sets = max(1, min(32, math.ceil(4 * l2 / x_bytes)))
-                fl = floors(n, C, T, bw)
-                mine = measure("mhc", n, C, T, sets, compiled, args.ops)
-                eager = {} if args.no_eager else measure("eager", n, C, T, sets, compiled, args.ops)
-                want_compile = args.compile == "all" or (args.compile == "some" and (n, C, T) in spec_shapes)
-                comp = measure("compile", n, C, T, sets, compiled, args.ops) if want_compile else {}
-                for name in OP_ORDER:
-                    if name not in mine:
-                        continue
-                    t = mine[name]
-                    row = dict(op=name, n=n, C=C, tokens=T, mhc_us=t, floor_us=fl[name],
-                               floor_fraction=fl[name] / t if t == t else None,
-                               eager_us=eager.get(name), compile_us=comp.get(name))
-                    results.append(row)
-                    e, c = row["eager_us"], row["compile_us"]
-                    print(f"| {name} | {n} | {C} | {T} | {fmt(t)} | {fmt(fl[name])} | {fmt(row['floor_fraction'], 2)} | "
-                          f"{fmt(e)} | {fmt(c)} | {fmt(e / t if e else None, 2)} | {fmt(c / t if c else None, 2)} |",
-                          flush=True)
-                if args.json:  # rewritten after every shape: a run cut short keeps what it measured
-                    with open(args.json, "w") as f:
-                        json.dump(dict(device=props.name, torch=torch.__version__, copy_bandwidth=bw, rows=results), f,
-                                  indent=1)
+    for n, C, T in big + small:
+        x_bytes = T * n * C * 2
+        sets = max(1, min(32, math.ceil(4 * l2 / x_bytes)))
+        fl = floors(n, C, T, bw)
+        mine = measure_paths(n, C, T, sets, args.ops, args.paths)
+        eager = measure("eager", n, C, T, sets, compiled, args.ops) if args.eager else {}
+        comp = measure("compile", n, C, T, sets, compiled, [o for o in COMPILE_OPS if not args.ops or o in args.ops]
+                       ) if (n, C, T) in compile_at else {}
+        for name in OP_ORDER + [o + "@" + p for p in PATHS for o in OP_ORDER]:
+            if name not in mine:
+                continue
+            t = mine[name]
+            floor = fl[name.split("@")[0]]
+            row = dict(op=name, n=n, C=C, tokens=T, mhc_us=t, floor_us=floor, floor_fraction=floor / t if t == t else None,
+                       eager_us=eager.get(name), compile_us=comp.get(name))
+            results.append(row)
+            e, c = row["eager_us"], row["compile_us"]
+            print(f"| {name} | {n} | {C} | {T} | {fmt(t)} | {fmt(floor)} | {fmt(row['floor_fraction'], 2)} | "
+                  f"{fmt(e)} | {fmt(c)} | {fmt(e / t if e else None, 2)} | {fmt(c / t if c else None, 2)} |",
+                  flush=True)
+        if args.json:  # rewritten after every shape: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(dict(device=props.name, torch=torch.__version__, copy_bandwidth=bw, copy_probe=probe,
+                               rows=results), f, indent=1)
+    summary(results, big, small, bw)
     print(f"\n(bench took {time.time() - t_start:.0f} s)")
     return 0
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/tuning.hpp"
 #include "gpu_harness.hpp"
 
 namespace mhc::gpu_test {
@@ -78,8 +79,36 @@ std::vector<Shape> site_shapes() {
   if (quick()) return {{0, 4, 64}, {7, 4, 136}, {600, 4, 1024}, {33, 4, 1024, 1}, {7, 8, 512}, {70, 2, 200}, {5, 3, 37}};
   return {{0, 4, 64},   {1, 4, 1024},  {7, 4, 136},  {333, 4, 1000}, {1, 2, 64},   {70, 2, 200},
           {7, 8, 512},  {100, 8, 136}, {7, 1, 40},   {5, 3, 37},     {9, 32, 16},  {33, 4, 1024, 1},
-          {17, 8, 64, 1}, {40, 4, 2048}};
+          {17, 8, 64, 1}, {40, 4, 2048}, {3, 16, 24}};
 }
+
+// Selects the fast pre forward (MHC_CUDA_PRE: "stream", "fused" or "cluster") for the scope's duration.
+class PrePathScope {
+ public:
+  explicit PrePathScope(const char* path) {
+    if (const char* old = std::getenv("MHC_CUDA_PRE")) saved_ = old, had_ = true;
+    setenv("MHC_CUDA_PRE", path, 1);
+  }
+  ~PrePathScope() {
+    if (had_) setenv("MHC_CUDA_PRE", saved_.c_str(), 1);
+    else unsetenv("MHC_CUDA_PRE");
+  }
+
+ private:
+  std::string saved_;
+  bool had_ = false;
+};
+
+// Loads a tuning table for the scope's duration (any device), then an empty one.
+class TuningScope {
+ public:
+  explicit TuningScope(const std::string& entries) {
+    const std::string err = cuda_impl::load_tuning_text(
+        R"({"format": "mhc-tuning", "version": 1, "entries": [)" + entries + "]}", "");
+    EXPECT_EQ(err, "");
+  }
+  ~TuningScope() { cuda_impl::load_tuning_text(R"({"format": "mhc-tuning", "version": 1, "entries": []})", ""); }
+};
 
 // ---- pre ----------------------------------------------------------------------------------------------
 void run_pre(DType d, const Shape& s, bool with_fn, bool with_saved) {
@@ -133,6 +162,15 @@ TEST(CudaPre, ForwardLargeTile) {
   if (quick()) GTEST_SKIP() << "quick mode";
   run_pre(DType::bf16, {4100, 4, 1024}, true, true);
   run_pre(DType::f16, {1030, 8, 1024}, true, true);
+  run_pre(DType::bf16, {2051, 2, 512}, true, true);
+}
+
+// The cluster kernel stays selectable (MHC_CUDA_PRE=cluster) and correct.
+TEST(CudaPre, ForwardClusterKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("cluster");
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_pre(d, s, true, true);
 }
 
 // ---- post -----------------------------------------------------------------------------------------------
@@ -177,6 +215,9 @@ TEST(CudaPost, ForwardAndBackwardMatchReference) {
 }
 
 // ---- post + pre -------------------------------------------------------------------------------------------
+// x_next is judged against the reference post+pre; the outputs of the pre part against the reference pre
+// of the x_next this op stored (what the op specifies: pre reads x_next as stored), so that a bf16 rounding
+// flip of x_next between fp32 and fp64 arithmetic does not count as a projection error.
 void run_post_pre(DType d, const Shape& s) {
   SCOPED_TRACE(describe(d, s));
   const DType k = coef_of(d);
@@ -194,26 +235,89 @@ void run_post_pre(DType d, const Shape& s) {
   DeviceTensor dx(x, s.offset), dy(y, s.offset), dhpo(hpo), dcb(cb), dfn(p.fn), dbase(p.base), dscale(p.scale);
   DeviceTensor dxn(d, {s.T, n, s.C}, s.offset), dli(d, {s.T, s.C}, s.offset), dhp(k, {s.T, n}), dhpn(k, {s.T, n}),
       dcbn(k, {s.T, n, n}), dmx(k, {s.T, m}), drs(k, {s.T});
-  check_outputs(
-      [&] {
-        post_pre_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dfn.view(), dbase.view(), dscale.view(),
-                          dxn.view(), dli.view(), dhp.view(), dhpn.view(), dcbn.view(), dmx.view(), drs.view()},
-                         cfg, cuda_ctx());
-      },
-      {{"x_next", &xn, &dxn, stream_tol(d)},
-       {"layer_input", &li, &dli, stream_tol(d)},
-       {"h_pre", &hp, &dhp, coef_tol(d)},
-       {"h_post_next", &hpn, &dhpn, coef_tol(d)},
-       {"comb_next", &cbn, &dcbn, coef_tol(d)},
-       {"mixes", &mx, &dmx, coef_tol(d)},
-       {"rstd", &rs, &drs, coef_tol(d)}},
-      "post_pre_forward");
+  auto cuda_run = [&] {
+    post_pre_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dfn.view(), dbase.view(), dscale.view(),
+                      dxn.view(), dli.view(), dhp.view(), dhpn.view(), dcbn.view(), dmx.view(), drs.view()},
+                     cfg, cuda_ctx());
+  };
+  cuda_run();
+  HostTensor stored = dxn.download();
+  for (DeviceTensor* out : {&dxn, &dli, &dhp, &dhpn, &dcbn, &dmx, &drs}) out->poison();
+  pre_forward({stored.view(), p.fn.view(), p.base.view(), p.scale.view(), li.view(), hp.view(), hpn.view(), cbn.view(),
+               mx.view(), rs.view()},
+              cfg, ref_ctx());
+  check_outputs(cuda_run,
+                {{"x_next", &xn, &dxn, stream_tol(d)},
+                 {"layer_input", &li, &dli, stream_tol(d)},
+                 {"h_pre", &hp, &dhp, coef_tol(d)},
+                 {"h_post_next", &hpn, &dhpn, coef_tol(d)},
+                 {"comb_next", &cbn, &dcbn, coef_tol(d)},
+                 {"mixes", &mx, &dmx, coef_tol(d)},
+                 {"rstd", &rs, &drs, coef_tol(d)}},
+                "post_pre_forward");
 }
 
 TEST(CudaPostPre, ForwardMatchesReference) {
   MHC_REQUIRE_GPU();
   for (DType d : kDtypes)
     for (const Shape& s : site_shapes()) run_post_pre(d, s);
+}
+
+TEST(CudaPostPre, ForwardClusterKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("cluster");
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_post_pre(d, s);
+}
+
+// The streaming post+pre fused at every size (the default fuses it only for few tokens).
+TEST(CudaPostPre, ForwardFusedStreamKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("fused");
+  for (DType d : kDtypes)
+    for (const Shape& s : site_shapes()) run_post_pre(d, s);
+}
+
+TEST(CudaPostPre, ForwardLargeTile) {
+  MHC_REQUIRE_GPU();
+  if (quick()) GTEST_SKIP() << "quick mode";
+  for (const char* path : {"stream", "fused"}) {
+    SCOPED_TRACE(path);
+    const PrePathScope scope(path);
+    run_post_pre(DType::bf16, {4100, 4, 1024});
+    run_post_pre(DType::f16, {1030, 8, 1024});
+  }
+}
+
+// The streaming kernels under forced work splits: runs of one chunk (many partial rows per tile,
+// several threads summing a pair), runs spanning tiles, 16-token tiles on many tokens, 64- and 128-token
+// tiles on few, 2-, 4- and 8-token groups, and channel slices (one copy of the partials per slice).
+TEST(CudaPre, StreamWorkSplitsMatchReference) {
+  MHC_REQUIRE_GPU();
+  const std::vector<std::string> tables = {
+      R"({"op": "pre_forward", "params": {"stream_chunks": 1, "stream_group": 2}},
+         {"op": "post_pre_forward", "params": {"stream_chunks": 1, "stream_group": 2}})",
+      R"({"op": "pre_forward", "params": {"stream_chunks": 7, "stream_tile": 16, "stream_slices": 3}},
+         {"op": "post_pre_forward", "params": {"stream_chunks": 7, "stream_tile": 16, "stream_slices": 3}})",
+      R"({"op": "pre_forward", "params": {"stream_chunks": 1000000, "stream_tile": 64, "stream_group": 8}},
+         {"op": "post_pre_forward", "params": {"stream_chunks": 1000000, "stream_tile": 64, "stream_group": 8}})",
+      R"({"op": "pre_forward", "params": {"stream_chunks": 3, "stream_slices": 8}},
+         {"op": "post_pre_forward", "params": {"stream_chunks": 3, "stream_slices": 8}})",
+      R"({"op": "pre_forward", "params": {"stream_tile": 128, "stream_chunks": 5, "stream_group": 4}},
+         {"op": "post_pre_forward", "params": {"stream_tile": 128, "stream_chunks": 5, "stream_group": 4}})"};
+  const std::vector<Shape> shapes = quick() ? std::vector<Shape>{{70, 4, 1000}, {9, 8, 512}}
+                                            : std::vector<Shape>{{70, 4, 1000}, {9, 8, 512}, {1, 4, 4096},
+                                                                 {131, 2, 200}, {300, 8, 1024}};
+  const PrePathScope path("fused");  // post_pre_forward's table entries apply to the fused kernel
+  for (const std::string& table : tables) {
+    SCOPED_TRACE(table);
+    const TuningScope tuning(table);
+    for (DType d : {DType::bf16, DType::f16})
+      for (const Shape& s : shapes) {
+        run_pre(d, s, true, true);
+        run_post_pre(d, s);
+      }
+  }
 }
 
 // ---- pre backward ----------------------------------------------------------------------------------------------

@@ -1,0 +1,754 @@
+// Streaming pre and fused post+pre (n in {2, 4, 8}, 16-bit streams): no thread-block clusters, x read at
+// full bandwidth, two launches, deterministic (fixed-order sums, no float atomics).
+//
+//   A. project_kernel: mixes = x @ fn^T and the sum of squares of x, as a split-K GEMM on tensor cores.
+//      The (token tile, k chunk) pairs of the whole op form one sequence cut into equal runs, one run per
+//      block of a persistent grid (stream-K: every block gets the same number of chunks whatever T and C).
+//      x and fn pass through a 3-stage cp.async ring in shared memory; 16-bit x is exact in the mma and fn
+//      is split into hi + lo halves of x's type (two mma: fp32-level accuracy). Each (tile, run) pair
+//      yields one partial row of m + 1 floats per token, parked in the token's own layer_input row
+//      (C * sizeof(S) bytes; B writes that row only after reading them), so the op needs no workspace.
+//      When B splits the channels into slices, every slice gets its own copy, inside its own channels.
+//      The fused post+pre loads x and y of the post instead, computes the x_next tile in shared memory
+//      (storing it to device memory) and projects that.
+//   B. coef_aggregate_kernel: a block per group of tokens (and channel slice): fixed-order sum of the
+//      parked partials, rstd, the sigmoids and, on one warp, Sinkhorn (a thread per token, matrix in
+//      registers) while the other warps stream layer_input = sum_i h_pre[i] x[i].
+//
+// Bytes per token: pre reads x in A and again in B and writes layer_input: (2n + 1)C. Post+pre reads x, y
+// and writes x_next in A, reads x_next in B and writes layer_input: (3n + 2)C, the floor of a chained site.
+// On sm_90 B is a programmatic dependent launch of A: its blocks start as A's finish and, for pre, load
+// their first x packs before waiting for A's partials.
+#include "cuda/pre_stream.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "cuda/coefficients.cuh"
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/sinkhorn.cuh"
+#include "cuda/tuning.hpp"
+
+namespace mhc::cuda_impl {
+
+namespace {
+
+using std::int64_t;
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kChunk = 128;   // k elements of x per chunk and token: 256 bytes of 16-bit x
+constexpr int kMaxGroup = 8;  // tokens per block of B
+
+// ---- programmatic dependent launch (sm_90; no-ops when the launch did not ask for it) ---------------
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// ================================ A. projection partials ===========================================
+
+// Warp tiling of one chunk for N streams and MT tokens: warp (wm, wn, wk) holds MTW of the MTILES
+// m-tiles, NTW of the NT column tiles and KSW of the 8 k-steps of 16.
+template <int N, int MT> struct ProjShape {
+  static constexpr int M = N * N + 2 * N;
+  static constexpr int PART = M + 1;                 // projection row + sum of squares
+  static constexpr int NT = M / 8;                   // column tiles of 8: 1, 3 or 10
+  static constexpr int MTILES = MT / 16;
+  static constexpr int WM = MT == 128 ? 2 : 1;       // warps splitting the m-tiles
+  static constexpr int WN = N == 8 ? 2 : 1;          // warps splitting the column tiles
+  static constexpr int WK = kWarps / (WM * WN);      // warps splitting the k-steps of a chunk
+  static constexpr int MTW = MTILES / WM, NTW = NT / WN;
+  static constexpr int KSW = kChunk / 16 / WK;       // k-steps per warp and chunk
+  static constexpr int KCC = kChunk / N;             // post+pre: channels of every stream per chunk
+  // Row strides of a stage. x: 272 bytes, an odd number of 16-byte units (ldmatrix rows hit distinct
+  // banks). fn: 136 floats = 8 mod 32 (the float2 reads of a B fragment hit distinct banks).
+  static constexpr int XROW = kChunk + 8;
+  static constexpr int FROW = kChunk + 8;
+  // Register budget: two blocks per SM for n <= 4 with 16- and 64-token tiles, else one.
+  static constexpr int MIN_BLOCKS = (N == 8 || MT == 128) ? 1 : 2;
+  static_assert(NT * 8 == M && NTW * WN == NT && MTW * WM == MTILES && KSW * WK * 16 == kChunk,
+                "chunk must tile the warps");
+};
+
+// Shared memory of project_kernel (bytes): STAGES stages of {x tile, y tile (post+pre), fn chunk}, then
+// the scratch in which the warps' partials are summed. The ring is as deep as the SM's shared memory
+// allows for MIN_BLOCKS blocks (at most 5): the loads of a stage complete together, so the bytes in flight
+// per SM, not the bandwidth, bound a shallow ring (measured: 3 stages of 64-token tiles moved 2.2 TB/s).
+constexpr int kSmemPerSm = 233472, kSmemPerBlockMax = 232448, kSmemReserved = 1024;
+template <class S, int N, int MT, bool kPost> struct ProjSmem {
+  using Sh = ProjShape<N, MT>;
+  static constexpr int X = MT * Sh::XROW * int(sizeof(S));
+  static constexpr int Y = kPost ? MT * Sh::KCC * int(sizeof(S)) : 0;
+  static constexpr int F = Sh::M * Sh::FROW * 4;
+  static constexpr int STAGE = (X + Y + F + 127) / 128 * 128;
+  static constexpr int SCRATCH = MT * Sh::PART * 4;
+  static constexpr int BUDGET = std::min(kSmemPerBlockMax, kSmemPerSm / Sh::MIN_BLOCKS - kSmemReserved);
+  static constexpr int STAGES = std::min(5, (BUDGET - SCRATCH) / STAGE);
+  static constexpr int TOTAL = STAGES * STAGE + SCRATCH;
+  static_assert(STAGES >= 2, "a ring needs two stages");
+};
+
+template <class S> struct ProjArgs {
+  const S* x;               // pre: [T, N, C]; post+pre: the post's x
+  const S* y;               // post+pre: [T, C]
+  const float* post_h;      // post+pre: [T, N]
+  const float* post_comb;   // post+pre: [T, N, N]
+  S* x_next;                // post+pre: [T, N, C]
+  const float* fn;          // [M, N*C]
+  S* layer_input;           // [T, C]: the partials are parked in its rows
+  int copies;               // one copy of every partial row per channel slice of B ...
+  int64_t copy_stride;      // ... this many floats apart
+  int64_t T, C;
+  int64_t chunks_per_tile;  // k chunks of one token tile
+  int64_t total_chunks;     // tiles * chunks_per_tile
+  int64_t per_block;        // chunks of each block's run
+};
+
+// Token t's parked partials: partial row `slot` at [slot * PART, (slot + 1) * PART).
+template <class S> __device__ __forceinline__ float* parked(S* layer_input, int64_t t, int64_t C) {
+  return reinterpret_cast<float*>(layer_input + t * C);
+}
+
+// Block of the first run that touches tile `tile`: partial row `slot` of the tile is block first + slot's.
+__host__ __device__ __forceinline__ int64_t first_run(int64_t tile, int64_t chunks_per_tile, int64_t per_block) {
+  return tile * chunks_per_tile / per_block;
+}
+__host__ __device__ __forceinline__ int runs_of_tile(int64_t tile, int64_t chunks_per_tile, int64_t per_block) {
+  return static_cast<int>(((tile + 1) * chunks_per_tile - 1) / per_block - first_run(tile, chunks_per_tile, per_block) + 1);
+}
+
+// Position of a chunk in the op's sequence: token tile and k chunk within the tile (32-bit: a tile has at
+// least 16 tokens of at least 8 elements, so tiles < 2^31 for any tensor that fits in memory).
+struct ChunkCursor {
+  int tile, kc;
+  __device__ void advance(int chunks_per_tile) {
+    if (++kc == chunks_per_tile) kc = 0, ++tile;
+  }
+};
+
+template <class S, int N, int MT, bool kPost>
+__global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) project_kernel(const ProjArgs<S> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Sh = ProjShape<N, MT>;
+  using L = ProjSmem<S, N, MT, kPost>;
+  constexpr int M = Sh::M, PART = Sh::PART, P = kPack<S>, KCC = Sh::KCC, STAGES = L::STAGES;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* scratch = reinterpret_cast<float*>(smem + STAGES * L::STAGE);
+  allow_dependent_launch();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int wn = warp % Sh::WN, wm = warp / Sh::WN % Sh::WM, wk = warp / (Sh::WN * Sh::WM);
+  const int64_t C = a.C, K = int64_t(N) * C;
+  const int cpt = static_cast<int>(a.chunks_per_tile);
+  const int64_t q_begin = int64_t(blockIdx.x) * a.per_block;
+  const int count = static_cast<int>(std::min(a.total_chunks, q_begin + a.per_block) - q_begin);  // chunks of the run
+  auto stage_x = [&](int s) { return reinterpret_cast<S*>(smem + s * L::STAGE); };
+  auto stage_y = [&](int s) { return reinterpret_cast<S*>(smem + s * L::STAGE + L::X); };
+  auto stage_f = [&](int s) { return reinterpret_cast<float*>(smem + s * L::STAGE + L::X + L::Y); };
+
+  // ---- 1. loads: chunk `at` into stage s, zero-filled past T and the row; one commit group per call
+  // (empty past the run's end, so the group count stays uniform)
+  auto issue = [&](bool live, ChunkCursor at, int s) {
+    if (live) {
+      const int64_t t0 = int64_t(at.tile) * MT;
+      S* xs = stage_x(s);
+      float* fs = stage_f(s);
+      if constexpr (!kPost) {
+        // x rows and fn rows are contiguous over k = i * C + c: chunk kc is k in [kc * 128, +128)
+        const int64_t k0 = int64_t(at.kc) * kChunk;
+        for (int i = threadIdx.x; i < MT * (kChunk / P); i += kThreads) {
+          const int tl = i / (kChunk / P), kp = (i % (kChunk / P)) * P;
+          const int64_t t = t0 + tl, k = k0 + kp;
+          const bool valid = t < a.T && k < K;
+          cp_async16(xs + tl * Sh::XROW + kp, valid ? a.x + t * K + k : a.x, valid);
+        }
+        for (int i = threadIdx.x; i < M * (kChunk / 4); i += kThreads) {
+          const int j = i / (kChunk / 4), kp = (i % (kChunk / 4)) * 4;
+          const bool valid = k0 + kp < K;
+          cp_async16(fs + j * Sh::FROW + kp, valid ? a.fn + j * K + k0 + kp : a.fn, valid);
+        }
+      } else {
+        // chunk kc is channels [kc * KCC, +KCC) of every stream: tile column st * KCC + cl
+        const int64_t c0 = int64_t(at.kc) * KCC;
+        for (int i = threadIdx.x; i < MT * N * (KCC / P); i += kThreads) {
+          const int tl = i / (N * (KCC / P)), r = i % (N * (KCC / P));
+          const int st = r / (KCC / P), cl = (r % (KCC / P)) * P;
+          const int64_t t = t0 + tl, c = c0 + cl;
+          const bool valid = t < a.T && c < C;
+          cp_async16(xs + tl * Sh::XROW + st * KCC + cl, valid ? a.x + (t * N + st) * C + c : a.x, valid);
+        }
+        S* ys = stage_y(s);
+        for (int i = threadIdx.x; i < MT * (KCC / P); i += kThreads) {
+          const int tl = i / (KCC / P), cl = (i % (KCC / P)) * P;
+          const int64_t t = t0 + tl, c = c0 + cl;
+          const bool valid = t < a.T && c < C;
+          cp_async16(ys + tl * KCC + cl, valid ? a.y + t * C + c : a.y, valid);
+        }
+        for (int i = threadIdx.x; i < M * N * (KCC / 4); i += kThreads) {
+          const int j = i / (N * (KCC / 4)), r = i % (N * (KCC / 4));
+          const int st = r / (KCC / 4), cl = (r % (KCC / 4)) * 4;
+          const int64_t c = c0 + cl;
+          const bool valid = c < C;
+          cp_async16(fs + j * Sh::FROW + st * KCC + cl, valid ? a.fn + j * K + st * C + c : a.fn, valid);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  // ---- 2. post+pre: x_next = h_post * y + comb^T x, in place in the stage's x tile and to device memory
+  auto post_chunk = [&](ChunkCursor at, int s) {
+    const int64_t t0 = int64_t(at.tile) * MT, c0 = int64_t(at.kc) * KCC;
+    S* xs = stage_x(s);
+    const S* ys = stage_y(s);
+    for (int i = threadIdx.x; i < MT * (KCC / P); i += kThreads) {
+      const int tl = i / (KCC / P), cl = (i % (KCC / P)) * P;
+      const int64_t t = t0 + tl, c = c0 + cl;
+      if (t >= a.T || c >= C) continue;  // zero-filled: x_next is zero there too
+      Pack<S> xp[N];
+#pragma unroll
+      for (int st = 0; st < N; ++st) xp[st] = *reinterpret_cast<const Pack<S>*>(xs + tl * Sh::XROW + st * KCC + cl);
+      const Pack<S> yp = *reinterpret_cast<const Pack<S>*>(ys + tl * KCC + cl);
+#pragma unroll 1  // one output stream at a time: the accumulators of the projection stay in registers
+      for (int o = 0; o < N; ++o) {
+        const float hp = __ldg(a.post_h + t * N + o);
+        float cb[N];
+#pragma unroll
+        for (int st = 0; st < N; ++st) cb[st] = __ldg(a.post_comb + (t * N + st) * N + o);
+        Pack<S> out;
+#pragma unroll
+        for (int e = 0; e < P; ++e) {
+          float acc = hp * to_math(yp.v[e]);
+#pragma unroll
+          for (int st = 0; st < N; ++st) acc += cb[st] * to_math(xp[st].v[e]);
+          out.v[e] = from_math<S>(acc);
+        }
+        *reinterpret_cast<Pack<S>*>(xs + tl * Sh::XROW + o * KCC + cl) = out;
+        store_pack(a.x_next + (t * N + o) * C + c, out);
+      }
+    }
+  };
+
+  // ---- 3. the chunk's projection and squares on tensor cores
+  float acc[Sh::MTW][Sh::NTW][4];
+  float sq[Sh::MTW][2];
+  auto clear = [&] {
+#pragma unroll
+    for (int mt = 0; mt < Sh::MTW; ++mt) {
+      sq[mt][0] = sq[mt][1] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < Sh::NTW; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+    }
+  };
+  auto mma_chunk = [&](const S* xs, const float* fs) {
+#pragma unroll
+    for (int ks = 0; ks < Sh::KSW; ++ks) {
+      const int kk = (wk * Sh::KSW + ks) * 16;
+      std::uint32_t hi[Sh::NTW][2], lo[Sh::NTW][2];
+#pragma unroll
+      for (int nt = 0; nt < Sh::NTW; ++nt) {
+        const float* row = fs + ((wn * Sh::NTW + nt) * 8 + g) * Sh::FROW + kk + 2 * tq;
+        split_pair<S>(*reinterpret_cast<const float2*>(row), hi[nt][0], lo[nt][0]);
+        split_pair<S>(*reinterpret_cast<const float2*>(row + 8), hi[nt][1], lo[nt][1]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < Sh::MTW; ++mt) {
+        std::uint32_t af[4];
+        ldmatrix_x4(af, xs + ((wm * Sh::MTW + mt) * 16 + (lane & 15)) * Sh::XROW + kk + (lane >> 4) * 8);
+        if (wn == 0) {
+          sq[mt][0] += sum_sq_pair<S>(af[0]) + sum_sq_pair<S>(af[2]);
+          sq[mt][1] += sum_sq_pair<S>(af[1]) + sum_sq_pair<S>(af[3]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < Sh::NTW; ++nt) {
+          mma_16816<S>(acc[mt][nt], af, lo[nt]);
+          mma_16816<S>(acc[mt][nt], af, hi[nt]);
+        }
+      }
+    }
+  };
+
+  // ---- 4. end of the run's part of a tile: the warps' partials summed in scratch in a fixed order
+  // (k-warp 0 first), then parked in the tile's layer_input rows as this run's partial row
+  auto finish_tile = [&](int tile) {
+#pragma unroll
+    for (int mt = 0; mt < Sh::MTW; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 1);
+        sq[mt][h] += __shfl_xor_sync(0xffffffffu, sq[mt][h], 2);
+      }
+    for (int round = 0; round < Sh::WK; ++round) {
+      if (wk == round) {
+#pragma unroll
+        for (int mt = 0; mt < Sh::MTW; ++mt) {
+          const int row = (wm * Sh::MTW + mt) * 16 + g;
+#pragma unroll
+          for (int nt = 0; nt < Sh::NTW; ++nt) {
+            float* d = scratch + row * PART + (wn * Sh::NTW + nt) * 8 + 2 * tq;
+            if (round == 0) {
+              d[0] = acc[mt][nt][0];
+              d[1] = acc[mt][nt][1];
+              d[8 * PART] = acc[mt][nt][2];
+              d[8 * PART + 1] = acc[mt][nt][3];
+            } else {
+              d[0] += acc[mt][nt][0];
+              d[1] += acc[mt][nt][1];
+              d[8 * PART] += acc[mt][nt][2];
+              d[8 * PART + 1] += acc[mt][nt][3];
+            }
+          }
+          if (wn == 0 && tq == 0) {
+            float* d = scratch + row * PART + M;
+            if (round == 0) {
+              d[0] = sq[mt][0];
+              d[8 * PART] = sq[mt][1];
+            } else {
+              d[0] += sq[mt][0];
+              d[8 * PART] += sq[mt][1];
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    const int slot = static_cast<int>(int64_t(blockIdx.x) - first_run(tile, cpt, a.per_block));
+    for (int i = threadIdx.x; i < MT * PART; i += kThreads) {
+      const int64_t t = int64_t(tile) * MT + i / PART;
+      if (t >= a.T) continue;
+      float* row = parked(a.layer_input, t, C) + slot * PART + i % PART;
+      for (int c = 0; c < a.copies; ++c) row[c * a.copy_stride] = scratch[i];
+    }
+  };
+
+  // ---- the run: a STAGES-deep ring; chunk q + STAGES - 1 loads while chunk q is worked on
+  ChunkCursor at{static_cast<int>(q_begin / cpt), static_cast<int>(q_begin % cpt)}, ahead = at;
+  clear();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    issue(s < count, ahead, s);
+    ahead.advance(cpt);
+  }
+  int stage = 0;
+  for (int q = 0; q < count; ++q) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // chunk q visible to all; every warp is done with the stage refilled next
+    issue(q + STAGES - 1 < count, ahead, (stage + STAGES - 1) % STAGES);
+    ahead.advance(cpt);
+    if constexpr (kPost) {
+      post_chunk(at, stage);
+      __syncthreads();
+    }
+    mma_chunk(stage_x(stage), stage_f(stage));
+    if (at.kc == cpt - 1 || q + 1 == count) {
+      finish_tile(at.tile);
+      clear();
+    }
+    at.advance(cpt);
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
+  }
+  cp_async_wait<0>();
+#endif
+}
+
+// ================================ B. coefficients and aggregate ====================================
+
+template <class S> struct CoefArgs {
+  const S* x;            // [T, N, C]: the streams aggregated (pre's x, post+pre's x_next)
+  const float* base;     // [M]
+  const float* scale;    // [3]
+  S* layer_input;        // [T, C]; holds A's parked partials on entry
+  float* h_pre;          // [T, N]
+  float* h_post;         // [T, N]
+  float* comb;           // [T, N, N]
+  float* mixes;          // [T, M] or null
+  float* rstd;           // [T] or null
+  int64_t T, C;
+  int64_t chunks_per_tile, per_block;  // A's runs: where each tile's partial rows are
+  int tile;              // A's tokens per tile (a multiple of group)
+  int group;             // tokens per block
+  int64_t slice;         // channels per block along blockIdx.y (a multiple of the pack)
+  int64_t copy_stride;   // floats between the copies of the partials (one per slice)
+  bool x_ready;          // x was complete before A ran (pre): load the first packs before waiting for A
+  SiteConsts<float> k;
+};
+
+template <class S, int N>
+__global__ void __launch_bounds__(kThreads) coef_aggregate_kernel(const CoefArgs<S> a) {
+  constexpr int M = N * N + 2 * N, PART = M + 1, P = kPack<S>;
+  __shared__ float sums[kMaxGroup * PART];
+  __shared__ float partial[kThreads];
+  __shared__ float hp[kMaxGroup * N];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t0 = int64_t(blockIdx.x) * a.group;
+  const int tokens = static_cast<int>(std::min<int64_t>(a.group, a.T - t0));
+  const int64_t c_begin = int64_t(blockIdx.y) * a.slice;
+  const int packs = static_cast<int>(std::min<int64_t>(a.slice, a.C - c_begin) / P);  // per token
+  const int work = tokens * packs;
+  // Only the first slice writes the coefficients; its warp 0 runs Sinkhorn while the others aggregate.
+  const bool coef_block = blockIdx.y == 0;
+  const int agg_first = coef_block ? 32 : 0, agg_threads = kThreads - agg_first;
+  const int rank = static_cast<int>(threadIdx.x) - agg_first;
+  auto x_at = [&](int q) { return a.x + ((t0 + q / packs) * N) * a.C + c_begin + (q % packs) * P; };
+
+  // ---- 1. the first packs of this thread's aggregate (x of pre is ready before A's partials are)
+  Pack<S> first[N];
+  const bool has_first = rank >= 0 && rank < work;
+  auto load_first = [&] {
+#pragma unroll
+    for (int i = 0; i < N; ++i) first[i] = load_pack_stream(x_at(rank) + i * a.C);
+  };
+  if (a.x_ready && has_first) load_first();
+  wait_for_prerequisite_grid();
+  if (!a.x_ready && has_first) load_first();
+
+  // ---- 2. fixed-order sum of the tile's partial rows; `ways` threads share a (token, column) pair
+  // when there are few pairs (decode), each summing a contiguous range of rows
+  const int64_t tile = t0 / a.tile;
+  const int runs = runs_of_tile(tile, a.chunks_per_tile, a.per_block);
+  const int pairs = tokens * PART;
+  const int ways = std::max(1, std::min(runs, kThreads / pairs));
+  const int per_way = (runs + ways - 1) / ways;
+  for (int q = threadIdx.x; q < pairs * ways; q += kThreads) {
+    const int p = q / ways, w = q % ways;
+    const float* src = parked(a.layer_input, t0 + p / PART, a.C) + blockIdx.y * a.copy_stride + p % PART;
+    const int s_end = std::min(runs, (w + 1) * per_way);
+    float v = 0.f;
+    int s = w * per_way;
+    for (; s + 4 <= s_end; s += 4) {
+      const float v0 = src[s * PART], v1 = src[(s + 1) * PART], v2 = src[(s + 2) * PART], v3 = src[(s + 3) * PART];
+      v = (((v + v0) + v1) + v2) + v3;
+    }
+    for (; s < s_end; ++s) v += src[s * PART];
+    if (ways == 1) sums[p] = v;
+    else partial[q] = v;
+  }
+  __syncthreads();
+  if (ways > 1) {
+    for (int p = threadIdx.x; p < pairs; p += kThreads) {
+      float v = 0.f;
+      for (int w = 0; w < ways; ++w) v += partial[p * ways + w];
+      sums[p] = v;
+    }
+    __syncthreads();
+  }
+
+  // ---- 3. rstd and the sigmoids, a thread per token
+  const float s_pre = scale_of(a.scale, 0), s_post = scale_of(a.scale, 1), s_res = scale_of(a.scale, 2);
+  if (static_cast<int>(threadIdx.x) < tokens) {
+    const int tl = threadIdx.x;
+    const int64_t t = t0 + tl;
+    const float* row = sums + tl * PART;
+    const float rstd = rstd_from(row[M], float(N * a.C), a.k.norm_eps);
+#pragma unroll
+    for (int i = 0; i < N; ++i) hp[tl * N + i] = sigmoid_fast(row[i] * rstd * s_pre + __ldg(a.base + i)) + a.k.pre_eps;
+    if (coef_block) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        a.h_pre[t * N + i] = hp[tl * N + i];
+        a.h_post[t * N + i] = sigmoid_fast(row[N + i] * rstd * s_post + __ldg(a.base + N + i)) * a.k.post_mult;
+      }
+      if (a.mixes)
+        for (int j = 0; j < M; ++j) a.mixes[t * M + j] = row[j] * rstd;
+      if (a.rstd) a.rstd[t] = rstd;
+    }
+  }
+  __syncthreads();  // h_pre of every token; the parked partials are all read: layer_input may be written
+
+  // ---- 4. Sinkhorn on warp 0 of the first slice; layer_input = sum_i h_pre[i] x[i] on the others
+  if (coef_block && warp == 0) {
+    if (lane < tokens) {
+      const int64_t t = t0 + lane;
+      const float* row = sums + lane * PART;
+      const float rstd = rstd_from(row[M], float(N * a.C), a.k.norm_eps);
+      float p[N * N];
+#pragma unroll
+      for (int r = 0; r < N * N; ++r) p[r] = row[2 * N + r] * rstd * s_res + __ldg(a.base + 2 * N + r);
+      sinkhorn_forward_reg<N, true>(p, a.k.eps, a.k.iters);
+#pragma unroll
+      for (int r = 0; r < N * N; ++r) a.comb[t * N * N + r] = p[r];
+    }
+    return;
+  }
+  auto aggregate = [&](int q, const Pack<S> (&xp)[N]) {
+    const int tl = q / packs;
+    float accv[P];
+#pragma unroll
+    for (int e = 0; e < P; ++e) accv[e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float w = hp[tl * N + i];
+#pragma unroll
+      for (int e = 0; e < P; ++e) accv[e] += w * to_math(xp[i].v[e]);
+    }
+    Pack<S> out;
+#pragma unroll
+    for (int e = 0; e < P; ++e) out.v[e] = from_math<S>(accv[e]);
+    store_pack(a.layer_input + (t0 + tl) * a.C + c_begin + (q % packs) * P, out);
+  };
+  if (!has_first) return;
+  if constexpr (N <= 4) {
+    // The next packs load while these are summed: two iterations of loads in flight per thread (n <= 4
+    // leaves the registers for it), which halves the latency of few-token calls.
+    Pack<S> cur[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) cur[i] = first[i];
+    for (int q = rank;; q += agg_threads) {
+      const bool more = q + agg_threads < work;
+      Pack<S> nxt[N];
+      if (more)
+#pragma unroll
+        for (int i = 0; i < N; ++i) nxt[i] = load_pack_stream(x_at(q + agg_threads) + i * a.C);
+      aggregate(q, cur);
+      if (!more) break;
+#pragma unroll
+      for (int i = 0; i < N; ++i) cur[i] = nxt[i];
+    }
+  } else {
+    aggregate(rank, first);
+    for (int q = rank + agg_threads; q < work; q += agg_threads) {
+      Pack<S> xp[N];
+#pragma unroll
+      for (int i = 0; i < N; ++i) xp[i] = load_pack_stream(x_at(q) + i * a.C);
+      aggregate(q, xp);
+    }
+  }
+}
+
+// ================================ host side ========================================================
+
+// Shared memory opt-in, once per (device, kernel).
+template <class K> void allow_large_smem(K kernel, int bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, bool> done;
+  const int dev = current_device_info().index;
+  const std::lock_guard<std::mutex> lock(mutex);
+  bool& flag = done[{dev, reinterpret_cast<const void*>(kernel)}];
+  if (flag) return;
+  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  flag = true;
+}
+
+// Resident blocks per SM of a kernel (0: does not fit), once per (device, kernel).
+template <class K> int blocks_per_sm(K kernel, int smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int> known;
+  const int dev = current_device_info().index;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(dev, reinterpret_cast<const void*>(kernel));
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
+    cudaGetLastError();
+    blocks = 0;
+  }
+  known[key] = blocks;
+  return blocks;
+}
+
+// Most partial rows a tile of `cpt` chunks gets from runs of `per_block` chunks.
+int64_t max_runs_per_tile(int64_t cpt, int64_t per_block) {
+  if (per_block % cpt == 0) return 1;
+  if (cpt % per_block == 0) return cpt / per_block;
+  return (cpt - 1) / per_block + 2;
+}
+
+// Work split of both kernels.
+struct StreamPlan {
+  int64_t chunks_per_tile = 0, total = 0, per_block = 0;
+  int blocks = 0;     // A: persistent grid, one run per block
+  int group = 1;      // B: tokens per block
+  int64_t slice = 0;  // B: channels per block
+  int slices = 1;
+};
+
+// False when the partial rows cannot be parked (layer_input rows too short for one).
+bool plan_stream(StreamPlan& p, int64_t T, int64_t C, int tile, int64_t cpt, int part_floats, int elem_bytes,
+                 int resident_per_sm, const TuningKey& key) {
+  const int sms = current_device_info().sm_count;
+  p.chunks_per_tile = cpt;
+  p.total = (T + tile - 1) / tile * cpt;
+  // B's channel slices (default one); each holds its own copy of the partials.
+  const int pack = 16 / elem_bytes;
+  const int want_slices = std::clamp(tuned(key, "stream_slices", 1), 1, 64);
+  p.slice = ((C + want_slices - 1) / want_slices + pack - 1) / pack * pack;
+  p.slices = static_cast<int>((C + p.slice - 1) / p.slice);
+  const int64_t narrowest = C - (p.slices - 1) * p.slice;
+  const int64_t capacity = std::min(p.slice, narrowest) * elem_bytes / (4 * int64_t(part_floats));
+  if (capacity < 1) return false;
+  // A: as many runs as resident blocks, lengthened until every tile's partial rows fit.
+  const int64_t grid = std::max<int64_t>(1, int64_t(resident_per_sm) * sms);
+  const int64_t even = std::min<int64_t>((p.total + grid - 1) / grid, 1 << 30);
+  int64_t per_block = std::max(1, tuned(key, "stream_chunks", static_cast<int>(even)));
+  while (max_runs_per_tile(cpt, per_block) > capacity) ++per_block;
+  p.per_block = per_block;
+  p.blocks = static_cast<int>((p.total + per_block - 1) / per_block);
+  // B: groups of up to 8 tokens while that leaves >= 4 blocks per SM.
+  int group = 1;
+  while (group < kMaxGroup && T / (2 * group) >= 4 * int64_t(sms)) group *= 2;
+  group = tuned(key, "stream_group", group);
+  p.group = (group >= 1 && group <= kMaxGroup && tile % group == 0) ? group : 1;
+  return true;
+}
+
+bool pdl_enabled() {
+  if (current_device_info().major < 9) return false;
+  const char* v = std::getenv("MHC_CUDA_PDL");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+template <class S, int N, int MT, bool kPost>
+bool launch_stream(ProjArgs<S> pa, CoefArgs<S> ca, const TuningKey& key, cudaStream_t stream) {
+  using Sh = ProjShape<N, MT>;
+  constexpr int smem = ProjSmem<S, N, MT, kPost>::TOTAL;
+  if (smem > current_device_info().max_smem_optin) return false;
+  const auto project = &project_kernel<S, N, MT, kPost>;
+  allow_large_smem(project, smem);
+  const int resident = blocks_per_sm(project, smem);
+  if (resident == 0) return false;
+  const int64_t cpt = kPost ? (pa.C + Sh::KCC - 1) / Sh::KCC : (int64_t(N) * pa.C + kChunk - 1) / kChunk;
+  StreamPlan plan;
+  if (!plan_stream(plan, pa.T, pa.C, MT, cpt, Sh::PART, int(sizeof(S)), resident, key)) return false;
+  pa.chunks_per_tile = ca.chunks_per_tile = plan.chunks_per_tile;
+  pa.total_chunks = plan.total;
+  pa.per_block = ca.per_block = plan.per_block;
+  pa.copies = plan.slices;
+  pa.copy_stride = ca.copy_stride = plan.slice * int64_t(sizeof(S)) / 4;
+  project<<<plan.blocks, kThreads, smem, stream>>>(pa);
+  MHC_CUDA_CHECK_LAUNCH();
+
+  ca.tile = MT;
+  ca.group = plan.group;
+  ca.slice = plan.slice;
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = dim3(static_cast<unsigned>((pa.T + plan.group - 1) / plan.group), static_cast<unsigned>(plan.slices));
+  lc.blockDim = dim3(kThreads);
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  lc.attrs = attr;
+  lc.numAttrs = pdl_enabled() ? 1 : 0;
+  MHC_CUDA_CHECK(cudaLaunchKernelEx(&lc, &coef_aggregate_kernel<S, N>, ca));
+  return true;
+}
+
+// Outputs of the pre part, shared by both ops.
+template <class S>
+void set_coefficient_outputs(CoefArgs<S>& ca, const TensorView& base, const TensorView& scale,
+                             const TensorView& layer_input, const TensorView& h_pre, const TensorView& h_post,
+                             const TensorView& comb, const TensorView& mixes, const TensorView& rstd,
+                             const MhcConfig& cfg) {
+  ca.base = base.ptr<const float>();
+  ca.scale = data_or_null<const float>(scale);
+  ca.layer_input = layer_input.ptr<S>();
+  ca.h_pre = h_pre.ptr<float>();
+  ca.h_post = h_post.ptr<float>();
+  ca.comb = comb.ptr<float>();
+  ca.mixes = data_or_null<float>(mixes);
+  ca.rstd = data_or_null<float>(rstd);
+  ca.k = site_consts<float>(cfg);
+}
+
+// The shapes the streaming kernels take: 16-bit streams, n in {2, 4, 8}, fn present, 16-byte aligned rows.
+bool stream_shape_ok(const TensorView& x, const TensorView& fn, std::initializer_list<const TensorView*> rows) {
+  const int n = static_cast<int>(x.shape[1]);
+  return fn.present() && (x.dtype == DType::bf16 || x.dtype == DType::f16) && (n == 2 || n == 4 || n == 8) &&
+         x.shape[2] % 8 == 0 && aligned16(rows) && aligned16({&fn});
+}
+
+// Shape checks and dispatch; `fill` sets the op's pointers of both kernels' arguments.
+template <bool kPost, class Fill>
+bool run_stream(const TensorView& x, const TensorView& fn, std::initializer_list<const TensorView*> rows,
+                const char* op, cudaStream_t stream, Fill fill) {
+  const int64_t T = x.shape[0], C = x.shape[2];
+  const int n = static_cast<int>(x.shape[1]);
+  if (!stream_shape_ok(x, fn, rows)) return false;
+  const TuningKey key{op, n, x.dtype, C, T};
+  // 128-token tiles (a 4-stage ring for n = 4, half the fn traffic of 64) once there are 4 of them.
+  const int tile = tuned(key, "stream_tile", T <= 32 ? 16 : T < 512 ? 64 : 128);
+  return dispatch_storage(x.dtype, [&](auto tag) -> bool {
+    using S = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<S, __nv_bfloat16> || std::is_same_v<S, __half>) {
+      return dispatch_streams(n, [&](auto nc) -> bool {
+        constexpr int N = decltype(nc)::value;
+        if constexpr (N == 0) {
+          return false;
+        } else {
+          ProjArgs<S> pa{};
+          CoefArgs<S> ca{};
+          pa.T = ca.T = T;
+          pa.C = ca.C = C;
+          pa.fn = fn.ptr<const float>();
+          fill(pa, ca);
+          if (tile == 16) return launch_stream<S, N, 16, kPost>(pa, ca, key, stream);
+          if (tile == 128) return launch_stream<S, N, 128, kPost>(pa, ca, key, stream);
+          return launch_stream<S, N, 64, kPost>(pa, ca, key, stream);
+        }
+      });
+    } else {
+      return false;
+    }
+  });
+}
+
+template <class Args> using StorageOf = std::remove_const_t<std::remove_pointer_t<decltype(Args::x)>>;
+
+}  // namespace
+
+PrePath pre_path() {
+  const char* v = std::getenv("MHC_CUDA_PRE");
+  if (v && std::strcmp(v, "cluster") == 0) return PrePath::cluster;
+  if (v && std::strcmp(v, "fused") == 0) return PrePath::fused;
+  return PrePath::stream;
+}
+
+bool pre_stream_supported(const PreForward& a) {
+  const int64_t C = a.x.shape[2];
+  const int n = static_cast<int>(a.x.shape[1]);
+  const int64_t elem = a.x.dtype == DType::f64 ? 8 : a.x.dtype == DType::f32 ? 4 : 2;
+  return stream_shape_ok(a.x, a.fn, {&a.x, &a.layer_input}) && C * elem >= 4 * int64_t(n * n + 2 * n + 1);
+}
+
+bool pre_stream_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t stream) {
+  return run_stream<false>(a.x, a.fn, {&a.x, &a.layer_input}, "pre_forward", stream, [&](auto& pa, auto& ca) {
+    using S = StorageOf<std::remove_reference_t<decltype(pa)>>;
+    pa.x = a.x.ptr<const S>();
+    pa.layer_input = a.layer_input.ptr<S>();
+    ca.x = pa.x;
+    ca.x_ready = true;
+    set_coefficient_outputs(ca, a.base, a.scale, a.layer_input, a.h_pre, a.h_post, a.comb, a.mixes, a.rstd, cfg);
+  });
+}
+
+bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cudaStream_t stream) {
+  return run_stream<true>(a.x, a.fn, {&a.x, &a.y, &a.x_next, &a.layer_input}, "post_pre_forward", stream,
+                          [&](auto& pa, auto& ca) {
+                            using S = StorageOf<std::remove_reference_t<decltype(pa)>>;
+                            pa.x = a.x.ptr<const S>();
+                            pa.y = a.y.ptr<const S>();
+                            pa.post_h = a.h_post.ptr<const float>();
+                            pa.post_comb = a.comb.ptr<const float>();
+                            pa.x_next = a.x_next.ptr<S>();
+                            pa.layer_input = a.layer_input.ptr<S>();
+                            ca.x = pa.x_next;
+                            ca.x_ready = false;
+                            set_coefficient_outputs(ca, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next,
+                                                    a.comb_next, a.mixes, a.rstd, cfg);
+                          });
+}
+
+}  // namespace mhc::cuda_impl

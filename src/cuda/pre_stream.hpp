@@ -1,0 +1,24 @@
+// The streaming (cluster-free) pre and fused post+pre of src/cuda/pre_stream.cu, called by the entry
+// points in src/cuda/pre.cu. The *_forward functions return false, having launched nothing, when the shape
+// is not one they handle (the caller then runs the cluster kernel or the generic path).
+#pragma once
+
+#include "cuda/host.hpp"
+
+namespace mhc::cuda_impl {
+
+// Which fast pre forward runs, from MHC_CUDA_PRE (read at every call, so benchmarks can switch at run time):
+//   stream (default, or unset): the streaming pre; post+pre fused into it for n <= 4 and at most
+//     kFusedPostPreTokens tokens, else the post kernel followed by the streaming pre (each measured the
+//     faster on H200 there: docs/cuda_notes.md, v5)
+//   fused: the streaming pre, post+pre always fused into it
+//   cluster: the cluster kernels of pre.cu
+enum class PrePath { stream, fused, cluster };
+PrePath pre_path();
+constexpr std::int64_t kFusedPostPreTokens = 16;
+
+bool pre_stream_supported(const PreForward& a);  // pre_stream_forward would run (default work split)
+bool pre_stream_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t stream);
+bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cudaStream_t stream);
+
+}  // namespace mhc::cuda_impl
