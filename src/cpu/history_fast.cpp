@@ -5,6 +5,7 @@
 // (O(H^2) comparisons, the same scheme as the CUDA kernel), which cross-checks the sort-based reference.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #endif
 
 #include "common/float_types.hpp"
+#include "cpu/fast_kernels.hpp"
 #include "history_backend.hpp"
 
 namespace mhc::cpu_fast {
@@ -242,43 +244,182 @@ template <class M> void project_backward_typed(const ProjectLogitsBackward& a, c
 }
 
 // ---- the weighted sum -------------------------------------------------------------------------------
+// Per chunk of kChunk elements; the OpenMP loops below hand chunks to a chunk function picked once per
+// call. With an fp16 stream or state on a CPU with F16C it converts 8 lanes per instruction
+// (kernels::f16_hw<3>, as the n-stream kernels do); the conversions are exact either way, so the
+// results do not depend on the CPU.
 
-// out[r] = x[r] + sum_k scaled[r, k] * h_k over R rows of N elements; scaled = gate * w, and a state
-// whose weight is 0 is skipped (not read).
+using kernels::f16_hw;
+using kernels::kIsF16;
+
+// S as code compiled for x86-64 level L sees it: fp16 becomes f16_hw<L>.
+template <class S, int L>
+using at_level_t = std::conditional_t<std::is_same_v<S, detail::f16> && L != 0, f16_hw<L>, S>;
+template <int L, class S> auto* at_level(S* p) {
+  using T = at_level_t<std::remove_const_t<S>, L>;
+  return reinterpret_cast<std::conditional_t<std::is_const_v<S>, const T, T>*>(p);
+}
+
+// The len elements of src in M: src itself when S is M, else converted into buf.
+template <class S, class M> MHC_INLINE const M* as_math(const S* src, std::int64_t len, M* buf) {
+  if constexpr (std::is_same_v<S, M>) {
+    return src;
+  } else {
+    std::int64_t i = 0;
+    if constexpr (kIsF16<S> && std::is_same_v<M, float>)
+      for (; i + 16 <= len; i += 16) {
+        const kernels::vf32 v = kernels::vload(src + i);
+        std::memcpy(buf + i, &v, sizeof(v));
+      }
+    for (; i < len; ++i) buf[i] = load(src, i);
+    return buf;
+  }
+}
+// Stores len M values rounded to S.
+template <class S, class M> MHC_INLINE void store_math(const M* src, std::int64_t len, S* dst) {
+  std::int64_t i = 0;
+  if constexpr (kIsF16<S> && std::is_same_v<M, float>)
+    for (; i + 16 <= len; i += 16) {
+      kernels::vf32 v;
+      std::memcpy(&v, src + i, sizeof(v));
+      kernels::vstore(dst + i, v);
+    }
+  for (; i < len; ++i) store(dst, i, src[i]);
+}
+
+template <class X, class S, class M> struct MixArgs {
+  const X* x;  // [R, N] or null
+  const S* h[kMaxHistory];
+  const M* w;  // [R, H]: scaled by gate
+  M gate;
+  int H;
+  std::int64_t R, N;
+  X* out;
+};
+template <int L, class X, class S, class M> MixArgs<at_level_t<X, L>, at_level_t<S, L>, M> at_level(const MixArgs<X, S, M>& a) {
+  MixArgs<at_level_t<X, L>, at_level_t<S, L>, M> b{at_level<L>(a.x), {}, a.w, a.gate, a.H, a.R, a.N, at_level<L>(a.out)};
+  for (int k = 0; k < a.H; ++k) b.h[k] = at_level<L>(a.h[k]);
+  return b;
+}
+
+// out[r] = x[r] + sum_k scaled[r, k] * h_k on chunk c; a state whose weight is 0 is skipped (not read).
+template <class X, class S, class M> MHC_INLINE void mix_chunk(const MixArgs<X, S, M>& a, std::int64_t c) {
+  const std::int64_t n0 = c * kChunk, len = std::min(kChunk, a.N - n0);
+  M acc[kChunk], buf[kChunk];
+  for (std::int64_t r = 0; r < a.R; ++r) {
+    if (a.x) {
+      const M* xr = as_math(a.x + r * a.N + n0, len, buf);
+      std::copy(xr, xr + len, acc);
+    } else {
+      std::fill(acc, acc + len, M(0));
+    }
+    for (int k = 0; k < a.H; ++k) {
+      const M wk = a.w[r * a.H + k];
+      if (wk == M(0)) continue;
+      const M scaled = a.gate * wk;
+      const M* hk = as_math(a.h[k] + n0, len, buf);
+      for (std::int64_t i = 0; i < len; ++i) acc[i] += scaled * hk[i];
+    }
+    store_math(acc, len, a.out + r * a.N + n0);
+  }
+}
+
+template <class M> M dot_chunk(const M* g, const M* h, std::int64_t len) {
+  M lane[kLanes] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += g[i + j] * h[i + j];
+  M sum = 0;
+  for (int j = 0; j < kLanes; ++j) sum += lane[j];
+  for (; i < len; ++i) sum += g[i] * h[i];
+  return sum;
+}
+
+template <class X, class S, class M> struct MixBackwardArgs {
+  const X* grad_out;  // [R, N]
+  const S* h[kMaxHistory];
+  S* gh[kMaxHistory];  // null: that state's gradient is not wanted
+  const M* w;
+  M gate;
+  const bool* need_dot;  // [R, H]
+  int H;
+  std::int64_t R, N;
+};
+template <int L, class X, class S, class M>
+MixBackwardArgs<at_level_t<X, L>, at_level_t<S, L>, M> at_level(const MixBackwardArgs<X, S, M>& a) {
+  MixBackwardArgs<at_level_t<X, L>, at_level_t<S, L>, M> b{at_level<L>(a.grad_out), {}, {}, a.w, a.gate,
+                                                            a.need_dot, a.H, a.R, a.N};
+  for (int k = 0; k < a.H; ++k) {
+    b.h[k] = at_level<L>(a.h[k]);
+    b.gh[k] = at_level<L>(a.gh[k]);
+  }
+  return b;
+}
+
+// Backward of mix_chunk on chunk c: adds <grad_out[r], h_k> to dots[r * H + k] where need_dot, and
+// writes grad_states[k] = gate * sum_r w[r, k] grad_out[r].
+template <class X, class S, class M>
+MHC_INLINE void mix_backward_chunk(const MixBackwardArgs<X, S, M>& a, std::int64_t c, double* dots) {
+  const std::int64_t n0 = c * kChunk, len = std::min(kChunk, a.N - n0);
+  M g_buf[kChunk], h_buf[kChunk], acc[kChunk];
+  for (std::int64_t r = 0; r < a.R; ++r) {
+    const M* g = as_math(a.grad_out + r * a.N + n0, len, g_buf);
+    for (int k = 0; k < a.H; ++k)
+      if (a.need_dot[r * a.H + k])
+        dots[r * a.H + k] += static_cast<double>(dot_chunk(g, as_math(a.h[k] + n0, len, h_buf), len));
+  }
+  for (int k = 0; k < a.H; ++k) {
+    if (!a.gh[k]) continue;
+    std::fill(acc, acc + len, M(0));
+    for (std::int64_t r = 0; r < a.R; ++r) {
+      const M scaled = a.gate * a.w[r * a.H + k];
+      if (scaled == M(0)) continue;
+      const M* gr = as_math(a.grad_out + r * a.N + n0, len, g_buf);
+      for (std::int64_t i = 0; i < len; ++i) acc[i] += scaled * gr[i];
+    }
+    store_math(acc, len, a.gh[k] + n0);
+  }
+}
+
+// The chunk functions, and the one for this CPU. The F16C one is compiled for AVX2 + F16C without FMA:
+// a fused multiply-add would round differently from the baseline's multiply then add, and these loops
+// are bound by memory, not by arithmetic.
+template <class X, class S, class M> void mix_chunk_baseline(const MixArgs<X, S, M>& a, std::int64_t c) {
+  mix_chunk(a, c);
+}
+template <class X, class S, class M>
+void mix_backward_chunk_baseline(const MixBackwardArgs<X, S, M>& a, std::int64_t c, double* dots) {
+  mix_backward_chunk(a, c, dots);
+}
+#if MHC_CPU_F16_LEVELS
+#define MHC_TARGET_F16C_NO_FMA __attribute__((target("avx2,f16c,no-fma")))
+template <class X, class S, class M>
+MHC_TARGET_F16C_NO_FMA void mix_chunk_f16c(const MixArgs<X, S, M>& a, std::int64_t c) {
+  mix_chunk(at_level<3>(a), c);
+}
+template <class X, class S, class M>
+MHC_TARGET_F16C_NO_FMA void mix_backward_chunk_f16c(const MixBackwardArgs<X, S, M>& a, std::int64_t c,
+                                                    double* dots) {
+  mix_backward_chunk(at_level<3>(a), c, dots);
+}
+#undef MHC_TARGET_F16C_NO_FMA
+#endif
+template <class X, class S> inline constexpr bool uses_f16 = std::is_same_v<X, detail::f16> || std::is_same_v<S, detail::f16>;
+
+// out[r] = x[r] + sum_k scaled[r, k] * h_k over R rows of N elements; scaled = gate * w.
 template <class X, class S, class M>
 void mix_rows(const X* x, std::span<const TensorView> states, const M* w, M gate, std::int64_t R, std::int64_t N,
               X* out, int threads) {
   const int H = static_cast<int>(states.size());
-  const S* h[kMaxHistory];
-  for (int k = 0; k < H; ++k) h[k] = states[k].ptr<const S>();
+  MixArgs<X, S, M> a{x, {}, w, gate, H, R, N, out};
+  for (int k = 0; k < H; ++k) a.h[k] = states[k].ptr<const S>();
+  auto chunk = &mix_chunk_baseline<X, S, M>;
+#if MHC_CPU_F16_LEVELS
+  if constexpr (uses_f16<X, S>)
+    if (kernels::f16_isa_level() >= 3) chunk = &mix_chunk_f16c<X, S, M>;
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads) if (N * R * (H + 2) > kParallelMinWork)
-  for (std::int64_t c = 0; c < chunks_of(N); ++c) {
-    const std::int64_t n0 = c * kChunk, len = std::min(kChunk, N - n0);
-    M acc[kChunk];
-    for (std::int64_t r = 0; r < R; ++r) {
-      if (x) for (std::int64_t i = 0; i < len; ++i) acc[i] = load(x + r * N + n0, i);
-      else std::fill(acc, acc + len, M(0));
-      for (int k = 0; k < H; ++k) {
-        const M wk = w[r * H + k];
-        if (wk == M(0)) continue;
-        const M scaled = gate * wk;
-        const S* hk = h[k] + n0;
-        for (std::int64_t i = 0; i < len; ++i) acc[i] += scaled * load(hk, i);
-      }
-      for (std::int64_t i = 0; i < len; ++i) store(out + r * N + n0, i, acc[i]);
-    }
-  }
-}
-
-template <class S, class M> M dot_chunk(const M* g, const S* h, std::int64_t len) {
-  M lane[kLanes] = {};
-  std::int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] += g[i + j] * load(h, i + j);
-  M sum = 0;
-  for (int j = 0; j < kLanes; ++j) sum += lane[j];
-  for (; i < len; ++i) sum += g[i] * load(h, i);
-  return sum;
+  for (std::int64_t c = 0; c < chunks_of(N); ++c) chunk(a, c);
 }
 
 // Backward of mix_rows. dots[r * H + k] = <grad_out[r], h_k> (fp64 across chunks), computed for every
@@ -290,10 +431,15 @@ void mix_rows_backward(const X* grad_out, std::span<const TensorView> states, st
                        double* dots, int threads) {
   const int H = static_cast<int>(states.size());
   const std::int64_t RH = R * H;
-  const S* h[kMaxHistory];
-  S* gh[kMaxHistory] = {};
-  for (int k = 0; k < H; ++k) h[k] = states[k].ptr<const S>();
-  for (std::size_t k = 0; k < grad_states.size(); ++k) gh[k] = grad_states[k].present() ? grad_states[k].ptr<S>() : nullptr;
+  MixBackwardArgs<X, S, M> a{grad_out, {}, {}, w, gate, need_dot, H, R, N};
+  for (int k = 0; k < H; ++k) a.h[k] = states[k].ptr<const S>();
+  for (std::size_t k = 0; k < grad_states.size(); ++k)
+    a.gh[k] = grad_states[k].present() ? grad_states[k].ptr<S>() : nullptr;
+  auto chunk = &mix_backward_chunk_baseline<X, S, M>;
+#if MHC_CPU_F16_LEVELS
+  if constexpr (uses_f16<X, S>)
+    if (kernels::f16_isa_level() >= 3) chunk = &mix_backward_chunk_f16c<X, S, M>;
+#endif
   std::fill(partials, partials + threads * RH, 0.0);
   const std::int64_t chunks = chunks_of(N);
 #pragma omp parallel num_threads(threads) if (N * R * (H + 2) > kParallelMinWork)
@@ -301,28 +447,7 @@ void mix_rows_backward(const X* grad_out, std::span<const TensorView> states, st
     const int tid = thread_id(), team = team_size();
     // Contiguous static ranges of chunks: each thread's partial sums have a fixed order.
     const std::int64_t lo = chunks * tid / team, hi = chunks * (tid + 1) / team;
-    double* mine = partials + tid * RH;
-    M g[kChunk], acc[kChunk];
-    for (std::int64_t c = lo; c < hi; ++c) {
-      const std::int64_t n0 = c * kChunk, len = std::min(kChunk, N - n0);
-      for (std::int64_t r = 0; r < R; ++r) {
-        for (std::int64_t i = 0; i < len; ++i) g[i] = load(grad_out + r * N + n0, i);
-        for (int k = 0; k < H; ++k)
-          if (need_dot[r * H + k]) mine[r * H + k] += static_cast<double>(dot_chunk(g, h[k] + n0, len));
-      }
-      if (!grad_states.empty())
-        for (int k = 0; k < H; ++k) {
-          if (!gh[k]) continue;  // not wanted
-          std::fill(acc, acc + len, M(0));
-          for (std::int64_t r = 0; r < R; ++r) {
-            const M scaled = gate * w[r * H + k];
-            if (scaled == M(0)) continue;
-            const X* gr = grad_out + r * N + n0;
-            for (std::int64_t i = 0; i < len; ++i) acc[i] += scaled * load(gr, i);
-          }
-          for (std::int64_t i = 0; i < len; ++i) store(gh[k] + n0, i, acc[i]);
-        }
-    }
+    for (std::int64_t c = lo; c < hi; ++c) chunk(a, c, partials + tid * RH);
   }
   for (std::int64_t j = 0; j < RH; ++j) {
     double sum = 0;
