@@ -49,6 +49,9 @@ MHC_FOR_EACH_OP(MHC_DECLARE_OP)
 MHC_DECLARE_WORKSPACE_QUERIES
 std::int64_t count_nonfinite(const TensorView& t, const Context& ctx);  // synchronises the stream
 int device_count();
+TuningStatus tuning_status();  // src/cuda/tuning.cpp
+TuningStatus reload_tuning();
+void set_tuning_json(const std::string& json);
 }  // namespace cuda_impl
 
 }  // namespace mhc

@@ -16,5 +16,8 @@ std::size_t pre_backward_workspace_bytes(const PreBackward&, const MhcConfig&, c
 std::size_t head_backward_workspace_bytes(const HeadBackward&, const MhcConfig&, const Context&) { unavailable(); }
 std::int64_t count_nonfinite(const TensorView&, const Context&) { unavailable(); }
 int device_count() { return 0; }
+TuningStatus tuning_status() { return {}; }
+TuningStatus reload_tuning() { return {}; }
+void set_tuning_json(const std::string&) { unavailable(); }
 
 }  // namespace mhc::cuda_impl

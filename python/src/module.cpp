@@ -104,6 +104,18 @@ NB_MODULE(_C, m) {
   m.def("built_with_cuda", &mhc::built_with_cuda);
   m.def("cuda_device_count", &mhc::cuda_device_count);
 
+  // The CUDA tuning table: {"path", "entries", "error"} (see mhc/ops.hpp and docs/TUNING.md).
+  auto status_dict = [](const TuningStatus& s) {
+    nb::dict d;
+    d["path"] = s.path;
+    d["entries"] = s.entries;
+    d["error"] = s.error;
+    return d;
+  };
+  m.def("tuning_status", [status_dict] { return status_dict(mhc::tuning_status()); });
+  m.def("reload_tuning", [status_dict] { return status_dict(mhc::reload_tuning()); });
+  m.def("set_tuning_json", &mhc::set_tuning_json, nb::arg("json"));
+
   python::bind_nstream(m);
   python::bind_history(m);
 }
