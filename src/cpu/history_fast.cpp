@@ -260,31 +260,69 @@ template <int L, class S> auto* at_level(S* p) {
   return reinterpret_cast<std::conditional_t<std::is_const_v<S>, const T, T>*>(p);
 }
 
-// The len elements of src in M: src itself when S is M, else converted into buf.
-template <class S, class M> MHC_INLINE const M* as_math(const S* src, std::int64_t len, M* buf) {
+// fp16 with fp32 math converts 16 lanes per step (kernels::vload / vstore); other types convert
+// element by element, loops the compiler vectorises itself.
+template <class S, class M> inline constexpr bool kVectorF16 = kIsF16<S> && std::is_same_v<M, float>;
+using kernels::vf32;
+
+// dst[i] = src[i] in M.
+template <class S, class M> MHC_INLINE void to_math(const S* src, std::int64_t len, M* dst) {
   if constexpr (std::is_same_v<S, M>) {
-    return src;
+    std::copy(src, src + len, dst);
   } else {
     std::int64_t i = 0;
-    if constexpr (kIsF16<S> && std::is_same_v<M, float>)
+    if constexpr (kVectorF16<S, M>)
       for (; i + 16 <= len; i += 16) {
-        const kernels::vf32 v = kernels::vload(src + i);
-        std::memcpy(buf + i, &v, sizeof(v));
+        const vf32 v = kernels::vload(src + i);
+        std::memcpy(dst + i, &v, sizeof(v));
       }
-    for (; i < len; ++i) buf[i] = load(src, i);
-    return buf;
+    for (; i < len; ++i) dst[i] = load(src, i);
   }
 }
-// Stores len M values rounded to S.
+// dst[i] = src[i] rounded to S.
 template <class S, class M> MHC_INLINE void store_math(const M* src, std::int64_t len, S* dst) {
   std::int64_t i = 0;
-  if constexpr (kIsF16<S> && std::is_same_v<M, float>)
+  if constexpr (kVectorF16<S, M>)
     for (; i + 16 <= len; i += 16) {
-      kernels::vf32 v;
+      vf32 v;
       std::memcpy(&v, src + i, sizeof(v));
       kernels::vstore(dst + i, v);
     }
   for (; i < len; ++i) store(dst, i, src[i]);
+}
+// acc[i] += scaled * src[i].
+template <class S, class M> MHC_INLINE void add_scaled(M* acc, M scaled, const S* src, std::int64_t len) {
+  std::int64_t i = 0;
+  if constexpr (kVectorF16<S, M>)
+    for (; i + 16 <= len; i += 16) {
+      vf32 v;
+      std::memcpy(&v, acc + i, sizeof(v));
+      v += scaled * kernels::vload(src + i);
+      std::memcpy(acc + i, &v, sizeof(v));
+    }
+  for (; i < len; ++i) acc[i] += scaled * load(src, i);
+}
+// <g, h> over len elements: kLanes partial sums, then their sum in order, then the tail.
+template <class S, class M> MHC_INLINE M dot_chunk(const M* g, const S* h, std::int64_t len) {
+  static_assert(kLanes == 16, "the fp16 vectors hold one partial sum per lane");
+  M lane[kLanes] = {};
+  std::int64_t i = 0;
+  if constexpr (kVectorF16<S, M>) {
+    vf32 lanes{};
+    for (; i + kLanes <= len; i += kLanes) {
+      vf32 gv;
+      std::memcpy(&gv, g + i, sizeof(gv));
+      lanes += gv * kernels::vload(h + i);
+    }
+    std::memcpy(lane, &lanes, sizeof(lanes));
+  } else {
+    for (; i + kLanes <= len; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) lane[j] += g[i + j] * load(h, i + j);
+  }
+  M sum = 0;
+  for (int j = 0; j < kLanes; ++j) sum += lane[j];
+  for (; i < len; ++i) sum += g[i] * load(h, i);
+  return sum;
 }
 
 template <class X, class S, class M> struct MixArgs {
@@ -305,34 +343,16 @@ template <int L, class X, class S, class M> MixArgs<at_level_t<X, L>, at_level_t
 // out[r] = x[r] + sum_k scaled[r, k] * h_k on chunk c; a state whose weight is 0 is skipped (not read).
 template <class X, class S, class M> MHC_INLINE void mix_chunk(const MixArgs<X, S, M>& a, std::int64_t c) {
   const std::int64_t n0 = c * kChunk, len = std::min(kChunk, a.N - n0);
-  M acc[kChunk], buf[kChunk];
+  M acc[kChunk];
   for (std::int64_t r = 0; r < a.R; ++r) {
-    if (a.x) {
-      const M* xr = as_math(a.x + r * a.N + n0, len, buf);
-      std::copy(xr, xr + len, acc);
-    } else {
-      std::fill(acc, acc + len, M(0));
-    }
+    if (a.x) to_math(a.x + r * a.N + n0, len, acc);
+    else std::fill(acc, acc + len, M(0));
     for (int k = 0; k < a.H; ++k) {
       const M wk = a.w[r * a.H + k];
-      if (wk == M(0)) continue;
-      const M scaled = a.gate * wk;
-      const M* hk = as_math(a.h[k] + n0, len, buf);
-      for (std::int64_t i = 0; i < len; ++i) acc[i] += scaled * hk[i];
+      if (wk != M(0)) add_scaled(acc, a.gate * wk, a.h[k] + n0, len);
     }
     store_math(acc, len, a.out + r * a.N + n0);
   }
-}
-
-template <class M> M dot_chunk(const M* g, const M* h, std::int64_t len) {
-  M lane[kLanes] = {};
-  std::int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] += g[i + j] * h[i + j];
-  M sum = 0;
-  for (int j = 0; j < kLanes; ++j) sum += lane[j];
-  for (; i < len; ++i) sum += g[i] * h[i];
-  return sum;
 }
 
 template <class X, class S, class M> struct MixBackwardArgs {
@@ -361,21 +381,18 @@ MixBackwardArgs<at_level_t<X, L>, at_level_t<S, L>, M> at_level(const MixBackwar
 template <class X, class S, class M>
 MHC_INLINE void mix_backward_chunk(const MixBackwardArgs<X, S, M>& a, std::int64_t c, double* dots) {
   const std::int64_t n0 = c * kChunk, len = std::min(kChunk, a.N - n0);
-  M g_buf[kChunk], h_buf[kChunk], acc[kChunk];
+  M g[kChunk], acc[kChunk];
   for (std::int64_t r = 0; r < a.R; ++r) {
-    const M* g = as_math(a.grad_out + r * a.N + n0, len, g_buf);
+    to_math(a.grad_out + r * a.N + n0, len, g);
     for (int k = 0; k < a.H; ++k)
-      if (a.need_dot[r * a.H + k])
-        dots[r * a.H + k] += static_cast<double>(dot_chunk(g, as_math(a.h[k] + n0, len, h_buf), len));
+      if (a.need_dot[r * a.H + k]) dots[r * a.H + k] += static_cast<double>(dot_chunk(g, a.h[k] + n0, len));
   }
   for (int k = 0; k < a.H; ++k) {
     if (!a.gh[k]) continue;
     std::fill(acc, acc + len, M(0));
     for (std::int64_t r = 0; r < a.R; ++r) {
       const M scaled = a.gate * a.w[r * a.H + k];
-      if (scaled == M(0)) continue;
-      const M* gr = as_math(a.grad_out + r * a.N + n0, len, g_buf);
-      for (std::int64_t i = 0; i < len; ++i) acc[i] += scaled * gr[i];
+      if (scaled != M(0)) add_scaled(acc, scaled, a.grad_out + r * a.N + n0, len);
     }
     store_math(acc, len, a.gh[k] + n0);
   }
