@@ -260,10 +260,45 @@ template <int L, class S> auto* at_level(S* p) {
   return reinterpret_cast<std::conditional_t<std::is_const_v<S>, const T, T>*>(p);
 }
 
-// fp16 with fp32 math converts 16 lanes per step (kernels::vload / vstore); other types convert
-// element by element, loops the compiler vectorises itself.
+// fp16 with fp32 math converts 16 elements per step, as two 8-lane halves: the F16C path runs on AVX2,
+// where GCC keeps 8-lane vectors in registers but spills 16-lane ones. Other types convert element by
+// element, in loops the compiler vectorises itself.
 template <class S, class M> inline constexpr bool kVectorF16 = kIsF16<S> && std::is_same_v<M, float>;
 using kernels::vf32;
+using kernels::vf32x8;
+using kernels::vi16x8;
+
+template <class S> MHC_INLINE void load16(const S* p, vf32x8& lo, vf32x8& hi) {
+  if constexpr (kernels::kF16Level<S> >= 3) {
+    vi16x8 h[2];
+    std::memcpy(h, p, sizeof(h));
+    lo = __builtin_ia32_vcvtph2ps256(h[0]);
+    hi = __builtin_ia32_vcvtph2ps256(h[1]);
+  } else {
+    const vf32 v = kernels::vload(p);
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  }
+}
+template <class S> MHC_INLINE void store16(S* p, vf32x8 lo, vf32x8 hi) {
+  if constexpr (kernels::kF16Level<S> >= 3) {
+    const vi16x8 h[2] = {__builtin_ia32_vcvtps2ph256(lo, 0), __builtin_ia32_vcvtps2ph256(hi, 0)};  // nearest even
+    std::memcpy(p, h, sizeof(h));
+  } else {
+    vf32 v;
+    std::memcpy(&v, &lo, sizeof(lo));
+    std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+    kernels::vstore(p, v);
+  }
+}
+MHC_INLINE void load16(const float* p, vf32x8& lo, vf32x8& hi) {
+  std::memcpy(&lo, p, sizeof(lo));
+  std::memcpy(&hi, p + 8, sizeof(hi));
+}
+MHC_INLINE void store16(float* p, vf32x8 lo, vf32x8 hi) {
+  std::memcpy(p, &lo, sizeof(lo));
+  std::memcpy(p + 8, &hi, sizeof(hi));
+}
 
 // dst[i] = src[i] in M.
 template <class S, class M> MHC_INLINE void to_math(const S* src, std::int64_t len, M* dst) {
@@ -272,9 +307,9 @@ template <class S, class M> MHC_INLINE void to_math(const S* src, std::int64_t l
   } else {
     std::int64_t i = 0;
     if constexpr (kVectorF16<S, M>)
-      for (; i + 16 <= len; i += 16) {
-        const vf32 v = kernels::vload(src + i);
-        std::memcpy(dst + i, &v, sizeof(v));
+      for (vf32x8 lo, hi; i + 16 <= len; i += 16) {
+        load16(src + i, lo, hi);
+        store16(dst + i, lo, hi);
       }
     for (; i < len; ++i) dst[i] = load(src, i);
   }
@@ -283,10 +318,9 @@ template <class S, class M> MHC_INLINE void to_math(const S* src, std::int64_t l
 template <class S, class M> MHC_INLINE void store_math(const M* src, std::int64_t len, S* dst) {
   std::int64_t i = 0;
   if constexpr (kVectorF16<S, M>)
-    for (; i + 16 <= len; i += 16) {
-      vf32 v;
-      std::memcpy(&v, src + i, sizeof(v));
-      kernels::vstore(dst + i, v);
+    for (vf32x8 lo, hi; i + 16 <= len; i += 16) {
+      load16(src + i, lo, hi);
+      store16(dst + i, lo, hi);
     }
   for (; i < len; ++i) store(dst, i, src[i]);
 }
@@ -294,27 +328,27 @@ template <class S, class M> MHC_INLINE void store_math(const M* src, std::int64_
 template <class S, class M> MHC_INLINE void add_scaled(M* acc, M scaled, const S* src, std::int64_t len) {
   std::int64_t i = 0;
   if constexpr (kVectorF16<S, M>)
-    for (; i + 16 <= len; i += 16) {
-      vf32 v;
-      std::memcpy(&v, acc + i, sizeof(v));
-      v += scaled * kernels::vload(src + i);
-      std::memcpy(acc + i, &v, sizeof(v));
+    for (vf32x8 a_lo, a_hi, h_lo, h_hi; i + 16 <= len; i += 16) {
+      load16(acc + i, a_lo, a_hi);
+      load16(src + i, h_lo, h_hi);
+      store16(acc + i, a_lo + scaled * h_lo, a_hi + scaled * h_hi);
     }
   for (; i < len; ++i) acc[i] += scaled * load(src, i);
 }
 // <g, h> over len elements: kLanes partial sums, then their sum in order, then the tail.
 template <class S, class M> MHC_INLINE M dot_chunk(const M* g, const S* h, std::int64_t len) {
-  static_assert(kLanes == 16, "the fp16 vectors hold one partial sum per lane");
+  static_assert(kLanes == 16, "the fp16 path holds one partial sum per lane of two 8-lane vectors");
   M lane[kLanes] = {};
   std::int64_t i = 0;
   if constexpr (kVectorF16<S, M>) {
-    vf32 lanes{};
-    for (; i + kLanes <= len; i += kLanes) {
-      vf32 gv;
-      std::memcpy(&gv, g + i, sizeof(gv));
-      lanes += gv * kernels::vload(h + i);
+    vf32x8 lo{}, hi{};
+    for (vf32x8 g_lo, g_hi, h_lo, h_hi; i + kLanes <= len; i += kLanes) {
+      load16(g + i, g_lo, g_hi);
+      load16(h + i, h_lo, h_hi);
+      lo += g_lo * h_lo;
+      hi += g_hi * h_hi;
     }
-    std::memcpy(lane, &lanes, sizeof(lanes));
+    store16(lane, lo, hi);
   } else {
     for (; i + kLanes <= len; i += kLanes)
       for (int j = 0; j < kLanes; ++j) lane[j] += g[i + j] * load(h, i + j);
