@@ -254,7 +254,7 @@ using kernels::kIsF16;
 
 // S as code compiled for x86-64 level L sees it: fp16 becomes f16_hw<L>.
 template <class S, int L>
-using at_level_t = std::conditional_t<std::is_same_v<S, detail::f16> && L != 0, f16_hw<L>, S>;
+using at_level_t = std::conditional_t<std::is_same_v<S, detail::f16>, f16_hw<L>, S>;
 template <int L, class S> auto* at_level(S* p) {
   using T = at_level_t<std::remove_const_t<S>, L>;
   return reinterpret_cast<std::conditional_t<std::is_const_v<S>, const T, T>*>(p);

@@ -81,7 +81,7 @@ class Result:
     default_us: float
     best: Params  # == default when nothing beat it
     best_us: float
-    rejected: Dict[Params, float] = field(default_factory=dict)  # params -> max |difference| from the default
+    rejected: Dict[Params, float] = field(default_factory=dict)  # params -> max |difference| (inf: failed)
 
     @property
     def gain(self) -> float:
@@ -205,12 +205,17 @@ def tune_shape(op: str, n: int, C: int, T: int, dtype_name: str, tolerance: floa
     for p in candidates(op):
         if p == default:
             continue
-        _set_table(entry(p))
-        got = _call(op, params, per_set[0])
-        if not _within(got, want, tolerance):
-            rejected[p] = _max_difference(got, want)
-            continue
-        timings[p] = timed(p)
+        try:
+            _set_table(entry(p))
+            got = _call(op, params, per_set[0])
+            if not _within(got, want, tolerance):
+                rejected[p] = _max_difference(got, want)
+                continue
+            timings[p] = timed(p)
+        except RuntimeError as e:  # a launch the GPU refuses: not a usable choice
+            print(f"    {fmt_params(p)} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            torch.cuda.synchronize()
+            rejected[p] = math.inf
     default_us = timed(None)
     best, best_us = default, default_us
     if timings:
