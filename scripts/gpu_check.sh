@@ -5,8 +5,9 @@
 # limit, so a slow or failing stage still leaves the others' results; a summary is printed last.
 #
 #   scripts/gpu_check.sh                         # all stages
-#   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench,history_bench,demo
+#   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench,history_bench,demo,tune
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh    # arguments for bench/python/bench_ops.py
+#   TUNE_ARGS="" STAGES=build,tune scripts/gpu_check.sh  # `mhc tune` (default --quick) into $OUT/tuning.json
 #   LIMIT_BUILD/LIMIT_TESTS/LIMIT_SANITIZE/LIMIT_PYTHON/LIMIT_BENCH: per-stage time limits in seconds
 #   TEST_FILTER/MEMCHECK_FILTER/RACECHECK_FILTER: gtest filters of the GPU suite and the sanitizer runs
 #   BUILD_DIR: build tree (default build/device); without the build stage its binaries are used as found
@@ -118,6 +119,16 @@ if has history_bench; then
   fi
 fi
 
+if has tune; then  # not in the default stages: it writes a tuning file
+  if ls python/mhc/_C*.so >/dev/null 2>&1; then
+    # The table goes to $OUT/tuning.json; `mhc info` in a new process then shows the library loading it.
+    run_stage tune "${LIMIT_TUNE:-300}" env PYTHONPATH="$ROOT/python" MHC_TUNING_FILE="$OUT/tuning.json" bash -c \
+      "$PY -m mhc.cli tune ${TUNE_ARGS---quick} --json '$OUT/tune.json' && $PY -m mhc.cli info"
+  else
+    note "tune: skipped (no extension built)"
+  fi
+fi
+
 if has demo; then
   if ls python/mhc/_C*.so >/dev/null 2>&1; then
     run_stage demo "${LIMIT_DEMO:-300}" env PYTHONPATH="$ROOT/python" $PY -m mhc.cli demo --device cuda \
@@ -133,4 +144,5 @@ printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
 if [[ -f $OUT/gpu_tests.log ]]; then grep -E "^\[  (PASSED|FAILED) |tests? ran|FAILED TEST" "$OUT/gpu_tests.log" | tail -n 15; fi
 if [[ -f $OUT/python_tests.log ]]; then grep -E "passed|failed" "$OUT/python_tests.log" | tail -n 3; fi
 if [[ -f $OUT/bench.log ]]; then echo; tail -n 60 "$OUT/bench.log"; fi
+if [[ -f $OUT/tune.log ]]; then echo; tail -n 45 "$OUT/tune.log"; fi
 if [[ -f $OUT/demo.log ]]; then echo; tail -n 4 "$OUT/demo.log"; fi

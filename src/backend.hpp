@@ -63,6 +63,9 @@ namespace cuda_impl {  // src/cuda/*.cu (or src/ops_nocuda.cpp when built withou
 MHC_DECLARE_BACKEND
 std::int64_t count_nonfinite(const TensorView& t, const Context& ctx);  // synchronises the stream
 int device_count();
+TuningStatus tuning_status();  // src/cuda/tuning.cpp
+TuningStatus reload_tuning();
+void set_tuning_json(const std::string& json);
 }  // namespace cuda_impl
 
 }  // namespace mhc

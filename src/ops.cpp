@@ -286,4 +286,8 @@ bool built_with_cuda() {
 
 int cuda_device_count() { return built_with_cuda() ? cuda_impl::device_count() : 0; }
 
+TuningStatus tuning_status() { return cuda_impl::tuning_status(); }
+TuningStatus reload_tuning() { return cuda_impl::reload_tuning(); }
+void set_tuning_json(const std::string& json) { cuda_impl::set_tuning_json(json); }
+
 }  // namespace mhc

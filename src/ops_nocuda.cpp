@@ -17,5 +17,8 @@ MHC_FOR_EACH_WORKSPACE_QUERY(MHC_UNAVAILABLE_QUERY)
 
 std::int64_t count_nonfinite(const TensorView&, const Context&) { unavailable(); }
 int device_count() { return 0; }
+TuningStatus tuning_status() { return {}; }
+TuningStatus reload_tuning() { return {}; }
+void set_tuning_json(const std::string&) { unavailable(); }
 
 }  // namespace mhc::cuda_impl

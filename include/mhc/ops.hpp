@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
 
 #include "mhc/config.hpp"
 #include "mhc/errors.hpp"
@@ -170,5 +171,20 @@ void residual_add_agg_backward(const ResidualAddAggBackward& args, const MhcConf
 bool built_with_cuda();
 int cuda_device_count();  // 0 without CUDA or without a device
 const char* version();
+
+// ---- the tuning table of the CUDA backend (docs/TUNING.md) ---------------------------------
+struct TuningStatus {
+  std::string path;   // the file the table was read from; "" when none was found or it was ignored
+  int entries = 0;    // entries that apply to this GPU (0 for a file made on another GPU model)
+  std::string error;  // why the file was ignored (malformed); "" otherwise
+};
+// The table in use, read from the tuning file at the first CUDA op that consults it (or now).
+// Without CUDA: an empty status.
+TuningStatus tuning_status();
+// Reads the tuning file again (e.g. after `mhc tune` wrote it) and returns the new status.
+TuningStatus reload_tuning();
+// Replaces this process's table by `json` (the file format): how the tuner tries a candidate.
+// Throws InvalidArgument for malformed text, DeviceError without CUDA.
+void set_tuning_json(const std::string& json);
 
 }  // namespace mhc

@@ -87,13 +87,32 @@ def _probe_backend(C, backend: str, device: str) -> str:
         return f"unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
-def _tuning_file() -> str:
-    from . import tuning
+def _tuning_file(cuda_ready: bool):
+    """(the info line, a warning or None) for the tuning file a new process would load."""
+    import torch
 
-    path = tuning.tuning_file_path()
-    if path is not None:
-        return str(path)
-    return f"none (looked for {tuning.default_path()}; set MHC_TUNING_FILE or run `mhc tune`)"
+    from . import _C, tuning
+
+    path = tuning.default_path()
+    if not path.is_file():
+        return f"none (looked for {path}; set MHC_TUNING_FILE or run `mhc tune`)", None
+    problem = tuning.file_problem(path)
+    status = _C.reload_tuning() if cuda_ready else None  # what the CUDA backend itself makes of the file
+    if problem is None and status is not None:
+        problem = status["error"] or None
+    if problem is not None:
+        return (f"{path}: MALFORMED, ignored (kernels use their built-in choices)",
+                f"mhc info: WARNING: the tuning file {path} is malformed and ignored: {problem}")
+    table = tuning.load(path)
+    made_on = table.get("device") or ""
+    line = f"{path} ({len(table['entries'])} entries, measured on {made_on or 'any GPU'})"
+    if cuda_ready:
+        here = torch.cuda.get_device_name()
+        if made_on and made_on != here:
+            line += f"; this GPU is {here}: not applied"
+        else:
+            line += f"; {status['entries']} apply to this GPU"
+    return line, None
 
 
 def _run_info(args) -> int:
@@ -130,8 +149,11 @@ def _run_info(args) -> int:
         lines.append("backend cuda           unavailable (" +
                      ("no CUDA device" if built_cuda else "built without CUDA") + ")")
     lines.append(f"CPU threads     {torch.get_num_threads()} (torch)")
-    lines.append(f"tuning file     {_tuning_file()}")
+    tuning_line, tuning_warning = _tuning_file(built_cuda and torch.cuda.is_available() and cuda_count > 0)
+    lines.append(f"tuning file     {tuning_line}")
     print("\n".join(lines))
+    if tuning_warning:
+        print(tuning_warning, file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""ONNX export of models with multi-history skips, checked against onnxruntime.
+"""ONNX export of models built from the mhc modules (multi-history skips and n-stream sites), checked against onnxruntime.
 
 While ``torch.onnx.export`` traces, the skips switch to plain PyTorch ops that map to standard ONNX
 operators (TopK and CumSum for sparsemax, Softmax, Mul/Add for the weighted sum; a frozen
@@ -7,6 +7,12 @@ keeps its history functional. So both the plain call from seed 000 and these hel
 
     model.clear_history()
     torch.onnx.export(model, dummy_input, "model.onnx", opset_version=14, do_constant_folding=True)
+
+The n-stream modules (``StreamExpand``, ``MHC`` sites, ``MHCLayer``, ``MHCHead``, ``MHCRewire``) call custom
+ops; :mod:`mhc.decompositions` registers their plain-PyTorch decompositions, which the torch.export-based
+exporter (``torch.onnx.export(..., dynamo=True)``, torch's default) applies, so these models export to
+standard ONNX operators too, Sinkhorn iterations unrolled. The TorchScript exporter cannot apply them and
+says so.
 
 ``export_onnx`` adds: clearing the history, optional freezing (on a copy), and the choice of exporter
 (the torch.export-based one needs the ``onnxscript`` package; without it the TorchScript exporter is used).
@@ -24,6 +30,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import decompositions  # noqa: F401  (registers the n-stream ops' decompositions)
 from .history import clear_history, freeze_mhc
 
 __all__ = ["export_onnx", "check_onnx", "has_dynamo_exporter"]
@@ -40,19 +47,24 @@ def _as_tuple(inputs: Inputs) -> Tuple[Tensor, ...]:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
-def export_onnx(model: nn.Module, example_input: Inputs, path: Union[str, os.PathLike], *, opset_version: int = 17,
+def export_onnx(model: nn.Module, example_input: Inputs, path: Union[str, os.PathLike], *,
+                opset_version: Optional[int] = None,
                 freeze: bool = False, dynamo: Optional[bool] = None, input_names: Sequence[str] = ("input",),
                 output_names: Sequence[str] = ("output",), **kwargs) -> str:
     """Export ``model`` (in eval mode) to ``path``; returns the path.
 
     ``freeze=True`` exports a copy whose skips are replaced by constant weighted sums (no projection in
-    the graph). ``dynamo`` picks the exporter (default: the torch.export one when onnxscript is installed).
+    the graph). ``dynamo`` picks the exporter (default: the torch.export one when onnxscript is installed;
+    models with n-stream modules need it). ``opset_version`` defaults to 18 for that exporter (its lowest),
+    17 for the TorchScript one.
     """
     if freeze:
         model = freeze_mhc(copy.deepcopy(model))
     clear_history(model)
     if dynamo is None:
         dynamo = has_dynamo_exporter()
+    if opset_version is None:
+        opset_version = 18 if dynamo else 17
     was_training = model.training
     model.eval()
     try:

@@ -33,6 +33,7 @@ __all__ = [
     "PARAMS",
     "default_path",
     "tuning_file_path",
+    "file_problem",
     "make_entry",
     "make_table",
     "validate",
@@ -68,6 +69,17 @@ def tuning_file_path() -> Optional[Path]:
     """The tuning file a new process would load, or None when there is none."""
     path = default_path()
     return path if path.is_file() else None
+
+
+def file_problem(path: Union[str, Path]) -> Optional[str]:
+    """Why the table at path is unusable (the library ignores such a file), or None when it is valid."""
+    try:
+        load(path)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON: {e}"
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
 
 
 def _check_range(value: Any, what: str) -> None:

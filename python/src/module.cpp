@@ -123,5 +123,17 @@ NB_MODULE(_C, m) {
       .def_rw("nan_policy", &HistoryConfig::nan_policy);
   m.attr("MAX_HISTORY") = kMaxHistory;
 
+  // The CUDA tuning table: {"path", "entries", "error"} (see mhc/ops.hpp and docs/TUNING.md).
+  auto status_dict = [](const TuningStatus& s) {
+    nb::dict d;
+    d["path"] = s.path;
+    d["entries"] = s.entries;
+    d["error"] = s.error;
+    return d;
+  };
+  m.def("tuning_status", [status_dict] { return status_dict(mhc::tuning_status()); });
+  m.def("reload_tuning", [status_dict] { return status_dict(mhc::reload_tuning()); });
+  m.def("set_tuning_json", &mhc::set_tuning_json, nb::arg("json"));
+
   python::bind_ops(m);
 }

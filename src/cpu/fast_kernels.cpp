@@ -600,8 +600,69 @@ MHC_INLINE void sinkhorn_backward_batch_impl(int count, const M* logits, int64_t
   }
 MHC_GEMM_ENTRIES(float)
 MHC_GEMM_ENTRIES(double)
-MHC_GEMM_ENTRIES(f16)
 MHC_GEMM_ENTRIES(bf16)
+#undef MHC_GEMM_ENTRIES
+
+// ---- fp16: one instantiation per x86-64 level, picked by the CPU (see fast_kernels.hpp) ----------
+int f16_isa_level() {
+#if MHC_CPU_F16_LEVELS
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  return level;
+#else
+  return 0;
+#endif
+}
+
+#if MHC_CPU_F16_LEVELS
+#define MHC_GEMM_ENTRIES_AT(level, target)                                                             \
+  target void project(int tokens, const f16_hw<level>* x, int64_t K, const float* fn, int64_t rows,    \
+                      float* raw, float* sumsq) {                                                      \
+    project_impl<f16_hw<level>>(tokens, x, K, fn, rows, raw, sumsq);                                  \
+  }                                                                                                    \
+  target void input_grad(int tokens, const InputGradArgs<f16_hw<level>>& a) {                          \
+    input_grad_impl<f16_hw<level>>(tokens, a);                                                         \
+  }                                                                                                    \
+  target void param_grad(const f16_hw<level>* x, int64_t T, int64_t K, const float* dP, int64_t rows,  \
+                         int64_t block_begin, int64_t block_end, float* grad_fn) {                     \
+    param_grad_impl<f16_hw<level>>(x, T, K, dP, rows, block_begin, block_end, grad_fn);               \
+  }
+MHC_GEMM_ENTRIES_AT(4, MHC_TARGET_V4)
+MHC_GEMM_ENTRIES_AT(3, MHC_TARGET_V3)
+#undef MHC_GEMM_ENTRIES_AT
+
+namespace {
+template <int L> const f16_hw<L>* at_level(const f16* p) { return reinterpret_cast<const f16_hw<L>*>(p); }
+template <int L> InputGradArgs<f16_hw<L>> at_level(const InputGradArgs<f16>& a) {
+  return {at_level<L>(a.x), at_level<L>(a.accum), at_level<L>(a.g), a.w, a.coef, a.dP, a.fn,
+          reinterpret_cast<f16_hw<L>*>(a.out), a.n, a.C, a.rows};
+}
+}  // namespace
+#define MHC_BY_F16_LEVEL(call_at_4, call_at_3, call_baseline) \
+  switch (f16_isa_level()) {                                   \
+    case 4: return call_at_4;                                  \
+    case 3: return call_at_3;                                  \
+    default: return call_baseline;                             \
+  }
+#else
+#define MHC_BY_F16_LEVEL(call_at_4, call_at_3, call_baseline) return call_baseline;
+#endif
+
+void project(int tokens, const f16* x, int64_t K, const float* fn, int64_t rows, float* raw, float* sumsq) {
+  MHC_BY_F16_LEVEL(project(tokens, at_level<4>(x), K, fn, rows, raw, sumsq),
+                   project(tokens, at_level<3>(x), K, fn, rows, raw, sumsq),
+                   project_impl<f16>(tokens, x, K, fn, rows, raw, sumsq))
+}
+void input_grad(int tokens, const InputGradArgs<f16>& a) {
+  MHC_BY_F16_LEVEL(input_grad(tokens, at_level<4>(a)), input_grad(tokens, at_level<3>(a)),
+                   input_grad_impl<f16>(tokens, a))
+}
+void param_grad(const f16* x, int64_t T, int64_t K, const float* dP, int64_t rows, int64_t block_begin,
+                int64_t block_end, float* grad_fn) {
+  MHC_BY_F16_LEVEL(param_grad(at_level<4>(x), T, K, dP, rows, block_begin, block_end, grad_fn),
+                   param_grad(at_level<3>(x), T, K, dP, rows, block_begin, block_end, grad_fn),
+                   param_grad_impl<f16>(x, T, K, dP, rows, block_begin, block_end, grad_fn))
+}
+#undef MHC_BY_F16_LEVEL
 
 // Sinkhorn is a few hundred scalar operations per token at the usual n: the baseline ISA will do,
 // but the common stream counts get their own instantiation (n a constant: loops fully unrolled).

@@ -7,6 +7,15 @@
 // x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline, picked once at load time (ifunc),
 // so one portable binary runs full-width vectors on the machine it lands on. Every helper an
 // entry point uses must be MHC_INLINE: one left out of line is compiled for the baseline only.
+//
+// fp16: GCC 12 converts _Float16 vectors one element at a time (or through libgcc on the baseline),
+// and a target_clones body cannot tell which clone it is. So fp16 entry points are instead compiled
+// as three functions over three storage types of the same layout: f16_hw<4> (x86-64-v4: 16 lanes per
+// F16C instruction), f16_hw<3> (x86-64-v3: 8 lanes) and f16 (baseline: the exact integer conversion),
+// and a dispatcher picks one by the CPU (f16_isa_level). All three round identically. The F16C code
+// calls GCC's builtins rather than the <immintrin.h> wrappers: a wrapper is an always-inline function
+// of its own target and cannot be inlined into these (default-target) templates, while a builtin is
+// only checked where it is finally expanded, inside the entry point compiled for that level.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +23,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include <immintrin.h>  // declares the F16C builtins
 
 #ifdef MHC_WITH_OPENMP
 #include <omp.h>
@@ -26,8 +37,12 @@
 // baseline and x86-64-v3 code paths are tested on a machine that would pick the AVX-512 clone.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) && !defined(MHC_CPU_NO_CLONES)
 #define MHC_CPU_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MHC_CPU_F16_LEVELS 1
+#define MHC_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define MHC_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #else
 #define MHC_CPU_KERNEL
+#define MHC_CPU_F16_LEVELS 0
 #endif
 #define MHC_INLINE [[gnu::always_inline]] inline
 // For lambdas inside kernels: an outlined lambda would be compiled for the baseline ISA only.
@@ -81,7 +96,37 @@ typedef float vf32 __attribute__((vector_size(64)));
 typedef double vf64 __attribute__((vector_size(64)));
 typedef std::uint32_t vu32x16 __attribute__((vector_size(64)));
 typedef std::uint16_t vu16x16 __attribute__((vector_size(32)));
-typedef _Float16 vh16 __attribute__((vector_size(32)));
+typedef short vi16x16 __attribute__((vector_size(32)));
+typedef short vi16x8 __attribute__((vector_size(16)));
+typedef float vf32x8 __attribute__((vector_size(32)));
+typedef float vf32x4 __attribute__((vector_size(16)));
+
+// fp16 storage inside code compiled for x86-64-v<Level> (3 or 4; both have F16C). Same layout as f16.
+template <int Level> struct f16_hw {
+  std::uint16_t bits;
+};
+// The F16C width a storage type converts with: f16 uses it only when the whole build targets F16C
+// (MHC_CPU_NO_CLONES with -march=...), else the exact integer version.
+template <class S> inline constexpr int kF16Level = 0;
+template <int L> inline constexpr int kF16Level<f16_hw<L>> = L;
+#if defined(__F16C__) && defined(__AVX512F__)
+template <> inline constexpr int kF16Level<f16> = 4;
+#elif defined(__F16C__)
+template <> inline constexpr int kF16Level<f16> = 3;
+#endif
+template <class S> inline constexpr bool kIsF16 = std::is_same_v<S, f16> || kF16Level<S> > 0;
+
+// Scalar conversions of f16_hw (load / store find them by ADL): one F16C instruction each.
+// (Rounding immediate 0: to nearest even.)
+template <int L> MHC_INLINE float to_float(f16_hw<L> v) {
+  return __builtin_ia32_vcvtph2ps(vi16x8{static_cast<short>(v.bits)})[0];
+}
+template <int L> MHC_INLINE f16_hw<L> round_to(f16_hw<L>, float v) {
+  return {static_cast<std::uint16_t>(__builtin_ia32_vcvtps2ph(vf32x4{v}, 0)[0])};
+}
+
+// 0: no F16C (the baseline f16 entry points), else the x86-64 level (3 or 4) whose fp16 entry points run.
+int f16_isa_level();
 
 template <class M> using vec_t = std::conditional_t<std::is_same_v<M, double>, vf64, vf32>;
 template <class M> inline constexpr int kLanes = 64 / sizeof(M);
@@ -99,10 +144,36 @@ template <class S> MHC_INLINE vec_t<math_t<S>> vload(const S* p) {
     vf32 v;
     std::memcpy(&v, &w, sizeof(v));
     return v;
-  } else {
-    vh16 h;
+  } else if constexpr (kF16Level<S> == 4) {
+    vi16x16 h;
     std::memcpy(&h, p, sizeof(h));
-    return __builtin_convertvector(h, vf32);
+    return __builtin_ia32_vcvtph2ps512_mask(h, vf32{}, static_cast<unsigned short>(-1), _MM_FROUND_CUR_DIRECTION);
+  } else if constexpr (kF16Level<S> == 3) {
+    vi16x8 lo, hi;
+    std::memcpy(&lo, p, sizeof(lo));
+    std::memcpy(&hi, p + 8, sizeof(hi));
+    const vf32x8 parts[2] = {__builtin_ia32_vcvtph2ps256(lo), __builtin_ia32_vcvtph2ps256(hi)};
+    vf32 v;
+    std::memcpy(&v, parts, sizeof(v));
+    return v;
+  } else {  // f16 without F16C: detail::half_bits_to_float on 16 lanes
+    vu16x16 h16;
+    std::memcpy(&h16, p, sizeof(h16));
+    const vu32x16 h = __builtin_convertvector(h16, vu32x16);
+    const vu32x16 u = ((h & 0x7fffu) << 13) + ((127u - 15u) << 23);
+    const vu32x16 exponent = h & 0x7c00u;
+    const vu32x16 inf_nan = (u + ((128u - 16u) << 23)) | ((h & 0x3ffu) != 0 ? vu32x16{} + 0x400000u : vu32x16{});
+    vf32 sub;
+    const vu32x16 sub_bits = u + (1u << 23);
+    std::memcpy(&sub, &sub_bits, sizeof(sub));
+    sub -= std::bit_cast<float>(113u << 23);
+    vu32x16 renormalised;
+    std::memcpy(&renormalised, &sub, sizeof(sub));
+    vu32x16 r = exponent == 0x7c00u ? inf_nan : (exponent == 0 ? renormalised : u);
+    r |= (h & 0x8000u) << 16;
+    vf32 v;
+    std::memcpy(&v, &r, sizeof(v));
+    return v;
   }
 }
 
@@ -118,9 +189,31 @@ template <class S> MHC_INLINE void vstore(S* p, vec_t<math_t<S>> v) {
     const vu32x16 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
     const vu16x16 h = __builtin_convertvector(r, vu16x16);
     std::memcpy(p, &h, sizeof(h));
-  } else {
-    const vh16 h = __builtin_convertvector(v, vh16);
+  } else if constexpr (kF16Level<S> == 4) {
+    const vi16x16 h = __builtin_ia32_vcvtps2ph512_mask(v, 0, vi16x16{}, static_cast<unsigned short>(-1));
     std::memcpy(p, &h, sizeof(h));
+  } else if constexpr (kF16Level<S> == 3) {
+    vf32x8 parts[2];
+    std::memcpy(parts, &v, sizeof(v));
+    const vi16x8 lo = __builtin_ia32_vcvtps2ph256(parts[0], 0), hi = __builtin_ia32_vcvtps2ph256(parts[1], 0);
+    std::memcpy(p, &lo, sizeof(lo));
+    std::memcpy(p + 8, &hi, sizeof(hi));
+  } else {  // f16 without F16C: detail::float_to_half_bits on 16 lanes
+    vu32x16 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const vu32x16 sign = (bits >> 16) & 0x8000u;
+    const vu32x16 u = bits & 0x7fffffffu;
+    const vu32x16 inf_nan = u > 0x7f800000u ? (0x7e00u | ((u >> 13) & 0x3ffu)) : vu32x16{} + 0x7c00u;
+    vf32 sub;
+    std::memcpy(&sub, &u, sizeof(sub));
+    sub += 0.5f;  // aligns the subnormal's bits at the bottom, rounding to nearest even
+    vu32x16 subnormal;
+    std::memcpy(&subnormal, &sub, sizeof(sub));
+    subnormal -= std::bit_cast<std::uint32_t>(0.5f);
+    const vu32x16 normal = (u + ((15u - 127u) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+    const vu32x16 h = u >= (143u << 23) ? inf_nan : (u < (113u << 23) ? subnormal : normal);
+    const vu16x16 h16 = __builtin_convertvector(h | sign, vu16x16);
+    std::memcpy(p, &h16, sizeof(h16));
   }
 }
 
@@ -163,7 +256,6 @@ MHC_DECLARE_PROJECT(float)
 MHC_DECLARE_PROJECT(double)
 MHC_DECLARE_PROJECT(f16)
 MHC_DECLARE_PROJECT(bf16)
-#undef MHC_DECLARE_PROJECT
 
 // NN with the elementwise terms of the input gradient, for `tokens` consecutive tokens t:
 //   out[t, i, c] = accum[t, i, c] + w[t, i] * g[t, c] + coef[t] * x[t, i, c]
@@ -185,6 +277,7 @@ void input_grad(int tokens, const InputGradArgs<float>& a);
 void input_grad(int tokens, const InputGradArgs<double>& a);
 void input_grad(int tokens, const InputGradArgs<f16>& a);
 void input_grad(int tokens, const InputGradArgs<bf16>& a);
+#define MHC_DECLARE_INPUT_GRAD(S) void input_grad(int tokens, const InputGradArgs<S>& a);
 
 // TN: grad_fn[r, k] = sum_t dP[t, r] * x[t, k] over all T tokens, for the column blocks
 // [block_begin, block_end) of param_grad_block_width(dtype) columns (the last one takes the rest).
@@ -197,6 +290,19 @@ MHC_DECLARE_PARAM_GRAD(float)
 MHC_DECLARE_PARAM_GRAD(double)
 MHC_DECLARE_PARAM_GRAD(f16)
 MHC_DECLARE_PARAM_GRAD(bf16)
+
+// The f16 overloads above pick the f16_hw ones by the CPU; these are called from the f16_hw kernels.
+#if MHC_CPU_F16_LEVELS
+#define MHC_DECLARE_GEMMS_AT(level, target) \
+  target MHC_DECLARE_PROJECT(f16_hw<level>) \
+  target MHC_DECLARE_INPUT_GRAD(f16_hw<level>) \
+  target MHC_DECLARE_PARAM_GRAD(f16_hw<level>)
+MHC_DECLARE_GEMMS_AT(4, MHC_TARGET_V4)
+MHC_DECLARE_GEMMS_AT(3, MHC_TARGET_V3)
+#undef MHC_DECLARE_GEMMS_AT
+#endif
+#undef MHC_DECLARE_PROJECT
+#undef MHC_DECLARE_INPUT_GRAD
 #undef MHC_DECLARE_PARAM_GRAD
 inline int64_t param_grad_block_width(DType dtype) { return dtype == DType::f64 ? 64 : 128; }
 
@@ -298,16 +404,36 @@ template <class Fn> Fn pick(DType dtype, Fn f32, Fn f64, Fn f16_fn, Fn bf16_fn) 
 }
 
 // Defines name_f32 .. name_bf16(const Args&, const MhcConfig&, int64_t begin, int64_t end), each a
-// clone set of name<S>.
+// clone set of name<S>; name_f16 runs name<f16_hw<4>>, name<f16_hw<3>> or name<f16> by the CPU.
 #define MHC_CPU_ENTRY(name, S, suffix, Args)                                                           \
   MHC_CPU_KERNEL void name##_##suffix(const Args& a, const MhcConfig& cfg, std::int64_t begin,         \
                                       std::int64_t end) {                                              \
     name<S>(a, cfg, begin, end);                                                                       \
   }
+#if MHC_CPU_F16_LEVELS
+#define MHC_CPU_ENTRY_F16(name, Args)                                                                  \
+  MHC_TARGET_V4 void name##_f16_v4(const Args& a, const MhcConfig& cfg, std::int64_t begin,            \
+                                   std::int64_t end) {                                                 \
+    name<::mhc::cpu_fast::kernels::f16_hw<4>>(a, cfg, begin, end);                                    \
+  }                                                                                                    \
+  MHC_TARGET_V3 void name##_f16_v3(const Args& a, const MhcConfig& cfg, std::int64_t begin,            \
+                                   std::int64_t end) {                                                 \
+    name<::mhc::cpu_fast::kernels::f16_hw<3>>(a, cfg, begin, end);                                    \
+  }                                                                                                    \
+  void name##_f16(const Args& a, const MhcConfig& cfg, std::int64_t begin, std::int64_t end) {         \
+    switch (::mhc::cpu_fast::kernels::f16_isa_level()) {                                               \
+      case 4: return name##_f16_v4(a, cfg, begin, end);                                                \
+      case 3: return name##_f16_v3(a, cfg, begin, end);                                                \
+      default: return name<::mhc::detail::f16>(a, cfg, begin, end);                                    \
+    }                                                                                                  \
+  }
+#else
+#define MHC_CPU_ENTRY_F16(name, Args) MHC_CPU_ENTRY(name, ::mhc::detail::f16, f16, Args)
+#endif
 #define MHC_CPU_ENTRIES(name, Args)                                                                    \
   MHC_CPU_ENTRY(name, float, f32, Args)                                                                \
   MHC_CPU_ENTRY(name, double, f64, Args)                                                               \
-  MHC_CPU_ENTRY(name, ::mhc::detail::f16, f16, Args)                                                   \
+  MHC_CPU_ENTRY_F16(name, Args)                                                                        \
   MHC_CPU_ENTRY(name, ::mhc::detail::bf16, bf16, Args)
 #define MHC_CPU_PICK(name, dtype) \
   ::mhc::cpu_fast::kernels::pick(dtype, &name##_f32, &name##_f64, &name##_f16, &name##_bf16)

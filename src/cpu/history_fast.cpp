@@ -5,6 +5,7 @@
 // (O(H^2) comparisons, the same scheme as the CUDA kernel), which cross-checks the sort-based reference.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -200,43 +201,233 @@ template <class M> void project_backward_typed(const ProjectLogitsBackward& a, c
 }
 
 // ---- the weighted sum -------------------------------------------------------------------------------
+// Per chunk of kChunk elements; the OpenMP loops below hand chunks to a chunk function picked once per
+// call. With an fp16 stream or state on a CPU with F16C it converts 8 lanes per instruction
+// (kernels::f16_hw<3>, as the n-stream kernels do); the conversions are exact either way, so the
+// results do not depend on the CPU.
 
-// out[r] = x[r] + sum_k scaled[r, k] * h_k over R rows of N elements; scaled = gate * w, and a state
-// whose weight is 0 is skipped (not read).
-template <class X, class S, class M>
-void mix_rows(const X* x, std::span<const TensorView> states, const M* w, M gate, std::int64_t R, std::int64_t N,
-              X* out, int threads) {
-  const int H = static_cast<int>(states.size());
-  const S* h[kMaxHistory];
-  for (int k = 0; k < H; ++k) h[k] = states[k].ptr<const S>();
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * R * (H + 2) > kParallelMinWork)
-  for (std::int64_t c = 0; c < chunks_of(N); ++c) {
-    const std::int64_t n0 = c * kChunk, len = std::min(kChunk, N - n0);
-    M acc[kChunk];
-    for (std::int64_t r = 0; r < R; ++r) {
-      if (x) for (std::int64_t i = 0; i < len; ++i) acc[i] = load(x + r * N + n0, i);
-      else std::fill(acc, acc + len, M(0));
-      for (int k = 0; k < H; ++k) {
-        const M wk = w[r * H + k];
-        if (wk == M(0)) continue;
-        const M scaled = gate * wk;
-        const S* hk = h[k] + n0;
-        for (std::int64_t i = 0; i < len; ++i) acc[i] += scaled * load(hk, i);
-      }
-      for (std::int64_t i = 0; i < len; ++i) store(out + r * N + n0, i, acc[i]);
-    }
-  }
+using kernels::f16_hw;
+using kernels::kIsF16;
+
+// S as code compiled for x86-64 level L sees it: fp16 becomes f16_hw<L>.
+template <class S, int L>
+using at_level_t = std::conditional_t<std::is_same_v<S, detail::f16>, f16_hw<L>, S>;
+template <int L, class S> auto* at_level(S* p) {
+  using T = at_level_t<std::remove_const_t<S>, L>;
+  return reinterpret_cast<std::conditional_t<std::is_const_v<S>, const T, T>*>(p);
 }
 
-template <class S, class M> M dot_chunk(const M* g, const S* h, std::int64_t len) {
+// fp16 with fp32 math converts 16 elements per step, as two 8-lane halves: the F16C path runs on AVX2,
+// where GCC keeps 8-lane vectors in registers but spills 16-lane ones. Other types convert element by
+// element, in loops the compiler vectorises itself.
+template <class S, class M> inline constexpr bool kVectorF16 = kIsF16<S> && std::is_same_v<M, float>;
+using kernels::vf32;
+using kernels::vf32x8;
+using kernels::vi16x8;
+
+template <class S> MHC_INLINE void load16(const S* p, vf32x8& lo, vf32x8& hi) {
+  if constexpr (kernels::kF16Level<S> >= 3) {
+    vi16x8 h[2];
+    std::memcpy(h, p, sizeof(h));
+    lo = __builtin_ia32_vcvtph2ps256(h[0]);
+    hi = __builtin_ia32_vcvtph2ps256(h[1]);
+  } else {
+    const vf32 v = kernels::vload(p);
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  }
+}
+template <class S> MHC_INLINE void store16(S* p, vf32x8 lo, vf32x8 hi) {
+  if constexpr (kernels::kF16Level<S> >= 3) {
+    const vi16x8 h[2] = {__builtin_ia32_vcvtps2ph256(lo, 0), __builtin_ia32_vcvtps2ph256(hi, 0)};  // nearest even
+    std::memcpy(p, h, sizeof(h));
+  } else {
+    vf32 v;
+    std::memcpy(&v, &lo, sizeof(lo));
+    std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+    kernels::vstore(p, v);
+  }
+}
+MHC_INLINE void load16(const float* p, vf32x8& lo, vf32x8& hi) {
+  std::memcpy(&lo, p, sizeof(lo));
+  std::memcpy(&hi, p + 8, sizeof(hi));
+}
+MHC_INLINE void store16(float* p, vf32x8 lo, vf32x8 hi) {
+  std::memcpy(p, &lo, sizeof(lo));
+  std::memcpy(p + 8, &hi, sizeof(hi));
+}
+
+// dst[i] = src[i] in M.
+template <class S, class M> MHC_INLINE void to_math(const S* src, std::int64_t len, M* dst) {
+  if constexpr (std::is_same_v<S, M>) {
+    std::copy(src, src + len, dst);
+  } else {
+    std::int64_t i = 0;
+    if constexpr (kVectorF16<S, M>)
+      for (vf32x8 lo, hi; i + 16 <= len; i += 16) {
+        load16(src + i, lo, hi);
+        store16(dst + i, lo, hi);
+      }
+    for (; i < len; ++i) dst[i] = load(src, i);
+  }
+}
+// dst[i] = src[i] rounded to S.
+template <class S, class M> MHC_INLINE void store_math(const M* src, std::int64_t len, S* dst) {
+  std::int64_t i = 0;
+  if constexpr (kVectorF16<S, M>)
+    for (vf32x8 lo, hi; i + 16 <= len; i += 16) {
+      load16(src + i, lo, hi);
+      store16(dst + i, lo, hi);
+    }
+  for (; i < len; ++i) store(dst, i, src[i]);
+}
+// acc[i] += scaled * src[i].
+template <class S, class M> MHC_INLINE void add_scaled(M* acc, M scaled, const S* src, std::int64_t len) {
+  std::int64_t i = 0;
+  if constexpr (kVectorF16<S, M>)
+    for (vf32x8 a_lo, a_hi, h_lo, h_hi; i + 16 <= len; i += 16) {
+      load16(acc + i, a_lo, a_hi);
+      load16(src + i, h_lo, h_hi);
+      store16(acc + i, a_lo + scaled * h_lo, a_hi + scaled * h_hi);
+    }
+  for (; i < len; ++i) acc[i] += scaled * load(src, i);
+}
+// <g, h> over len elements: kLanes partial sums, then their sum in order, then the tail.
+template <class S, class M> MHC_INLINE M dot_chunk(const M* g, const S* h, std::int64_t len) {
+  static_assert(kLanes == 16, "the fp16 path holds one partial sum per lane of two 8-lane vectors");
   M lane[kLanes] = {};
   std::int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] += g[i + j] * load(h, i + j);
+  if constexpr (kVectorF16<S, M>) {
+    vf32x8 lo{}, hi{};
+    for (vf32x8 g_lo, g_hi, h_lo, h_hi; i + kLanes <= len; i += kLanes) {
+      load16(g + i, g_lo, g_hi);
+      load16(h + i, h_lo, h_hi);
+      lo += g_lo * h_lo;
+      hi += g_hi * h_hi;
+    }
+    store16(lane, lo, hi);
+  } else {
+    for (; i + kLanes <= len; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) lane[j] += g[i + j] * load(h, i + j);
+  }
   M sum = 0;
   for (int j = 0; j < kLanes; ++j) sum += lane[j];
   for (; i < len; ++i) sum += g[i] * load(h, i);
   return sum;
+}
+
+template <class X, class S, class M> struct MixArgs {
+  const X* x;  // [R, N] or null
+  const S* h[kMaxHistory];
+  const M* w;  // [R, H]: scaled by gate
+  M gate;
+  int H;
+  std::int64_t R, N;
+  X* out;
+};
+template <int L, class X, class S, class M> MixArgs<at_level_t<X, L>, at_level_t<S, L>, M> at_level(const MixArgs<X, S, M>& a) {
+  MixArgs<at_level_t<X, L>, at_level_t<S, L>, M> b{at_level<L>(a.x), {}, a.w, a.gate, a.H, a.R, a.N, at_level<L>(a.out)};
+  for (int k = 0; k < a.H; ++k) b.h[k] = at_level<L>(a.h[k]);
+  return b;
+}
+
+// out[r] = x[r] + sum_k scaled[r, k] * h_k on chunk c; a state whose weight is 0 is skipped (not read).
+template <class X, class S, class M> MHC_INLINE void mix_chunk(const MixArgs<X, S, M>& a, std::int64_t c) {
+  const std::int64_t n0 = c * kChunk, len = std::min(kChunk, a.N - n0);
+  M acc[kChunk];
+  for (std::int64_t r = 0; r < a.R; ++r) {
+    if (a.x) to_math(a.x + r * a.N + n0, len, acc);
+    else std::fill(acc, acc + len, M(0));
+    for (int k = 0; k < a.H; ++k) {
+      const M wk = a.w[r * a.H + k];
+      if (wk != M(0)) add_scaled(acc, a.gate * wk, a.h[k] + n0, len);
+    }
+    store_math(acc, len, a.out + r * a.N + n0);
+  }
+}
+
+template <class X, class S, class M> struct MixBackwardArgs {
+  const X* grad_out;  // [R, N]
+  const S* h[kMaxHistory];
+  S* gh[kMaxHistory];  // null: that state's gradient is not wanted
+  const M* w;
+  M gate;
+  const bool* need_dot;  // [R, H]
+  int H;
+  std::int64_t R, N;
+};
+template <int L, class X, class S, class M>
+MixBackwardArgs<at_level_t<X, L>, at_level_t<S, L>, M> at_level(const MixBackwardArgs<X, S, M>& a) {
+  MixBackwardArgs<at_level_t<X, L>, at_level_t<S, L>, M> b{at_level<L>(a.grad_out), {}, {}, a.w, a.gate,
+                                                            a.need_dot, a.H, a.R, a.N};
+  for (int k = 0; k < a.H; ++k) {
+    b.h[k] = at_level<L>(a.h[k]);
+    b.gh[k] = at_level<L>(a.gh[k]);
+  }
+  return b;
+}
+
+// Backward of mix_chunk on chunk c: adds <grad_out[r], h_k> to dots[r * H + k] where need_dot, and
+// writes grad_states[k] = gate * sum_r w[r, k] grad_out[r].
+template <class X, class S, class M>
+MHC_INLINE void mix_backward_chunk(const MixBackwardArgs<X, S, M>& a, std::int64_t c, double* dots) {
+  const std::int64_t n0 = c * kChunk, len = std::min(kChunk, a.N - n0);
+  M g[kChunk], acc[kChunk];
+  for (std::int64_t r = 0; r < a.R; ++r) {
+    to_math(a.grad_out + r * a.N + n0, len, g);
+    for (int k = 0; k < a.H; ++k)
+      if (a.need_dot[r * a.H + k]) dots[r * a.H + k] += static_cast<double>(dot_chunk(g, a.h[k] + n0, len));
+  }
+  for (int k = 0; k < a.H; ++k) {
+    if (!a.gh[k]) continue;
+    std::fill(acc, acc + len, M(0));
+    for (std::int64_t r = 0; r < a.R; ++r) {
+      const M scaled = a.gate * a.w[r * a.H + k];
+      if (scaled != M(0)) add_scaled(acc, scaled, a.grad_out + r * a.N + n0, len);
+    }
+    store_math(acc, len, a.gh[k] + n0);
+  }
+}
+
+// The chunk functions, and the one for this CPU. The F16C one is compiled for AVX2 + F16C without FMA:
+// a fused multiply-add would round differently from the baseline's multiply then add, and these loops
+// are bound by memory, not by arithmetic.
+template <class X, class S, class M> void mix_chunk_baseline(const MixArgs<X, S, M>& a, std::int64_t c) {
+  mix_chunk(a, c);
+}
+template <class X, class S, class M>
+void mix_backward_chunk_baseline(const MixBackwardArgs<X, S, M>& a, std::int64_t c, double* dots) {
+  mix_backward_chunk(a, c, dots);
+}
+#if MHC_CPU_F16_LEVELS
+#define MHC_TARGET_F16C_NO_FMA __attribute__((target("avx2,f16c,no-fma")))
+template <class X, class S, class M>
+MHC_TARGET_F16C_NO_FMA void mix_chunk_f16c(const MixArgs<X, S, M>& a, std::int64_t c) {
+  mix_chunk(at_level<3>(a), c);
+}
+template <class X, class S, class M>
+MHC_TARGET_F16C_NO_FMA void mix_backward_chunk_f16c(const MixBackwardArgs<X, S, M>& a, std::int64_t c,
+                                                    double* dots) {
+  mix_backward_chunk(at_level<3>(a), c, dots);
+}
+#undef MHC_TARGET_F16C_NO_FMA
+#endif
+template <class X, class S> inline constexpr bool uses_f16 = std::is_same_v<X, detail::f16> || std::is_same_v<S, detail::f16>;
+
+// out[r] = x[r] + sum_k scaled[r, k] * h_k over R rows of N elements; scaled = gate * w.
+template <class X, class S, class M>
+void mix_rows(const X* x, std::span<const TensorView> states, const M* w, M gate, std::int64_t R, std::int64_t N,
+              X* out, int threads) {
+  const int H = static_cast<int>(states.size());
+  MixArgs<X, S, M> a{x, {}, w, gate, H, R, N, out};
+  for (int k = 0; k < H; ++k) a.h[k] = states[k].ptr<const S>();
+  auto chunk = &mix_chunk_baseline<X, S, M>;
+#if MHC_CPU_F16_LEVELS
+  if constexpr (uses_f16<X, S>)
+    if (kernels::f16_isa_level() >= 3) chunk = &mix_chunk_f16c<X, S, M>;
+#endif
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * R * (H + 2) > kParallelMinWork)
+  for (std::int64_t c = 0; c < chunks_of(N); ++c) chunk(a, c);
 }
 
 // Backward of mix_rows. dots[r * H + k] = <grad_out[r], h_k> (fp64 across chunks), computed for every
@@ -248,10 +439,15 @@ void mix_rows_backward(const X* grad_out, std::span<const TensorView> states, st
                        double* dots, int threads) {
   const int H = static_cast<int>(states.size());
   const std::int64_t RH = R * H;
-  const S* h[kMaxHistory];
-  S* gh[kMaxHistory] = {};
-  for (int k = 0; k < H; ++k) h[k] = states[k].ptr<const S>();
-  for (std::size_t k = 0; k < grad_states.size(); ++k) gh[k] = grad_states[k].present() ? grad_states[k].ptr<S>() : nullptr;
+  MixBackwardArgs<X, S, M> a{grad_out, {}, {}, w, gate, need_dot, H, R, N};
+  for (int k = 0; k < H; ++k) a.h[k] = states[k].ptr<const S>();
+  for (std::size_t k = 0; k < grad_states.size(); ++k)
+    a.gh[k] = grad_states[k].present() ? grad_states[k].ptr<S>() : nullptr;
+  auto chunk = &mix_backward_chunk_baseline<X, S, M>;
+#if MHC_CPU_F16_LEVELS
+  if constexpr (uses_f16<X, S>)
+    if (kernels::f16_isa_level() >= 3) chunk = &mix_backward_chunk_f16c<X, S, M>;
+#endif
   std::fill(partials, partials + threads * RH, 0.0);
   const std::int64_t chunks = chunks_of(N);
 #pragma omp parallel num_threads(threads) if (N * R * (H + 2) > kParallelMinWork)
@@ -259,28 +455,7 @@ void mix_rows_backward(const X* grad_out, std::span<const TensorView> states, st
     const int tid = thread_id(), team = team_size();
     // Contiguous static ranges of chunks: each thread's partial sums have a fixed order.
     const std::int64_t lo = chunks * tid / team, hi = chunks * (tid + 1) / team;
-    double* mine = partials + tid * RH;
-    M g[kChunk], acc[kChunk];
-    for (std::int64_t c = lo; c < hi; ++c) {
-      const std::int64_t n0 = c * kChunk, len = std::min(kChunk, N - n0);
-      for (std::int64_t r = 0; r < R; ++r) {
-        for (std::int64_t i = 0; i < len; ++i) g[i] = load(grad_out + r * N + n0, i);
-        for (int k = 0; k < H; ++k)
-          if (need_dot[r * H + k]) mine[r * H + k] += static_cast<double>(dot_chunk(g, h[k] + n0, len));
-      }
-      if (!grad_states.empty())
-        for (int k = 0; k < H; ++k) {
-          if (!gh[k]) continue;  // not wanted
-          std::fill(acc, acc + len, M(0));
-          for (std::int64_t r = 0; r < R; ++r) {
-            const M scaled = gate * w[r * H + k];
-            if (scaled == M(0)) continue;
-            const X* gr = grad_out + r * N + n0;
-            for (std::int64_t i = 0; i < len; ++i) acc[i] += scaled * load(gr, i);
-          }
-          for (std::int64_t i = 0; i < len; ++i) store(gh[k] + n0, i, acc[i]);
-        }
-    }
+    for (std::int64_t c = lo; c < hi; ++c) chunk(a, c, partials + tid * RH);
   }
   for (std::int64_t j = 0; j < RH; ++j) {
     double sum = 0;

@@ -2,6 +2,8 @@
 // arrays, strings (no \u escapes beyond ASCII), numbers, true/false/null.
 #include "cuda/tuning.hpp"
 
+#include "backend.hpp"
+
 #include <cuda_runtime.h>
 
 #include <cctype>
@@ -163,8 +165,9 @@ struct Entry {
 };
 
 struct Table {
-  std::string path;
+  std::string path;  // "" when no file was found or it was malformed
   std::vector<Entry> entries;
+  std::string error;  // why the file was ignored
 };
 
 // A number, [lo, hi] (null = unbounded) or absent (any).
@@ -239,27 +242,31 @@ std::string current_device_name() {
 std::mutex table_mutex;
 std::shared_ptr<const Table> table;  // null until the first lookup
 
-std::shared_ptr<const Table> get_table() {
-  const std::lock_guard<std::mutex> lock(table_mutex);
-  if (table) return table;
+std::shared_ptr<const Table> read_default_file() {
   auto t = std::make_shared<Table>();
   const std::string path = default_path();
-  if (!path.empty()) {
-    std::ifstream in(path);
-    if (in) {
-      std::stringstream ss;
-      ss << in.rdbuf();
-      try {
-        t->entries = parse_table(ss.str(), current_device_name());
-        t->path = path;
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "mhc: ignoring tuning file %s: %s\n", path.c_str(), e.what());
-      }
-    }
+  if (path.empty()) return t;
+  std::ifstream in(path);
+  if (!in) return t;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  try {
+    t->entries = parse_table(ss.str(), current_device_name());
+    t->path = path;
+  } catch (const std::exception& e) {
+    t->error = path + ": " + e.what();
+    std::fprintf(stderr, "mhc: ignoring tuning file %s\n", t->error.c_str());
   }
-  table = t;
+  return t;
+}
+
+std::shared_ptr<const Table> get_table() {
+  const std::lock_guard<std::mutex> lock(table_mutex);
+  if (!table) table = read_default_file();
   return table;
 }
+
+TuningStatus status_of(const Table& t) { return {t.path, static_cast<int>(t.entries.size()), t.error}; }
 
 }  // namespace
 
@@ -276,8 +283,19 @@ int tuned(const TuningKey& key, const char* param, int fallback) {
   return fallback;
 }
 
-std::string tuning_file_path() { return get_table()->path; }
-int tuning_entry_count() { return static_cast<int>(get_table()->entries.size()); }
+TuningStatus tuning_status() { return status_of(*get_table()); }
+
+TuningStatus reload_tuning() {
+  auto t = read_default_file();
+  const std::lock_guard<std::mutex> lock(table_mutex);
+  table = t;
+  return status_of(*t);
+}
+
+void set_tuning_json(const std::string& json) {
+  const std::string error = load_tuning_text(json, current_device_name());
+  if (!error.empty()) throw InvalidArgument("tuning table: " + error);
+}
 
 std::string load_tuning_text(const std::string& text, const std::string& device_name) {
   auto t = std::make_shared<Table>();

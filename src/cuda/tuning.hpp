@@ -4,7 +4,8 @@
 // built-in heuristic.
 //
 // File: $MHC_TUNING_FILE, else $XDG_CACHE_HOME/mhc/tuning.json, else $HOME/.cache/mhc/tuning.json.
-// It is read once, at the first lookup; a malformed file is reported once on stderr and ignored.
+// It is read once, at the first lookup (again on reload_tuning); a malformed file is reported once on
+// stderr and ignored. The public status / reload / set functions are mhc::tuning_* (mhc/ops.hpp).
 #pragma once
 
 #include <cstdint>
@@ -25,12 +26,8 @@ struct TuningKey {
 // Value of `param` in the first entry that matches `key` and sets it, or `fallback`.
 int tuned(const TuningKey& key, const char* param, int fallback);
 
-// Path of the tuning file in use and how many entries apply to this device ("" when none was found).
-std::string tuning_file_path();
-int tuning_entry_count();
-
 // Parses JSON text into the table (replacing it); returns an error message, empty on success.
-// For tests; `device_name` stands for the current GPU's name.
+// `device_name` stands for the current GPU's name.
 std::string load_tuning_text(const std::string& text, const std::string& device_name);
 
 }  // namespace mhc::cuda_impl

@@ -107,3 +107,50 @@ def test_demo_variants_flag_and_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="device"):
             cli.main(["demo", "--device", "cuda", "--out", str(tmp_path / "z")])
+
+
+# ---- the tuning file in `mhc info`, and `mhc tune` without a GPU ----------------------------------------
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("{not json", "not valid JSON"),
+    ('{"format": "other", "version": 1, "entries": []}', "format"),
+    ('{"format": "mhc-tuning", "version": 1, "entries": [{"op": "pre_forward"}]}', "params"),
+])
+def test_info_warns_that_a_malformed_tuning_file_is_ignored(tmp_path, monkeypatch, capsys, text, reason):
+    path = tmp_path / "tuning.json"
+    path.write_text(text)
+    monkeypatch.setenv("MHC_TUNING_FILE", str(path))
+    assert cli.main(["info"]) == 0
+    captured = capsys.readouterr()
+    assert f"tuning file     {path}: MALFORMED, ignored" in captured.out
+    assert "WARNING" in captured.err and reason in captured.err
+
+
+def test_info_names_the_tuning_file_in_use(tmp_path, monkeypatch, capsys):
+    from mhc import tuning
+
+    path = tmp_path / "tuning.json"
+    tuning.save(tuning.make_table([tuning.make_entry("pre_forward", {"cluster": 8}, n=4, C=4096)], device="GPU X"),
+                path)
+    monkeypatch.setenv("MHC_TUNING_FILE", str(path))
+    assert cli.main(["info"]) == 0
+    assert f"tuning file     {path} (1 entries, measured on GPU X)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and mhc._C.built_with_cuda(), reason="checks the message shown without a GPU")
+def test_tune_without_a_gpu_says_why_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("MHC_TUNING_FILE", str(path))
+    assert cli.main(["tune", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mhc tune: ") and ("CUDA" in err) and "Traceback" not in err
+    assert not path.exists()
+
+
+def test_tune_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["tune", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--dry-run" in out and "MHC_TUNING_FILE" in out

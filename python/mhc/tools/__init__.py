@@ -1,1 +1,1 @@
-"""Command-line tools behind `mhc bench` (and later `mhc tune`)."""
+"""Command-line tools behind `mhc bench` and `mhc tune`."""
