@@ -31,6 +31,7 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "PARAMS",
+    "PATH_PARAMS",
     "default_path",
     "tuning_file_path",
     "file_problem",
@@ -46,10 +47,18 @@ FORMAT = "mhc-tuning"
 VERSION = 1
 
 # The parameters the CUDA backend reads, per op, with the values it accepts.
+# Per op, every parameter an entry may set: the cluster kernel's `cluster` and `tile` (f32, and any dtype under
+# MHC_CUDA_PRE=cluster), the streaming kernels' `stream_tile` (tokens per projection tile) and `stream_group`
+# (tokens per coefficient block) for 16-bit streams (the default path there; docs/TUNING.md).
 PARAMS: Dict[str, Dict[str, Sequence[int]]] = {
-    "pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32)},
-    "post_pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32)},
+    "pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32), "stream_tile": (16, 64, 128),
+                    "stream_group": (1, 2, 4, 8)},
+    "post_pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32), "stream_tile": (16, 64, 128),
+                         "stream_group": (1, 2, 4, 8)},
 }
+
+# The parameters each kernel path reads.
+PATH_PARAMS: Dict[str, Sequence[str]] = {"cluster": ("cluster", "tile"), "stream": ("stream_tile", "stream_group")}
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 

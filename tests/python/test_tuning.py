@@ -129,6 +129,7 @@ def test_tune_main_writes_the_file_the_library_reads(tmp_path, monkeypatch, caps
 
     path = tmp_path / "tuning.json"
     monkeypatch.setenv("MHC_TUNING_FILE", str(path))
+    monkeypatch.setenv("MHC_CUDA_PRE", "cluster")  # the cluster kernels' parameters; the stream path: below
     tuning.save(tuning.make_table([tuning.make_entry("pre_forward", {"cluster": 2}, n=4, dtype="bfloat16", C=512)],
                                   device="Fake GPU"), path)
     monkeypatch.setattr(tune, "why_not_runnable", lambda: None)
@@ -155,3 +156,19 @@ def test_tune_main_writes_the_file_the_library_reads(tmp_path, monkeypatch, caps
         ("pre_forward", 1024, [513, None]), ("pre_forward", 4096, [513, None]), ("pre_forward", 512, None)]
     assert len(json.loads((tmp_path / "all.json").read_text())) == 8
     assert tune.main(["--quick", "--dry-run"]) == 0 and "nothing written" in capsys.readouterr().out
+
+
+def test_tuner_sweeps_the_parameters_of_the_kernel_path_the_library_takes(monkeypatch):
+    monkeypatch.delenv("MHC_CUDA_PRE", raising=False)
+    assert tune.kernel_path("bfloat16", 4) == "stream" and tune.kernel_path("float16", 8) == "stream"
+    assert tune.kernel_path("float32", 4) == "cluster" and tune.kernel_path("bfloat16", 16) == "cluster"
+    monkeypatch.setenv("MHC_CUDA_PRE", "cluster")
+    assert tune.kernel_path("bfloat16", 4) == "cluster"
+    got = tune.candidates("pre_forward", "stream")
+    assert len(got) == 12 and all(dict(p).keys() == {"stream_tile", "stream_group"} for p in got)
+    # src/cuda/pre_stream.cu's defaults: 16-token tiles up to 32 tokens, 64 below 512, then 128; groups of up to 8
+    # tokens while that leaves 4 blocks per SM.
+    assert tune.heuristic("pre_forward", 4096, 16, "stream", 132) == (("stream_group", 1), ("stream_tile", 16))
+    assert tune.heuristic("pre_forward", 4096, 256, "stream", 132) == (("stream_group", 1), ("stream_tile", 64))
+    assert tune.heuristic("pre_forward", 4096, 16384, "stream", 132) == (("stream_group", 8), ("stream_tile", 128))
+    assert tune.heuristic("pre_forward", 4096, 1100, "stream", 132) == (("stream_group", 2), ("stream_tile", 128))

@@ -4,8 +4,9 @@
     mhc tune                    # n = 4, C 1024, 2048, 4096, 7168; tokens 64, 1024, 4096, 16384: about a minute
     mhc tune --C 5120 --tokens 2048 8192 --dtype float16 --dry-run
 
-For every op with tunable parameters (mhc.tuning.PARAMS: the fused pre and post+pre kernels' `cluster` and
-`tile`) and every shape, each candidate is set as this process's table (mhc._C.set_tuning_json), run once
+For every op with tunable parameters (mhc.tuning.PARAMS, of the kernel path the library takes for these streams:
+the cluster kernels' `cluster` and `tile`, or the streaming kernels' `stream_tile` and `stream_group` for 16-bit
+streams) and every shape, each candidate is set as this process's table (mhc._C.set_tuning_json), run once
 and compared with the built-in heuristic's outputs: a candidate whose outputs differ in any bit is rejected
 (--tolerance relaxes that), so a tuning never changes results. The others are timed like `mhc bench`:
 CUDA-graph replays timed with CUDA events, median per call after warm-up, inputs cycling through more than
@@ -44,14 +45,32 @@ Params = Tuple[Tuple[str, int], ...]  # sorted (name, value) pairs
 # ---- what to try, and what the kernel does without a table ------------------------------------------
 
 
-def candidates(op: str) -> List[Params]:
-    """Every combination of the op's tunable parameters."""
-    names = sorted(tuning.PARAMS[op])
+def kernel_path(dtype: str, n: int) -> str:
+    """The pre kernel the library runs for these streams (src/cuda/pre_stream.cu: stream_shape_ok, pre_path)."""
+    if os.environ.get("MHC_CUDA_PRE") in ("cluster", "fused") or dtype not in ("bfloat16", "float16"):
+        return "cluster"
+    return "stream" if n in (2, 4, 8) else "cluster"
+
+
+def candidates(op: str, path: str = "cluster") -> List[Params]:
+    """Every combination of the parameters the op's kernel path reads."""
+    names = sorted(tuning.PATH_PARAMS[path])
     return [tuple(zip(names, values)) for values in itertools.product(*(tuning.PARAMS[op][k] for k in names))]
 
 
-def heuristic(op: str, C: int, tokens: int) -> Params:
-    """The launch parameters src/cuda/pre.cu (launch_fused) picks without a tuning entry."""
+def stream_heuristic(tokens: int, sms: int) -> Params:
+    """What src/cuda/pre_stream.cu (run_stream, plan_stream) picks without a tuning entry."""
+    group = 1
+    while group < 8 and tokens // (2 * group) >= 4 * sms:
+        group *= 2
+    tile = 16 if tokens <= 32 else 64 if tokens < 512 else 128
+    return (("stream_group", group), ("stream_tile", tile))
+
+
+def heuristic(op: str, C: int, tokens: int, path: str = "cluster", sms: int = 132) -> Params:
+    """The launch parameters the kernels pick without a tuning entry (cluster: src/cuda/pre.cu, launch_fused)."""
+    if path == "stream":
+        return stream_heuristic(tokens, sms)
     cluster = 16
     if tokens > 256:
         cluster = 1
@@ -199,10 +218,11 @@ def tune_shape(op: str, n: int, C: int, T: int, dtype_name: str, tolerance: floa
 
     _set_table([])
     want = [t.clone() for t in _call(op, params, per_set[0])]
-    default = heuristic(op, C, T)
+    path = kernel_path(dtype_name, n)
+    default = heuristic(op, C, T, path, torch.cuda.get_device_properties(0).multi_processor_count)
     timings: Dict[Params, float] = {}
     rejected: Dict[Params, float] = {}
-    for p in candidates(op):
+    for p in candidates(op, path):
         if p == default:
             continue
         try:
@@ -300,9 +320,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     device = props.name
-    shapes = [(op, C, T) for op in args.ops for C in args.C for T in args.tokens]
-    print(f"mhc tune: {device} (sm_{props.major}{props.minor}), n = {args.n}, {args.dtype}, {len(shapes)} shapes, "
-          f"candidates per op: " + ", ".join(f"{op} {len(candidates(op))}" for op in args.ops), flush=True)
+    path = kernel_path(args.dtype, args.n)
+    # Above 16 tokens the streaming post+pre runs the post kernel and then pre_forward's kernels (and entries).
+    shapes = [(op, C, T) for op in args.ops for C in args.C for T in args.tokens
+              if not (path == "stream" and op == "post_pre_forward" and T > 16)]
+    print(f"mhc tune: {device} (sm_{props.major}{props.minor}), n = {args.n}, {args.dtype}, {path} kernels, "
+          f"{len(shapes)} shapes, candidates per op: "
+          + ", ".join(f"{op} {len(candidates(op, path))}" for op in args.ops), flush=True)
     start = time.time()
     results = []
     try:
