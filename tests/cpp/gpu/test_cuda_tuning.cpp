@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cuda/tuning.hpp"
+#include "mhc/ops.hpp"
 
 namespace mhc::cuda_impl {
 namespace {
@@ -21,7 +22,7 @@ const char* kTable = R"({
 
 TEST(CudaTuning, FirstMatchingEntrySetsEachParameter) {
   ASSERT_EQ(load_tuning_text(kTable, "Test GPU"), "");
-  EXPECT_EQ(tuning_entry_count(), 3);
+  EXPECT_EQ(::mhc::tuning_status().entries, 3);
   const TuningKey exact{"pre_forward", 4, DType::bf16, 4096, 8192};
   EXPECT_EQ(tuned(exact, "cluster", 16), 8);
   EXPECT_EQ(tuned(exact, "tile", 0), 64);
@@ -37,7 +38,7 @@ TEST(CudaTuning, FirstMatchingEntrySetsEachParameter) {
 
 TEST(CudaTuning, EntriesOfAnotherDeviceAreIgnored) {
   ASSERT_EQ(load_tuning_text(kTable, "Other GPU"), "");
-  EXPECT_EQ(tuning_entry_count(), 0);
+  EXPECT_EQ(::mhc::tuning_status().entries, 0);
   EXPECT_EQ(tuned({"pre_forward", 4, DType::bf16, 4096, 8192}, "cluster", 16), 16);
 }
 
