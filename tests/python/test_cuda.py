@@ -135,8 +135,12 @@ def test_compile_fullgraph_and_cuda_graph_replay_match_eager():
     compiled_site = torch.compile(lambda *a: site(ops, *a)[0], fullgraph=True)
     out = compiled_site(x, y, fn, base, scale)
     grads = torch.autograd.grad(out, (x, y, fn, base, scale), g)
-    for a, b in zip([out] + list(grads), eager):
-        assert rel(a.detach(), b) <= 1e-6
+    for name, a, b in zip(["out", "grad_x", "grad_y", "grad_fn", "grad_base", "grad_scale"], [out] + list(grads),
+                          eager):
+        # Eager autograd pairs the site's pre and post and accumulates grad_x once, in fp32 (mhc.ops); compiled
+        # graphs add the two bf16 halves, one rounding more. Everything else runs the same kernels.
+        tol = STREAM_TOL[torch.bfloat16] if name == "grad_x" else 1e-6
+        assert rel(a.detach(), b) <= tol, f"{name}: {rel(a.detach(), b):.2e}"
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
