@@ -105,15 +105,21 @@ def dls(ts):
 
 
 def stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+    """The raw cudaStream_t of torch's current stream on t's device (0 on the CPU).
+
+    torch._C._cuda_getCurrentRawStream is the call torch.compile's generated code makes: a few microseconds
+    cheaper per op than torch.cuda.current_stream(device).cuda_stream."""
+    return torch._C._cuda_getCurrentRawStream(t.get_device()) if t.is_cuda else 0
 
 
 _no_guard = contextlib.nullcontext()
 
 
 def device(t: Tensor):
-    """The device guard of an op call on t (nothing on the CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else _no_guard
+    """The device guard of an op call on t: none on the CPU or when t is on the current device already."""
+    if t.is_cuda and t.get_device() != torch._C._cuda_getDevice():
+        return torch.cuda.device(t.device)
+    return _no_guard
 
 
 # ---- the two routes -----------------------------------------------------------------------------------------
