@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.dlpack import to_dlpack
 
 from . import _C
+from ._checks import check_tensor, int_arg, real_arg, same_device
 from .reference import coef_dtype
 
 __all__ = [
@@ -529,36 +530,31 @@ _residual_add_agg_op.register_autograd(_residual_add_agg_backward, setup_context
 
 # ---- public API: argument checks, casts, leading dims ----------------------------------------------------
 
-_STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+_MAX_STREAMS = 64
 
 
 def _shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
-def _check_tensor(op: str, name: str, t, *, optional: bool = False) -> None:
-    if t is None and optional:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"mhc.{op}: {name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _STREAM_DTYPES:
-        raise TypeError(f"mhc.{op}: {name}: expected dtype bfloat16, float16, float32 or float64, got {t.dtype}")
-
-
 def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
-    """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1."""
-    _check_tensor(op, name, x)
+    """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1 (n <= 64 too)."""
+    check_tensor(op, name, x)
     layout = "[..., " + ", ".join(trailing) + "]"
     if x.dim() < len(trailing):
         raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout}, got shape {_shape_str(x.shape)}")
     for dim_name, size in zip(trailing, x.shape[-len(trailing):]):
         if size < 1:
             raise ValueError(f"mhc.{op}: {name}: {layout} needs {dim_name} >= 1, got shape {_shape_str(x.shape)}")
+        if dim_name == "n" and size > _MAX_STREAMS:
+            raise ValueError(f"mhc.{op}: {name}: {layout} needs n <= {_MAX_STREAMS} streams, got shape "
+                             f"{_shape_str(x.shape)}")
 
 
 def _per_token(op: str, name: str, t, shape: Tuple[int, ...], layout: str) -> None:
     """A per-token tensor whose full shape is fixed by the leading stream tensor."""
-    _check_tensor(op, name, t)
+    check_tensor(op, name, t)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, "
                          f"got {_shape_str(t.shape)}")
@@ -568,16 +564,33 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype).contiguous()
 
 
-def _params(op: str, x: Tensor, fn, base, scale):
-    _check_tensor(op, "fn", fn, optional=True)
-    _check_tensor(op, "base", base)
-    _check_tensor(op, "scale", scale, optional=True)
+def _param_shape(op: str, name: str, t: Optional[Tensor], shape: Tuple[int, ...], layout: str) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, got {_shape_str(t.shape)}")
+
+
+def _params(op: str, x: Tensor, fn, base, scale, *, head: bool = False):
+    """A site's (or, with ``head``, a head's) parameters, checked here so fake and meta tensors (which never
+    reach the C++ checks) are held to the same rules, then cast to the coefficient dtype."""
+    check_tensor(op, "fn", fn, optional=True)
+    check_tensor(op, "base", base)
+    check_tensor(op, "scale", scale, optional=True)
+    same_device(op, "x", x, fn=fn, base=base, scale=scale)
+    n, C = x.shape[-2:]
+    rows, rows_name, scales = (n, "n", 1) if head else (n * n + 2 * n, "n*n+2n", 3)
+    _param_shape(op, "fn", fn, (rows, n * C), f"[{rows_name}, n*C]")
+    _param_shape(op, "base", base, (rows,), f"[{rows_name}]")
+    _param_shape(op, "scale", scale, (scales,), f"[{scales}]")
+    if fn is not None and scale is None:
+        raise ValueError(f"mhc.{op}: scale: required when fn is given (both None is static mode)")
     k = coef_dtype(x.dtype)
     return _as(fn, k), _as(base, k), _as(scale, k)
 
 
-def _hyper(iters, post_mult, eps, norm_eps, pre_eps):
-    return int(iters), float(post_mult), float(eps), float(norm_eps), float(pre_eps)
+def _hyper(op: str, iters, post_mult, eps, norm_eps, pre_eps):
+    return (int_arg(op, "iters", iters, 1), real_arg(op, "post_mult", post_mult),
+            real_arg(op, "eps", eps, low=0.0), real_arg(op, "norm_eps", norm_eps, low=0.0),
+            real_arg(op, "pre_eps", pre_eps, low=0.0))
 
 
 def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], *, iters: int = 20,
@@ -590,9 +603,9 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
     """
     _stream_input("mhc_pre", "x", x, ("n", "C"))
     fn, base, scale = _params("mhc_pre", x, fn, base, scale)
+    hyper = _hyper("mhc_pre", iters, post_mult, eps, norm_eps, pre_eps)
     *lead, n, C = x.shape
-    outs = torch.ops.mhc.pre(x.reshape(-1, n, C).contiguous(), fn, base, scale,
-                             *_hyper(iters, post_mult, eps, norm_eps, pre_eps), _backend)
+    outs = torch.ops.mhc.pre(x.reshape(-1, n, C).contiguous(), fn, base, scale, *hyper, _backend)
     layer_input, h_pre, h_post, comb = outs[:4]
     return (layer_input.view(*lead, C), h_pre.view(*lead, n), h_post.view(*lead, n), comb.view(*lead, n, n))
 
@@ -604,6 +617,7 @@ def _post_inputs(op: str, x, y, h_post, comb):
     _per_token(op, "y", y, lead + (C,), "[..., C]")
     _per_token(op, "h_post", h_post, lead + (n,), "[..., n]")
     _per_token(op, "comb", comb, lead + (n, n), "[..., n, n]")
+    same_device(op, "x", x, y=y, h_post=h_post, comb=comb)
     k = coef_dtype(x.dtype)
     return (x.reshape(-1, n, C).contiguous(), y.to(x.dtype).reshape(-1, C).contiguous(),
             h_post.to(k).reshape(-1, n).contiguous(), comb.to(k).reshape(-1, n, n).contiguous())
@@ -624,9 +638,9 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
     """
     flat = _post_inputs("mhc_post_pre", x, y, h_post, comb)
     fn, base, scale = _params("mhc_post_pre", x, fn, base, scale)
+    hyper = _hyper("mhc_post_pre", iters, post_mult, eps, norm_eps, pre_eps)
     *lead, n, C = x.shape
-    outs = torch.ops.mhc.post_pre(*flat, fn, base, scale, *_hyper(iters, post_mult, eps, norm_eps, pre_eps),
-                                  _backend)
+    outs = torch.ops.mhc.post_pre(*flat, fn, base, scale, *hyper, _backend)
     x_next, layer_input, h_pre, h_post_next, comb_next = outs[:5]
     return (x_next.view(x.shape), layer_input.view(*lead, C), h_pre.view(*lead, n), h_post_next.view(*lead, n),
             comb_next.view(*lead, n, n))
@@ -639,17 +653,17 @@ def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
     if logits.shape[-2] != n:
         raise ValueError(f"mhc.sinkhorn: logits: expected square [..., n, n] matrices, got shape "
                          f"{_shape_str(logits.shape)}")
+    iters, eps = int_arg("sinkhorn", "iters", iters, 1), real_arg("sinkhorn", "eps", eps, low=0.0)
     flat = logits.to(coef_dtype(logits.dtype)).reshape(-1, n, n).contiguous()
-    return torch.ops.mhc.sinkhorn(flat, int(iters), float(eps), _backend).view(logits.shape)
+    return torch.ops.mhc.sinkhorn(flat, iters, eps, _backend).view(logits.shape)
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
     """``[..., C]`` -> ``[..., n, C]``, every stream a copy of x (the backward sums over streams)."""
     _stream_input("expand_streams", "x", x, ("C",))
-    if not 1 <= n <= 64:
-        raise ValueError(f"mhc.expand_streams: n: expected 1..64 streams, got {n}")
+    n = int_arg("expand_streams", "n", n, 1, 64)
     C = x.shape[-1]
-    out = torch.ops.mhc.expand_streams(x.reshape(-1, C).contiguous(), int(n), _backend)
+    out = torch.ops.mhc.expand_streams(x.reshape(-1, C).contiguous(), n, _backend)
     return out.view(*x.shape[:-1], n, C)
 
 
@@ -658,9 +672,10 @@ def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tens
     """Learned head collapse ``[..., n, C]`` -> ``[..., C]``: ``w = sigmoid(mixes * scale + base) + eps``,
     ``out = sum_i w[i] x[i]``; ``fn [n, n*C]`` (or None), ``base [n]``, ``scale [1]`` (or None)."""
     _stream_input("mhc_head", "x", x, ("n", "C"))
-    fn, base, scale = _params("mhc_head", x, fn, base, scale)
+    fn, base, scale = _params("mhc_head", x, fn, base, scale, head=True)
+    eps = real_arg("mhc_head", "eps", eps, low=0.0)
     *lead, n, C = x.shape
-    out = torch.ops.mhc.head(x.reshape(-1, n, C).contiguous(), fn, base, scale, float(eps), _backend)[0]
+    out = torch.ops.mhc.head(x.reshape(-1, n, C).contiguous(), fn, base, scale, eps, _backend)[0]
     return out.view(*lead, C)
 
 
@@ -671,6 +686,7 @@ def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Ten
     lead = tuple(lead)
     _per_token("residual_add_agg", "res", res, lead + (n, C), "[..., n, C]")
     _per_token("residual_add_agg", "h_pre", h_pre, lead + (n,), "[..., n]")
+    same_device("residual_add_agg", "x", x, res=res, h_pre=h_pre)
     x_out, agg = torch.ops.mhc.residual_add_agg(
         x.reshape(-1, n, C).contiguous(), res.to(x.dtype).reshape(-1, n, C).contiguous(),
         h_pre.to(coef_dtype(x.dtype)).reshape(-1, n).contiguous(), _backend)
