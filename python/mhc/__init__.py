@@ -59,6 +59,7 @@ from .history import (
     MHCSequential,
     MHCSkip,
     MHCSkipConfig,
+    HistoryMixin,
     WeightedSum,
     clear_history,
     freeze_mhc,
@@ -68,7 +69,7 @@ from .history import (
 from .history_ops import history_mix, history_skip, project_logits
 from .profiling import PerformanceAudit
 
-__all__ += ["PRESETS", "HistoryBuffer", "MatrixMHCSkip", "MHCBasicBlock", "MHCBlock", "MHCBottleneck", "MHCConv2d",
+__all__ += ["PRESETS", "HistoryBuffer", "HistoryMixin", "MatrixMHCSkip", "MHCBasicBlock", "MHCBlock", "MHCBottleneck", "MHCConv2d",
             "MHCSequential", "MHCSkip", "MHCSkipConfig", "WeightedSum", "clear_history", "freeze_mhc",
             "history_memory_bytes", "inject_mhc", "history_mix", "history_skip", "project_logits",
             "PerformanceAudit", "export", "history", "history_ops", "profiling", "utils"]

@@ -232,3 +232,25 @@ def test_mixed_devices_under_fake_tensors_and_compile():
     compiled = torch.compile(ops.mhc_post, backend="eager", fullgraph=True)
     with pytest.raises(RuntimeError, match="comb: expected a tensor on"):
         compiled(x, y, h_post, comb.to("meta"))
+
+
+def test_invalid_arguments_that_used_to_pass_or_fail_unclearly():
+    x = torch.randn(T, n, C)
+    head_fn, head_base, head_scale = site_params(n, C, head=True)
+    cases = [
+        (ValueError, "eps", lambda: ops.mhc_head(x, head_fn, head_base, head_scale, eps=-1.0)),
+        (ValueError, "pre_eps", lambda: ops.mhc_pre(*good_pre(), pre_eps=-1.0)),
+        (TypeError, "iters", lambda: ops.mhc_pre(*good_pre(), iters=2.5)),
+        (TypeError, "n", lambda: ops.expand_streams(torch.randn(T, C), 4.0)),
+        (TypeError, "eps", lambda: ops.sinkhorn(torch.randn(T, n, n), eps="small")),
+        (TypeError, "n", lambda: mhc.MHC(4.0, 8)),
+        (TypeError, "C", lambda: mhc.MHC(4, "8")),
+        (ValueError, "n", lambda: mhc.MHCHead(0, 8)),
+        (ValueError, "n", lambda: mhc.StreamExpand(65)),
+        (ValueError, "x", lambda: mhc.MHCHead(n, C, mode="mean")(torch.randn(T, n + 1, C))),
+        (ValueError, "x", lambda: mhc.MHCHead(n, C)(torch.randn(T, n, C + 1))),
+        (TypeError, "x", lambda: mhc.MHCHead(n, C, mode="mean")(torch.ones(T, n, C, dtype=torch.int64))),
+    ]
+    for error, name, call in cases:
+        with pytest.raises(error, match=name):
+            call()
