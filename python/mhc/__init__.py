@@ -74,3 +74,7 @@ __all__ += ["PRESETS", "HistoryBuffer", "HistoryMixin", "MatrixMHCSkip", "MHCBas
             "history_memory_bytes", "inject_mhc", "history_mix", "history_skip", "project_logits",
             "PerformanceAudit", "export", "history", "history_ops", "profiling", "utils"]
 # --- end multi-history skip connections ---
+
+from . import flops  # noqa: E402  FLOP formulas of every torch.ops.mhc op (torch.utils.flop_counter)
+
+__all__ += ["flops"]
