@@ -1,4 +1,5 @@
-"""Argument checks shared by the public functions of both op families (:mod:`mhc.ops`, :mod:`mhc.history_ops`).
+"""Argument checks and the eager-path test shared by the public functions of both op families (:mod:`mhc.ops`,
+:mod:`mhc.history_ops`).
 
 They run in Python before any cast or kernel, read only metadata (type, dtype, device, shape), and so work the
 same on real, meta and fake tensors and under torch.compile. Messages read ``mhc.<op>: <argument>: expected ...``.
@@ -8,10 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -58,3 +59,112 @@ def real_arg(op: str, name: str, value, *, low: Optional[float] = None, positive
         wanted = "a finite value" + (" > 0" if positive else f" >= {low:g}" if low is not None else "")
         raise ValueError(f"mhc.{op}: {name}: expected {wanted}, got {value}")
     return value
+
+
+def eager(*tensors: Optional[Tensor]) -> bool:
+    """True for plain eager calls. They take a torch.autograd.Function straight to the kernels; the
+    custom ops (same kernels) serve torch.compile, export, tensor subclasses (fake tensors), meta tensors
+    (their fake implementation) and dispatch modes such as FlopCounterMode (which must see the op). The
+    custom-op autograd wrapper costs tens of us of Python per call, which a small layer feels."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(t is None or (type(t) in (Tensor, nn.Parameter) and not t.is_meta) for t in tensors)
+
+
+# ---- the n-stream ops (mhc.ops and mhc.reference take the same arguments and check them alike) -------------
+
+MAX_STREAMS = 64
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
+    """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1 (n <= 64 too)."""
+    check_tensor(op, name, x)
+    layout = "[..., " + ", ".join(trailing) + "]"
+    if x.dim() < len(trailing):
+        raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout}, got shape {_shape_str(x.shape)}")
+    for dim_name, size in zip(trailing, x.shape[-len(trailing):]):
+        if size < 1:
+            raise ValueError(f"mhc.{op}: {name}: {layout} needs {dim_name} >= 1, got shape {_shape_str(x.shape)}")
+        if dim_name == "n" and size > MAX_STREAMS:
+            raise ValueError(f"mhc.{op}: {name}: {layout} needs n <= {MAX_STREAMS} streams, got shape "
+                             f"{_shape_str(x.shape)}")
+
+
+def _per_token(op: str, name: str, t, shape: Tuple[int, ...], layout: str) -> None:
+    """A per-token tensor whose full shape is fixed by the leading stream tensor."""
+    check_tensor(op, name, t)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, "
+                         f"got {_shape_str(t.shape)}")
+
+
+def _param_shape(op: str, name: str, t: Optional[Tensor], shape: Tuple[int, ...], layout: str) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, got {_shape_str(t.shape)}")
+
+
+def _site_params(op: str, x: Tensor, fn, base, scale, *, head: bool = False) -> None:
+    """A site's (or, with ``head``, a head's) parameters, checked in Python so fake and meta tensors (which never
+    reach the C++ checks) are held to the same rules."""
+    check_tensor(op, "fn", fn, optional=True)
+    check_tensor(op, "base", base)
+    check_tensor(op, "scale", scale, optional=True)
+    same_device(op, "x", x, fn=fn, base=base, scale=scale)
+    n, C = x.shape[-2:]
+    rows, rows_name, scales = (n, "n", 1) if head else (n * n + 2 * n, "n*n+2n", 3)
+    _param_shape(op, "fn", fn, (rows, n * C), f"[{rows_name}, n*C]")
+    _param_shape(op, "base", base, (rows,), f"[{rows_name}]")
+    _param_shape(op, "scale", scale, (scales,), f"[{scales}]")
+    if fn is not None and scale is None:
+        raise ValueError(f"mhc.{op}: scale: required when fn is given (both None is static mode)")
+
+
+def check_pre(op: str, x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps) -> tuple:
+    """Arguments of a site's pre; returns the hyper-parameters ``(iters, post_mult, eps, norm_eps, pre_eps)``."""
+    _stream_input(op, "x", x, ("n", "C"))
+    _site_params(op, x, fn, base, scale)
+    return (int_arg(op, "iters", iters, 1), real_arg(op, "post_mult", post_mult),
+            real_arg(op, "eps", eps, low=0.0), real_arg(op, "norm_eps", norm_eps, low=0.0),
+            real_arg(op, "pre_eps", pre_eps, low=0.0))
+
+
+def check_post(op: str, x, y, h_post, comb) -> None:
+    _stream_input(op, "x", x, ("n", "C"))
+    *lead, n, C = x.shape
+    lead = tuple(lead)
+    _per_token(op, "y", y, lead + (C,), "[..., C]")
+    _per_token(op, "h_post", h_post, lead + (n,), "[..., n]")
+    _per_token(op, "comb", comb, lead + (n, n), "[..., n, n]")
+    same_device(op, "x", x, y=y, h_post=h_post, comb=comb)
+
+
+def check_sinkhorn(op: str, logits, iters, eps) -> Tuple[int, float]:
+    _stream_input(op, "logits", logits, ("n", "n"))
+    if logits.shape[-2] != logits.shape[-1]:
+        raise ValueError(f"mhc.{op}: logits: expected square [..., n, n] matrices, got shape "
+                         f"{_shape_str(logits.shape)}")
+    return int_arg(op, "iters", iters, 1), real_arg(op, "eps", eps, low=0.0)
+
+
+def check_expand(op: str, x, n) -> int:
+    _stream_input(op, "x", x, ("C",))
+    return int_arg(op, "n", n, 1, MAX_STREAMS)
+
+
+def check_head(op: str, x, fn, base, scale, eps) -> float:
+    _stream_input(op, "x", x, ("n", "C"))
+    _site_params(op, x, fn, base, scale, head=True)
+    return real_arg(op, "eps", eps, low=0.0)
+
+
+def check_residual_add_agg(op: str, x, res, h_pre) -> None:
+    _stream_input(op, "x", x, ("n", "C"))
+    *lead, n, C = x.shape
+    lead = tuple(lead)
+    _per_token(op, "res", res, lead + (n, C), "[..., n, C]")
+    _per_token(op, "h_pre", h_pre, lead + (n,), "[..., n]")
+    same_device(op, "x", x, res=res, h_pre=h_pre)

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor, nn
 
-from ._checks import int_arg, real_arg
+from ._checks import check_tensor, int_arg, real_arg, same_device
 from .history_ops import (
     CONSTRAINTS,
     VECTOR_CONSTRAINTS,
@@ -308,6 +308,21 @@ def _states_of(history: Optional[History], x: Tensor) -> List[Tensor]:
                     f"{type(history).__name__}" + (" of 0 dims" if isinstance(history, Tensor) else ""))
 
 
+def _nonempty(states: List[Tensor], owner: str) -> List[Tensor]:
+    if not states:
+        raise ValueError(f"{owner}: history: expected at least one state (the block's input), got none")
+    return states
+
+
+def _like_states(x: Tensor, states: List[Tensor], owner: str) -> List[Tensor]:
+    # The matrix skip adds a mix of the states to x itself (not through a kernel that would check it).
+    if tuple(x.shape) != tuple(states[0].shape):
+        raise ValueError(f"{owner}: x: expected shape {list(states[0].shape)} like the history's states, got "
+                         f"{list(x.shape)}")
+    same_device(owner, "x", x, **{"states[0]": states[0]})
+    return states
+
+
 def _detach_older(states: List[Tensor]) -> List[Tensor]:
     # The newest state is the block's own input: keeping it differentiable keeps the residual path.
     return states[:1] + [s.detach() for s in states[1:]]
@@ -361,9 +376,7 @@ class MHCSkip(nn.Module):
         return project_logits(self.logits[:n], self.constraint, temperature=self.temperature, epsilon=self.epsilon)
 
     def forward(self, x: Tensor, history: History) -> Tensor:
-        states = _states_of(history, x)[: self.max_history]
-        if not states:
-            raise ValueError("MHCSkip: history: expected at least one state (the block's input), got none")
+        states = _nonempty(_states_of(history, x)[: self.max_history], "MHCSkip")
         if self.detach_history:
             states = _detach_older(states)
         logits = self.logits[: len(states)]
@@ -442,9 +455,7 @@ class WeightedSum(nn.Module):
         if self.exact and len(states) != self.max_history:
             raise ValueError(f"WeightedSum: history: the weights are for exactly {self.max_history} states, got "
                              f"{len(states)}")
-        if not states:
-            raise ValueError("WeightedSum: history: expected at least one state (the block's input), got none")
-        states = states[: self.max_history]
+        states = _nonempty(states, "WeightedSum")[: self.max_history]
         w = self.table[len(states) - 1, : len(states)]
         if _exporting():
             # Weights are constants: keep only the non-zero terms in the exported graph.
@@ -483,21 +494,25 @@ class MatrixMHCSkip(nn.Module):
         return (f"max_history={self.max_history}, constraint={self.constraint}, temperature={self.temperature}, "
                 f"sinkhorn_iters={self.sinkhorn_iters}, detach_history={self.detach_history}")
 
-    def matrix(self, available: Optional[int] = None) -> Tensor:
+    def matrix(self, available: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The doubly stochastic matrix over the first ``available`` states, projected in ``dtype`` (default: the
+        logits' float32)."""
         n = self.max_history if available is None else available
-        logits = self.logits[:n, :n]
+        logits = self.logits[:n, :n] if dtype is None else self.logits[:n, :n].to(dtype)
         fn = reference_project_logits if _exporting() else project_logits
         return fn(logits, self.constraint, temperature=self.temperature, sinkhorn_iters=self.sinkhorn_iters)
 
     def forward(self, x: Tensor, history: History) -> Tensor:
-        states = _states_of(history, x)[: self.max_history]
+        check_tensor("MatrixMHCSkip", "x", x)
+        states = _like_states(x, _nonempty(_states_of(history, x)[: self.max_history], "MatrixMHCSkip"),
+                             "MatrixMHCSkip")
         if self.detach_history:
             states = _detach_older(states)
-        m = self.matrix(len(states))
+        m = self.matrix(len(states), torch.float64 if x.dtype == torch.float64 else torch.float32)
         if _exporting():
             mixed = reference_history_mix(None, torch.stack([s.to(x.dtype) for s in states]), m)
         else:
-            mixed = history_mix(None, states, m.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+            mixed = history_mix(None, states, m)
         head = mixed[0].to(x.dtype)
         out = x + (head if self.gate is None else self.gate.to(x.dtype) * head)
         if isinstance(history, HistoryBuffer):
@@ -525,7 +540,9 @@ class _FrozenMatrix(nn.Module):
         self.max_history = H
 
     def forward(self, x: Tensor, history: History) -> Tensor:
-        states = _states_of(history, x)[: self.max_history]
+        check_tensor("MatrixMHCSkip", "x", x)
+        states = _like_states(x, _nonempty(_states_of(history, x)[: self.max_history], "MatrixMHCSkip"),
+                             "MatrixMHCSkip")
         n = len(states)
         m = self.table[n - 1, :n, :n]
         if _exporting():
@@ -686,8 +703,7 @@ class MHCSequential(nn.Module):
         return history_memory_bytes(B, C, spatial, self.max_history, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"MHCSequential: x: expected a torch.Tensor, got {type(x).__name__}")
+        check_tensor("MHCSequential", "x", x)  # the history mixes x: a floating tensor
         history = self._history
         if _special_mode():
             history = HistoryBuffer(self.max_history, self.config.history_dtype)  # functional: a fresh local one

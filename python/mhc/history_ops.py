@@ -34,11 +34,11 @@ import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.dlpack import to_dlpack
 
 from . import _C
-from ._checks import STREAM_DTYPES, check_tensor, int_arg, real_arg, same_device
+from ._checks import STREAM_DTYPES, check_tensor, eager, int_arg, real_arg, same_device
 
 __all__ = [
     "CONSTRAINTS",
@@ -157,16 +157,6 @@ def _check_name(constraint: str, op: str = "project_logits") -> str:
     if constraint not in CONSTRAINTS:
         raise ValueError(f"mhc.{op}: constraint: expected one of {CONSTRAINTS}, got {constraint!r}")
     return constraint
-
-
-def _eager(*tensors: Optional[Tensor]) -> bool:
-    """True for plain eager calls. They take a torch.autograd.Function straight to the kernels; the
-    custom ops (same kernels) serve torch.compile, export, tensor subclasses (fake tensors), meta tensors
-    (their fake implementation) and dispatch modes such as FlopCounterMode (which must see the op). The
-    custom-op autograd wrapper costs about 100 us of Python per call, which a small layer feels."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack():
-        return False
-    return all(t is None or (type(t) in (Tensor, nn.Parameter) and not t.is_meta) for t in tensors)
 
 
 # ---- argument checks of the public functions ------------------------------------------------------------
@@ -336,7 +326,7 @@ def project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: 
     if flatten:  # the kernels take rows of H (or H x H)
         work = work.reshape((-1, H, H) if square else (-1, H))
     args = (work.contiguous(), constraint, *hyper, _backend())
-    weights = _ProjectFunction.apply(*args) if _eager(work) else _project_op(*args)
+    weights = _ProjectFunction.apply(*args) if eager(work) else _project_op(*args)
     return (weights.view(logits.shape) if flatten else weights).to(logits.dtype)
 
 
@@ -508,7 +498,7 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
         x = x.reshape((out_shape[0], -1) if len(out_shape) > len(shape) else (-1,))
     weights = weights.to(coef).contiguous()
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
-    if _eager(x, weights, gate, *states):
+    if eager(x, weights, gate, *states):
         out = _MixFunction.apply(x, weights, gate, _backend(), *states)
     else:
         out = _mix_op(x, states, weights, gate, _backend())
@@ -661,7 +651,7 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     x_in = x.contiguous().reshape(-1) if flatten else x.contiguous()
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
     hyper = (constraint, temperature, epsilon, _backend())
-    if _eager(x_in, logits, gate, *states):
+    if eager(x_in, logits, gate, *states):
         out, weights = _SkipFunction.apply(x_in, logits, gate, *hyper, *states)
     else:
         out, weights = _skip_op(x_in, states, logits, gate, *hyper)
@@ -715,7 +705,7 @@ def reference_history_mix(x: Optional[Tensor], states: States, weights: Tensor, 
     stacked = stacked.to(dtype)
     flat = stacked.reshape(stacked.shape[0], -1)
     w = weights.to(dtype)
-    mixed = (w.reshape(-1, w.shape[-1]) @ flat).reshape(*w.shape[:-1], *stacked.shape[1:])
+    mixed = (w.reshape(-1, w.shape[-1]) @ flat).reshape(tuple(w.shape[:-1]) + tuple(stacked.shape[1:]))
     if gate is not None:
         mixed = gate.to(dtype).reshape(()) * mixed
     return mixed if x is None else x + mixed

@@ -155,6 +155,7 @@ class MHCLayer(nn.Module):
         self.sublayer = sublayer if sublayer is not None else nn.RMSNorm(C, eps=self.mhc.norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_tensor("MHCLayer", "x", x)
         if x.dim() not in (3, 4) or tuple(x.shape[-2:]) != (self.n, self.C):
             raise ValueError(f"mhc.MHCLayer: x: expected shape [B, n, C] or [B, S, n, C] with n = {self.n}, "
                              f"C = {self.C}, got {list(x.shape)}")

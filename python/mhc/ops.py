@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.dlpack import to_dlpack
 
 from . import _C
-from ._checks import check_tensor, int_arg, real_arg, same_device
+from ._checks import (check_expand, check_head, check_post, check_pre, check_residual_add_agg, check_sinkhorn,
+                      eager)
 from .reference import coef_dtype
 
 __all__ = [
@@ -481,14 +482,28 @@ _head_op.register_autograd(_head_backward, setup_context=_head_setup_context)
 # ---- residual add + aggregate ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mhc::residual_add_agg", mutates_args=())
-def _residual_add_agg_op(x: Tensor, res: Tensor, h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """-> (x_out = x + res [T, n, C], agg = sum_i h_pre[i] x_out[i] [T, C])."""
+def _residual_add_agg_impl(x: Tensor, res: Tensor, h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     x_out, agg = _new(x), _new(x, (x.shape[0], x.shape[2]))
     with _device(x):
         _C.residual_add_agg_forward(x=_dl(x), res=_dl(res), h_pre=_dl(h_pre), x_out=_dl(x_out), agg=_dl(agg),
                                     config=_config(x.shape[1]), backend=backend, stream=_stream(x))
     return x_out, agg
+
+
+def _residual_add_agg_backward_impl(grad_x_out: Optional[Tensor], grad_agg: Optional[Tensor], x_out: Tensor,
+                                    h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    grad_sum, grad_h_pre = _new(x_out), _new(h_pre)
+    with _device(x_out):
+        _C.residual_add_agg_backward(grad_x_out=_dl(grad_x_out), grad_agg=_dl(grad_agg), x_out=_dl(x_out),
+                                     h_pre=_dl(h_pre), grad_sum=_dl(grad_sum), grad_h_pre=_dl(grad_h_pre),
+                                     config=_config(x_out.shape[1]), backend=backend, stream=_stream(x_out))
+    return grad_sum, grad_h_pre
+
+
+@torch.library.custom_op("mhc::residual_add_agg", mutates_args=())
+def _residual_add_agg_op(x: Tensor, res: Tensor, h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """-> (x_out = x + res [T, n, C], agg = sum_i h_pre[i] x_out[i] [T, C])."""
+    return _residual_add_agg_impl(x, res, h_pre, backend)
 
 
 @_residual_add_agg_op.register_fake
@@ -500,12 +515,7 @@ def _(x, res, h_pre, backend):
 def _residual_add_agg_backward_op(grad_x_out: Optional[Tensor], grad_agg: Optional[Tensor], x_out: Tensor,
                                   h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """-> (grad_sum: the gradient of both x and res, grad_h_pre)."""
-    grad_sum, grad_h_pre = _new(x_out), _new(h_pre)
-    with _device(x_out):
-        _C.residual_add_agg_backward(grad_x_out=_dl(grad_x_out), grad_agg=_dl(grad_agg), x_out=_dl(x_out),
-                                     h_pre=_dl(h_pre), grad_sum=_dl(grad_sum), grad_h_pre=_dl(grad_h_pre),
-                                     config=_config(x_out.shape[1]), backend=backend, stream=_stream(x_out))
-    return grad_sum, grad_h_pre
+    return _residual_add_agg_backward_impl(grad_x_out, grad_agg, x_out, h_pre, backend)
 
 
 @_residual_add_agg_backward_op.register_fake
@@ -528,69 +538,36 @@ def _residual_add_agg_backward(ctx, grad_x_out, grad_agg):
 _residual_add_agg_op.register_autograd(_residual_add_agg_backward, setup_context=_residual_add_agg_setup_context)
 
 
+class _ResidualAddAggFunction(torch.autograd.Function):
+    """Eager path of mhc::residual_add_agg (same kernels, less Python per call: the op is elementwise-cheap,
+    so the custom op's dispatch cost would decide whether fusing pays on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, res, h_pre, backend):
+        x_out, agg = _residual_add_agg_impl(x, res, h_pre, backend)
+        ctx.save_for_backward(x_out, h_pre)
+        ctx.backend = backend
+        return x_out, agg
+
+    @staticmethod
+    def backward(ctx, grad_x_out, grad_agg):
+        x_out, h_pre = ctx.saved_tensors
+        grad_sum, grad_h_pre = _residual_add_agg_backward_impl(_contig(grad_x_out), _contig(grad_agg), x_out, h_pre,
+                                                               ctx.backend)
+        return grad_sum, grad_sum, grad_h_pre, None
+
+
 # ---- public API: argument checks, casts, leading dims ----------------------------------------------------
-
-
-_MAX_STREAMS = 64
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
-
-
-def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
-    """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1 (n <= 64 too)."""
-    check_tensor(op, name, x)
-    layout = "[..., " + ", ".join(trailing) + "]"
-    if x.dim() < len(trailing):
-        raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout}, got shape {_shape_str(x.shape)}")
-    for dim_name, size in zip(trailing, x.shape[-len(trailing):]):
-        if size < 1:
-            raise ValueError(f"mhc.{op}: {name}: {layout} needs {dim_name} >= 1, got shape {_shape_str(x.shape)}")
-        if dim_name == "n" and size > _MAX_STREAMS:
-            raise ValueError(f"mhc.{op}: {name}: {layout} needs n <= {_MAX_STREAMS} streams, got shape "
-                             f"{_shape_str(x.shape)}")
-
-
-def _per_token(op: str, name: str, t, shape: Tuple[int, ...], layout: str) -> None:
-    """A per-token tensor whose full shape is fixed by the leading stream tensor."""
-    check_tensor(op, name, t)
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, "
-                         f"got {_shape_str(t.shape)}")
 
 
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype).contiguous()
 
 
-def _param_shape(op: str, name: str, t: Optional[Tensor], shape: Tuple[int, ...], layout: str) -> None:
-    if t is not None and tuple(t.shape) != shape:
-        raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, got {_shape_str(t.shape)}")
-
-
-def _params(op: str, x: Tensor, fn, base, scale, *, head: bool = False):
-    """A site's (or, with ``head``, a head's) parameters, checked here so fake and meta tensors (which never
-    reach the C++ checks) are held to the same rules, then cast to the coefficient dtype."""
-    check_tensor(op, "fn", fn, optional=True)
-    check_tensor(op, "base", base)
-    check_tensor(op, "scale", scale, optional=True)
-    same_device(op, "x", x, fn=fn, base=base, scale=scale)
-    n, C = x.shape[-2:]
-    rows, rows_name, scales = (n, "n", 1) if head else (n * n + 2 * n, "n*n+2n", 3)
-    _param_shape(op, "fn", fn, (rows, n * C), f"[{rows_name}, n*C]")
-    _param_shape(op, "base", base, (rows,), f"[{rows_name}]")
-    _param_shape(op, "scale", scale, (scales,), f"[{scales}]")
-    if fn is not None and scale is None:
-        raise ValueError(f"mhc.{op}: scale: required when fn is given (both None is static mode)")
+def _params(x: Tensor, fn, base, scale):
+    """Checked parameters cast to the coefficient dtype."""
     k = coef_dtype(x.dtype)
     return _as(fn, k), _as(base, k), _as(scale, k)
-
-
-def _hyper(op: str, iters, post_mult, eps, norm_eps, pre_eps):
-    return (int_arg(op, "iters", iters, 1), real_arg(op, "post_mult", post_mult),
-            real_arg(op, "eps", eps, low=0.0), real_arg(op, "norm_eps", norm_eps, low=0.0),
-            real_arg(op, "pre_eps", pre_eps, low=0.0))
 
 
 def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], *, iters: int = 20,
@@ -601,9 +578,8 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
     ``x [..., n, C]``, ``fn [n*n+2n, n*C]`` (or None: static mode), ``base [n*n+2n]``, ``scale [3]`` (or None)
     -> ``(layer_input [..., C], h_pre [..., n], h_post [..., n], comb [..., n, n])``.
     """
-    _stream_input("mhc_pre", "x", x, ("n", "C"))
-    fn, base, scale = _params("mhc_pre", x, fn, base, scale)
-    hyper = _hyper("mhc_pre", iters, post_mult, eps, norm_eps, pre_eps)
+    hyper = check_pre("mhc_pre", x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps)
+    fn, base, scale = _params(x, fn, base, scale)
     *lead, n, C = x.shape
     outs = torch.ops.mhc.pre(x.reshape(-1, n, C).contiguous(), fn, base, scale, *hyper, _backend)
     layer_input, h_pre, h_post, comb = outs[:4]
@@ -611,13 +587,8 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
 
 
 def _post_inputs(op: str, x, y, h_post, comb):
-    _stream_input(op, "x", x, ("n", "C"))
-    *lead, n, C = x.shape
-    lead = tuple(lead)
-    _per_token(op, "y", y, lead + (C,), "[..., C]")
-    _per_token(op, "h_post", h_post, lead + (n,), "[..., n]")
-    _per_token(op, "comb", comb, lead + (n, n), "[..., n, n]")
-    same_device(op, "x", x, y=y, h_post=h_post, comb=comb)
+    check_post(op, x, y, h_post, comb)
+    n, C = x.shape[-2:]
     k = coef_dtype(x.dtype)
     return (x.reshape(-1, n, C).contiguous(), y.to(x.dtype).reshape(-1, C).contiguous(),
             h_post.to(k).reshape(-1, n).contiguous(), comb.to(k).reshape(-1, n, n).contiguous())
@@ -636,9 +607,9 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
 
     -> ``(x_next [..., n, C], layer_input [..., C], h_pre [..., n], h_post [..., n], comb [..., n, n])``.
     """
+    hyper = check_pre("mhc_post_pre", x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps)
     flat = _post_inputs("mhc_post_pre", x, y, h_post, comb)
-    fn, base, scale = _params("mhc_post_pre", x, fn, base, scale)
-    hyper = _hyper("mhc_post_pre", iters, post_mult, eps, norm_eps, pre_eps)
+    fn, base, scale = _params(x, fn, base, scale)
     *lead, n, C = x.shape
     outs = torch.ops.mhc.post_pre(*flat, fn, base, scale, *hyper, _backend)
     x_next, layer_input, h_pre, h_post_next, comb_next = outs[:5]
@@ -648,20 +619,15 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
 
 def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
     """Sinkhorn normalisation of ``[..., n, n]`` logits (float32; float64 stays float64)."""
-    _stream_input("sinkhorn", "logits", logits, ("n", "n"))
+    iters, eps = check_sinkhorn("sinkhorn", logits, iters, eps)
     n = logits.shape[-1]
-    if logits.shape[-2] != n:
-        raise ValueError(f"mhc.sinkhorn: logits: expected square [..., n, n] matrices, got shape "
-                         f"{_shape_str(logits.shape)}")
-    iters, eps = int_arg("sinkhorn", "iters", iters, 1), real_arg("sinkhorn", "eps", eps, low=0.0)
     flat = logits.to(coef_dtype(logits.dtype)).reshape(-1, n, n).contiguous()
     return torch.ops.mhc.sinkhorn(flat, iters, eps, _backend).view(logits.shape)
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
     """``[..., C]`` -> ``[..., n, C]``, every stream a copy of x (the backward sums over streams)."""
-    _stream_input("expand_streams", "x", x, ("C",))
-    n = int_arg("expand_streams", "n", n, 1, 64)
+    n = check_expand("expand_streams", x, n)
     C = x.shape[-1]
     out = torch.ops.mhc.expand_streams(x.reshape(-1, C).contiguous(), n, _backend)
     return out.view(*x.shape[:-1], n, C)
@@ -671,9 +637,8 @@ def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tens
              ) -> Tensor:
     """Learned head collapse ``[..., n, C]`` -> ``[..., C]``: ``w = sigmoid(mixes * scale + base) + eps``,
     ``out = sum_i w[i] x[i]``; ``fn [n, n*C]`` (or None), ``base [n]``, ``scale [1]`` (or None)."""
-    _stream_input("mhc_head", "x", x, ("n", "C"))
-    fn, base, scale = _params("mhc_head", x, fn, base, scale, head=True)
-    eps = real_arg("mhc_head", "eps", eps, low=0.0)
+    eps = check_head("mhc_head", x, fn, base, scale, eps)
+    fn, base, scale = _params(x, fn, base, scale)
     *lead, n, C = x.shape
     out = torch.ops.mhc.head(x.reshape(-1, n, C).contiguous(), fn, base, scale, eps, _backend)[0]
     return out.view(*lead, C)
@@ -681,15 +646,14 @@ def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tens
 
 def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Tensor]:
     """``x_out = x + res`` and ``agg = sum_i h_pre[i] * x_out[i]`` in one pass; ``x, res [..., n, C]``, ``h_pre [..., n]``."""
-    _stream_input("residual_add_agg", "x", x, ("n", "C"))
+    check_residual_add_agg("residual_add_agg", x, res, h_pre)
     *lead, n, C = x.shape
-    lead = tuple(lead)
-    _per_token("residual_add_agg", "res", res, lead + (n, C), "[..., n, C]")
-    _per_token("residual_add_agg", "h_pre", h_pre, lead + (n,), "[..., n]")
-    same_device("residual_add_agg", "x", x, res=res, h_pre=h_pre)
-    x_out, agg = torch.ops.mhc.residual_add_agg(
-        x.reshape(-1, n, C).contiguous(), res.to(x.dtype).reshape(-1, n, C).contiguous(),
-        h_pre.to(coef_dtype(x.dtype)).reshape(-1, n).contiguous(), _backend)
+    args = (x.reshape(-1, n, C).contiguous(), res.to(x.dtype).reshape(-1, n, C).contiguous(),
+            h_pre.to(coef_dtype(x.dtype)).reshape(-1, n).contiguous(), _backend)
+    if eager(*args[:3]):
+        x_out, agg = _ResidualAddAggFunction.apply(*args)
+    else:
+        x_out, agg = torch.ops.mhc.residual_add_agg(*args)
     return x_out.view(x.shape), agg.view(*lead, C)
 
 
