@@ -41,6 +41,8 @@ def same_device(op: str, lead_name: str, lead: Tensor, **others: Optional[Tensor
 
 def int_arg(op: str, name: str, value, low: int, high: Optional[int] = None) -> int:
     """A Python int (not a bool, not a float) in ``[low, high]``."""
+    if torch.compiler.is_compiling():  # numbers may be symbolic there; eager calls and the C++ core check them
+        return int(value)
     if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"mhc.{op}: {name}: expected an int, got {type(value).__name__} {value!r}")
     if value < low or (high is not None and value > high):
@@ -51,6 +53,8 @@ def int_arg(op: str, name: str, value, low: int, high: Optional[int] = None) -> 
 
 def real_arg(op: str, name: str, value, *, low: Optional[float] = None, positive: bool = False) -> float:
     """A finite Python number, ``>= low`` (or ``> 0`` when ``positive``)."""
+    if torch.compiler.is_compiling():  # numbers may be symbolic there; eager calls and the C++ core check them
+        return float(value)
     if type(value) is not float:  # the common case skips the slower abstract-class checks
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"mhc.{op}: {name}: expected a number, got {type(value).__name__}")

@@ -27,7 +27,9 @@ or ``mhc.ops.set_backend(...)``; the backward of an op runs on the backend its f
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import math
 from typing import Iterator, Optional, Tuple
 
@@ -101,9 +103,13 @@ def _device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=256)  # building the extension's Config object costs a few us per call
 def _config(n: int, iters: int = 20, post_mult: float = 2.0, eps: float = 1e-6, norm_eps: float = 1e-6,
             pre_eps: float = 1e-6):
     return _C.Config(n=n, iters=iters, eps=eps, norm_eps=norm_eps, pre_eps=pre_eps, post_mult=post_mult)
+
+
+atexit.register(_config.cache_clear)  # before the extension is torn down (nanobind counts live objects)
 
 
 # Tests set this: every output is NaN-filled before the op runs, so elements it fails to write show.
@@ -648,13 +654,20 @@ def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Ten
     """``x_out = x + res`` and ``agg = sum_i h_pre[i] * x_out[i]`` in one pass; ``x, res [..., n, C]``, ``h_pre [..., n]``."""
     check_residual_add_agg("residual_add_agg", x, res, h_pre)
     *lead, n, C = x.shape
-    args = (x.reshape(-1, n, C).contiguous(), res.to(x.dtype).reshape(-1, n, C).contiguous(),
-            h_pre.to(coef_dtype(x.dtype)).reshape(-1, n).contiguous(), _backend)
-    if eager(*args[:3]):
-        x_out, agg = _ResidualAddAggFunction.apply(*args)
-    else:
-        x_out, agg = torch.ops.mhc.residual_add_agg(*args)
-    return x_out.view(x.shape), agg.view(*lead, C)
+    flat = x.dim() == 3  # already [T, n, C]: no reshapes (a cheap op feels every us of Python)
+    x_in = x.contiguous() if flat else x.reshape(-1, n, C).contiguous()
+    res_in = res if res.dtype == x.dtype else res.to(x.dtype)
+    res_in = res_in.contiguous() if flat else res_in.reshape(-1, n, C).contiguous()
+    k = coef_dtype(x.dtype)
+    h_in = h_pre if h_pre.dtype == k else h_pre.to(k)
+    h_in = h_in.contiguous() if flat else h_in.reshape(-1, n).contiguous()
+    if not eager(x_in, res_in, h_in):
+        x_out, agg = torch.ops.mhc.residual_add_agg(x_in, res_in, h_in, _backend)
+    elif torch.is_grad_enabled() and (x_in.requires_grad or res_in.requires_grad or h_in.requires_grad):
+        x_out, agg = _ResidualAddAggFunction.apply(x_in, res_in, h_in, _backend)
+    else:  # nothing to differentiate: the kernel alone
+        x_out, agg = _residual_add_agg_impl(x_in, res_in, h_in, _backend)
+    return (x_out, agg) if flat else (x_out.view(x.shape), agg.view(*lead, C))
 
 
 # The multi-history skip ops live in history_ops.py; re-exported so every functional op is in mhc.ops.

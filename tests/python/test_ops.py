@@ -368,7 +368,7 @@ def test_residual_add_agg_eager_function_and_custom_op_agree():
     h_pre = torch.rand(5, 4, requires_grad=True)
     cotangents = (torch.randn(5, 4, 9), torch.randn(5, 9))
     eager = ops.residual_add_agg(x, res, h_pre)
-    assert "_ResidualAddAggFunction" in type(eager[0].grad_fn.next_functions[0][0]).__name__
+    assert "_ResidualAddAggFunction" in type(eager[0].grad_fn).__name__  # [T, n, C] in: no view on top
     custom = torch.ops.mhc.residual_add_agg(x, res, h_pre, "auto")
     for a, b in zip(eager, custom):
         assert torch.equal(a, b)
