@@ -82,12 +82,12 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--timer", choices=("wall", "process"), default="wall")
-    parser.add_argument("--quick", action="store_true", help="two shapes, fp32 only")
+    parser.add_argument("--quick", action="store_true", help="three shapes, fp32 only")
     args = parser.parse_args()
     clock = time.perf_counter if args.timer == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = [(512, 4, 512), (4096, 4, 512)] if args.quick else [
+    shapes = [(128, 4, 512), (512, 4, 512), (4096, 4, 512)] if args.quick else [
         (128, 4, 512), (512, 4, 512), (4096, 4, 512), (1024, 4, 2048), (256, 8, 1024), (2048, 4, 4096)]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     print(f"# mhc {mhc.__version__}, torch {torch.__version__}, device {args.device}, threads "

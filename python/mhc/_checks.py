@@ -72,7 +72,10 @@ def eager(*tensors: Optional[Tensor]) -> bool:
     custom-op autograd wrapper costs tens of us of Python per call, which a small layer feels."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack():
         return False
-    return all(t is None or (type(t) in (Tensor, nn.Parameter) and not t.is_meta) for t in tensors)
+    for t in tensors:  # a loop, not all(generator): this runs on every call
+        if t is not None and (type(t) not in (Tensor, nn.Parameter) or t.is_meta):
+            return False
+    return True
 
 
 # ---- the n-stream ops (mhc.ops and mhc.reference take the same arguments and check them alike) -------------
@@ -87,14 +90,14 @@ def _shape_str(shape: Sequence[int]) -> str:
 def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
     """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1 (n <= 64 too)."""
     check_tensor(op, name, x)
-    layout = "[..., " + ", ".join(trailing) + "]"
+    layout = lambda: "[..., " + ", ".join(trailing) + "]"  # noqa: E731  (only an error message needs it)
     if x.dim() < len(trailing):
-        raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout}, got shape {_shape_str(x.shape)}")
+        raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout()}, got shape {_shape_str(x.shape)}")
     for dim_name, size in zip(trailing, x.shape[-len(trailing):]):
         if size < 1:
-            raise ValueError(f"mhc.{op}: {name}: {layout} needs {dim_name} >= 1, got shape {_shape_str(x.shape)}")
+            raise ValueError(f"mhc.{op}: {name}: {layout()} needs {dim_name} >= 1, got shape {_shape_str(x.shape)}")
         if dim_name == "n" and size > MAX_STREAMS:
-            raise ValueError(f"mhc.{op}: {name}: {layout} needs n <= {MAX_STREAMS} streams, got shape "
+            raise ValueError(f"mhc.{op}: {name}: {layout()} needs n <= {MAX_STREAMS} streams, got shape "
                              f"{_shape_str(x.shape)}")
 
 
