@@ -66,6 +66,7 @@ from .history import (
     MHCSequential,
     MHCSkip,
     MHCSkipConfig,
+    HistoryMixin,
     WeightedSum,
     clear_history,
     freeze_mhc,
@@ -75,8 +76,12 @@ from .history import (
 from .history_ops import history_mix, history_skip, project_logits
 from .profiling import PerformanceAudit
 
-__all__ += ["PRESETS", "HistoryBuffer", "MatrixMHCSkip", "MHCBasicBlock", "MHCBlock", "MHCBottleneck", "MHCConv2d",
+__all__ += ["PRESETS", "HistoryBuffer", "HistoryMixin", "MatrixMHCSkip", "MHCBasicBlock", "MHCBlock", "MHCBottleneck", "MHCConv2d",
             "MHCSequential", "MHCSkip", "MHCSkipConfig", "WeightedSum", "clear_history", "freeze_mhc",
             "history_memory_bytes", "inject_mhc", "history_mix", "history_skip", "project_logits",
             "PerformanceAudit", "export", "history", "history_ops", "profiling", "utils"]
 # --- end multi-history skip connections ---
+
+from . import flops  # noqa: E402  FLOP formulas of every torch.ops.mhc op (torch.utils.flop_counter)
+
+__all__ += ["flops"]

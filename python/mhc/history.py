@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_tensor, int_arg, real_arg, same_device
 from .history_ops import (
     CONSTRAINTS,
     VECTOR_CONSTRAINTS,
@@ -53,6 +54,7 @@ __all__ = [
     "MHCBottleneck",
     "inject_mhc",
     "clear_history",
+    "HistoryMixin",
     "freeze_mhc",
     "history_memory_bytes",
 ]
@@ -135,8 +137,7 @@ class MHCSkipConfig:
     sinkhorn_iters: int = 20
 
     def __post_init__(self):
-        if not 1 <= self.max_history <= 64:
-            raise ValueError(f"max_history: expected 1 to 64, got {self.max_history}")
+        int_arg("MHCSkipConfig", "max_history", self.max_history, 1, 64)
         if self.constraint not in CONSTRAINTS:
             raise ValueError(f"constraint: expected one of {CONSTRAINTS}, got {self.constraint!r}")
         if not self.temperature > 0:
@@ -233,6 +234,8 @@ class HistoryBuffer:
     # -- push / read --
     def push(self, x: Tensor) -> None:
         """Make ``x`` the newest state (the oldest drops out once H are held)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"HistoryBuffer.push: x: expected a torch.Tensor, got {type(x).__name__}")
         dtype = self.dtype or x.dtype
         ring = self._use_ring(x)
         if self._count and ring != self._ring_mode:
@@ -297,9 +300,27 @@ def _states_of(history: Optional[History], x: Tensor) -> List[Tensor]:
                          "(newest first; the newest is the block's input), got None")
     if isinstance(history, HistoryBuffer):
         return history.states()
-    if isinstance(history, Tensor):
+    if isinstance(history, Tensor) and history.dim() >= 1:
         return list(history.unbind(0))
-    return list(history)
+    if isinstance(history, (list, tuple)):
+        return list(history)
+    raise TypeError(f"history: expected a HistoryBuffer, a stacked tensor [n, *x.shape] or a list of states, got "
+                    f"{type(history).__name__}" + (" of 0 dims" if isinstance(history, Tensor) else ""))
+
+
+def _nonempty(states: List[Tensor], owner: str) -> List[Tensor]:
+    if not states:
+        raise ValueError(f"{owner}: history: expected at least one state (the block's input), got none")
+    return states
+
+
+def _like_states(x: Tensor, states: List[Tensor], owner: str) -> List[Tensor]:
+    # The matrix skip adds a mix of the states to x itself (not through a kernel that would check it).
+    if tuple(x.shape) != tuple(states[0].shape):
+        raise ValueError(f"{owner}: x: expected shape {list(states[0].shape)} like the history's states, got "
+                         f"{list(x.shape)}")
+    same_device(owner, "x", x, **{"states[0]": states[0]})
+    return states
 
 
 def _detach_older(states: List[Tensor]) -> List[Tensor]:
@@ -355,9 +376,7 @@ class MHCSkip(nn.Module):
         return project_logits(self.logits[:n], self.constraint, temperature=self.temperature, epsilon=self.epsilon)
 
     def forward(self, x: Tensor, history: History) -> Tensor:
-        states = _states_of(history, x)[: self.max_history]
-        if not states:
-            raise ValueError("MHCSkip: history: expected at least one state (the block's input), got none")
+        states = _nonempty(_states_of(history, x)[: self.max_history], "MHCSkip")
         if self.detach_history:
             states = _detach_older(states)
         logits = self.logits[: len(states)]
@@ -395,19 +414,31 @@ def _unrolled_mix(x: Tensor, states: Sequence[Tensor], w: Tensor, gate: Optional
 class WeightedSum(nn.Module):
     """A frozen skip: ``x + sum_k w_k h_k`` with constant weights (no projection, no parameters).
 
-    ``table[n - 1, :n]`` holds the weights used when n states are available. Zero weights cost
-    nothing (the kernel skips those states; ONNX export leaves them out of the graph).
+    ``table``: either ``[H]``, the weights of exactly H states (forward then requires H states), or
+    ``[H, H]`` whose row ``n - 1`` (first n entries) holds the weights used when n states are available,
+    as :meth:`MHCSkip.freeze` builds it; like :class:`MHCSkip`, it then mixes the newest H states of a
+    longer history. Zero weights cost nothing (the kernel skips those states; ONNX export leaves them out
+    of the graph). The weights must be finite.
     """
 
     def __init__(self, table: Tensor):
         super().__init__()
-        if table.dim() == 1:  # plain weights for exactly len(table) states
-            H = table.shape[0]
-            full = torch.zeros(H, H, dtype=table.dtype)
+        if not isinstance(table, Tensor) or not table.is_floating_point():
+            raise TypeError(f"WeightedSum: table: expected a floating-point tensor, got "
+                            f"{table.dtype if isinstance(table, Tensor) else type(table).__name__}")
+        H = table.shape[0] if table.dim() >= 1 else 0
+        if table.dim() not in (1, 2) or not 1 <= H <= 64 or (table.dim() == 2 and table.shape[1] != H):
+            raise ValueError(f"WeightedSum: table: expected weights [H] or a table [H, H] with H in 1..64, got shape "
+                             f"{list(table.shape)}")
+        if not bool(torch.isfinite(table).all()):
+            raise ValueError("WeightedSum: table: expected finite weights, got NaN or infinite values")
+        self.exact = table.dim() == 1  # weights of exactly H states
+        if self.exact:
+            full = torch.zeros(H, H, dtype=table.dtype, device=table.device)
             full[H - 1] = table
             table = full
         self.register_buffer("table", table.float())
-        self.max_history = table.shape[0]
+        self.max_history = H
         self._refresh_nonzero()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_nonzero())
 
@@ -417,10 +448,14 @@ class WeightedSum(nn.Module):
                          for n in range(1, self.max_history + 1)]
 
     def extra_repr(self) -> str:
-        return f"max_history={self.max_history}"
+        return f"max_history={self.max_history}, exact={self.exact}"
 
     def forward(self, x: Tensor, history: History) -> Tensor:
-        states = _states_of(history, x)[: self.max_history]
+        states = _states_of(history, x)
+        if self.exact and len(states) != self.max_history:
+            raise ValueError(f"WeightedSum: history: the weights are for exactly {self.max_history} states, got "
+                             f"{len(states)}")
+        states = _nonempty(states, "WeightedSum")[: self.max_history]
         w = self.table[len(states) - 1, : len(states)]
         if _exporting():
             # Weights are constants: keep only the non-zero terms in the exported graph.
@@ -439,8 +474,7 @@ class MatrixMHCSkip(nn.Module):
 
     def __init__(self, max_history: int = 4, constraint: str = "doubly_stochastic", temperature: float = 1.0,
                  sinkhorn_iters: int = 20, detach_history: bool = False, use_gating: bool = False,
-                 gate_init: float = 1.0, init_diagonal: float = 4.0, config: Optional[MHCSkipConfig] = None,
-                 **_ignored):
+                 gate_init: float = 1.0, init_diagonal: float = 4.0, config: Optional[MHCSkipConfig] = None):
         super().__init__()
         if config is not None:
             max_history, constraint, temperature = config.max_history, config.constraint, config.temperature
@@ -448,10 +482,10 @@ class MatrixMHCSkip(nn.Module):
             use_gating, gate_init = config.use_gating, config.gate_init
         if constraint != "doubly_stochastic" and constraint not in VECTOR_CONSTRAINTS:
             raise ValueError(f"MatrixMHCSkip: constraint: expected one of {CONSTRAINTS}, got {constraint!r}")
-        self.max_history = int(max_history)
+        self.max_history = int_arg("MatrixMHCSkip", "max_history", max_history, 1, 64)
         self.constraint = constraint  # vector constraints project each row
-        self.temperature = float(temperature)
-        self.sinkhorn_iters = int(sinkhorn_iters)
+        self.temperature = real_arg("MatrixMHCSkip", "temperature", temperature, positive=True)
+        self.sinkhorn_iters = int_arg("MatrixMHCSkip", "sinkhorn_iters", sinkhorn_iters, 1)
         self.detach_history = bool(detach_history)
         self.logits = nn.Parameter(torch.eye(self.max_history) * float(init_diagonal))
         self.gate = nn.Parameter(torch.full((1,), float(gate_init))) if use_gating else None
@@ -460,21 +494,25 @@ class MatrixMHCSkip(nn.Module):
         return (f"max_history={self.max_history}, constraint={self.constraint}, temperature={self.temperature}, "
                 f"sinkhorn_iters={self.sinkhorn_iters}, detach_history={self.detach_history}")
 
-    def matrix(self, available: Optional[int] = None) -> Tensor:
+    def matrix(self, available: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The doubly stochastic matrix over the first ``available`` states, projected in ``dtype`` (default: the
+        logits' float32)."""
         n = self.max_history if available is None else available
-        logits = self.logits[:n, :n]
+        logits = self.logits[:n, :n] if dtype is None else self.logits[:n, :n].to(dtype)
         fn = reference_project_logits if _exporting() else project_logits
         return fn(logits, self.constraint, temperature=self.temperature, sinkhorn_iters=self.sinkhorn_iters)
 
     def forward(self, x: Tensor, history: History) -> Tensor:
-        states = _states_of(history, x)[: self.max_history]
+        check_tensor("MatrixMHCSkip", "x", x)
+        states = _like_states(x, _nonempty(_states_of(history, x)[: self.max_history], "MatrixMHCSkip"),
+                             "MatrixMHCSkip")
         if self.detach_history:
             states = _detach_older(states)
-        m = self.matrix(len(states))
+        m = self.matrix(len(states), torch.float64 if x.dtype == torch.float64 else torch.float32)
         if _exporting():
             mixed = reference_history_mix(None, torch.stack([s.to(x.dtype) for s in states]), m)
         else:
-            mixed = history_mix(None, states, m.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+            mixed = history_mix(None, states, m)
         head = mixed[0].to(x.dtype)
         out = x + (head if self.gate is None else self.gate.to(x.dtype) * head)
         if isinstance(history, HistoryBuffer):
@@ -502,7 +540,9 @@ class _FrozenMatrix(nn.Module):
         self.max_history = H
 
     def forward(self, x: Tensor, history: History) -> Tensor:
-        states = _states_of(history, x)[: self.max_history]
+        check_tensor("MatrixMHCSkip", "x", x)
+        states = _like_states(x, _nonempty(_states_of(history, x)[: self.max_history], "MatrixMHCSkip"),
+                             "MatrixMHCSkip")
         n = len(states)
         m = self.table[n - 1, :n, :n]
         if _exporting():
@@ -622,10 +662,13 @@ class MHCSequential(nn.Module):
     def __init__(self, *modules: Union[nn.Module, Iterable[nn.Module]], max_history: int = 4,
                  config: Optional[MHCSkipConfig] = None, allow_shape_change: bool = False, **skip_kwargs):
         super().__init__()
-        if len(modules) == 1 and not isinstance(modules[0], nn.Module):
+        if len(modules) == 1 and isinstance(modules[0], Iterable) and not isinstance(modules[0], nn.Module):
             modules = tuple(modules[0])
         if not modules:
             raise ValueError("MHCSequential: modules: expected at least one module")
+        for i, m in enumerate(modules):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"MHCSequential: modules[{i}]: expected an nn.Module, got {type(m).__name__}")
         if config is None:
             config = MHCSkipConfig(max_history=max_history, **skip_kwargs)
         elif skip_kwargs:
@@ -660,6 +703,7 @@ class MHCSequential(nn.Module):
         return history_memory_bytes(B, C, spatial, self.max_history, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_tensor("MHCSequential", "x", x)  # the history mixes x: a floating tensor
         history = self._history
         if _special_mode():
             history = HistoryBuffer(self.max_history, self.config.history_dtype)  # functional: a fresh local one
@@ -704,10 +748,23 @@ def freeze_mhc(model: nn.Module) -> nn.Module:
 
 
 def clear_history(model: nn.Module) -> None:
-    """Call ``clear_history()`` on every :class:`MHCSequential` inside ``model``."""
+    """Drop the states and free the buffer of every :class:`MHCSequential` inside ``model`` (``model`` too), and of
+    every :class:`HistoryBuffer` held as an attribute of one of its modules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mhc.clear_history: model: expected an nn.Module, got {type(model).__name__}")
     for m in model.modules():
-        if isinstance(m, MHCSequential):
-            m.clear_history()
+        for value in vars(m).values():
+            if isinstance(value, HistoryBuffer):
+                value.release()
+
+
+class HistoryMixin:
+    """Gives a model class ``clear_history()`` (see :func:`clear_history`): ``class Net(mhc.HistoryMixin,
+    nn.Module)``. Before ONNX export, or to give the history memory back: ``model.clear_history()``."""
+
+    def clear_history(self) -> None:
+        """Drop the held states and free the history buffers of every multi-history module inside."""
+        clear_history(self)
 
 
 # ---- injection ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ differentiable. The backend follows :func:`mhc.ops.use_backend` (``"reference"``
 from __future__ import annotations
 
 import atexit
+import collections.abc
 import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -37,12 +38,13 @@ from . import _C
 from ._plumbing import dl as _dl
 from ._plumbing import dls as _dls
 from ._plumbing import device as _device
-from ._plumbing import eager as _eager
+from ._plumbing import eager
 from ._plumbing import get_backend as _backend
 from ._plumbing import new as _new
 from ._plumbing import stream as _stream
 from ._plumbing import workspace as _workspace
 from ._plumbing import workspace_bytes as _workspace_bytes
+from ._checks import STREAM_DTYPES, check_tensor, int_arg, real_arg, same_device
 
 __all__ = [
     "CONSTRAINTS",
@@ -99,12 +101,79 @@ def _mix_out_shape(states: Sequence[Tensor], weights: Tensor):
     return (weights.shape[0], *shape) if weights.dim() == 2 else shape
 
 
-def _check_name(constraint: str) -> str:
+def _check_name(constraint: str, op: str = "project_logits") -> str:
+    if not isinstance(constraint, str):
+        raise TypeError(f"mhc.{op}: constraint: expected a string, one of {CONSTRAINTS}, got "
+                        f"{type(constraint).__name__}")
     aliases = {"sparsemax": "simplex", "sinkhorn": "doubly_stochastic"}
     constraint = aliases.get(constraint, constraint)
     if constraint not in CONSTRAINTS:
-        raise ValueError(f"mhc.project_logits: constraint: expected one of {CONSTRAINTS}, got {constraint!r}")
+        raise ValueError(f"mhc.{op}: constraint: expected one of {CONSTRAINTS}, got {constraint!r}")
     return constraint
+
+
+# ---- argument checks of the public functions ------------------------------------------------------------
+
+
+def _state_list(op: str, states, lead_name: Optional[str] = None, lead: Optional[Tensor] = None) -> List[Tensor]:
+    """``states`` (stacked ``[H, *shape]`` or a sequence) as a list of 1..MAX_HISTORY floating tensors of one
+    shape, on ``lead``'s device (``states[0]``'s when no lead is given). One pass: a small layer feels each us."""
+    if isinstance(states, Tensor):
+        check_tensor(op, "states", states)
+        if states.dim() < 1:
+            raise ValueError(f"mhc.{op}: states: expected a stacked tensor [H, *shape] or a list of tensors, got a "
+                             "0-d tensor")
+        states = list(states.unbind(0))
+    elif type(states) in (list, tuple) or (isinstance(states, collections.abc.Sequence)
+                                           and not isinstance(states, str)):
+        states = list(states)
+    else:
+        raise TypeError(f"mhc.{op}: states: expected a stacked tensor [H, *shape] or a list of tensors, got "
+                        f"{type(states).__name__}")
+    if not states:
+        raise ValueError(f"mhc.{op}: states: expected at least one state, got none")
+    if len(states) > _C.MAX_HISTORY:
+        raise ValueError(f"mhc.{op}: states: at most {_C.MAX_HISTORY} states, got {len(states)}")
+    check_tensor(op, "states[0]", states[0])
+    if lead is None:
+        lead_name, lead = "states[0]", states[0]
+    shape, device = states[0].shape, lead.device
+    for k, s in enumerate(states):
+        if not isinstance(s, Tensor) or s.dtype not in STREAM_DTYPES:
+            check_tensor(op, f"states[{k}]", s)
+        if s.shape != shape:
+            raise ValueError(f"mhc.{op}: states[{k}]: expected shape {list(shape)} like states[0], got "
+                             f"{list(s.shape)}")
+        if s.device != device:
+            same_device(op, lead_name, lead, **{f"states[{k}]": s})
+    return states
+
+
+def _gate_arg(op: str, gate) -> Optional[Tensor]:
+    check_tensor(op, "gate", gate, optional=True)
+    if gate is not None and gate.numel() != 1:
+        raise ValueError(f"mhc.{op}: gate: expected one value (shape [] or [1]), got shape {list(gate.shape)}")
+    return gate
+
+
+def _logits_width(op: str, logits: Tensor, square: bool) -> int:
+    """H of ``[..., H]`` logits (``[..., H, H]`` when ``square``), 1..MAX_HISTORY."""
+    layout = "[..., H, H]" if square else "[..., H]"
+    if logits.dim() < (2 if square else 1):
+        raise ValueError(f"mhc.{op}: logits: expected {layout}, got shape {list(logits.shape)}")
+    H = logits.shape[-1]
+    if not 1 <= H <= _C.MAX_HISTORY:
+        raise ValueError(f"mhc.{op}: logits: {layout} needs H in 1..{_C.MAX_HISTORY}, got shape "
+                         f"{list(logits.shape)}")
+    if square and logits.shape[-2] != H:
+        raise ValueError(f"mhc.{op}: logits: doubly_stochastic needs square matrices {layout}, got shape "
+                         f"{list(logits.shape)}")
+    return H
+
+
+# Rank limit of the core's tensor views. The mix kernels are elementwise over the state shape, so states of a
+# higher rank go in flattened to one dim.
+_MAX_RANK = 8
 
 
 # ---- project_logits ------------------------------------------------------------------------------------
@@ -195,12 +264,30 @@ def project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: 
     on index 0 (the newest state). ``doubly_stochastic`` runs SPEC section 1's Sinkhorn on ``[..., H, H]``.
     Half-precision logits are computed in float32 (the result has the logits' dtype).
     """
+    op = "project_logits"
+    check_tensor(op, "logits", logits)
     constraint = _check_name(constraint)
+    hyper = (real_arg(op, "temperature", temperature, positive=True), _epsilon_arg(op, epsilon),
+             int_arg(op, "sinkhorn_iters", sinkhorn_iters, 1), real_arg(op, "sinkhorn_eps", sinkhorn_eps, low=0.0))
+    square = constraint == "doubly_stochastic"
+    H = _logits_width(op, logits, square)
+    if logits.numel() == 0:  # no rows: nothing for a kernel to do
+        return reference_project_logits(logits, constraint, temperature=hyper[0], epsilon=hyper[1],
+                                        sinkhorn_iters=hyper[2], sinkhorn_eps=hyper[3])
     work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    args = (work.contiguous(), constraint, float(temperature), float(epsilon), int(sinkhorn_iters),
-            float(sinkhorn_eps), _backend())
-    weights = _ProjectFunction.apply(*args) if _eager(work) else _project_op(*args)
-    return weights.to(logits.dtype)
+    flatten = logits.dim() > _MAX_RANK
+    if flatten:  # the kernels take rows of H (or H x H)
+        work = work.reshape((-1, H, H) if square else (-1, H))
+    args = (work.contiguous(), constraint, *hyper, _backend())
+    weights = _ProjectFunction.apply(*args) if eager(work) else _project_op(*args)
+    return (weights.view(logits.shape) if flatten else weights).to(logits.dtype)
+
+
+def _epsilon_arg(op: str, epsilon) -> float:
+    epsilon = real_arg(op, "epsilon", epsilon, low=0.0)
+    if epsilon > 1.0:
+        raise ValueError(f"mhc.{op}: epsilon: expected a value in [0, 1], got {epsilon}")
+    return epsilon
 
 
 # ---- history_mix ---------------------------------------------------------------------------------------
@@ -319,16 +406,13 @@ def _as_list(states: States) -> List[Tensor]:
     return list(states)
 
 
-def _prepare_states(states: States, stream: torch.dtype, op: str) -> List[Tensor]:
-    states = _as_list(states)
-    if not states:
-        raise ValueError(f"mhc.{op}: states: expected at least one state, got none")
-    if len(states) > _C.MAX_HISTORY:
-        raise ValueError(f"mhc.{op}: states: at most {_C.MAX_HISTORY} states, got {len(states)}")
+def _prepare_states(states: List[Tensor], stream: torch.dtype, flatten: bool) -> List[Tensor]:
+    """Checked states in a storage dtype the kernels pair with ``stream``, contiguous (flat when ``flatten``)."""
     storage = states[0].dtype
     if any(s.dtype != storage for s in states) or not _pairs(stream, storage):
         states = [s.to(stream) for s in states]
-    return [s.contiguous() for s in states]
+    states = [s.contiguous() for s in states]
+    return [s.reshape(-1) for s in states] if flatten else states
 
 
 def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: Optional[Tensor] = None) -> Tensor:
@@ -337,19 +421,41 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
     ``states``: stacked ``[H, *shape]`` or a sequence of H tensors of ``shape``, newest first. A state whose
     weight is exactly 0 is not read.
     """
-    if x is None:
-        first = states[0] if not isinstance(states, Tensor) else states
-        stream = first.dtype
+    op = "history_mix"
+    check_tensor(op, "x", x, optional=True)
+    states = _state_list(op, states, "x", x)
+    check_tensor(op, "weights", weights)
+    gate = _gate_arg(op, gate)
+    lead_name, lead = ("x", x) if x is not None else ("states[0]", states[0])
+    same_device(op, lead_name, lead, weights=weights, gate=gate)
+    H, shape = len(states), tuple(states[0].shape)
+    if weights.dim() == 1 and tuple(weights.shape) == (H,):
+        out_shape = shape
+    elif weights.dim() == 2 and weights.shape[1] == H and 1 <= weights.shape[0] <= _C.MAX_HISTORY:
+        out_shape = (weights.shape[0], *shape)
     else:
-        stream = x.dtype
+        raise ValueError(f"mhc.{op}: weights: expected [H] or [R, H] with H = {H} states and R in "
+                         f"1..{_C.MAX_HISTORY}, got shape {list(weights.shape)}")
+    if x is not None and tuple(x.shape) != out_shape:
+        raise ValueError(f"mhc.{op}: x: expected shape {list(out_shape)} "
+                         f"({'[R, *state shape]' if len(out_shape) > len(shape) else 'the states shape'}), "
+                         f"got {list(x.shape)}")
+    if states[0].numel() == 0:  # empty states: nothing for a kernel to do
+        return reference_history_mix(x, states, weights, gate=gate)
+    stream = lead.dtype
     coef = coef_dtype(stream)
-    states = _prepare_states(states, stream, "history_mix")
+    flatten = len(out_shape) > _MAX_RANK
+    states = _prepare_states(states, stream, flatten)
     x = None if x is None else x.contiguous()
+    if flatten and x is not None:
+        x = x.reshape((out_shape[0], -1) if len(out_shape) > len(shape) else (-1,))
     weights = weights.to(coef).contiguous()
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
-    if _eager(x, weights, gate, *states):
-        return _MixFunction.apply(x, weights, gate, _backend(), *states)
-    return _mix_op(x, states, weights, gate, _backend())
+    if eager(x, weights, gate, *states):
+        out = _MixFunction.apply(x, weights, gate, _backend(), *states)
+    else:
+        out = _mix_op(x, states, weights, gate, _backend())
+    return out.view(out_shape) if flatten else out
 
 
 # ---- history_skip (fused) ------------------------------------------------------------------------------
@@ -472,19 +578,37 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     ``logits`` is ``[H]``, one per state (newest first). The weights are returned for inspection; they
     are not differentiable (differentiate ``out``, which depends on ``logits``).
     """
-    constraint = _check_name(constraint)
+    op = "history_skip"
+    check_tensor(op, "x", x)
+    states = _state_list(op, states, "x", x)
+    check_tensor(op, "logits", logits)
+    gate = _gate_arg(op, gate)
+    constraint = _check_name(constraint, op)
     if constraint not in VECTOR_CONSTRAINTS:
         raise ValueError("mhc.history_skip: constraint: doubly_stochastic needs the matrix form "
                          "(project_logits on [H, H] logits, then history_mix with 2-D weights)")
+    temperature, epsilon = real_arg(op, "temperature", temperature, positive=True), _epsilon_arg(op, epsilon)
+    same_device(op, "x", x, logits=logits, gate=gate)
+    H = len(states)
+    if tuple(x.shape) != tuple(states[0].shape):
+        raise ValueError(f"mhc.{op}: x: expected shape {list(states[0].shape)} like the states, got {list(x.shape)}")
+    if tuple(logits.shape) != (H,):
+        raise ValueError(f"mhc.{op}: logits: expected shape [H] = [{H}] (one per state), got {list(logits.shape)}")
     coef = coef_dtype(x.dtype)
-    states = _prepare_states(states, x.dtype, "history_skip")
-    x = x.contiguous()
     logits = logits.to(coef).contiguous()
+    if x.numel() == 0:  # empty states: nothing for a kernel to do
+        weights = project_logits(logits, constraint, temperature=temperature, epsilon=epsilon)
+        return reference_history_mix(x, states, weights, gate=gate), weights.detach()
+    flatten = x.dim() > _MAX_RANK
+    states = _prepare_states(states, x.dtype, flatten)
+    x_in = x.contiguous().reshape(-1) if flatten else x.contiguous()
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
-    hyper = (constraint, float(temperature), float(epsilon), _backend())
-    if _eager(x, logits, gate, *states):
-        return _SkipFunction.apply(x, logits, gate, *hyper, *states)
-    return _skip_op(x, states, logits, gate, *hyper)
+    hyper = (constraint, temperature, epsilon, _backend())
+    if eager(x_in, logits, gate, *states):
+        out, weights = _SkipFunction.apply(x_in, logits, gate, *hyper, *states)
+    else:
+        out, weights = _skip_op(x_in, states, logits, gate, *hyper)
+    return (out.view(x.shape) if flatten else out), weights
 
 
 # ---- plain-PyTorch references (tests, ONNX export) -----------------------------------------------------
@@ -534,7 +658,7 @@ def reference_history_mix(x: Optional[Tensor], states: States, weights: Tensor, 
     stacked = stacked.to(dtype)
     flat = stacked.reshape(stacked.shape[0], -1)
     w = weights.to(dtype)
-    mixed = (w.reshape(-1, w.shape[-1]) @ flat).reshape(*w.shape[:-1], *stacked.shape[1:])
+    mixed = (w.reshape(-1, w.shape[-1]) @ flat).reshape(tuple(w.shape[:-1]) + tuple(stacked.shape[1:]))
     if gate is not None:
         mixed = gate.to(dtype).reshape(()) * mixed
     return mixed if x is None else x + mixed

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
+from ._checks import check_tensor, int_arg
 
 __all__ = ["MHCState", "MHC", "MHCLayer", "StreamExpand", "MHCHead"]
 
@@ -59,6 +60,10 @@ def _parameters_for_ops(module: nn.Module, x: Tensor, params: tuple) -> tuple:
     from . import distributed
 
     return distributed.local_parameters(module, x, params)
+
+
+def _width_args(owner: str, n, C) -> Tuple[int, int]:
+    return int_arg(owner, "n", n, 1, 64), int_arg(owner, "C", C, 1)
 
 
 def _impl(name: str):
@@ -94,10 +99,7 @@ class MHC(nn.Module):
                  norm_eps: float = 1e-6, pre_eps: float = 1e-6, alpha_init: float = 0.01, static: bool = False,
                  impl: str = "fused"):
         super().__init__()
-        if not 1 <= n <= 64:
-            raise ValueError(f"mhc.MHC: n: expected 1..64 streams, got {n}")
-        if C < 1:
-            raise ValueError(f"mhc.MHC: C: expected a width >= 1, got {C}")
+        n, C = _width_args("MHC", n, C)
         self.n, self.C = n, C
         self.iters, self.post_mult, self.eps, self.norm_eps, self.pre_eps = iters, post_mult, eps, norm_eps, pre_eps
         self.alpha_init, self.static = alpha_init, static
@@ -199,6 +201,7 @@ class MHCLayer(nn.Module):
         self.sublayer = sublayer if sublayer is not None else nn.RMSNorm(C, eps=self.mhc.norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_tensor("MHCLayer", "x", x)
         if x.dim() not in (3, 4) or tuple(x.shape[-2:]) != (self.n, self.C):
             raise ValueError(f"mhc.MHCLayer: x: expected shape [B, n, C] or [B, S, n, C] with n = {self.n}, "
                              f"C = {self.C}, got {list(x.shape)}")
@@ -211,7 +214,7 @@ class StreamExpand(nn.Module):
 
     def __init__(self, n: int, *, impl: str = "fused"):
         super().__init__()
-        self.n = n
+        self.n = int_arg("StreamExpand", "n", n, 1, 64)
         _impl(impl)
         self.impl = impl
 
@@ -241,6 +244,7 @@ class MHCHead(nn.Module):
         super().__init__()
         if mode not in ("learned", "mean"):
             raise ValueError(f"mhc.MHCHead: mode: expected 'learned' or 'mean', got {mode!r}")
+        n, C = _width_args("MHCHead", n, C)
         self.n, self.C, self.mode, self.eps, self.alpha_init = n, C, mode, eps, alpha_init
         _impl(impl)
         self.impl = impl
@@ -262,6 +266,10 @@ class MHCHead(nn.Module):
         return _IMPLS[self.impl]
 
     def forward(self, x: Tensor) -> Tensor:
+        check_tensor("MHCHead", "x", x)
+        if x.dim() < 2 or tuple(x.shape[-2:]) != (self.n, self.C):
+            raise ValueError(f"mhc.MHCHead: x: expected streams [..., n, C] with n = {self.n}, C = {self.C}, "
+                             f"got {list(x.shape)}")
         if self.mode == "mean":
             return x.mean(dim=-2)
         return self._ops.mhc_head(x, *_parameters_for_ops(self, x, (self.fn, self.base, self.scale)), eps=self.eps)

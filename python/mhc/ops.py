@@ -39,6 +39,7 @@ from . import _C
 from ._plumbing import BACKENDS, Op, dl, eager, get_backend, new, set_backend, use_backend, workspace
 from ._plumbing import device as _device
 from ._plumbing import stream as _stream
+from ._checks import check_expand, check_head, check_post, check_pre, check_residual_add_agg, check_sinkhorn
 from .reference import coef_dtype
 
 __all__ = [
@@ -582,44 +583,7 @@ def _tie(link: Optional[_PairLink], x: Tensor, h_post: Tensor, comb: Tensor) -> 
         comb._mhc_pair_link = link
 
 
-# ---- public API: argument checks, casts, leading dims ----------------------------------------------------
-
-_STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
-
-
-def _check_tensor(op: str, name: str, t, *, optional: bool = False) -> None:
-    if t is None and optional:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"mhc.{op}: {name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _STREAM_DTYPES:
-        raise TypeError(f"mhc.{op}: {name}: expected dtype bfloat16, float16, float32 or float64, got {t.dtype}")
-
-
-def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
-    """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1."""
-    _check_tensor(op, name, x)
-    shape = x.shape
-    if len(shape) >= len(trailing) and min(shape[-len(trailing):]) >= 1:
-        return
-    layout = "[..., " + ", ".join(trailing) + "]"
-    if x.dim() < len(trailing):
-        raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout}, got shape {_shape_str(x.shape)}")
-    for dim_name, size in zip(trailing, x.shape[-len(trailing):]):
-        if size < 1:
-            raise ValueError(f"mhc.{op}: {name}: {layout} needs {dim_name} >= 1, got shape {_shape_str(x.shape)}")
-
-
-def _per_token(op: str, name: str, t, shape: Tuple[int, ...], layout: str) -> None:
-    """A per-token tensor whose full shape is fixed by the leading stream tensor."""
-    _check_tensor(op, name, t)
-    if t.shape != shape:
-        raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, "
-                         f"got {_shape_str(t.shape)}")
+# ---- public API: argument checks (mhc._checks, shared with mhc.reference), casts, leading dims --------------
 
 
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -643,16 +607,10 @@ def _restore(t: Tensor, lead: Sequence[int], *shape: int) -> Tensor:
     return t if len(lead) == 1 else t.view(*lead, *shape)
 
 
-def _params(op: str, x: Tensor, fn, base, scale):
-    _check_tensor(op, "fn", fn, optional=True)
-    _check_tensor(op, "base", base)
-    _check_tensor(op, "scale", scale, optional=True)
+def _params(x: Tensor, fn, base, scale):
+    """Checked parameters cast to the coefficient dtype."""
     k = coef_dtype(x.dtype)
     return _as(fn, k), _as(base, k), _as(scale, k)
-
-
-def _hyper(iters, post_mult, eps, norm_eps, pre_eps):
-    return int(iters), float(post_mult), float(eps), float(norm_eps), float(pre_eps)
 
 
 def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], *, iters: int = 20,
@@ -663,11 +621,10 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
     ``x [..., n, C]``, ``fn [n*n+2n, n*C]`` (or None: static mode), ``base [n*n+2n]``, ``scale [3]`` (or None)
     -> ``(layer_input [..., C], h_pre [..., n], h_post [..., n], comb [..., n, n])``.
     """
-    _stream_input("mhc_pre", "x", x, ("n", "C"))
-    fn, base, scale = _params("mhc_pre", x, fn, base, scale)
+    hyper = check_pre("mhc_pre", x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps)
+    fn, base, scale = _params(x, fn, base, scale)
     *lead, n, C = x.shape
-    outs, link = _pre_maybe_paired(_tokens(x, 2, n, C), fn, base, scale,
-                                   (*_hyper(iters, post_mult, eps, norm_eps, pre_eps), get_backend()))
+    outs, link = _pre_maybe_paired(_tokens(x, 2, n, C), fn, base, scale, (*hyper, get_backend()))
     layer_input, h_pre, h_post, comb = outs[:4]
     h_post, comb = _restore(h_post, lead, n), _restore(comb, lead, n, n)
     _tie(link, x, h_post, comb)
@@ -675,12 +632,8 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
 
 
 def _post_inputs(op: str, x, y, h_post, comb):
-    _stream_input(op, "x", x, ("n", "C"))
-    *lead, n, C = x.shape
-    lead = tuple(lead)
-    _per_token(op, "y", y, lead + (C,), "[..., C]")
-    _per_token(op, "h_post", h_post, lead + (n,), "[..., n]")
-    _per_token(op, "comb", comb, lead + (n, n), "[..., n, n]")
+    check_post(op, x, y, h_post, comb)
+    n, C = x.shape[-2:]
     k = coef_dtype(x.dtype)
     return (_tokens(x, 2, n, C), _tokens(_as(y, x.dtype), 1, C), _tokens(_as(h_post, k), 1, n),
             _tokens(_as(comb, k), 2, n, n))
@@ -704,10 +657,10 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
 
     -> ``(x_next [..., n, C], layer_input [..., C], h_pre [..., n], h_post [..., n], comb [..., n, n])``.
     """
+    hyper = (*check_pre("mhc_post_pre", x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps), get_backend())
     flat = _post_inputs("mhc_post_pre", x, y, h_post, comb)
-    fn, base, scale = _params("mhc_post_pre", x, fn, base, scale)
+    fn, base, scale = _params(x, fn, base, scale)
     *lead, n, C = x.shape
-    hyper = (*_hyper(iters, post_mult, eps, norm_eps, pre_eps), get_backend())
     link = _claimed_link(x, h_post, comb)
     if link is not None:
         outs = _PairedPostPre.apply(link, *flat, fn, base, scale, *hyper)
@@ -720,22 +673,17 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
 
 def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
     """Sinkhorn normalisation of ``[..., n, n]`` logits (float32; float64 stays float64)."""
-    _stream_input("sinkhorn", "logits", logits, ("n", "n"))
+    iters, eps = check_sinkhorn("sinkhorn", logits, iters, eps)
     n = logits.shape[-1]
-    if logits.shape[-2] != n:
-        raise ValueError(f"mhc.sinkhorn: logits: expected square [..., n, n] matrices, got shape "
-                         f"{_shape_str(logits.shape)}")
     flat = _tokens(_as(logits, coef_dtype(logits.dtype)), 2, n, n)
-    return _restore(_sinkhorn_op(flat, int(iters), float(eps), get_backend()), logits.shape[:-2], n, n)
+    return _restore(_sinkhorn_op(flat, iters, eps, get_backend()), logits.shape[:-2], n, n)
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
     """``[..., C]`` -> ``[..., n, C]``, every stream a copy of x (the backward sums over streams)."""
-    _stream_input("expand_streams", "x", x, ("C",))
-    if not 1 <= n <= 64:
-        raise ValueError(f"mhc.expand_streams: n: expected 1..64 streams, got {n}")
+    n = check_expand("expand_streams", x, n)
     C = x.shape[-1]
-    out = _expand_op(_tokens(x, 1, C), int(n), get_backend())
+    out = _expand_op(_tokens(x, 1, C), n, get_backend())
     return _restore(out, x.shape[:-1], n, C)
 
 
@@ -743,20 +691,17 @@ def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tens
              ) -> Tensor:
     """Learned head collapse ``[..., n, C]`` -> ``[..., C]``: ``w = sigmoid(mixes * scale + base) + eps``,
     ``out = sum_i w[i] x[i]``; ``fn [n, n*C]`` (or None), ``base [n]``, ``scale [1]`` (or None)."""
-    _stream_input("mhc_head", "x", x, ("n", "C"))
-    fn, base, scale = _params("mhc_head", x, fn, base, scale)
+    eps = check_head("mhc_head", x, fn, base, scale, eps)
+    fn, base, scale = _params(x, fn, base, scale)
     *lead, n, C = x.shape
-    out = _head_op(_tokens(x, 2, n, C), fn, base, scale, float(eps), get_backend())[0]
+    out = _head_op(_tokens(x, 2, n, C), fn, base, scale, eps, get_backend())[0]
     return _restore(out, lead, C)
 
 
 def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Tensor]:
     """``x_out = x + res`` and ``agg = sum_i h_pre[i] * x_out[i]`` in one pass; ``x, res [..., n, C]``, ``h_pre [..., n]``."""
-    _stream_input("residual_add_agg", "x", x, ("n", "C"))
+    check_residual_add_agg("residual_add_agg", x, res, h_pre)
     *lead, n, C = x.shape
-    lead = tuple(lead)
-    _per_token("residual_add_agg", "res", res, lead + (n, C), "[..., n, C]")
-    _per_token("residual_add_agg", "h_pre", h_pre, lead + (n,), "[..., n]")
     x_out, agg = _residual_add_agg_op(_tokens(x, 2, n, C), _tokens(_as(res, x.dtype), 2, n, C),
                                       _tokens(_as(h_pre, coef_dtype(x.dtype)), 1, n), get_backend())
     return _restore(x_out, lead, n, C), _restore(agg, lead, C)

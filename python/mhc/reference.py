@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import check_expand, check_head, check_post, check_pre, check_residual_add_agg, check_sinkhorn
+
 __all__ = [
     "coef_dtype",
     "sinkhorn",
@@ -46,6 +48,7 @@ def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
     ``comb = softmax(logits, -1) + eps; comb /= colsum + eps``, then ``iters - 1`` times
     ``{comb /= rowsum + eps; comb /= colsum + eps}``.
     """
+    iters, eps = check_sinkhorn("reference.sinkhorn", logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -103,12 +106,14 @@ def mhc_pre(
     pre_eps: float = 1e-6,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """mHC pre: ``x [..., n, C]`` -> ``(layer_input [..., C], h_pre [..., n], h_post [..., n], comb [..., n, n])``."""
+    check_pre("reference.mhc_pre", x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps)
     h_pre, h_post, comb = _coefficients(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps)
     return _aggregate(x, h_pre), h_pre, h_post, comb
 
 
 def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor) -> Tensor:
     """mHC post: ``x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i]``, stored in x's dtype."""
+    check_post("reference.mhc_post", x, y, h_post, comb)
     k = coef_dtype(x.dtype)
     mixed = torch.einsum("...io,...ic->...oc", comb.to(k), x.to(k))
     return (mixed + h_post.to(k).unsqueeze(-1) * y.to(k).unsqueeze(-2)).to(x.dtype)
@@ -138,12 +143,14 @@ def mhc_post_pre(
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
     """``[..., C]`` -> ``[..., n, C]`` with every stream a copy of x."""
+    n = check_expand("reference.expand_streams", x, n)
     return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
 
 
 def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], *, eps: float = 1e-6,
              norm_eps: float = 1e-6) -> Tensor:
     """Learned head collapse: ``w = sigmoid(mixes * scale + base) + eps``; ``out = sum_i w[i] x[i]``."""
+    eps = check_head("reference.mhc_head", x, fn, base, scale, eps)
     n = x.shape[-2]
     k = coef_dtype(x.dtype)
     mixes = projection(x, fn, n, norm_eps=norm_eps)
@@ -153,6 +160,7 @@ def mhc_head(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tens
 
 def residual_add_agg(x: Tensor, res: Tensor, h_pre: Tensor) -> Tuple[Tensor, Tensor]:
     """``x_out = x + res`` (stored in x's dtype); ``agg = sum_i h_pre[i] * x_out[i]``."""
+    check_residual_add_agg("reference.residual_add_agg", x, res, h_pre)
     k = coef_dtype(x.dtype)
     x_out = (x.to(k) + res.to(k)).to(x.dtype)
     return x_out, _aggregate(x_out, h_pre.to(k))

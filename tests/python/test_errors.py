@@ -149,3 +149,108 @@ def test_mixed_devices():
     with pytest.raises(RuntimeError, match="CPU backend|cpu"):
         with ops.use_backend("fast"):
             ops.sinkhorn(torch.randn(T, n, n, device="cuda"))
+
+
+# ---- tensors on different devices (meta included) ----------------------------------------------------------
+
+
+def _public_calls():
+    """Every public op with valid CPU arguments: (name, function, positional tensors by name, keyword tensors)."""
+    x, y = torch.randn(T, n, C), torch.randn(T, C)
+    h_pre, h_post, comb = coefficients((T,), n)
+    fn, base, scale = site_params(n, C)
+    head_fn, head_base, head_scale = site_params(n, C, head=True)
+    states = [torch.randn(2, 5) for _ in range(3)]
+    return [
+        ("mhc_pre", ops.mhc_pre, dict(x=x, fn=fn, base=base, scale=scale), {}),
+        ("mhc_post", ops.mhc_post, dict(x=x, y=y, h_post=h_post, comb=comb), {}),
+        ("mhc_post_pre", ops.mhc_post_pre, dict(x=x, y=y, h_post=h_post, comb=comb, fn=fn, base=base, scale=scale),
+         {}),
+        ("mhc_head", ops.mhc_head, dict(x=x, fn=head_fn, base=head_base, scale=head_scale), {}),
+        ("residual_add_agg", ops.residual_add_agg, dict(x=x, res=torch.randn(T, n, C), h_pre=h_pre), {}),
+        ("sinkhorn", ops.sinkhorn, dict(logits=torch.randn(T, n, n)), {}),
+        ("expand_streams", lambda x: ops.expand_streams(x, n), dict(x=y), {}),
+        ("project_logits", ops.project_logits, dict(logits=torch.randn(2, 3)), {}),
+        ("history_mix", ops.history_mix, dict(x=torch.randn(2, 5), states=states, weights=torch.rand(3)),
+         dict(gate=torch.ones(1))),
+        ("history_skip", ops.history_skip, dict(x=torch.randn(2, 5), states=states, logits=torch.randn(3)),
+         dict(gate=torch.ones(1))),
+    ]
+
+
+def _to(value, device):
+    return [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
+
+
+def _device_cases():
+    for op, call, args, kwargs in _public_calls():
+        for name in [*args, *kwargs]:
+            if len(args) + len(kwargs) > 1:
+                yield pytest.param(op, name, id=f"{op}-{name}")
+
+
+@pytest.mark.parametrize("op, moved", list(_device_cases()))
+def test_mixed_cpu_and_meta_raise_naming_the_argument(op, moved):
+    """A meta tensor among CPU ones used to reach the fake implementation: uninitialised memory came back."""
+    _, call, args, kwargs = next(c for c in _public_calls() if c[0] == op)
+    args, kwargs = dict(args), dict(kwargs)
+    target = args if moved in args else kwargs
+    target[moved] = _to(target[moved], "meta")
+    expected = f"{moved}(\\[0\\])?: expected a tensor on" if moved != "x" else "on x's device|states\\[0\\]"
+    with pytest.raises(RuntimeError, match=expected):
+        call(*args.values(), **kwargs)
+
+
+@pytest.mark.parametrize("op", [c[0] for c in _public_calls()])
+def test_all_meta_returns_meta_tensors(op):
+    _, call, args, kwargs = next(c for c in _public_calls() if c[0] == op)
+    real = call(*args.values(), **kwargs)
+    meta = call(*(_to(v, "meta") for v in args.values()), **{k: _to(v, "meta") for k, v in kwargs.items()})
+    for got, want in zip(*(r if isinstance(r, tuple) else (r,) for r in (meta, real))):
+        assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype
+
+
+def test_meta_site_module_raises_like_a_linear():
+    with torch.device("meta"):
+        site, linear = mhc.MHC(n, C), torch.nn.Linear(C, C)
+    with pytest.raises(RuntimeError):
+        linear(torch.randn(2, C))
+    with pytest.raises(RuntimeError, match="fn: expected a tensor on x's device"):
+        site.pre(torch.randn(2, n, C))
+
+
+def test_mixed_devices_under_fake_tensors_and_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, y = torch.randn(T, n, C), torch.randn(T, C)
+    _, h_post, comb = coefficients((T,), n)
+    y_meta = y.to("meta")
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (x, y_meta, h_post, comb)]
+        with pytest.raises(RuntimeError, match="y: expected a tensor on"):
+            ops.mhc_post(*fake)
+    compiled = torch.compile(ops.mhc_post, backend="eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match="comb: expected a tensor on"):
+        compiled(x, y, h_post, comb.to("meta"))
+
+
+def test_invalid_arguments_that_used_to_pass_or_fail_unclearly():
+    x = torch.randn(T, n, C)
+    head_fn, head_base, head_scale = site_params(n, C, head=True)
+    cases = [
+        (ValueError, "eps", lambda: ops.mhc_head(x, head_fn, head_base, head_scale, eps=-1.0)),
+        (ValueError, "pre_eps", lambda: ops.mhc_pre(*good_pre(), pre_eps=-1.0)),
+        (TypeError, "iters", lambda: ops.mhc_pre(*good_pre(), iters=2.5)),
+        (TypeError, "n", lambda: ops.expand_streams(torch.randn(T, C), 4.0)),
+        (TypeError, "eps", lambda: ops.sinkhorn(torch.randn(T, n, n), eps="small")),
+        (TypeError, "n", lambda: mhc.MHC(4.0, 8)),
+        (TypeError, "C", lambda: mhc.MHC(4, "8")),
+        (ValueError, "n", lambda: mhc.MHCHead(0, 8)),
+        (ValueError, "n", lambda: mhc.StreamExpand(65)),
+        (ValueError, "x", lambda: mhc.MHCHead(n, C, mode="mean")(torch.randn(T, n + 1, C))),
+        (ValueError, "x", lambda: mhc.MHCHead(n, C)(torch.randn(T, n, C + 1))),
+        (TypeError, "x", lambda: mhc.MHCHead(n, C, mode="mean")(torch.ones(T, n, C, dtype=torch.int64))),
+    ]
+    for error, name, call in cases:
+        with pytest.raises(error, match=name):
+            call()

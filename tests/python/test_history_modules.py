@@ -13,8 +13,8 @@ from torch import nn
 
 from mhc import history_ops as hops
 from mhc.history import (PRESETS, HistoryBuffer, MatrixMHCSkip, MHCBasicBlock, MHCBottleneck, MHCConv2d, MHCSequential,
-                         MHCSkip, MHCSkipConfig, WeightedSum, clear_history, freeze_mhc, history_memory_bytes,
-                         inject_mhc)
+                         MHCSkip, MHCSkipConfig, HistoryMixin, WeightedSum, clear_history, freeze_mhc,
+                         history_memory_bytes, inject_mhc)
 
 from conftest import requires_cuda
 
@@ -307,3 +307,78 @@ def test_cuda_sequential_matches_cpu(history_dtype):
     got.sum().backward()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert cuda_model(x.cuda()).dtype == torch.bfloat16
+
+
+# ---- what a new user hits: clear_history on their own model, valid input rejected, invalid input accepted ----
+
+
+class _SeedModel(HistoryMixin, nn.Module):
+    """The seed's `model = MyMHCModel(); model.clear_history()`: a user model with a history inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = MHCSequential(*_mlp_blocks(8, 3), max_history=2)
+        self.head = nn.Linear(8, 2)
+        self.cache = HistoryBuffer(2)  # a buffer the model keeps itself
+
+    def forward(self, x):
+        self.cache.push(x)
+        return self.head(self.body(x))
+
+
+def test_user_model_clear_history_frees_every_buffer():
+    model = _SeedModel()
+    with torch.no_grad():
+        model(torch.randn(4, 8))
+    assert model.body.history.allocated_nbytes > 0 and model.cache.allocated_nbytes > 0
+    model.clear_history()
+    assert model.body.history.allocated_nbytes == 0 and model.cache.allocated_nbytes == 0
+    assert len(model.cache) == 0
+    copy.deepcopy(model).clear_history()  # a plain method: copies and pickles like any module
+    with pytest.raises(TypeError, match="model"):
+        clear_history("model")
+
+
+def test_zero_size_and_meta_inputs_run():
+    model = MHCSequential(*_mlp_blocks(8, 3), max_history=3, constraint="softmax")
+    out = model(torch.randn(2, 0, 8, requires_grad=True))
+    assert out.shape == (2, 0, 8)
+    out.sum().backward()
+    with torch.no_grad():
+        assert model(torch.randn(0, 8)).shape == (0, 8)
+    with torch.device("meta"):
+        meta_model = MHCSequential(*_mlp_blocks(8, 3), max_history=3)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            got = meta_model(torch.randn(4, 8, device="meta"))
+        assert got.is_meta and got.shape == (4, 8)
+    matrix = MHCSequential(*_mlp_blocks(8, 2), config=MHCSkipConfig.preset("matrix")).to("meta")
+    assert matrix(torch.randn(3, 8, device="meta")).is_meta
+
+
+def test_invalid_module_arguments_raise_naming_them():
+    x = torch.randn(2, 5)
+    cases = [
+        (ValueError, "max_history", lambda: MatrixMHCSkip(max_history=0)),
+        (ValueError, "max_history", lambda: MatrixMHCSkip(max_history=65)),
+        (TypeError, "max_history", lambda: MatrixMHCSkip(max_history=4.0)),
+        (TypeError, "bogus", lambda: MatrixMHCSkip(bogus=1)),
+        (ValueError, "temperature", lambda: MatrixMHCSkip(temperature=0.0)),
+        (TypeError, "max_history", lambda: MHCSkipConfig(max_history=4.0)),
+        (ValueError, "table", lambda: WeightedSum(torch.tensor([0.5, float("nan")]))),
+        (ValueError, "table", lambda: WeightedSum(torch.ones(2, 3))),
+        (TypeError, "table", lambda: WeightedSum(torch.tensor([1, 0]))),
+        (ValueError, "history", lambda: WeightedSum(torch.tensor([0.5, 0.5]))(x, [x])),       # missing state
+        (ValueError, "history", lambda: WeightedSum(torch.tensor([0.5, 0.5]))(x, [x, x, x])),  # extra state
+        (TypeError, "history", lambda: MHCSkip()(x, 5)),
+        (TypeError, "states\\[0\\]", lambda: MHCSkip()(x, [x.int()])),                          # int32 state
+        (TypeError, "modules", lambda: MHCSequential(3)),
+        (TypeError, "x", lambda: MHCSequential(nn.Identity())([1.0])),
+        (TypeError, "x", lambda: HistoryBuffer(2).push([1.0])),
+    ]
+    for error, name, call in cases:
+        with pytest.raises(error, match=name):
+            call()
+    frozen = MHCSkip(max_history=3).freeze()  # a [H, H] table: fewer states use their own row, more the newest H
+    states = [torch.randn(2, 5) for _ in range(4)]
+    torch.testing.assert_close(frozen(x, states), frozen(x, states[:3]))

@@ -348,3 +348,70 @@ def test_cuda_matches_cpu_reference(stream, storage):
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 _ = HAS_CUDA
+
+
+# ---- valid input that used to be rejected, invalid input that used to pass ----------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 8), (0, 5), (0,)])
+def test_zero_size_states_give_empty_results(shape):
+    x = _rand(*shape, grad=True)
+    states = [_rand(*shape, grad=True) for _ in range(3)]
+    logits = torch.tensor([0.5, 0.1, -0.3], requires_grad=True)
+    out, w = hops.history_skip(x, states, logits, gate=torch.ones(1))
+    assert out.shape == shape and torch.equal(w, hops.project_logits(logits.detach()))
+    mixed = hops.history_mix(None, states, torch.rand(2, 3))
+    assert mixed.shape == (2, *shape)
+    (out.sum() + mixed.sum()).backward()
+    assert logits.grad is not None and torch.equal(logits.grad, torch.zeros(3))
+    assert hops.project_logits(torch.randn(*shape[:-1], 0, 4)).shape == (*shape[:-1], 0, 4)
+
+
+def test_states_of_rank_above_eight_match_reference():
+    shape = (1, 2, 1, 3, 1, 2, 1, 2, 3)  # rank 9: beyond the core's tensor views
+    x, states, logits = _rand(*shape), [_rand(*shape) for _ in range(2)], torch.tensor([0.3, -0.2])
+    out, w = hops.history_skip(x, states, logits, constraint="softmax")
+    _close(out, hops.reference_history_mix(x, states, w))
+    weights = torch.rand(3, 2)
+    _close(hops.history_mix(None, states, weights), hops.reference_history_mix(None, states, weights))
+    z = torch.randn(*shape, 4)
+    _close(hops.project_logits(z, "softmax"), torch.softmax(z, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_floating_tensors_raise_type_error(dtype):
+    bad = torch.ones(2, 4).to(dtype)
+    x = _rand(2, 4)
+    with pytest.raises(TypeError, match="logits"):
+        hops.project_logits(bad)
+    with pytest.raises(TypeError, match="states\\[1\\]"):
+        hops.history_mix(x, [x, bad], torch.rand(2))
+    with pytest.raises(TypeError, match="states\\[0\\]"):
+        hops.history_skip(x, [bad], torch.zeros(1))
+    with pytest.raises(TypeError, match="x"):
+        hops.history_skip(bad, [x], torch.zeros(1))
+    with pytest.raises(TypeError, match="weights"):
+        hops.history_mix(x, [x], torch.ones(1).to(dtype))
+
+
+def test_unclear_errors_are_now_named():
+    x = _rand(2, 3)
+    cases = [
+        (TypeError, "states", lambda: hops.history_mix(x, 5, torch.rand(1))),
+        (TypeError, "states\\[1\\]", lambda: hops.history_mix(x, [x, "s"], torch.rand(2))),
+        (ValueError, "states", lambda: hops.history_mix(None, [], torch.rand(1))),
+        (ValueError, "gate", lambda: hops.history_mix(x, [x], torch.rand(1), gate=torch.ones(3))),
+        (ValueError, "x", lambda: hops.history_mix(_rand(2, 4), [x], torch.rand(1))),
+        (ValueError, "x", lambda: hops.history_skip(_rand(2, 4), [x], torch.zeros(1))),
+        (ValueError, "logits", lambda: hops.history_skip(x, [x, x], torch.zeros(3))),
+        (ValueError, "weights", lambda: hops.history_mix(None, [x], torch.rand(65, 1))),
+        (ValueError, "logits", lambda: hops.project_logits(torch.randn(2, 65))),
+        (ValueError, "logits", lambda: hops.project_logits(torch.randn(3, 0))),
+        (ValueError, "epsilon", lambda: hops.project_logits(torch.randn(3), "identity", epsilon=1.5)),
+        (ValueError, "sinkhorn_iters", lambda: hops.project_logits(torch.randn(3, 3), "sinkhorn", sinkhorn_iters=0)),
+        (TypeError, "temperature", lambda: hops.project_logits(torch.randn(3), temperature="hot")),
+        (TypeError, "constraint", lambda: hops.project_logits(torch.randn(3), ["simplex"])),
+    ]
+    for error, name, call in cases:
+        with pytest.raises(error, match=name):
+            call()

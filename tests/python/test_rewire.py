@@ -42,7 +42,7 @@ def _dynamic_quantized(linear: nn.Linear) -> nn.Module:
 def test_stream_mode_matches_reference(n, dims, lead):
     torch.manual_seed(1)
     linear = nn.Linear(dims, dims).double()
-    rewire = mhc.MHCRewire(linear, dims, n)
+    rewire = mhc.MHCRewire(linear, dims, n, io="streams")
     _randomise(rewire.mhc)
     x = torch.randn(*lead, n, dims, dtype=torch.float64)
     got = rewire(x)
@@ -68,15 +68,50 @@ def test_plain_mode_matches_reference_and_is_a_gated_residual(n, dims, lead):
     torch.testing.assert_close(got, gated, rtol=1e-10, atol=1e-10)
 
 
-def test_auto_io_picks_streams_by_shape():
+def test_io_is_fixed_at_construction_plain_by_default():
+    """A plain [B, S, dims] input with S == n used to be read as streams (tokens mixed across positions)."""
+    torch.manual_seed(3)
     n, dims = 4, 8
-    rewire = mhc.MHCRewire(nn.Linear(dims, dims), dims, n)
-    assert rewire(torch.randn(3, n, dims)).shape == (3, n, dims)     # streams
-    assert rewire(torch.randn(3, 5, dims)).shape == (3, 5, dims)     # plain ([B, S, dims], S != n)
-    plain = mhc.MHCRewire(nn.Linear(dims, dims), dims, n, io="plain")
-    assert plain(torch.randn(3, n, dims)).shape == (3, n, dims)      # S == n, forced plain
+    linear = nn.Linear(dims, dims)
+    default = mhc.MHCRewire(linear, dims, n)
+    plain = copy.deepcopy(default)
+    plain.io = "plain"
+    streams = mhc.MHCRewire(linear, dims, n, io="streams")
+    streams.mhc.load_state_dict(default.mhc.state_dict())
+    for S in (n - 1, n, n + 1):
+        x = torch.randn(3, S, dims)
+        with torch.no_grad():
+            torch.testing.assert_close(default(x), plain(x), rtol=0, atol=0)
+            per_token = torch.stack([default(x[:, s]) for s in range(S)], dim=1)  # tokens are independent
+            torch.testing.assert_close(default(x), per_token, rtol=1e-6, atol=1e-6)
+    x = torch.randn(3, n, dims)
+    with torch.no_grad():
+        assert (streams(x) - default(x)).abs().max() > 0.1  # S == n as streams means something else
+    assert default.io == "plain" and default.residual
+    with pytest.raises(ValueError, match="io.*auto"):
+        mhc.MHCRewire(linear, dims, n, io="auto")
     with pytest.raises(ValueError, match="x"):
-        mhc.MHCRewire(nn.Linear(dims, dims), dims, n, io="streams")(torch.randn(3, 5, dims))
+        streams(torch.randn(3, 5, dims))
+    with pytest.raises(ValueError, match="residual"):
+        mhc.MHCRewire(linear, dims, n, io="streams", residual=False)
+
+
+@pytest.mark.parametrize("n, dims, lead", [(4, 16, (2, 5)), (3, 7, (9,)), (1, 5, ())])
+def test_plain_mode_without_residual_gates_the_module(n, dims, lead):
+    torch.manual_seed(6)
+    F = nn.Sequential(nn.Linear(dims, 2 * dims), nn.Tanh(), nn.Linear(2 * dims, dims)).double()
+    rewire = mhc.MHCRewire(F, dims, n, residual=False)
+    x = torch.randn(*lead, dims, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        fresh = rewire(x)
+    assert (fresh - F(x)).norm() / F(x).norm() < 0.02  # starts as F(x), not x + F(x)
+    _randomise(rewire.mhc, seed=7)
+    streams = x.unsqueeze(-2).expand(*x.shape[:-1], n, dims)
+    _, h_pre, h_post, _ = reference.mhc_pre(streams, rewire.mhc.fn, rewire.mhc.base, rewire.mhc.scale,
+                                            **rewire.mhc._hyper())
+    want = h_post.mean(-1, keepdim=True) * F(h_pre.sum(-1, keepdim=True) * x)
+    torch.testing.assert_close(rewire(x), want, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(rewire, (x,), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16])
@@ -117,7 +152,7 @@ def test_wraps_dynamic_quantized_linear():
     dims, n = 16, 4
     quantized = _dynamic_quantized(nn.Linear(dims, dims))
     assert is_square_linear(quantized) and not isinstance(quantized, nn.Linear)
-    rewire = mhc.MHCRewire(quantized, dims, n)
+    rewire = mhc.MHCRewire(quantized, dims, n, io="streams")
     _randomise(rewire.mhc, seed=8)
     x = torch.randn(6, n, dims, requires_grad=True)
     got = rewire(x)
@@ -161,7 +196,7 @@ def test_wraps_weight_only_quantized_linear_with_gradients():
     dims, n = 6, 3
     layer = Int8WeightOnlyLinear(nn.Linear(dims, dims))
     assert is_square_linear(layer)
-    rewire = mhc.MHCRewire(layer, dims, n)
+    rewire = mhc.MHCRewire(layer, dims, n, io="streams")
     _randomise(rewire.mhc, seed=13)
     x = torch.randn(4, n, dims, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(rewire, (x,), eps=1e-6, atol=1e-7)
@@ -171,10 +206,12 @@ def test_wraps_weight_only_quantized_linear_with_gradients():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fold_static_plain_linear_is_exact(dtype, tol, bias):
+@pytest.mark.parametrize("residual", [True, False])
+def test_fold_static_plain_linear_is_exact(dtype, tol, bias, residual):
     torch.manual_seed(9)
     dims, n = 13, 4
-    rewire = mhc.MHCRewire(nn.Linear(dims, dims, bias=bias).to(dtype), dims, n, io="plain", static=True)
+    rewire = mhc.MHCRewire(nn.Linear(dims, dims, bias=bias).to(dtype), dims, n, io="plain", static=True,
+                           residual=residual)
     _randomise(rewire.mhc, seed=10)
     folded = rewire.fold()
     assert type(folded) is nn.Linear and folded.weight.dtype == dtype and (folded.bias is not None) == bias
@@ -198,6 +235,9 @@ def test_fold_refuses_what_does_not_fold():
         mhc.MHCRewire(nn.Sequential(nn.Linear(dims, dims)), dims, 4, io="plain", static=True).fold()
     with pytest.raises(ValueError, match="dynamic"):
         mhc.MHCRewire(nn.Linear(dims, dims), dims, 4).static_coefficients()
+    quantized = mhc.MHCRewire(_dynamic_quantized(nn.Linear(dims, dims)), dims, 4, static=True)
+    with pytest.raises(TypeError, match="torch.ao.nn.quantized.dynamic.*Linear is quantised.*re-quantising"):
+        quantized.fold()
 
 
 def test_rewire_bad_arguments():
@@ -245,22 +285,27 @@ def test_autopatcher_patch_and_unpatch():
     x = torch.randn(5, 16)
     with torch.no_grad():
         before = model(x)
-    report = mhc.AutoPatcher.patch(model, n_streams=4)
+    report = mhc.AutoPatcher.patch(model, n_streams=4, max_added_fraction=None)  # a tiny model: sites dominate
     assert report.patched == ["mix", "blocks.0", "blocks.1", "quant", "weight_only"]
     assert report.widths == [32, 32, 32, 16, 16] and len(report) == 5
     assert report.layer_types[-2:] == ["Linear", "Int8WeightOnlyLinear"]
     assert report.added_parameters == sum(p.numel() for m in model.modules() if isinstance(m, mhc.MHC)
                                           for p in m.parameters())
-    assert "blocks.1" in str(report)
+    assert report.model_parameters == sum(p.numel() for p in model.parameters()) - report.added_parameters + sum(
+        b.numel() for b in model.buffers()) + 16 * 16  # torch.ao's packed weight counted by its shape
+    assert "blocks.1" in str(report) and f"{report.added_fraction:.2%}" in str(report)
     for name, original in originals.items():
         wrapper = model.get_submodule(name)
         assert isinstance(wrapper, mhc.MHCRewire) and wrapper.module is original and wrapper.io == "plain"
+        assert not wrapper.residual and wrapper.mhc.alpha_init == 0.0
     out = model(x)
-    assert out.shape == before.shape and not torch.allclose(out, before)  # a residual path was added
+    torch.testing.assert_close(out, before, rtol=1e-4, atol=1e-5)  # starts as the function it was
     with warnings.catch_warnings():  # torch.ao's quantised Linear has no autograd formula
         warnings.simplefilter("ignore")
         out.square().sum().backward()
     assert all(m.mhc.fn.grad is not None for m in model.modules() if isinstance(m, mhc.MHCRewire))
+    # the per-token part starts switched off and learns (gradients stop at torch.ao's Linear: sites after it)
+    assert all(model.get_submodule(name).mhc.scale.grad.abs().sum() > 0 for name in ("quant", "weight_only"))
     # patching again wraps nothing new (no MHCRewire in MHCRewire)
     assert len(mhc.AutoPatcher.patch(model, 4)) == 0
     assert mhc.AutoPatcher.unpatch(model) == ["mix", "blocks.0", "blocks.1", "quant", "weight_only"]
@@ -272,9 +317,11 @@ def test_autopatcher_patch_and_unpatch():
 
 def test_autopatcher_select():
     model = _TinyNet()
-    assert mhc.AutoPatcher.patch(model, 2, select=r"^blocks\.").patched == ["blocks.0", "blocks.1"]
+    unlimited = dict(max_added_fraction=None)
+    assert mhc.AutoPatcher.patch(model, 2, select=r"^blocks\.", **unlimited).patched == ["blocks.0", "blocks.1"]
     mhc.AutoPatcher.unpatch(model)
-    chosen = mhc.AutoPatcher.patch(model, 2, select=lambda name, m: isinstance(m, nn.Linear) and m.bias is None)
+    chosen = mhc.AutoPatcher.patch(model, 2, select=lambda name, m: isinstance(m, nn.Linear) and m.bias is None,
+                                   **unlimited)
     assert chosen.patched == ["blocks.0"]
     mhc.AutoPatcher.unpatch(model)
     static = mhc.AutoPatcher.patch(model, 8, select="mix", static=True, alpha_init=0.02)
@@ -285,20 +332,22 @@ def test_autopatcher_select():
 def test_autopatcher_fold_for_deployment():
     torch.manual_seed(14)
     model = _TinyNet()
-    mhc.AutoPatcher.patch(model, 4, select=r"^blocks\.", static=True)
-    mhc.AutoPatcher.patch(model, 4, select="mix")  # dynamic: stays
+    mhc.AutoPatcher.patch(model, 4, select=r"^blocks\.", static=True, residual=True)
+    mhc.AutoPatcher.patch(model, 4, select="mix", max_added_fraction=None)  # dynamic: stays
     for site in (m for m in model.modules() if isinstance(m, mhc.MHC)):
         with torch.no_grad():
             site.base.normal_()
     x = torch.randn(6, 16)
     with torch.no_grad():
         before = model(x)
-    assert mhc.AutoPatcher.fold(model) == ["blocks.0", "blocks.1"]
+    with pytest.warns(UserWarning, match="1 site.* left unfolded: mix \\(the site is dynamic"):
+        assert mhc.AutoPatcher.fold(model) == ["blocks.0", "blocks.1"]
     assert type(model.blocks[0]) is nn.Linear and model.blocks[0].bias is None
     assert isinstance(model.mix, mhc.MHCRewire)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=2e-5, atol=2e-5)
-    assert mhc.AutoPatcher.fold(model) == []
+    with pytest.warns(UserWarning, match="mix"):
+        assert mhc.AutoPatcher.fold(model) == []
     with pytest.raises(TypeError, match="model"):
         mhc.AutoPatcher.fold(3)
 
@@ -317,6 +366,52 @@ def test_autopatcher_bad_arguments():
         mhc.AutoPatcher.patch(model, 4, select="(")
     with pytest.raises(ValueError, match="io"):
         mhc.AutoPatcher.patch(model, 4, io="streams")
+    with pytest.raises(ValueError, match="max_added_fraction"):
+        mhc.AutoPatcher.patch(model, 4, max_added_fraction=-1.0)
+    with pytest.raises(ValueError, match="max_added_fraction: 5 site.*n_streams = 32"):
+        mhc.AutoPatcher.patch(model, 32)
     with pytest.raises(TypeError, match="model"):
         mhc.AutoPatcher.unpatch(None)
     assert not any(isinstance(m, mhc.MHCRewire) for m in model.modules())  # nothing half-patched
+
+
+def _tiny_llama(kv_heads: int):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    torch.manual_seed(15)
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                                      head_dim=12)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_autopatcher_keeps_the_function_of_a_llama(kv_heads):
+    """The seed's AutoPatcher.patch(model, n_streams) changed a small Llama's logits by 135%."""
+    model = _tiny_llama(kv_heads)
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    report = mhc.AutoPatcher.patch(model, 4, max_added_fraction=None)
+    square = ["q_proj", "o_proj"] + (["k_proj", "v_proj"] if kv_heads == 4 else [])
+    assert sorted({name.rsplit(".", 1)[1] for name in report.patched}) == sorted(square)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after - before).norm() / before.norm() < 1e-3
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(m.mhc.scale.grad.abs().sum() > 0 for m in model.modules() if isinstance(m, mhc.MHCRewire))
+
+
+def test_autopatcher_states_and_bounds_the_parameter_cost():
+    model = _tiny_llama(2)
+    own = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    with pytest.raises(ValueError, match="max_added_fraction"):
+        mhc.AutoPatcher.patch(model, 4)  # 4 sites of width 48 would add 33% to this tiny model
+    assert not any(isinstance(m, mhc.MHCRewire) for m in model.modules())  # nothing patched
+    static = mhc.AutoPatcher.patch(model, 4, static=True)  # base only: 24 per site
+    assert static.added_parameters == 4 * 24 and static.model_parameters == own
+    assert static.added_fraction == pytest.approx(96 / own)
+    mhc.AutoPatcher.unpatch(model)
+    dynamic = mhc.AutoPatcher.patch(model, 4, max_added_fraction=0.5)
+    assert dynamic.added_parameters == 4 * (24 * (4 * 48 + 1) + 3) == sum(
+        p.numel() for m in model.modules() if isinstance(m, mhc.MHC) for p in m.parameters())
