@@ -53,6 +53,8 @@ std::int64_t TensorView::numel() const {
 }
 
 bool TensorView::is_contiguous() const {
+  // As in torch: an empty tensor is contiguous whatever its strides (a sliced empty view keeps odd ones).
+  if (numel() == 0) return true;
   std::int64_t expected = 1;
   for (int d = rank - 1; d >= 0; --d) {
     if (shape[d] != 1 && strides[d] != expected) return false;

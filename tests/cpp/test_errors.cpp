@@ -26,6 +26,15 @@ class Errors : public ::testing::Test {
   const MhcConfig cfg = config_for(4);
 };
 
+TEST(TensorViewLayout, EmptyViewIsContiguousWhateverItsStrides) {
+  TensorView empty = TensorView::contiguous(nullptr, DType::f32, {0, 4, 5});
+  empty.strides[2] = 2;  // every other element of a wider buffer: what torch leaves on a sliced empty tensor
+  EXPECT_TRUE(empty.is_contiguous());
+  TensorView full = TensorView::contiguous(nullptr, DType::f32, {2, 4, 5});
+  full.strides[2] = 2;
+  EXPECT_FALSE(full.is_contiguous());
+}
+
 TEST_F(Errors, WrongRank) {
   PreProblem p(s, rng);
   p.x = Tensor(DType::f32, {s.T, s.n * s.C});

@@ -28,7 +28,7 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 
 SEED = 20260
-CASES_PER_FAMILY = 40
+CASES_PER_FAMILY = 60
 BATCHES = 4  # subprocesses, two at a time
 BATCH_TIMEOUT_S = 120
 

@@ -375,3 +375,18 @@ def test_residual_add_agg_eager_function_and_custom_op_agree():
     leaves = (x, res, h_pre)
     for a, b in zip(torch.autograd.grad(eager, leaves, cotangents), torch.autograd.grad(custom, leaves, cotangents)):
         assert torch.equal(a, b)
+
+
+def test_empty_inputs_with_odd_strides():
+    """A sliced empty tensor keeps odd strides (torch calls it contiguous and .contiguous() returns it as is): the
+    core used to reject it as non-contiguous."""
+    n, C = 3, 8
+    x = torch.randn(0, n, 2 * C)[..., ::2]
+    assert x.numel() == 0 and x.stride(-1) == 2
+    fn, base, scale = site_params(n, C)
+    _, h_pre, h_post, comb = ops.mhc_pre(x, fn, base, scale)
+    assert ops.mhc_post(x, torch.randn(0, 2 * C)[:, ::2], h_post, comb).shape == (0, n, C)
+    assert ops.sinkhorn(torch.randn(0, n, 2 * n)[..., ::2]).shape == (0, n, n)
+    assert ops.expand_streams(torch.randn(0, 2 * C)[:, ::2], n).shape == (0, n, C)
+    assert ops.mhc_head(x, *site_params(n, C, head=True)).shape == (0, C)
+    assert ops.residual_add_agg(x, x, h_pre)[1].shape == (0, C)
