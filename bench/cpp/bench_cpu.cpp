@@ -3,7 +3,7 @@
 // the fast path. For comparison it also measures the memory bandwidth of multi-threaded,
 // vectorised streaming loops (memcpy and a STREAM triad) on the same machine.
 //
-// GB/s of a site counts the floor bytes of SPEC section 4 (each input read once, each output
+// GB/s of a site counts the floor bytes of docs/MATH.md section 3 (each input read once, each output
 // written once): forward 3nC + 2C elements per token, forward + backward 7nC + 4C, plus the
 // parameters. Run: build/<dir>/bench/cpp/bench_cpu [--benchmark_filter=fast]
 #include <benchmark/benchmark.h>
@@ -125,7 +125,7 @@ struct Site {
     mhc::pre_backward(pre_backward_args(), cfg, ctx);
   }
 
-  // SPEC section 4: the bytes a fused site must move, parameters included.
+  // docs/MATH.md section 3: the bytes a fused site must move, parameters included.
   double floor_bytes(bool with_backward) const {
     const double elem = static_cast<double>(mhc::dtype_size(dtype));
     const double per_token = with_backward ? 7.0 * n * C + 4.0 * C : 3.0 * n * C + 2.0 * C;

@@ -9,7 +9,7 @@ enum class NanPolicy {
               // naming the argument (on CUDA this synchronises the stream: a debugging aid)
 };
 
-// SPEC section 1. Defaults are the paper's.
+// docs/MATH.md section 1. Defaults are the paper's.
 struct MhcConfig {
   int n = 4;               // residual streams, 1..64
   int iters = 20;          // Sinkhorn iterations, >= 1

@@ -1,4 +1,4 @@
-// Multi-history skip connections (SPEC.md section 2), forward and backward.
+// Multi-history skip connections (docs/MATH.md section 2), forward and backward.
 //
 // A skip keeps the last H states h_0..h_{H-1} of a network (index 0 is the newest) and adds a learned
 // combination of them to the current tensor x:
@@ -43,7 +43,7 @@ enum class Constraint : std::uint8_t {
   simplex,            // sparsemax(z / T): Euclidean projection onto the simplex, exact zeros
   softmax,            // softmax(z / T)
   identity,           // (1 - epsilon) * softmax(z / T) + epsilon * e_0: never loses the newest state
-  doubly_stochastic,  // Sinkhorn(z / T) of a square [H, H] matrix, as in SPEC section 1
+  doubly_stochastic,  // Sinkhorn(z / T) of a square [H, H] matrix, as in docs/MATH.md section 1.1
 };
 const char* constraint_name(Constraint c);
 Constraint parse_constraint(const std::string& name);  // throws InvalidArgument for an unknown name
@@ -136,7 +136,7 @@ void history_skip_backward(const HistorySkipBackward& args, const HistoryConfig&
 // Views of the H slots of a contiguous stacked tensor [H, *shape] (no copy).
 std::vector<TensorView> unstack(const TensorView& stacked);
 
-// Bytes a history of H states of [B, C, S] holds: B x C x S x H x bytes(dtype) (seed 000's formula).
+// Bytes a history of H states of [B, C, S] holds: B x C x S x H x bytes(dtype) (docs/MATH.md section 2).
 inline std::int64_t history_memory_bytes(std::int64_t batch, std::int64_t channels, std::int64_t spatial,
                                          std::int64_t history, DType dtype) {
   return batch * channels * spatial * history * static_cast<std::int64_t>(dtype_size(dtype));

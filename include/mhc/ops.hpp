@@ -1,4 +1,4 @@
-// The n-stream mHC ops (SPEC.md section 1), forward and backward.
+// The n-stream mHC ops (docs/MATH.md section 1), forward and backward.
 //
 // Shapes: T tokens (any leading batch dims flattened by the caller), n streams, C width,
 // m = n*n + 2n coefficients per token, laid out pre [0:n], post [n:2n], comb [2n + j*n + k].

@@ -53,7 +53,7 @@ from .rewire import AutoPatcher, MHCRewire, PatchReport
 __all__ += ["AutoPatcher", "MHCRewire", "PatchReport", "diagnostics", "hf"]  # hf does not import transformers
 # --- end model integrations ---
 
-# --- multi-history skip connections (seed 000: history.py, history_ops.py, profiling.py, export.py) ---
+# --- multi-history skip connections (history.py, history_ops.py, profiling.py, export.py) ---
 from . import export, history, history_ops, profiling, utils
 from .history import (
     PRESETS,

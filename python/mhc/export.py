@@ -3,7 +3,7 @@
 While ``torch.onnx.export`` traces, the skips switch to plain PyTorch ops that map to standard ONNX
 operators (TopK and CumSum for sparsemax, Softmax, Mul/Add for the weighted sum; a frozen
 :class:`~mhc.history.WeightedSum` exports only its non-zero terms), and :class:`~mhc.history.MHCSequential`
-keeps its history functional. So both the plain call from seed 000 and these helpers work:
+keeps its history functional. So both the plain torch.onnx.export call and these helpers work:
 
     model.clear_history()
     torch.onnx.export(model, dummy_input, "model.onnx", opset_version=14, do_constant_folding=True)

@@ -2,7 +2,7 @@
 
 :func:`convert_decoder` replaces every decoder layer, in place, by an :class:`MHCDecoderLayer` that keeps the
 original layer (its weights and their names under ``.layer``) and adds two mHC sites, one around attention and one
-around the MLP (SPEC section 1). Between decoder layers the residual travels as ``n`` streams, flattened to
+around the MLP (docs/MATH.md section 1). Between decoder layers the residual travels as ``n`` streams, flattened to
 ``[B, S, n*C]`` so the model's own loop passes it on unchanged:
 
 - the first layer copies the embedding ``[B, S, C]`` into ``n`` streams;

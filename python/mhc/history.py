@@ -1,4 +1,4 @@
-"""Multi-history skip connections (seed 000, SPEC section 2): modules.
+"""Multi-history skip connections (docs/MATH.md section 2): modules.
 
 A network block F gets, instead of the residual ``x + F(x)``, a learned mix of the last H states:
 
@@ -88,7 +88,7 @@ def _exporting() -> bool:
 
 def history_memory_bytes(batch: int, channels: int, spatial: int, max_history: int,
                          dtype: Union[torch.dtype, str, int] = torch.float32) -> int:
-    """Bytes of a history of H states of shape [B, C, S...]: ``B x C x S x H x bytes`` (seed 000).
+    """Bytes of a history of H states of shape [B, C, S...]: ``B x C x S x H x bytes`` (docs/MATH.md section 2).
 
     ``spatial`` is the product of the spatial dims (H*W for images, the sequence length for [B, S, C]).
     ``dtype`` is a torch dtype, a name ("fp16", "bf16", "fp32") or a byte count.
@@ -166,7 +166,7 @@ PRESETS: Dict[str, MHCSkipConfig] = {
     "dense": MHCSkipConfig(max_history=8, constraint="softmax"),
     # Inference / long histories: bf16 storage, older states detached.
     "memory_saver": MHCSkipConfig(detach_history=True, history_dtype=torch.bfloat16),
-    # > 100 layers: identity-preserving, detached older states, bf16 storage (seed 000's advice).
+    # > 100 layers: identity-preserving, detached older states, bf16 storage.
     "deep": MHCSkipConfig(constraint="identity", epsilon=0.5, detach_history=True, history_dtype=torch.bfloat16),
     # Matrix variant: the history is remixed by a doubly stochastic matrix every block.
     "matrix": MHCSkipConfig(constraint="doubly_stochastic"),

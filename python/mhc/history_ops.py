@@ -1,4 +1,4 @@
-"""Multi-history skip ops (SPEC section 2) as PyTorch custom ops backed by the C++/CUDA core.
+"""Multi-history skip ops (docs/MATH.md section 2) as PyTorch custom ops backed by the C++/CUDA core.
 
 Public functions (re-exported from :mod:`mhc.ops`):
 
@@ -261,7 +261,7 @@ def project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: 
     """Project ``logits`` over the last dim onto the ``constraint``'s manifold (see the module doc).
 
     ``temperature`` divides the logits first. ``epsilon`` is the weight the ``identity`` constraint keeps
-    on index 0 (the newest state). ``doubly_stochastic`` runs SPEC section 1's Sinkhorn on ``[..., H, H]``.
+    on index 0 (the newest state). ``doubly_stochastic`` runs the Sinkhorn of docs/MATH.md section 1.1 on ``[..., H, H]``.
     Half-precision logits are computed in float32 (the result has the logits' dtype).
     """
     op = "project_logits"

@@ -1,4 +1,4 @@
-"""nn.Modules of the n-stream mHC layer: one site (:class:`MHC`), the seed-004 drop-in (:class:`MHCLayer`),
+"""nn.Modules of the n-stream mHC layer: one site (:class:`MHC`), the drop-in layer (:class:`MHCLayer`),
 stream expansion (:class:`StreamExpand`) and the head collapse (:class:`MHCHead`).
 
 Initialisation (every learned site): a fresh model computes exactly what a plain residual network
@@ -86,7 +86,7 @@ class MHC(nn.Module):
 
     Args:
         n: number of residual streams (1..64); C: width of each stream.
-        iters, post_mult, eps, norm_eps, pre_eps: SPEC section 1 hyper-parameters (paper defaults).
+        iters, post_mult, eps, norm_eps, pre_eps: docs/MATH.md section 1 hyper-parameters (paper defaults).
         alpha_init: initial gating scales (alpha_pre, alpha_post, alpha_res).
         static: no projection (``fn`` and ``scale`` are None): coefficients come from ``base`` alone.
         impl: ``"fused"`` (mhc.ops, the C++/CUDA kernels) or ``"torch"`` (mhc.reference, plain PyTorch).
@@ -187,7 +187,7 @@ class MHC(nn.Module):
 
 
 class MHCLayer(nn.Module):
-    """Seed 004's drop-in layer: one mHC site around ``sublayer`` (F), streams in, streams out.
+    """The drop-in layer: one mHC site around ``sublayer`` (F), streams in, streams out.
 
     Input ``[B, n, C]`` or ``[B, S, n, C]``; returns the same shape:
     ``layer_input, state = pre(x); x_next = post(x, sublayer(layer_input), state)``.

@@ -1,4 +1,4 @@
-"""PerformanceAudit: memory by layer and mixing vs transformation time of a model (seed 000, section 5).
+"""PerformanceAudit: memory by layer and mixing vs transformation time of a model.
 
     from mhc.profiling import PerformanceAudit      # also mhc.utils.profiling.PerformanceAudit
     print(PerformanceAudit(model).run(input_size=(1, 64, 64)).report())

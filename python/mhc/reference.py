@@ -1,4 +1,4 @@
-"""Plain-PyTorch implementations of the n-stream mHC ops (SPEC section 1).
+"""Plain-PyTorch implementations of the n-stream mHC ops (docs/MATH.md section 1).
 
 These are the oracle the tests compare the C++/CUDA ops against, and the "torch eager" and
 "torch.compile" baselines of the benchmarks and the demo. They take the same arguments and return

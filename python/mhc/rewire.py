@@ -1,6 +1,6 @@
 """Wrap existing modules in mHC sites: :class:`MHCRewire` (one module) and :class:`AutoPatcher` (a whole model).
 
-Seed 004 (mhc-mlx) calls these the "universal wrapper" and the "easy button". The math is SPEC section 1.
+The mhc-mlx project calls these the "universal wrapper" and the "easy button". The math is docs/MATH.md section 1.
 
 Two ways of feeding a wrapped module F (``[..., dims] -> [..., dims]``), fixed by ``io`` at construction (never
 guessed from the input's shape: a plain ``[B, S, dims]`` input with ``S == n`` looks like streams):

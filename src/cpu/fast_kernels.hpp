@@ -306,7 +306,7 @@ MHC_DECLARE_GEMMS_AT(3, MHC_TARGET_V3)
 #undef MHC_DECLARE_PARAM_GRAD
 inline int64_t param_grad_block_width(DType dtype) { return dtype == DType::f64 ? 64 : 128; }
 
-// Sinkhorn on one n x n matrix (SPEC section 1): comb = softmax(logits, rows) + eps, then 2*iters-1
+// Sinkhorn on one n x n matrix (docs/MATH.md section 1): comb = softmax(logits, rows) + eps, then 2*iters-1
 // normalisations alternating column sums + eps (first) and row sums + eps. comb may alias logits.
 void sinkhorn_forward_matrix(const float* logits, float* comb, int n, int iters, float eps);
 void sinkhorn_forward_matrix(const double* logits, double* comb, int n, int iters, double eps);

@@ -147,7 +147,7 @@ template <class M> void project_row_backward(const M* z, const M* w, const M* g,
   for (int k = 0; k < H; ++k) grad_z[k] = c * s[k] * (g[k] - gs) * inv_t;
 }
 
-// The doubly stochastic projection is the n-stream Sinkhorn (MATH.md section 1.1) of z / T: the one
+// The doubly stochastic projection is the n-stream Sinkhorn (docs/MATH.md section 1.1) of z / T: the one
 // implementation of the fast CPU backend (fast_kernels.cpp), whose reverse mode keeps checkpoints instead of
 // recomputing every step from the logits.
 template <class M> void sinkhorn_of_scaled(const M* z, M* w, int H, const HistoryConfig& cfg) {

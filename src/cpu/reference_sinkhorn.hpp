@@ -1,4 +1,4 @@
-// The fp64 reference Sinkhorn (MATH.md section 1.1), shared by the reference of both op families: the n-stream
+// The fp64 reference Sinkhorn (docs/MATH.md section 1.1), shared by the reference of both op families: the n-stream
 // comb and the doubly stochastic history projection. Plain loops; every intermediate matrix is kept so the
 // backward runs in reverse through each normalisation.
 #pragma once

@@ -1,4 +1,4 @@
-// Per-token coefficient math shared by the forward and backward kernels (SPEC section 1):
+// Per-token coefficient math shared by the forward and backward kernels (docs/MATH.md section 1):
 //   h_pre  = sigmoid(mixes[0:n]  * scale[0] + base[0:n])  + pre_eps
 //   h_post = sigmoid(mixes[n:2n] * scale[1] + base[n:2n]) * post_mult
 //   comb   = Sinkhorn(mixes[2n:] * scale[2] + base[2n:])

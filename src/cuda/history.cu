@@ -432,7 +432,7 @@ __global__ void project_rows_backward_kernel(const M* __restrict__ logits, const
   for (int k = 0; k < H; ++k) grad_logits[r * H + k] = gz[k];
 }
 
-// Sinkhorn of SPEC section 1 on one H x H matrix per block (blockDim >= H; thread i owns row or column i).
+// Sinkhorn of docs/MATH.md section 1.1 on one H x H matrix per block (blockDim >= H; thread i owns row or column i).
 struct SinkhornParams {
   int H;
   int steps;  // 2 * iters - 1 normalisations after the row softmax

@@ -1,4 +1,4 @@
-// Backward of the projection-based ops: pre and head (SPEC section 1, exact reverse mode).
+// Backward of the projection-based ops: pre and head (docs/MATH.md section 1, exact reverse mode).
 //
 // Four stages, all deterministic (fixed-order sums, no float atomics):
 //   A. dots:   U[t, i] = <grad_layer_input[t], x[t, i]>                    (one pass over x)

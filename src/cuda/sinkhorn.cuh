@@ -1,4 +1,4 @@
-// Sinkhorn of one n x n matrix on the device, forward and exact reverse mode (SPEC section 1):
+// Sinkhorn of one n x n matrix on the device, forward and exact reverse mode (docs/MATH.md section 1):
 //   P0 = softmax(logits, rows) + eps; then 2*iters - 1 normalisations, alternating columns
 //   (first) and rows: P_s = P_{s-1} / (sum_axis(P_{s-1}) + eps).
 // The backward stores only the divisor vectors (one n-vector per step) and walks the steps in

@@ -1,4 +1,4 @@
-// Properties of the Sinkhorn projection (SPEC section 1) on both CPU backends: doubly stochastic
+// Properties of the Sinkhorn projection (docs/MATH.md section 1) on both CPU backends: doubly stochastic
 // after 20 iterations, equal to the paper's Eq. 9 when eps = 0, and invariant to a constant added
 // to a row of logits (so the row-max shift of the softmax has no gradient of its own).
 #include "test_util.hpp"

@@ -1,4 +1,4 @@
-"""ONNX export of multi-history models checked with onnxruntime (seed 000's plain call and mhc.export), and
+"""ONNX export of multi-history models checked with onnxruntime (the plain torch.onnx.export call and mhc.export), and
 PerformanceAudit (memory by layer, mixing vs transformation time, the history formula vs what is held)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_frozen_export_drops_zero_terms(tmp_path):
 
 
 def test_seed_snippet_plain_torch_onnx_export(tmp_path):
-    # seed 000, section 4, as written (the default exporter needs onnxscript; otherwise the TorchScript one).
+    # the plain export call (the default exporter needs onnxscript; otherwise the TorchScript one).
     model = _vision_model()
     dummy_input = torch.randn(1, 3, 16, 16)
     model[1].clear_history()

@@ -313,7 +313,7 @@ def test_cuda_sequential_matches_cpu(history_dtype):
 
 
 class _SeedModel(HistoryMixin, nn.Module):
-    """The seed's `model = MyMHCModel(); model.clear_history()`: a user model with a history inside."""
+    """The usual `model = MyMHCModel(); model.clear_history()`: a user model with a history inside."""
 
     def __init__(self):
         super().__init__()

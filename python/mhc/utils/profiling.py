@@ -1,4 +1,4 @@
-"""``from mhc.utils.profiling import PerformanceAudit`` (the import path seed 000 writes) = :mod:`mhc.profiling`."""
+"""``from mhc.utils.profiling import PerformanceAudit`` (the import path the multi-history skip's users know) = :mod:`mhc.profiling`."""
 
 from ..profiling import HistoryRecord, LayerRecord, PerformanceAudit
 
