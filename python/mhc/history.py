@@ -316,6 +316,8 @@ def _nonempty(states: List[Tensor], owner: str) -> List[Tensor]:
 
 def _like_states(x: Tensor, states: List[Tensor], owner: str) -> List[Tensor]:
     # The matrix skip adds a mix of the states to x itself (not through a kernel that would check it).
+    if torch.jit.is_tracing():  # shapes are traced values there; the eager call checked them
+        return states
     if tuple(x.shape) != tuple(states[0].shape):
         raise ValueError(f"{owner}: x: expected shape {list(states[0].shape)} like the history's states, got "
                          f"{list(x.shape)}")
