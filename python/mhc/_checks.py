@@ -1,4 +1,4 @@
-"""Argument checks and the eager-path test shared by the public functions of both op families (:mod:`mhc.ops`,
+"""Argument checks shared by the public functions of both op families (:mod:`mhc.ops`,
 :mod:`mhc.history_ops`).
 
 They run in Python before any cast or kernel, read only metadata (type, dtype, device, shape), and so work the
@@ -12,7 +12,7 @@ import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -67,10 +67,6 @@ def real_arg(op: str, name: str, value, *, low: Optional[float] = None, positive
         wanted = "a finite value" + (" > 0" if positive else f" >= {low:g}" if low is not None else "")
         raise ValueError(f"mhc.{op}: {name}: expected {wanted}, got {value}")
     return value
-
-
-# The eager-route test is the plumbing's (one definition for both families): re-exported for the checks' users.
-from ._plumbing import eager  # noqa: E402,F401
 
 
 # ---- the n-stream ops (mhc.ops and mhc.reference take the same arguments and check them alike) -------------

@@ -99,27 +99,25 @@ class Fields {
 #define MHC_READ_TENSOR(field) fields.tensor(#field, a.field);
 #define MHC_READ_LIST(field) fields.list(#field, a.field);
 
+// One call's keyword arguments read into `a` (the op's argument struct), `cfg`, `backend` and `stream`.
+#define MHC_READ_CALL(name, Args, Config)                                        \
+  Fields fields(#name, kwargs);                                                  \
+  Args a;                                                                        \
+  MHC_FIELDS_##Args(MHC_READ_TENSOR, MHC_READ_LIST);                             \
+  const Config& cfg = fields.config<Config>();                                   \
+  const std::string backend = fields.backend();                                  \
+  const Stream stream = fields.stream();                                         \
+  fields.expect_all_used();
+
 #define MHC_BIND_OP(name, Args, Config)                                          \
   m.def(#name, [](const nb::kwargs& kwargs) {                                    \
-    Fields fields(#name, kwargs);                                                \
-    Args a;                                                                      \
-    MHC_FIELDS_##Args(MHC_READ_TENSOR, MHC_READ_LIST);                           \
-    const Config& cfg = fields.config<Config>();                                 \
-    const std::string backend = fields.backend();                                \
-    const Stream stream = fields.stream();                                       \
-    fields.expect_all_used();                                                    \
+    MHC_READ_CALL(name, Args, Config)                                            \
     run(::mhc::name, a, cfg, backend, stream);                                   \
   });
 
 #define MHC_BIND_QUERY(name, Args, Config)                                       \
   m.def(#name, [](const nb::kwargs& kwargs) {                                    \
-    Fields fields(#name, kwargs);                                                \
-    Args a;                                                                      \
-    MHC_FIELDS_##Args(MHC_READ_TENSOR, MHC_READ_LIST);                           \
-    const Config& cfg = fields.config<Config>();                                 \
-    const std::string backend = fields.backend();                                \
-    const Stream stream = fields.stream();                                       \
-    fields.expect_all_used();                                                    \
+    MHC_READ_CALL(name, Args, Config)                                            \
     return ::mhc::name(a, cfg, make_context(backend.c_str(), stream));           \
   });
 
