@@ -221,7 +221,12 @@ def check_config(cfg: TrainConfig, world: int, vocab_size: int) -> None:
 def setup() -> torch.device:
     """Joins torchrun's process group when launched by it (NCCL on GPUs, gloo on CPU); the device of this rank."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"train_distributed: LOCAL_RANK {local_rank} has no GPU: this node has "
+                           f"{torch.cuda.device_count()}; start at most that many processes per node "
+                           f"(torchrun --nproc-per-node), or run on the CPU with CUDA_VISIBLE_DEVICES=''")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():

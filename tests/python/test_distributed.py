@@ -40,6 +40,7 @@ def results(tmp_path_factory, pytestconfig):
     package_root = str(Path(mhc.__file__).resolve().parents[1])  # the worker imports this same mhc
     env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="",  # CPU ranks on gloo on every machine (a one-GPU machine has no rank 1 GPU)
                PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, str(WORKER), str(out)] + (["--slow"] if _run_slow(pytestconfig) else [])
     procs = [subprocess.Popen(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
