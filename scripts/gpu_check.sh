@@ -5,7 +5,9 @@
 # limit, so a slow or failing stage still leaves the others' results; a summary is printed last.
 #
 #   scripts/gpu_check.sh                         # all stages
-#   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench,history_bench,demo,tune
+#   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench,history_bench,demo,
+#                                                # and, not by default: host, model, tune
+#   MODEL_ARGS="--sizes 4096 --n 4" VISION_ARGS="" STAGES=build,model scripts/gpu_check.sh  # mhc bench --model gpt (+vision)
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh    # arguments for bench/python/bench_ops.py
 #   TUNE_ARGS="" STAGES=build,tune scripts/gpu_check.sh  # `mhc tune` (default --quick) into $OUT/tuning.json
 #   LIMIT_BUILD/LIMIT_TESTS/LIMIT_SANITIZE/LIMIT_PYTHON/LIMIT_BENCH: per-stage time limits in seconds
@@ -119,6 +121,28 @@ if has history_bench; then
   fi
 fi
 
+if has host; then
+  if ls python/mhc/_C*.so >/dev/null 2>&1; then
+    run_stage host "${LIMIT_HOST:-120}" env PYTHONPATH="$ROOT/python" $PY bench/python/bench_host.py --device cuda \
+      --json "$OUT/host.json"
+  else
+    note "host: skipped (no extension built)"
+  fi
+fi
+
+if has model; then  # whole training steps against plain residuals (mhc bench --model); MODEL_ARGS picks a part
+  if ls python/mhc/_C*.so >/dev/null 2>&1; then
+    run_stage model_gpt "${LIMIT_MODEL:-420}" env PYTHONPATH="$ROOT/python" $PY -m mhc.cli bench --model gpt \
+      --json "$OUT/model_gpt.json" ${MODEL_ARGS:-}
+    if [[ -n ${VISION_ARGS+x} ]]; then
+      run_stage model_vision "${LIMIT_VISION:-240}" env PYTHONPATH="$ROOT/python" $PY -m mhc.cli bench \
+        --model vision --json "$OUT/model_vision.json" $VISION_ARGS
+    fi
+  else
+    note "model: skipped (no extension built)"
+  fi
+fi
+
 if has tune; then  # not in the default stages: it writes a tuning file
   if ls python/mhc/_C*.so >/dev/null 2>&1; then
     # The table goes to $OUT/tuning.json; `mhc info` in a new process then shows the library loading it.
@@ -146,3 +170,6 @@ if [[ -f $OUT/python_tests.log ]]; then grep -E "passed|failed" "$OUT/python_tes
 if [[ -f $OUT/bench.log ]]; then echo; tail -n 60 "$OUT/bench.log"; fi
 if [[ -f $OUT/tune.log ]]; then echo; tail -n 45 "$OUT/tune.log"; fi
 if [[ -f $OUT/demo.log ]]; then echo; tail -n 4 "$OUT/demo.log"; fi
+if [[ -f $OUT/host.log ]]; then echo; tail -n 12 "$OUT/host.log"; fi
+if [[ -f $OUT/model_gpt.log ]]; then echo; tail -n 30 "$OUT/model_gpt.log"; fi
+if [[ -f $OUT/model_vision.log ]]; then echo; tail -n 15 "$OUT/model_vision.log"; fi

@@ -7,6 +7,7 @@ same on real, meta and fake tensors and under torch.compile. Messages read ``mhc
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Tuple
@@ -15,6 +16,11 @@ import torch
 from torch import Tensor
 
 STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_PLAIN = (Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling  # exact types of the fast checks; subclasses (DTensor, fake) take the full ones
+
+
+_STREAM_DTYPE_SET = frozenset(STREAM_DTYPES)
 
 
 def check_tensor(op: str, name: str, t, *, optional: bool = False) -> None:
@@ -23,7 +29,7 @@ def check_tensor(op: str, name: str, t, *, optional: bool = False) -> None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"mhc.{op}: {name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in STREAM_DTYPES:
+    if t.dtype not in _STREAM_DTYPE_SET:
         raise TypeError(f"mhc.{op}: {name}: expected dtype bfloat16, float16, float32 or float64, got {t.dtype}")
 
 
@@ -41,6 +47,8 @@ def same_device(op: str, lead_name: str, lead: Tensor, **others: Optional[Tensor
 
 def int_arg(op: str, name: str, value, low: int, high: Optional[int] = None) -> int:
     """A Python int (not a bool, not a float) in ``[low, high]``."""
+    if type(value) is int and not _is_compiling() and value >= low and (high is None or value <= high):
+        return value  # the common case, first (under torch.compile an int may stand for a symbol)
     if isinstance(value, torch.SymInt):  # traced (also a decomposition run on fake tensors): checked when real
         return value
     if torch.compiler.is_compiling():  # numbers may be symbolic there; eager calls and the C++ core check them
@@ -55,6 +63,9 @@ def int_arg(op: str, name: str, value, low: int, high: Optional[int] = None) -> 
 
 def real_arg(op: str, name: str, value, *, low: Optional[float] = None, positive: bool = False) -> float:
     """A finite Python number, ``>= low`` (or ``> 0`` when ``positive``)."""
+    if type(value) is float and not _is_compiling() and math.isfinite(value) and (not positive or value > 0) \
+            and (low is None or value >= low):  # the common case, first (torch.compile: see below)
+        return value
     if isinstance(value, (torch.SymInt, torch.SymFloat)):  # traced: checked when real
         return value
     if torch.compiler.is_compiling():  # numbers may be symbolic there; eager calls and the C++ core check them
@@ -78,9 +89,24 @@ def _shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
+_N_C = ("n", "C")
+
+
+@functools.lru_cache(maxsize=None)
+def _stream_dims(trailing: Tuple[str, ...]) -> Tuple[int, ...]:
+    return tuple(i for i, dim_name in enumerate(trailing) if dim_name == "n")
+
+
 def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
     """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1 (n <= 64 too)."""
     check_tensor(op, name, x)
+    shape = x.shape
+    if trailing == _N_C:  # the common case of the common layout, in one test
+        if len(shape) >= 2 and 1 <= shape[-2] <= MAX_STREAMS and shape[-1] >= 1:
+            return
+    elif len(shape) >= len(trailing) and min(shape[-len(trailing):]) >= 1 and all(
+            shape[i - len(trailing)] <= MAX_STREAMS for i in _stream_dims(trailing)):
+        return
     layout = lambda: "[..., " + ", ".join(trailing) + "]"  # noqa: E731  (only an error message needs it)
     if x.dim() < len(trailing):
         raise ValueError(f"mhc.{op}: {name}: expected a tensor {layout()}, got shape {_shape_str(x.shape)}")
@@ -95,25 +121,34 @@ def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
 def _per_token(op: str, name: str, t, shape: Tuple[int, ...], layout: str) -> None:
     """A per-token tensor whose full shape is fixed by the leading stream tensor."""
     check_tensor(op, name, t)
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:
         raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, "
                          f"got {_shape_str(t.shape)}")
 
 
 def _param_shape(op: str, name: str, t: Optional[Tensor], shape: Tuple[int, ...], layout: str) -> None:
-    if t is not None and tuple(t.shape) != shape:
+    if t is not None and t.shape != shape:
         raise ValueError(f"mhc.{op}: {name}: expected shape {layout} = {_shape_str(shape)}, got {_shape_str(t.shape)}")
 
 
 def _site_params(op: str, x: Tensor, fn, base, scale, *, head: bool = False) -> None:
     """A site's (or, with ``head``, a head's) parameters, checked in Python so fake and meta tensors (which never
     reach the C++ checks) are held to the same rules."""
+    n, C = x.shape[-2:]
+    rows = n if head else n * n + 2 * n
+    scales = 1 if head else 3
+    device = x.device
+    if (type(base) in _PLAIN and base.dtype in _STREAM_DTYPE_SET and base.device == device and base.shape == (rows,)
+            and (fn is None and scale is None
+                 or type(fn) in _PLAIN and type(scale) in _PLAIN and fn.dtype in _STREAM_DTYPE_SET
+                 and scale.dtype in _STREAM_DTYPE_SET and fn.device == device and scale.device == device
+                 and fn.shape == (rows, n * C) and scale.shape == (scales,))):
+        return  # the common case (plain tensors, all valid), in one test
     check_tensor(op, "fn", fn, optional=True)
     check_tensor(op, "base", base)
     check_tensor(op, "scale", scale, optional=True)
     same_device(op, "x", x, fn=fn, base=base, scale=scale)
-    n, C = x.shape[-2:]
-    rows, rows_name, scales = (n, "n", 1) if head else (n * n + 2 * n, "n*n+2n", 3)
+    rows_name = "n" if head else "n*n+2n"
     _param_shape(op, "fn", fn, (rows, n * C), f"[{rows_name}, n*C]")
     _param_shape(op, "base", base, (rows,), f"[{rows_name}]")
     _param_shape(op, "scale", scale, (scales,), f"[{scales}]")
@@ -132,8 +167,14 @@ def check_pre(op: str, x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_
 
 def check_post(op: str, x, y, h_post, comb) -> None:
     _stream_input(op, "x", x, ("n", "C"))
-    *lead, n, C = x.shape
-    lead = tuple(lead)
+    shape, device = x.shape, x.device
+    lead = shape[:-2]
+    n, C = shape[-2:]
+    if (type(y) in _PLAIN and type(h_post) in _PLAIN and type(comb) in _PLAIN and y.dtype in _STREAM_DTYPE_SET
+            and h_post.dtype in _STREAM_DTYPE_SET and comb.dtype in _STREAM_DTYPE_SET and y.shape == lead + (C,)
+            and h_post.shape == lead + (n,) and comb.shape == lead + (n, n) and y.device == device
+            and h_post.device == device and comb.device == device):
+        return  # the common case (plain tensors, all valid), in one test
     _per_token(op, "y", y, lead + (C,), "[..., C]")
     _per_token(op, "h_post", h_post, lead + (n,), "[..., n]")
     _per_token(op, "comb", comb, lead + (n, n), "[..., n, n]")

@@ -21,6 +21,7 @@ Both routes run the same kernels and the same autograd formulas, so their result
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Callable, Iterator, Optional
 
@@ -129,14 +130,19 @@ _PLAIN = (Tensor, nn.Parameter)
 
 def eager(*tensors: Optional[Tensor]) -> bool:
     """True for a plain eager call: real CPU/CUDA tensors, nothing tracing or intercepting the dispatcher."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() \
-            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() \
-            or torch.jit.is_tracing():
-        return False
-    for t in tensors:
+    for t in tensors:  # the per-tensor test first: it is what fails under torch.compile's fake tensors
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
-    return True
+    return not (_is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active()
+                or _jit_tracing())
+
+
+# The raw functions of eager(): each call through its public wrapper costs a few tenths of a microsecond more.
+_is_compiling = torch.compiler.is_compiling
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_jit_tracing = torch._C._is_tracing
 
 
 def _needs_grad(tensors) -> bool:
@@ -182,16 +188,26 @@ class Op:
             self.custom_op.register_autograd(backward, setup_context=setup_context)
             self.function = _eager_function(name, impl, setup_context, backward)
         self.dispatch = getattr(torch.ops.mhc, name).default
+        self.tensor_args = _leading_tensor_args(impl)
 
     def all_outputs(self, *args):
         """Every output, without autograd (for autograd Functions built around the op)."""
-        tensors = [a for a in args if isinstance(a, Tensor) or a is None]
-        return self.impl(*args) if eager(*tensors) else self.dispatch(*args)
+        return self.impl(*args) if eager(*args[:self.tensor_args]) else self.dispatch(*args)
 
     def __call__(self, *args):
-        tensors = [a for a in args if isinstance(a, Tensor) or a is None]
+        tensors = args[:self.tensor_args]
         if not eager(*tensors):
             return self.dispatch(*args)
         if self.function is not None and _needs_grad(tensors):
             return self.function.apply(*args)
         return self.inference_impl(*args)
+
+
+def _leading_tensor_args(impl: Callable) -> int:
+    """How many of impl's parameters are tensors (Tensor or Optional[Tensor]); they must come first, as they do
+    in every op's schema, so a call finds its tensors by slicing its arguments."""
+    kinds = [str(p.annotation) in ("Tensor", "Optional[Tensor]") for p in inspect.signature(impl).parameters.values()]
+    count = kinds.index(False) if False in kinds else len(kinds)
+    if any(kinds[count:]):
+        raise TypeError(f"mhc._plumbing.Op: {impl.__name__}: tensor parameters must come before the others")
+    return count

@@ -449,10 +449,16 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
     x = None if x is None else x.contiguous()
     if flatten and x is not None:
         x = x.reshape((out_shape[0], -1) if len(out_shape) > len(shape) else (-1,))
-    weights = weights.to(coef).contiguous()
+    if weights.dtype != coef or not weights.is_contiguous():  # a no-op .to() still costs a microsecond
+        weights = weights.to(coef).contiguous()
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
     if eager(x, weights, gate, *states):
-        out = _MixFunction.apply(x, weights, gate, _backend(), *states)
+        if torch.is_grad_enabled() and (weights.requires_grad or (x is not None and x.requires_grad)
+                                        or (gate is not None and gate.requires_grad)
+                                        or any(s.requires_grad for s in states)):
+            out = _MixFunction.apply(x, weights, gate, _backend(), *states)
+        else:  # nothing to differentiate: the implementation alone (an autograd.Function costs several us)
+            out = _mix_impl(x, states, weights, gate, _backend())
     else:
         out = _mix_op(x, states, weights, gate, _backend())
     return out.view(out_shape) if flatten else out
@@ -595,7 +601,8 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     if tuple(logits.shape) != (H,):
         raise ValueError(f"mhc.{op}: logits: expected shape [H] = [{H}] (one per state), got {list(logits.shape)}")
     coef = coef_dtype(x.dtype)
-    logits = logits.to(coef).contiguous()
+    if logits.dtype != coef or not logits.is_contiguous():  # a no-op .to() still costs a microsecond
+        logits = logits.to(coef).contiguous()
     if x.numel() == 0:  # empty states: nothing for a kernel to do
         weights = project_logits(logits, constraint, temperature=temperature, epsilon=epsilon)
         return reference_history_mix(x, states, weights, gate=gate), weights.detach()
@@ -605,7 +612,12 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
     hyper = (constraint, temperature, epsilon, _backend())
     if eager(x_in, logits, gate, *states):
-        out, weights = _SkipFunction.apply(x_in, logits, gate, *hyper, *states)
+        if torch.is_grad_enabled() and (x_in.requires_grad or logits.requires_grad
+                                        or (gate is not None and gate.requires_grad)
+                                        or any(s.requires_grad for s in states)):
+            out, weights = _SkipFunction.apply(x_in, logits, gate, *hyper, *states)
+        else:  # nothing to differentiate: the implementation alone (an autograd.Function costs several us)
+            out, weights = _skip_impl(x_in, states, logits, gate, *hyper)
     else:
         out, weights = _skip_op(x_in, states, logits, gate, *hyper)
     return (out.view(x.shape) if flatten else out), weights

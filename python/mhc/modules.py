@@ -53,8 +53,12 @@ def _parameters_for_ops(module: nn.Module, x: Tensor, params: tuple) -> tuple:
     go through :mod:`mhc.distributed`, which gives the local copy of a replicated DTensor parameter (tensor
     parallelism) or says why a DTensor layout cannot work, and passes the rest (fake tensors). It is imported
     only here: it loads ``torch.distributed.tensor``, 0.7 s."""
-    if type(x) in _PLAIN_TENSOR_TYPES and all(p is None or type(p) in _PLAIN_TENSOR_TYPES for p in params):
-        return params
+    if type(x) in _PLAIN_TENSOR_TYPES:
+        for p in params:
+            if p is not None and type(p) not in _PLAIN_TENSOR_TYPES:
+                break
+        else:
+            return params
     if not torch.distributed.is_available():  # a build without torch.distributed has no DTensor
         return params
     from . import distributed
@@ -106,9 +110,11 @@ class MHC(nn.Module):
         _impl(impl)
         self.impl = impl
         m = n * n + 2 * n
-        self.fn = None if static else nn.Parameter(torch.empty(m, n * C))
+        # Registered even when None (static mode), so the ops read them from _parameters: a dict lookup, where
+        # attribute access goes through nn.Module.__getattr__ (about 1 us each per call).
+        self.register_parameter("fn", None if static else nn.Parameter(torch.empty(m, n * C)))
         self.base = nn.Parameter(torch.empty(m))
-        self.scale = None if static else nn.Parameter(torch.empty(3))
+        self.register_parameter("scale", None if static else nn.Parameter(torch.empty(3)))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -151,8 +157,9 @@ class MHC(nn.Module):
                              f"y={type(y).__name__}, state={type(state).__name__}")
         if then_pre:
             return self._post_pre(x, y, state)
-        _parameters_for_ops(self, x, ())  # a DTensor x raises there
-        return self._ops.mhc_post(x, y, state.h_post, state.comb)
+        if type(x) not in _PLAIN_TENSOR_TYPES:
+            _parameters_for_ops(self, x, ())  # a DTensor x raises there
+        return _IMPLS[self.impl].mhc_post(x, y, state.h_post, state.comb)
 
     def pre(self, x: Tensor) -> Tuple[Tensor, MHCState]:
         """``x [..., n, C]`` -> ``(layer_input [..., C], state)``; same as ``site(x)``."""
@@ -170,16 +177,22 @@ class MHC(nn.Module):
         return next_site(x, y, state, then_pre=True)
 
     def _pre(self, x: Tensor) -> Tuple[Tensor, MHCState]:
-        layer_input, h_pre, h_post, comb = self._ops.mhc_pre(x, *self._parameters_for_ops(x), **self._hyper())
+        fn, base, scale = self._parameters_for_ops(x)
+        layer_input, h_pre, h_post, comb = _IMPLS[self.impl].mhc_pre(
+            x, fn, base, scale, iters=self.iters, post_mult=self.post_mult, eps=self.eps, norm_eps=self.norm_eps,
+            pre_eps=self.pre_eps)
         return layer_input, MHCState(h_pre, h_post, comb)
 
     def _post_pre(self, x: Tensor, y: Tensor, state: MHCState) -> Tuple[Tensor, Tensor, MHCState]:
-        x_next, layer_input, h_pre, h_post, comb = self._ops.mhc_post_pre(
-            x, y, state.h_post, state.comb, *self._parameters_for_ops(x), **self._hyper())
+        fn, base, scale = self._parameters_for_ops(x)
+        x_next, layer_input, h_pre, h_post, comb = _IMPLS[self.impl].mhc_post_pre(
+            x, y, state.h_post, state.comb, fn, base, scale, iters=self.iters, post_mult=self.post_mult,
+            eps=self.eps, norm_eps=self.norm_eps, pre_eps=self.pre_eps)
         return x_next, layer_input, MHCState(h_pre, h_post, comb)
 
     def _parameters_for_ops(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
-        return _parameters_for_ops(self, x, (self.fn, self.base, self.scale))
+        p = self._parameters
+        return _parameters_for_ops(self, x, (p["fn"], p["base"], p["scale"]))
 
     def extra_repr(self) -> str:
         return (f"n={self.n}, C={self.C}, iters={self.iters}, post_mult={self.post_mult}, static={self.static}, "
