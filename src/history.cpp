@@ -156,15 +156,6 @@ void check_pair(const ArgChecker& check, DType stream, DType storage, const char
                      "float32 states)");
 }
 
-void check_workspace(const ArgChecker& check, const TensorView& ws, std::size_t needed, Device device) {
-  if (needed == 0) return;
-  check.present(ws, "workspace");
-  const std::size_t have = static_cast<std::size_t>(ws.numel()) * dtype_size(ws.dtype);
-  if (have < needed)
-    check.fail("workspace: expected at least " + std::to_string(needed) + " bytes, got " + std::to_string(have));
-  if (!(ws.device == device)) check.fail_device("workspace: expected a buffer on " + device_name(device));
-}
-
 // Layout shared by the mix ops: rows R (1 for vector weights), H states, the state shape.
 struct MixLayout {
   std::int64_t R;
@@ -297,7 +288,7 @@ void history_mix_backward(const HistoryMixBackward& a, const HistoryConfig& cfg,
   auto query = [&]() -> std::size_t {
     MHC_DISPATCH(a.grad_out.device, ctx, history_mix_backward_workspace_bytes(a, cfg, ctx));
   };
-  check_workspace(check, a.workspace, query(), a.grad_out.device);
+  check.workspace(a.workspace, query(), a.grad_out.device);
   check_finite(a.grad_out, "grad_out", "history_mix_backward", cfg, ctx);
   MHC_DISPATCH(a.grad_out.device, ctx, history_mix_backward(a, cfg, ctx));
 }
@@ -362,7 +353,7 @@ void history_skip_backward(const HistorySkipBackward& a, const HistoryConfig& cf
   auto query = [&]() -> std::size_t {
     MHC_DISPATCH(a.grad_out.device, ctx, history_skip_backward_workspace_bytes(a, cfg, ctx));
   };
-  check_workspace(check, a.workspace, query(), a.grad_out.device);
+  check.workspace(a.workspace, query(), a.grad_out.device);
   check_finite(a.grad_out, "grad_out", "history_skip_backward", cfg, ctx);
   MHC_DISPATCH(a.grad_out.device, ctx, history_skip_backward(a, cfg, ctx));
 }

@@ -49,15 +49,6 @@ void check_param_grads(const ArgChecker& check, const Streams& s, Dim rows, Dim 
   else if (grad_scale.present()) check.fail("grad_scale: given but scale is absent");
 }
 
-void check_workspace(const ArgChecker& check, const TensorView& ws, std::size_t needed, Device device) {
-  if (needed == 0) return;
-  check.present(ws, "workspace");
-  const std::size_t have = static_cast<std::size_t>(ws.numel()) * dtype_size(ws.dtype);
-  if (have < needed)
-    check.fail("workspace: expected at least " + std::to_string(needed) + " bytes, got " + std::to_string(have));
-  if (!(ws.device == device)) check.fail_device("workspace: expected a buffer on " + device_name(device));
-}
-
 void check_pre_outputs(const ArgChecker& check, const Streams& s, const TensorView& layer_input,
                        const TensorView& h_pre, const TensorView& h_post, const TensorView& comb,
                        const TensorView& mixes, const TensorView& rstd, const char* h_post_name,
@@ -126,7 +117,7 @@ void pre_backward(const PreBackward& a, const MhcConfig& cfg, const Context& ctx
   check.optional(a.grad_x_accum, "grad_x_accum", {s.T, s.n, s.C}, s.storage, s.device);
   check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
   check_param_grads(check, s, s.m, {3, "3"}, a.fn, a.scale, a.grad_fn, a.grad_base, a.grad_scale);
-  check_workspace(check, a.workspace, backward_workspace(a, cfg, ctx), s.device);
+  check.workspace(a.workspace, backward_workspace(a, cfg, ctx), s.device);
   for (auto [t, name] : {std::pair{&a.grad_layer_input, "grad_layer_input"}, {&a.grad_h_pre, "grad_h_pre"},
                          {&a.grad_h_post, "grad_h_post"}, {&a.grad_comb, "grad_comb"},
                          {&a.grad_x_accum, "grad_x_accum"}})
@@ -243,7 +234,7 @@ void head_backward(const HeadBackward& a, const MhcConfig& cfg, const Context& c
   check.optional(a.grad_weights, "grad_weights", {s.T, s.n}, s.coef, s.device);
   check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
   check_param_grads(check, s, s.n, {1, "1"}, a.fn, a.scale, a.grad_fn, a.grad_base, a.grad_scale);
-  check_workspace(check, a.workspace, backward_workspace(a, cfg, ctx), s.device);
+  check.workspace(a.workspace, backward_workspace(a, cfg, ctx), s.device);
   check_finite(a.grad_out, "grad_out", "head_backward", cfg, ctx);
   MHC_DISPATCH(a.x.device, ctx, head_backward(a, cfg, ctx));
 }

@@ -52,6 +52,14 @@ void ArgChecker::present(const TensorView& t, const char* name) const {
   if (t.numel() > 0 && t.data == nullptr) fail(std::string(name) + ": data pointer is null");
 }
 
+void ArgChecker::workspace(const TensorView& ws, std::size_t needed, Device device) const {
+  if (needed == 0) return;
+  present(ws, "workspace");
+  const std::size_t have = static_cast<std::size_t>(ws.numel()) * dtype_size(ws.dtype);
+  if (have < needed) fail("workspace: expected at least " + std::to_string(needed) + " bytes, got " + std::to_string(have));
+  if (!(ws.device == device)) fail_device("workspace: expected a buffer on " + device_name(device));
+}
+
 void ArgChecker::leading(const TensorView& t, const char* name, int rank, const char* layout) const {
   present(t, name);
   if (t.rank != rank)

@@ -39,6 +39,8 @@ class ArgChecker {
   // a supported dtype, data present when non-empty.
   void leading(const TensorView& t, const char* name, int rank, const char* layout) const;
   void present(const TensorView& t, const char* name) const;
+  // A backward's scratch buffer "workspace": at least `needed` bytes on `device` (anything when 0).
+  void workspace(const TensorView& ws, std::size_t needed, Device device) const;
   void streams(std::int64_t n, const MhcConfig& cfg, const char* name) const;
   void config(const MhcConfig& cfg) const;
 
