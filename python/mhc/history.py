@@ -511,19 +511,25 @@ class MatrixMHCSkip(nn.Module):
         if self.detach_history:
             states = _detach_older(states)
         m = self.matrix(len(states), torch.float64 if x.dtype == torch.float64 else torch.float32)
-        if _exporting():
-            mixed = reference_history_mix(None, torch.stack([s.to(x.dtype) for s in states]), m)
-        else:
-            mixed = history_mix(None, states, m)
-        head = mixed[0].to(x.dtype)
-        out = x + (head if self.gate is None else self.gate.to(x.dtype) * head)
-        if isinstance(history, HistoryBuffer):
-            history.replace(list(mixed.unbind(0)))
-        return out
+        return _matrix_skip(x, history, states, m, self.gate)
 
     @torch.no_grad()
     def freeze(self) -> "_FrozenMatrix":
         return _FrozenMatrix(self)
+
+
+def _matrix_skip(x: Tensor, history: History, states: List[Tensor], m: Tensor, gate: Optional[Tensor]) -> Tensor:
+    """The matrix skip with mixing matrix ``m``: ``x + gate * (m @ states)[0]``; a HistoryBuffer gets the mixed
+    states as its new history."""
+    if _exporting():
+        mixed = reference_history_mix(None, torch.stack([s.to(x.dtype) for s in states]), m)
+    else:
+        mixed = history_mix(None, states, m)
+    head = mixed[0].to(x.dtype)
+    out = x + (head if gate is None else gate.to(x.dtype) * head)
+    if isinstance(history, HistoryBuffer):
+        history.replace(list(mixed.unbind(0)))
+    return out
 
 
 class _FrozenMatrix(nn.Module):
@@ -546,16 +552,7 @@ class _FrozenMatrix(nn.Module):
         states = _like_states(x, _nonempty(_states_of(history, x)[: self.max_history], "MatrixMHCSkip"),
                              "MatrixMHCSkip")
         n = len(states)
-        m = self.table[n - 1, :n, :n]
-        if _exporting():
-            mixed = reference_history_mix(None, torch.stack([s.to(x.dtype) for s in states]), m)
-        else:
-            mixed = history_mix(None, states, m)
-        head = mixed[0].to(x.dtype)
-        out = x + (head if self.gate is None else self.gate.to(x.dtype) * head)
-        if isinstance(history, HistoryBuffer):
-            history.replace(list(mixed.unbind(0)))
-        return out
+        return _matrix_skip(x, history, states, self.table[n - 1, :n, :n], self.gate)
 
 
 _SKIP_TYPES = (MHCSkip, MatrixMHCSkip, WeightedSum, _FrozenMatrix)
