@@ -75,11 +75,6 @@ BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool 
 
 template <class M> M* at(void* ws, std::size_t off) { return reinterpret_cast<M*>(static_cast<char*>(ws) + off); }
 
-unsigned grid_for(int64_t items, int threads) {
-  return static_cast<unsigned>(
-      std::clamp<int64_t>((items + threads - 1) / threads, 1, int64_t(current_device_info().sm_count) * 16));
-}
-unsigned token_grid(int64_t T) { return static_cast<unsigned>(std::min<int64_t>(T, 1 << 30)); }
 
 // ---- A. U[t, i] = <g[t], x[t, i]> ---------------------------------------------------------------------
 template <class S, int N>

@@ -77,9 +77,6 @@ __global__ void sinkhorn_backward_warp_kernel(const M* __restrict__ logits, cons
   }
 }
 
-unsigned blocks_for(int64_t items, int per_block) {
-  return static_cast<unsigned>(std::clamp<int64_t>((items + per_block - 1) / per_block, 1, int64_t(1) << 30));
-}
 
 template <class K> void set_smem_limit(K kernel, std::size_t bytes) {
   if (bytes > 48 * 1024)
