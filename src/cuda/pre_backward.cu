@@ -562,6 +562,7 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
 //   - blocks of the same channels of the n streams adjacent in launch order (one g row serves n blocks from L2).
 template <int MR> struct V4Geom {
   static constexpr int kThreads = 256, kWarps = kThreads / 32;
+  static constexpr int N = MR == 8 ? 2 : MR == 24 ? 4 : 8;  // streams: m = n^2 + 2n
   static constexpr int MP = (MR + 15) / 16 * 16;  // rows of fn padded to the mma granularity
   static constexpr int KS = MP / 16;              // k steps of DP . fn = row tiles of DP^T . x
   static constexpr int W = v4_cols(MR);           // columns of x ([T, nC]) per block
@@ -581,6 +582,7 @@ template <int MR> struct V4Geom {
   static constexpr int kPart = kStages * kStage;
   static constexpr int kSmem = kPart + TT * PS * 4;
   static_assert(NT % 2 == 0 && PPT >= 1 && TT * PR % kThreads == 0 && kThreads % PR == 0, "v4 geometry");
+  static_assert(N * N + 2 * N == MR && N <= HS, "n in {2, 4, 8}");
   static_assert(MR % 4 == 0 && kStage % 16 == 0, "16-byte copies of DP rows and stages");
   static_assert(kV4BlocksPerSm * (kSmem + 1024) <= 228 * 1024, "shared memory of the resident blocks");
 };
@@ -597,7 +599,7 @@ __global__ void __launch_bounds__(256, kV4BlocksPerSm) grad_x_fn_v4(const GradXA
   extern __shared__ __align__(16) unsigned char smem[];
   float* part = reinterpret_cast<float*>(smem + G::kPart);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, tq = lane & 3;
-  const int n = a.n;
+  constexpr int n = G::N;
   const int64_t C = a.C, nC = int64_t(n) * C;
 
   // -- where this block works: columns [col0, col0 + W) of x viewed as [T, nC], tokens [t_begin, t_end).
