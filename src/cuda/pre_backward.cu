@@ -33,7 +33,7 @@ enum class Site { pre, head };
 
 // ---- workspace layout ---------------------------------------------------------------------------
 struct BackwardLayout {
-  int64_t T = 0, n = 0, C = 0, m = 0, steps = 0, chunks = 0, chunks_v4 = 0;
+  int64_t T = 0, n = 0, C = 0, m = 0, steps = 0, chunks = 0, chunks_v4 = 0, chunks_v4w = 0;
   std::size_t elem = 4;
   // byte offsets
   std::size_t U = 0, DL = 0, DP = 0, XC = 0, H = 0, SC = 0, DIV = 0, GF = 0, total = 0;
@@ -51,24 +51,29 @@ int grad_fn_chunks(int64_t T, int64_t nC, int m) {
 // ---- stage C version (MHC_CUDA_PRE_BWD) ----------------------------------------------------------------
 // v2 (default): grad_x_fn_mma below (bf16, 128-column blocks, 32-token tiles, x alone prefetched).
 // v4: grad_x_fn_v4 (bf16, 256- or 128-column blocks, 16-token tiles, a cp.async ring of x, g, accum, DP,
-// h and XC, one wave of resident blocks), and a packed static-mode kernel. Read at every call.
-enum class BwdVersion { v2, v4 };
+// h and XC, one wave of resident blocks), and a packed static-mode kernel.
+// v4-wide: the same kernel with 512 threads and twice the columns per block (1 KB runs per token row for n <= 4,
+// 512 bytes for n = 8), one block per SM: the same bytes in flight per SM as v4, so the pair measures the
+// run-length reading of docs/cuda_notes.md directly. Read at every call.
+enum class BwdVersion { v2, v4, v4_wide };
 BwdVersion bwd_version() {
   const char* v = std::getenv("MHC_CUDA_PRE_BWD");
-  return v && std::strcmp(v, "v4") == 0 ? BwdVersion::v4 : BwdVersion::v2;
+  if (v && std::strcmp(v, "v4") == 0) return BwdVersion::v4;
+  if (v && std::strcmp(v, "v4-wide") == 0) return BwdVersion::v4_wide;
+  return BwdVersion::v2;
 }
 
 // v4 geometry the host needs too (work split and workspace): columns per block by m, tokens per tile,
 // the resident blocks per SM the kernel is built for (__launch_bounds__ and shared memory).
-constexpr int v4_cols(int64_t m) { return m <= 24 ? 256 : 128; }
+constexpr int v4_cols(int64_t m, bool wide) { return (m <= 24 ? 256 : 128) * (wide ? 2 : 1); }
 constexpr int kV4Tokens = 16;
-constexpr int kV4BlocksPerSm = 2;
+constexpr int v4_blocks_per_sm(bool wide) { return wide ? 1 : 2; }
 constexpr bool v4_rows(int64_t m) { return m == 8 || m == 24 || m == 80; }  // n = 2, 4, 8
 
 // Token chunks of v4: as many as fill the resident slots once (one wave), whole tiles per chunk.
-int v4_chunks(int64_t T, int64_t nC, int64_t m) {
-  const int64_t colblocks = (nC + v4_cols(m) - 1) / v4_cols(m);
-  const int64_t slots = int64_t(kV4BlocksPerSm) * current_device_info().sm_count;
+int v4_chunks(int64_t T, int64_t nC, int64_t m, bool wide) {
+  const int64_t colblocks = (nC + v4_cols(m, wide) - 1) / v4_cols(m, wide);
+  const int64_t slots = int64_t(v4_blocks_per_sm(wide)) * current_device_info().sm_count;
   const int64_t tiles = (T + kV4Tokens - 1) / kV4Tokens;
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(slots / colblocks, tiles), 1, 64));
 }
@@ -83,7 +88,8 @@ BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool 
   L.elem = dtype == DType::f64 ? 8 : 4;
   L.steps = has_sinkhorn ? sinkhorn_steps(iters) : 0;
   L.chunks = has_fn ? grad_fn_chunks(T, n * C, static_cast<int>(m)) : 0;
-  L.chunks_v4 = has_fn && has_sinkhorn && v4_rows(m) ? v4_chunks(T, n * C, m) : 0;  // pre only
+  L.chunks_v4 = has_fn && has_sinkhorn && v4_rows(m) ? v4_chunks(T, n * C, m, false) : 0;  // pre only
+  L.chunks_v4w = has_fn && has_sinkhorn && v4_rows(m) ? v4_chunks(T, n * C, m, true) : 0;
   std::size_t off = 0;
   auto take = [&](int64_t count) {
     const std::size_t at = off;
@@ -98,7 +104,7 @@ BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool 
   L.SC = take(T * 3);
   L.DIV = take(T * L.steps * n);
   // sized for either version of stage C (MHC_CUDA_PRE_BWD may change between the query and the call)
-  L.GF = take(has_fn ? std::max(L.chunks, L.chunks_v4) * m * n * C : 0);
+  L.GF = take(has_fn ? std::max({L.chunks, L.chunks_v4, L.chunks_v4w}) * m * n * C : 0);
   L.total = off;
   return L;
 }
@@ -557,15 +563,16 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
 //     kStages - 1 tiles ahead, so every byte a tile needs is in shared memory before it starts and no load
 //     waits inside a tile (up to 2 x 24 KB in flight per block at n = 4, 2 blocks per SM);
 //   - 256 columns per block for n <= 4 (512-byte runs per token row), 128 for n = 8 (registers: fn and the
-//     grad_fn partials of 80 rows);
+//     grad_fn partials of 80 rows); kWide (v4-wide): 512 threads, twice the columns, one block per SM;
 //   - one wave: token chunks = resident slots / column blocks, so no block waits for a second wave;
 //   - blocks of the same channels of the n streams adjacent in launch order (one g row serves n blocks from L2).
-template <int MR> struct V4Geom {
-  static constexpr int kThreads = 256, kWarps = kThreads / 32;
+template <int MR, bool kWide> struct V4Geom {
+  static constexpr int kThreads = kWide ? 512 : 256, kWarps = kThreads / 32;
+  static constexpr int kBlocksPerSm = v4_blocks_per_sm(kWide);
   static constexpr int N = MR == 8 ? 2 : MR == 24 ? 4 : 8;  // streams: m = n^2 + 2n
   static constexpr int MP = (MR + 15) / 16 * 16;  // rows of fn padded to the mma granularity
   static constexpr int KS = MP / 16;              // k steps of DP . fn = row tiles of DP^T . x
-  static constexpr int W = v4_cols(MR);           // columns of x ([T, nC]) per block
+  static constexpr int W = v4_cols(MR, kWide);    // columns of x ([T, nC]) per block
   static constexpr int TT = kV4Tokens;            // tokens per tile (one m tile of DP . fn, one k step of DP^T . x)
   static constexpr int kStages = MR <= 24 ? 3 : 4;
   static constexpr int WC = W / kWarps;           // columns per warp
@@ -584,7 +591,7 @@ template <int MR> struct V4Geom {
   static_assert(NT % 2 == 0 && PPT >= 1 && TT * PR % kThreads == 0 && kThreads % PR == 0, "v4 geometry");
   static_assert(N * N + 2 * N == MR && N <= HS, "n in {2, 4, 8}");
   static_assert(MR % 4 == 0 && kStage % 16 == 0, "16-byte copies of DP rows and stages");
-  static_assert(kV4BlocksPerSm * (kSmem + 1024) <= 228 * 1024, "shared memory of the resident blocks");
+  static_assert(kBlocksPerSm * (kSmem + 1024) <= 228 * 1024, "shared memory of the resident blocks");
 };
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
@@ -592,10 +599,11 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool val
                "r"(valid ? 4 : 0));
 }
 
-template <int MR>
-__global__ void __launch_bounds__(256, kV4BlocksPerSm) grad_x_fn_v4(const GradXArgs<__nv_bfloat16> a) {
+template <int MR, bool kWide>
+__global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>::kBlocksPerSm)
+    grad_x_fn_v4(const GradXArgs<__nv_bfloat16> a) {
   using S = __nv_bfloat16;
-  using G = V4Geom<MR>;
+  using G = V4Geom<MR, kWide>;
   extern __shared__ __align__(16) unsigned char smem[];
   float* part = reinterpret_cast<float*>(smem + G::kPart);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, tq = lane & 3;
@@ -940,11 +948,11 @@ template <class K> void allow_large_smem(K kernel, int bytes) {
   flag = true;
 }
 
-// v4 of stage C where it applies (pre, MHC_CUDA_PRE_BWD=v4): bf16 streams with n in {2, 4, 8}, C a multiple
+// v4 of stage C where it applies (pre, MHC_CUDA_PRE_BWD=v4 or v4-wide): bf16 streams with n in {2, 4, 8}, C a multiple
 // of 8 and 16-byte aligned data; static mode for any 16-bit or f32 streams in packs. Returns false, having
 // launched nothing, otherwise (the caller runs v2). Sets ga.chunks to the chunks it wrote.
 template <class S>
-bool stage_c_v4(GradXArgs<S>& ga, const BackwardIo& io, const BackwardLayout& L, cudaStream_t stream) {
+bool stage_c_v4(GradXArgs<S>& ga, const BackwardIo& io, const BackwardLayout& L, bool wide, cudaStream_t stream) {
   if (grad_generic_forced()) return false;
   const int64_t C = L.C, nC = L.n * L.C;
   const bool accum_ok = !io.accum || aligned16({io.accum});
@@ -965,22 +973,27 @@ bool stage_c_v4(GradXArgs<S>& ga, const BackwardIo& io, const BackwardLayout& L,
   if constexpr (!std::is_same_v<S, __nv_bfloat16>) {
     return false;
   } else {
-    if (!v4_rows(L.m) || C % 8 != 0 || !accum_ok || !aligned16({io.x, io.g, io.grad_x, io.workspace}) ||
-        L.chunks_v4 < 1)
+    const int64_t chunks = wide ? L.chunks_v4w : L.chunks_v4;
+    if (!v4_rows(L.m) || C % 8 != 0 || !accum_ok || !aligned16({io.x, io.g, io.grad_x, io.workspace}) || chunks < 1)
       return false;
-    ga.chunks = static_cast<int>(L.chunks_v4);
-    auto launch = [&](auto mr_tag) {
+    ga.chunks = static_cast<int>(chunks);
+    auto launch = [&](auto mr_tag, auto wide_tag) {
       constexpr int MR = decltype(mr_tag)::value;
-      using G = V4Geom<MR>;
-      allow_large_smem(grad_x_fn_v4<MR>, G::kSmem);
+      constexpr bool kWide = decltype(wide_tag)::value;
+      using G = V4Geom<MR, kWide>;
+      allow_large_smem(grad_x_fn_v4<MR, kWide>, G::kSmem);
       const dim3 grid(static_cast<unsigned>((nC + G::W - 1) / G::W), static_cast<unsigned>(ga.chunks));
-      grad_x_fn_v4<MR><<<grid, G::kThreads, G::kSmem, stream>>>(ga);
+      grad_x_fn_v4<MR, kWide><<<grid, G::kThreads, G::kSmem, stream>>>(ga);
       MHC_CUDA_CHECK_LAUNCH();
     };
-    using std::integral_constant;
-    if (L.m == 8) launch(integral_constant<int, 8>{});
-    else if (L.m == 24) launch(integral_constant<int, 24>{});
-    else launch(integral_constant<int, 80>{});
+    auto by_rows = [&](auto wide_tag) {
+      using std::integral_constant;
+      if (L.m == 8) launch(integral_constant<int, 8>{}, wide_tag);
+      else if (L.m == 24) launch(integral_constant<int, 24>{}, wide_tag);
+      else launch(integral_constant<int, 80>{}, wide_tag);
+    };
+    if (wide) by_rows(std::true_type{});
+    else by_rows(std::false_type{});
     return true;
   }
 }
@@ -1087,7 +1100,8 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
   ga.m = m;
   ga.chunks = static_cast<int>(L.chunks);
   bool fast_done = false;
-  if (kSite == Site::pre && bwd_version() == BwdVersion::v4) fast_done = stage_c_v4<S>(ga, io, L, stream);
+  if (const BwdVersion v = bwd_version(); kSite == Site::pre && v != BwdVersion::v2)
+    fast_done = stage_c_v4<S>(ga, io, L, v == BwdVersion::v4_wide, stream);
   if constexpr (std::is_same_v<S, __nv_bfloat16>) {
     const bool vec_ok = C % kPack<S> == 0 && aligned16({io.x, io.g, io.grad_x}) &&
                         (!io.accum || aligned16({io.accum})) && (reinterpret_cast<std::uintptr_t>(io.fn->data) & 7u) == 0;

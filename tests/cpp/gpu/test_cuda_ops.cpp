@@ -428,13 +428,13 @@ TEST(CudaPre, BackwardPartialGradsAndStatic) {
   }
 }
 
-// Stage C v4 (MHC_CUDA_PRE_BWD=v4) against the reference and against v2 on the same inputs. v4 takes bf16 with
+// Stage C v4 (MHC_CUDA_PRE_BWD=v4 and v4-wide) against the reference and v2 on the same inputs. v4 takes bf16 with
 // n in {2, 4, 8}, C % 8 == 0 and aligned data (static mode: any 16-bit or f32 stream in packs); the rest falls
 // back to v2, so both sides of each boundary are here: C = 4104 and 1000 (blocks across streams, a partial last
 // block) vs 1004 and 37, n = 3, misaligned data, f16 / f32 with fn. T = 0, 1, 7, 333 and 4096 (many chunks).
 TEST(CudaPreBwdV4, MatchesReferenceAndV2) {
   MHC_REQUIRE_GPU();
-  const std::vector<const char*> both = {"v2", "v4"};
+  const std::vector<const char*> both = {"v2", "v4", "v4-wide"};
   const std::vector<Shape> bf16_shapes =
       quick() ? std::vector<Shape>{{0, 4, 256}, {7, 4, 1000}, {333, 8, 136}, {4096, 4, 256}, {33, 2, 200}, {5, 3, 40}}
               : std::vector<Shape>{{0, 4, 256},    {1, 4, 4096},   {7, 4, 4096},  {333, 4, 1000}, {333, 4, 4104},
