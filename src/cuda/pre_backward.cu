@@ -587,7 +587,10 @@ template <int MR, bool kWide> struct V4Geom {
   static constexpr int kX = 0, kG = kX + TT * XS * 2, kA = kG + TT * W * 2, kDP = kA + TT * W * 2,
                        kH = kDP + TT * SD * 4, kXC = kH + TT * HS * 4, kStage = kXC + TT * 4;
   static constexpr int kPart = kStages * kStage;
-  static constexpr int kSmem = kPart + TT * PS * 4;
+  // DP of the current tile as bf16 hi / lo mma A fragments, [layout][k step][lane] 16 bytes each:
+  // layout 0 = A of DP . fn (rows = tokens), layout 1 = A of DP^T . x (rows = j)
+  static constexpr int kFragH = kPart + TT * PS * 4, kFragL = kFragH + 2 * KS * 32 * 16;
+  static constexpr int kSmem = kFragL + 2 * KS * 32 * 16;
   static_assert(NT % 2 == 0 && PPT >= 1 && TT * PR % kThreads == 0 && kThreads % PR == 0, "v4 geometry");
   static_assert(N * N + 2 * N == MR && N <= HS, "n in {2, 4, 8}");
   static_assert(MR % 4 == 0 && kStage % 16 == 0, "16-byte copies of DP rows and stages");
@@ -704,13 +707,45 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
     for (int nt = 0; nt < G::NT; ++nt) gf[mj][nt][0] = gf[mj][nt][1] = gf[mj][nt][2] = gf[mj][nt][3] = 0.f;
 
   for (int it = 0; it < tiles; ++it) {
-    // -- wait for tile it; the barrier also says every thread is done with tile it - 1 (its stage, `part`).
+    // -- wait for tile it; the barrier also says every thread is done with tile it - 1 (its stage, `part`, the
+    // fragments).
     cp_async_wait<G::kStages - 2>();
     __syncthreads();
     issue(it + G::kStages - 1);
     const unsigned char* st = smem + (it % G::kStages) * G::kStage;
     const S* xs = reinterpret_cast<const S*>(st + G::kX);
     const float* dps = reinterpret_cast<const float*>(st + G::kDP);
+    uint4* frag_h = reinterpret_cast<uint4*>(smem + G::kFragH);
+    uint4* frag_l = reinterpret_cast<uint4*>(smem + G::kFragL);
+
+    // -- DP split into bf16 hi + lo A fragments once per block (not once per warp): fragment q is what lane
+    // q % 32 holds for k step (q / 32) % KS of layout q / (32 KS), as the per-warp code of v2 computes it.
+    for (int q = tid; q < 2 * G::KS * 32; q += G::kThreads) {
+      const int ln = q & 31, idx = (q >> 5) % G::KS, gq = ln >> 2, tl4 = ln & 3;
+      float2 v[4];
+      if (q < G::KS * 32) {  // A of DP . fn: A[row = token][k = j]
+        const float* r0 = dps + gq * G::SD + idx * 16 + 2 * tl4;
+        const float* r1 = r0 + 8 * G::SD;
+        v[0] = *reinterpret_cast<const float2*>(r0);
+        v[1] = *reinterpret_cast<const float2*>(r1);
+        v[2] = *reinterpret_cast<const float2*>(r0 + 8);
+        v[3] = *reinterpret_cast<const float2*>(r1 + 8);
+      } else {  // A of DP^T . x: A[row = j][k = token]
+        const int j0 = idx * 16 + gq, k0 = 2 * tl4;
+        v[0] = make_float2(dps[k0 * G::SD + j0], dps[(k0 + 1) * G::SD + j0]);
+        v[1] = make_float2(dps[k0 * G::SD + j0 + 8], dps[(k0 + 1) * G::SD + j0 + 8]);
+        v[2] = make_float2(dps[(k0 + 8) * G::SD + j0], dps[(k0 + 9) * G::SD + j0]);
+        v[3] = make_float2(dps[(k0 + 8) * G::SD + j0 + 8], dps[(k0 + 9) * G::SD + j0 + 8]);
+      }
+      uint4 hi, lo;
+      split_pair<S>(v[0], hi.x, lo.x);
+      split_pair<S>(v[1], hi.y, lo.y);
+      split_pair<S>(v[2], hi.z, lo.z);
+      split_pair<S>(v[3], hi.w, lo.w);
+      frag_h[q] = hi;
+      frag_l[q] = lo;
+    }
+    __syncthreads();  // fragments complete
 
     // -- DP . fn for the tile's 16 tokens x the warp's columns (3 mma: fp32-level), staged for the epilogue.
     {
@@ -719,13 +754,8 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
       for (int nt = 0; nt < G::NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
 #pragma unroll
       for (int ks = 0; ks < G::KS; ++ks) {
-        const float* r0 = dps + g8 * G::SD + ks * 16 + 2 * tq;
-        const float* r1 = r0 + 8 * G::SD;
-        std::uint32_t ah[4], al[4];
-        split_pair<S>(*reinterpret_cast<const float2*>(r0), ah[0], al[0]);
-        split_pair<S>(*reinterpret_cast<const float2*>(r1), ah[1], al[1]);
-        split_pair<S>(*reinterpret_cast<const float2*>(r0 + 8), ah[2], al[2]);
-        split_pair<S>(*reinterpret_cast<const float2*>(r1 + 8), ah[3], al[3]);
+        const uint4 h4 = frag_h[ks * 32 + lane], l4 = frag_l[ks * 32 + lane];
+        const std::uint32_t ah[4] = {h4.x, h4.y, h4.z, h4.w}, al[4] = {l4.x, l4.y, l4.z, l4.w};
 #pragma unroll
         for (int nt = 0; nt < G::NT; ++nt) {
           mma_16816<S>(d[nt], al, fh[ks][nt]);
@@ -753,15 +783,10 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
         bx[2 * np + 1][0] = r[2];
         bx[2 * np + 1][1] = r[3];
       }
-      const int k0 = 2 * tq;
 #pragma unroll
       for (int mj = 0; mj < G::KS; ++mj) {
-        const int j0 = mj * 16 + g8;
-        std::uint32_t ah[4], al[4];
-        split_pair<S>(make_float2(dps[k0 * G::SD + j0], dps[(k0 + 1) * G::SD + j0]), ah[0], al[0]);
-        split_pair<S>(make_float2(dps[k0 * G::SD + j0 + 8], dps[(k0 + 1) * G::SD + j0 + 8]), ah[1], al[1]);
-        split_pair<S>(make_float2(dps[(k0 + 8) * G::SD + j0], dps[(k0 + 9) * G::SD + j0]), ah[2], al[2]);
-        split_pair<S>(make_float2(dps[(k0 + 8) * G::SD + j0 + 8], dps[(k0 + 9) * G::SD + j0 + 8]), ah[3], al[3]);
+        const uint4 h4 = frag_h[(G::KS + mj) * 32 + lane], l4 = frag_l[(G::KS + mj) * 32 + lane];
+        const std::uint32_t ah[4] = {h4.x, h4.y, h4.z, h4.w}, al[4] = {l4.x, l4.y, l4.z, l4.w};
 #pragma unroll
         for (int nt = 0; nt < G::NT; ++nt) {
           mma_16816<S>(gf[mj][nt], al, bx[nt]);
