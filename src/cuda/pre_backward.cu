@@ -557,8 +557,9 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
 
 // ---- C, version 4 -------------------------------------------------------------------------------------------
 // Same math and split as grad_x_fn_mma; what changes is how the bytes arrive (docs/cuda_notes.md, pre backward
-// v4): v2 is latency-bound (one 32-token x tile in flight per block, DP and g / accum loaded synchronously inside
-// the tile, 384 blocks in 1.5 waves at 2 resident per SM, 256-byte runs per token row). v4:
+// stage C v4): v2 is latency-bound (one 32-token x tile in flight per block, DP and g / accum loaded synchronously
+// inside the tile, 256-byte runs per token row; v3, the same with everything prefetched at 2 blocks per SM, put
+// its 384 blocks into 1.5 waves). v4:
 //   - a ring of kStages tiles of 16 tokens: x, g, accum, DP, h and XC of a tile are all cp.async copies issued
 //     kStages - 1 tiles ahead, so every byte a tile needs is in shared memory before it starts and no load
 //     waits inside a tile (up to 2 x 24 KB in flight per block at n = 4, 2 blocks per SM);
@@ -961,7 +962,8 @@ struct BackwardIo {
 };
 
 // ---- stage C launch policy ---------------------------------------------------------------------------------
-// Shared memory opt-in, once per (device, kernel).
+// Shared memory opt-in, once per (device, kernel); the carveout hint asks for the largest shared memory
+// configuration, which the resident blocks v4 is built for need (2 x 105 KB at n = 4).
 template <class K> void allow_large_smem(K kernel, int bytes) {
   static std::mutex mutex;
   static std::map<std::pair<int, const void*>, bool> done;
@@ -970,6 +972,8 @@ template <class K> void allow_large_smem(K kernel, int bytes) {
   bool& flag = done[{dev, reinterpret_cast<const void*>(kernel)}];
   if (flag) return;
   MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  MHC_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   flag = true;
 }
 
