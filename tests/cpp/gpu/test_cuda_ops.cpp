@@ -325,9 +325,29 @@ struct GradMask {
   bool layer_input = true, h_pre = true, h_post = true, comb = true, accum = true, fn = true;
 };
 
-void run_pre_backward(DType d, const Shape& s, GradMask gm) {
+// Sets an environment variable for the scope's duration (the CUDA backend reads its switches at every call).
+class EnvScope {
+ public:
+  EnvScope(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) saved_ = old, had_ = true;
+    setenv(name, value, 1);
+  }
+  ~EnvScope() {
+    if (had_) setenv(name_.c_str(), saved_.c_str(), 1);
+    else unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_, saved_;
+  bool had_ = false;
+};
+
+// versions: the stage-C versions (MHC_CUDA_PRE_BWD) to run on the same inputs, each against the reference and
+// twice into poisoned outputs; with two or more, every version's outputs are also compared with the first's
+// (grad_x to bf16 rounding, grad_fn to the error of the tensor-core split). Empty: the default version.
+void run_pre_backward(DType d, const Shape& s, GradMask gm, const std::vector<const char*>& versions = {}) {
   SCOPED_TRACE(describe(d, s) + (gm.fn ? "" : " static") + (gm.comb ? "" : " no-grad-comb") +
-               (gm.layer_input ? "" : " no-grad-layer-input"));
+               (gm.layer_input ? "" : " no-grad-layer-input") + (gm.accum ? "" : " no-accum"));
   const DType k = coef_of(d);
   const int n = s.n, m = n * n + 2 * n;
   MhcConfig cfg;
@@ -365,7 +385,25 @@ void run_pre_backward(DType d, const Shape& s, GradMask gm) {
     outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
     outs.push_back({"grad_scale", &gscale, &dgscale, coef_tol(d)});
   }
-  check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward");
+  if (versions.empty()) {
+    check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward");
+    return;
+  }
+  std::vector<std::vector<HostTensor>> got;
+  for (const char* v : versions) {
+    const EnvScope version("MHC_CUDA_PRE_BWD", v);
+    // the workspace query runs under the version too (it must fit whichever version runs)
+    ASSERT_LE(pre_backward_workspace_bytes(a, cfg, cuda_ctx()), ws_bytes) << v;
+    check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, std::string("pre_backward ") + v);
+    got.emplace_back();
+    for (const Output& o : outs) got.back().push_back(o.dev->download());
+  }
+  for (size_t v = 1; v < versions.size(); ++v)
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const double tol = i == 0 ? (d == DType::bf16 ? 1e-2 : stream_tol(d)) : 1e-3;
+      const double err = rel_error(got[v][i], got[0][i]);
+      EXPECT_LE(err, tol) << versions[v] << " vs " << versions[0] << ": " << outs[i].name << " rel difference " << err;
+    }
 }
 
 TEST(CudaPre, BackwardMatchesReference) {
@@ -388,6 +426,42 @@ TEST(CudaPre, BackwardPartialGradsAndStatic) {
     run_pre_backward(d, {9, 4, 64}, stat);
     run_pre_backward(d, {5, 3, 37}, stat);
   }
+}
+
+// Stage C v4 (MHC_CUDA_PRE_BWD=v4 and v4-wide) against the reference and v2 on the same inputs. v4 takes bf16 with
+// n in {2, 4, 8}, C % 8 == 0 and aligned data (static mode: any 16-bit or f32 stream in packs); the rest falls
+// back to v2, so both sides of each boundary are here: C = 4104 and 1000 (blocks across streams, a partial last
+// block) vs 1004 and 37, n = 3, misaligned data, f16 / f32 with fn. T = 0, 1, 7, 333 and 4096 (many chunks).
+TEST(CudaPreBwdV4, MatchesReferenceAndV2) {
+  MHC_REQUIRE_GPU();
+  const std::vector<const char*> both = {"v2", "v4", "v4-wide"};
+  const std::vector<Shape> bf16_shapes =
+      quick() ? std::vector<Shape>{{0, 4, 256}, {7, 4, 1000}, {333, 8, 136}, {4096, 4, 256}, {33, 2, 200}, {5, 3, 40}}
+              : std::vector<Shape>{{0, 4, 256},    {1, 4, 4096},   {7, 4, 4096},  {333, 4, 1000}, {333, 4, 4104},
+                                   {4096, 4, 256}, {7, 4, 1004},   {9, 4, 37},    {1, 2, 512},    {333, 2, 200},
+                                   {4096, 2, 512}, {7, 8, 512},    {333, 8, 136}, {4096, 8, 64},  {4096, 8, 128},
+                                   {7, 3, 40},     {33, 4, 1024, 1}, {17, 8, 64, 1}};
+  for (const Shape& s : bf16_shapes) run_pre_backward(DType::bf16, s, {}, both);
+  // partial gradients: no accum, no grad_layer_input (no g, no h), static mode with and without accum
+  GradMask no_accum;
+  no_accum.accum = false;
+  GradMask no_li;
+  no_li.layer_input = false;
+  GradMask stat;
+  stat.fn = false;
+  GradMask stat_no_accum = stat;
+  stat_no_accum.accum = false;
+  for (const Shape& s : {Shape{333, 4, 1000}, Shape{70, 8, 512}, Shape{1, 2, 64}}) {
+    run_pre_backward(DType::bf16, s, no_accum, both);
+    run_pre_backward(DType::bf16, s, no_li, both);
+  }
+  for (DType d : {DType::bf16, DType::f16, DType::f32})
+    for (const Shape& s : {Shape{333, 4, 1000}, Shape{7, 3, 40}, Shape{5, 3, 37}, Shape{9, 4, 64, 1}}) {
+      run_pre_backward(d, s, stat, both);
+      run_pre_backward(d, s, stat_no_accum, both);
+    }
+  // f16 / f32 / f64 with fn: v4 falls back to v2
+  for (DType d : {DType::f16, DType::f32, DType::f64}) run_pre_backward(d, {33, 4, 256}, {}, both);
 }
 
 // ---- Sinkhorn ----------------------------------------------------------------------------------------------------
