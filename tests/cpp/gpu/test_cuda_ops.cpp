@@ -30,44 +30,14 @@ std::string describe(DType d, const Shape& s) {
          std::to_string(s.C) + (s.offset ? " misaligned" : "");
 }
 
-DType coef_of(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-
 // Parameters of a pre site with values that keep sigmoids and Sinkhorn away from saturation.
 struct SiteParams {
-  HostTensor fn, base, scale;
+  Tensor fn, base, scale;
 };
 SiteParams site_params(DType stream, int n, int64_t C, int rows, int scales) {
   const DType k = coef_of(stream);
   return {normal_tensor(k, {rows, n * C}, 1.0 / std::sqrt(double(n * C))), random_tensor(k, {rows}, -1.0, 1.0),
           random_tensor(k, {scales}, 0.5, 1.5)};
-}
-
-// Runs `cuda_run` twice into poisoned outputs, checks each output against the reference and the
-// two runs against each other.
-struct Output {
-  const char* name;
-  HostTensor* ref;
-  DeviceTensor* dev;
-  double tol;
-};
-void check_outputs(const std::function<void()>& cuda_run, std::vector<Output> outs, const std::string& what) {
-  cuda_run();
-  std::vector<HostTensor> first;
-  for (auto& o : outs) {
-    first.push_back(o.dev->download());
-    const double err = rel_error(first.back(), *o.ref);
-    EXPECT_LE(err, o.tol) << what << ": " << o.name << " rel error " << err;
-    o.dev->poison();
-  }
-  cuda_run();
-  for (size_t i = 0; i < outs.size(); ++i)
-    EXPECT_TRUE(bit_identical(outs[i].dev->download(), first[i])) << what << ": " << outs[i].name << " not bit-identical";
-}
-
-// MHC_GPU_TEST_QUICK=1 (used under compute-sanitizer): fewer shapes and dtypes, every kernel variant.
-bool quick() {
-  static const bool q = std::getenv("MHC_GPU_TEST_QUICK") != nullptr;
-  return q;
 }
 
 const std::vector<DType> kDtypes = quick() ? std::vector<DType>{DType::bf16, DType::f32, DType::f64}
@@ -117,9 +87,9 @@ void run_pre(DType d, const Shape& s, bool with_fn, bool with_saved) {
   const int n = s.n, m = n * n + 2 * n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
   SiteParams p = site_params(d, n, s.C, m, 3);
-  HostTensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
+  Tensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
   PreForward ref{x.view(), with_fn ? p.fn.view() : TensorView{}, p.base.view(), with_fn ? p.scale.view() : TensorView{},
                  li.view(), hp.view(), hpo.view(), cb.view(), with_saved ? mx.view() : TensorView{},
                  with_saved ? rs.view() : TensorView{}};
@@ -180,17 +150,17 @@ void run_post(DType d, const Shape& s) {
   const int n = s.n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
-  HostTensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
-  HostTensor xn(d, {s.T, n, s.C});
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
+  Tensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
+  Tensor xn(d, {s.T, n, s.C});
   post_forward({x.view(), y.view(), hpo.view(), cb.view(), xn.view()}, cfg, ref_ctx());
   DeviceTensor dx(x, s.offset), dy(y, s.offset), dhpo(hpo), dcb(cb), dxn(d, {s.T, n, s.C}, s.offset);
   check_outputs([&] { post_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dxn.view()}, cfg, cuda_ctx()); },
                 {{"x_next", &xn, &dxn, stream_tol(d)}}, "post_forward");
 
   // backward
-  HostTensor g = normal_tensor(d, {s.T, n, s.C}, 1.0);
-  HostTensor gx(d, {s.T, n, s.C}), gy(d, {s.T, s.C}), ghp(k, {s.T, n}), gcb(k, {s.T, n, n});
+  Tensor g = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  Tensor gx(d, {s.T, n, s.C}), gy(d, {s.T, s.C}), ghp(k, {s.T, n}), gcb(k, {s.T, n, n});
   post_backward({g.view(), x.view(), y.view(), hpo.view(), cb.view(), gx.view(), gy.view(), ghp.view(), gcb.view()}, cfg,
                 ref_ctx());
   DeviceTensor dg(g, s.offset), dgx(d, {s.T, n, s.C}, s.offset), dgy(d, {s.T, s.C}), dghp(k, {s.T, n}),
@@ -224,10 +194,10 @@ void run_post_pre(DType d, const Shape& s) {
   const int n = s.n, m = n * n + 2 * n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
-  HostTensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
+  Tensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
   SiteParams p = site_params(d, n, s.C, m, 3);
-  HostTensor xn(d, {s.T, n, s.C}), li(d, {s.T, s.C}), hp(k, {s.T, n}), hpn(k, {s.T, n}), cbn(k, {s.T, n, n}),
+  Tensor xn(d, {s.T, n, s.C}), li(d, {s.T, s.C}), hp(k, {s.T, n}), hpn(k, {s.T, n}), cbn(k, {s.T, n, n}),
       mx(k, {s.T, m}), rs(k, {s.T});
   post_pre_forward({x.view(), y.view(), hpo.view(), cb.view(), p.fn.view(), p.base.view(), p.scale.view(), xn.view(),
                     li.view(), hp.view(), hpn.view(), cbn.view(), mx.view(), rs.view()},
@@ -241,7 +211,7 @@ void run_post_pre(DType d, const Shape& s) {
                      cfg, cuda_ctx());
   };
   cuda_run();
-  HostTensor stored = dxn.download();
+  Tensor stored = dxn.download();
   for (DeviceTensor* out : {&dxn, &dli, &dhp, &dhpn, &dcbn, &dmx, &drs}) out->poison();
   pre_forward({stored.view(), p.fn.view(), p.base.view(), p.scale.view(), li.view(), hp.view(), hpn.view(), cbn.view(),
                mx.view(), rs.view()},
@@ -352,18 +322,18 @@ void run_pre_backward(DType d, const Shape& s, GradMask gm, const std::vector<co
   const int n = s.n, m = n * n + 2 * n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
   SiteParams p = site_params(d, n, s.C, m, 3);
   TensorView fn_v = gm.fn ? p.fn.view() : TensorView{}, scale_v = gm.fn ? p.scale.view() : TensorView{};
   // saved tensors from the reference forward
-  HostTensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
+  Tensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
   pre_forward({x.view(), fn_v, p.base.view(), scale_v, li.view(), hp.view(), hpo.view(), cb.view(), mx.view(), rs.view()},
               cfg, ref_ctx());
-  HostTensor gli = normal_tensor(d, {s.T, s.C}, 1.0), ghp = normal_tensor(k, {s.T, n}, 1.0),
+  Tensor gli = normal_tensor(d, {s.T, s.C}, 1.0), ghp = normal_tensor(k, {s.T, n}, 1.0),
              ghpo = normal_tensor(k, {s.T, n}, 1.0), gcb = normal_tensor(k, {s.T, n, n}, 1.0),
              acc = normal_tensor(d, {s.T, n, s.C}, 1.0);
-  HostTensor gx(d, {s.T, n, s.C}), gfn(k, {m, n * s.C}), gbase(k, {m}), gscale(k, {3});
-  auto opt = [](bool on, HostTensor& t) { return on ? t.view() : TensorView{}; };
+  Tensor gx(d, {s.T, n, s.C}), gfn(k, {m, n * s.C}), gbase(k, {m}), gscale(k, {3});
+  auto opt = [](bool on, Tensor& t) { return on ? t.view() : TensorView{}; };
   PreBackward ref{x.view(), fn_v, p.base.view(), scale_v, mx.view(), rs.view(), opt(gm.layer_input, gli),
                   opt(gm.h_pre, ghp), opt(gm.h_post, ghpo), opt(gm.comb, gcb), opt(gm.accum, acc), gx.view(),
                   opt(gm.fn, gfn), gbase.view(), opt(gm.fn, gscale), TensorView{}};
@@ -389,7 +359,7 @@ void run_pre_backward(DType d, const Shape& s, GradMask gm, const std::vector<co
     check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward");
     return;
   }
-  std::vector<std::vector<HostTensor>> got;
+  std::vector<std::vector<Tensor>> got;
   for (const char* v : versions) {
     const EnvScope version("MHC_CUDA_PRE_BWD", v);
     // the workspace query runs under the version too (it must fit whichever version runs)
@@ -471,12 +441,12 @@ void run_sinkhorn(DType k, int64_t T, int n, int iters) {
   MhcConfig cfg;
   cfg.n = n;
   cfg.iters = iters;
-  HostTensor l = normal_tensor(k, {T, n, n}, 1.0), c(k, {T, n, n});
+  Tensor l = normal_tensor(k, {T, n, n}, 1.0), c(k, {T, n, n});
   sinkhorn_forward({l.view(), c.view()}, cfg, ref_ctx());
   DeviceTensor dl(l), dc(k, {T, n, n});
   check_outputs([&] { sinkhorn_forward({dl.view(), dc.view()}, cfg, cuda_ctx()); }, {{"comb", &c, &dc, coef_tol(k)}},
                 "sinkhorn_forward");
-  HostTensor g = normal_tensor(k, {T, n, n}, 1.0), gl(k, {T, n, n});
+  Tensor g = normal_tensor(k, {T, n, n}, 1.0), gl(k, {T, n, n});
   sinkhorn_backward({l.view(), g.view(), gl.view()}, cfg, ref_ctx());
   DeviceTensor dg(g), dgl(k, {T, n, n});
   check_outputs([&] { sinkhorn_backward({dl.view(), dg.view(), dgl.view()}, cfg, cuda_ctx()); },
@@ -501,12 +471,12 @@ TEST(CudaExpand, ForwardAndBackwardMatchReference) {
       SCOPED_TRACE(describe(d, s));
       MhcConfig cfg;
       cfg.n = s.n;
-      HostTensor x = normal_tensor(d, {s.T, s.C}, 1.0), out(d, {s.T, s.n, s.C});
+      Tensor x = normal_tensor(d, {s.T, s.C}, 1.0), out(d, {s.T, s.n, s.C});
       expand_forward({x.view(), out.view()}, cfg, ref_ctx());
       DeviceTensor dx(x, s.offset), dout(d, {s.T, s.n, s.C}, s.offset);
       check_outputs([&] { expand_forward({dx.view(), dout.view()}, cfg, cuda_ctx()); },
                     {{"out", &out, &dout, stream_tol(d)}}, "expand_forward");
-      HostTensor g = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gx(d, {s.T, s.C});
+      Tensor g = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gx(d, {s.T, s.C});
       expand_backward({g.view(), gx.view()}, cfg, ref_ctx());
       DeviceTensor dg(g, s.offset), dgx(d, {s.T, s.C}, s.offset);
       check_outputs([&] { expand_backward({dg.view(), dgx.view()}, cfg, cuda_ctx()); },
@@ -521,10 +491,10 @@ void run_head(DType d, const Shape& s, bool with_fn) {
   const int n = s.n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
   SiteParams p = site_params(d, n, s.C, n, 1);
   TensorView fn_v = with_fn ? p.fn.view() : TensorView{}, sc_v = with_fn ? p.scale.view() : TensorView{};
-  HostTensor out(d, {s.T, s.C}), w(k, {s.T, n}), mx(k, {s.T, n}), rs(k, {s.T});
+  Tensor out(d, {s.T, s.C}), w(k, {s.T, n}), mx(k, {s.T, n}), rs(k, {s.T});
   head_forward({x.view(), fn_v, p.base.view(), sc_v, out.view(), w.view(), mx.view(), rs.view()}, cfg, ref_ctx());
   DeviceTensor dx(x, s.offset), dfn(p.fn), dbase(p.base), dscale(p.scale);
   DeviceTensor dout(d, {s.T, s.C}, s.offset), dw(k, {s.T, n}), dmx(k, {s.T, n}), drs(k, {s.T});
@@ -540,8 +510,8 @@ void run_head(DType d, const Shape& s, bool with_fn) {
        {"rstd", &rs, &drs, coef_tol(d)}},
       "head_forward");
 
-  HostTensor go = normal_tensor(d, {s.T, s.C}, 1.0), gw = normal_tensor(k, {s.T, n}, 1.0);
-  HostTensor gx(d, {s.T, n, s.C}), gfn(k, {n, n * s.C}), gbase(k, {n}), gscale(k, {1});
+  Tensor go = normal_tensor(d, {s.T, s.C}, 1.0), gw = normal_tensor(k, {s.T, n}, 1.0);
+  Tensor gx(d, {s.T, n, s.C}), gfn(k, {n, n * s.C}), gbase(k, {n}), gscale(k, {1});
   HeadBackward ref{x.view(), fn_v, p.base.view(), sc_v, mx.view(), rs.view(), go.view(), gw.view(), gx.view(),
                    with_fn ? gfn.view() : TensorView{}, gbase.view(), with_fn ? gscale.view() : TensorView{},
                    TensorView{}};
@@ -582,17 +552,17 @@ TEST(CudaResidualAddAgg, ForwardAndBackwardMatchReference) {
       const DType k = coef_of(d);
       MhcConfig cfg;
       cfg.n = s.n;
-      HostTensor x = normal_tensor(d, {s.T, s.n, s.C}, 1.0), r = normal_tensor(d, {s.T, s.n, s.C}, 1.0),
+      Tensor x = normal_tensor(d, {s.T, s.n, s.C}, 1.0), r = normal_tensor(d, {s.T, s.n, s.C}, 1.0),
                  hp = random_tensor(k, {s.T, s.n}, 0.0, 1.0);
-      HostTensor xo(d, {s.T, s.n, s.C}), agg(d, {s.T, s.C});
+      Tensor xo(d, {s.T, s.n, s.C}), agg(d, {s.T, s.C});
       residual_add_agg_forward({x.view(), r.view(), hp.view(), xo.view(), agg.view()}, cfg, ref_ctx());
       DeviceTensor dx(x, s.offset), dr(r, s.offset), dhp(hp), dxo(d, {s.T, s.n, s.C}, s.offset), dagg(d, {s.T, s.C});
       check_outputs(
           [&] { residual_add_agg_forward({dx.view(), dr.view(), dhp.view(), dxo.view(), dagg.view()}, cfg, cuda_ctx()); },
           {{"x_out", &xo, &dxo, stream_tol(d)}, {"agg", &agg, &dagg, stream_tol(d)}}, "residual_add_agg_forward");
       for (int present = 0; present < 3; ++present) {  // both grads, only grad_agg, only grad_x_out
-        HostTensor gxo = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gagg = normal_tensor(d, {s.T, s.C}, 1.0);
-        HostTensor gs(d, {s.T, s.n, s.C}), ghp(k, {s.T, s.n});
+        Tensor gxo = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gagg = normal_tensor(d, {s.T, s.C}, 1.0);
+        Tensor gs(d, {s.T, s.n, s.C}), ghp(k, {s.T, s.n});
         const bool has_gxo = present != 1, has_gagg = present != 2;
         residual_add_agg_backward({has_gxo ? gxo.view() : TensorView{}, has_gagg ? gagg.view() : TensorView{},
                                    xo.view(), hp.view(), gs.view(), ghp.view()},
@@ -617,8 +587,8 @@ TEST(CudaOps, NanPolicyCheckFindsNonFiniteInput) {
   MhcConfig cfg;
   cfg.n = 4;
   cfg.nan_policy = NanPolicy::check;
-  HostTensor x = normal_tensor(DType::bf16, {3, 4, 64}, 1.0), y = normal_tensor(DType::bf16, {3, 64}, 1.0);
-  HostTensor hpo = random_tensor(DType::f32, {3, 4}, 0, 1), cb = random_tensor(DType::f32, {3, 4, 4}, 0, 1);
+  Tensor x = normal_tensor(DType::bf16, {3, 4, 64}, 1.0), y = normal_tensor(DType::bf16, {3, 64}, 1.0);
+  Tensor hpo = random_tensor(DType::f32, {3, 4}, 0, 1), cb = random_tensor(DType::f32, {3, 4, 4}, 0, 1);
   x.set(100, NAN);
   DeviceTensor dx(x), dy(y), dhpo(hpo), dcb(cb), dxn(DType::bf16, {3, 4, 64});
   EXPECT_THROW(post_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dxn.view()}, cfg, cuda_ctx()),
@@ -636,7 +606,7 @@ TEST(CudaOps, SiteRunsInsideCudaGraphCapture) {
   const int64_t T = 37, C = 256, m = n * n + 2 * n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(DType::bf16, {T, n, C}, 1.0), y = normal_tensor(DType::bf16, {T, C}, 1.0);
+  Tensor x = normal_tensor(DType::bf16, {T, n, C}, 1.0), y = normal_tensor(DType::bf16, {T, C}, 1.0);
   SiteParams p = site_params(DType::bf16, n, C, m, 3);
   DeviceTensor dx(x), dy(y), dfn(p.fn), dbase(p.base), dscale(p.scale);
   DeviceTensor li(DType::bf16, {T, C}), hp(DType::f32, {T, n}), hpo(DType::f32, {T, n}), cb(DType::f32, {T, n, n}),
@@ -651,7 +621,7 @@ TEST(CudaOps, SiteRunsInsideCudaGraphCapture) {
   };
   site();
   MHC_CHECK_CUDA(cudaStreamSynchronize(stream));
-  const HostTensor eager_li = li.download(), eager_xn = xn.download();
+  const Tensor eager_li = li.download(), eager_xn = xn.download();
   li.poison();
   xn.poison();
   cudaGraph_t graph;
