@@ -521,7 +521,8 @@ inline std::vector<int64_t> logits_shape(Constraint c, int64_t R, int64_t H) {
   return c == Constraint::doubly_stochastic ? std::vector<int64_t>{R, H, H} : std::vector<int64_t>{R, H};
 }
 
-template <class Rng> std::vector<Tensor> random_states(int H, DType dtype, const std::vector<int64_t>& shape, Rng& rng) {
+template <class Rng>
+std::vector<Tensor> random_states(int H, DType dtype, const std::vector<int64_t>& shape, Rng& rng) {
   std::vector<Tensor> states;
   for (int k = 0; k < H; ++k) states.push_back(random_tensor(dtype, shape, rng));
   return states;

@@ -108,7 +108,9 @@ class DeviceTensor {
   struct Free {
     void operator()(void* p) const { cudaFree(p); }
   };
-  std::size_t allocated_bytes() const { return (static_cast<std::size_t>(host_.numel()) + offset_) * dtype_size(host_.dtype()) + 16; }
+  std::size_t allocated_bytes() const {
+    return (static_cast<std::size_t>(host_.numel()) + offset_) * dtype_size(host_.dtype()) + 16;
+  }
   Tensor host_;  // dtype and shape; its bytes are not used
   int offset_ = 0;
   std::unique_ptr<void, Free> base_;
@@ -211,7 +213,8 @@ inline void check_outputs(const std::function<void()>& cuda_run, std::vector<Out
   }
   cuda_run();
   for (size_t i = 0; i < outs.size(); ++i)
-    EXPECT_TRUE(bit_identical(outs[i].dev->download(), first[i])) << what << ": " << outs[i].name << " not bit-identical";
+    EXPECT_TRUE(bit_identical(outs[i].dev->download(), first[i]))
+        << what << ": " << outs[i].name << " not bit-identical";
 }
 
 // MHC_GPU_TEST_QUICK=1 (used under compute-sanitizer): fewer shapes and dtypes, every kernel variant.

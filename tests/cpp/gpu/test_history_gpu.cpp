@@ -147,7 +147,8 @@ TEST(CudaHistoryMix, ForwardAndBackwardMatchReference) {
       const Tensor grad_out = test::random_tensor(p.stream, in.out_shape, rng);
       const DeviceTensor dgrad_out(grad_out, c.offset);
       Tensor gw_ref = poisoned_tensor(coef, in.weights.shape()), gg_ref = poisoned_tensor(coef, {1});
-      std::vector<Tensor> gs_ref = c.grad_states ? test::poisoned_states(c.H, p.storage, c.shape) : std::vector<Tensor>{};
+      std::vector<Tensor> gs_ref =
+          c.grad_states ? test::poisoned_states(c.H, p.storage, c.shape) : std::vector<Tensor>{};
       const auto gsv_h = views(gs_ref);
       HistoryMixBackward b;
       b.grad_out = grad_out.view();
@@ -263,7 +264,8 @@ TEST(CudaHistorySkip, AbsentGradStatesAreNotWritten) {
   cfg.constraint = Constraint::softmax;
   const std::vector<std::int64_t> shape{4096};
   const std::vector<Tensor> states = test::random_states(3, DType::f32, shape, rng);
-  const Tensor logits = test::random_tensor(DType::f32, {3}, rng), grad_out = test::random_tensor(DType::f32, shape, rng);
+  const Tensor logits = test::random_tensor(DType::f32, {3}, rng),
+               grad_out = test::random_tensor(DType::f32, shape, rng);
   const Tensor x = test::random_tensor(DType::f32, shape, rng);
   Tensor w = poisoned_tensor(DType::f32, {3}), out = poisoned_tensor(DType::f32, shape);
   const auto sv_h = views(states);
