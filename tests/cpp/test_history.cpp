@@ -224,14 +224,13 @@ TEST(HistoryMix, BackwardFastMatchesReference) {
       out[b].gg = poisoned_tensor(coef, {1});
       out[b].gs = test::poisoned_states(c.H, c.pair.storage, c.shape);
       const auto gsv = views(out[b].gs);
-      HistoryMixBackward a;
-      a.grad_out = grad_out.view();
-      a.states = sv;
-      a.weights = m.weights.view();
-      a.gate = c.with_gate ? m.gate.view() : TensorView::absent();
-      a.grad_weights = out[b].gw.view();
-      a.grad_gate = c.with_gate ? out[b].gg.view() : TensorView::absent();
-      a.grad_states = gsv;
+      HistoryMixBackward a{.grad_out = grad_out.view(),
+                           .states = sv,
+                           .weights = m.weights.view(),
+                           .gate = c.with_gate ? m.gate.view() : TensorView::absent(),
+                           .grad_weights = out[b].gw.view(),
+                           .grad_gate = c.with_gate ? out[b].gg.view() : TensorView::absent(),
+                           .grad_states = gsv};
       const Tensor ws = test::make_workspace(history_mix_backward_workspace_bytes(a, {}, ctx));
       a.workspace = ws.view();
       history_mix_backward(a, {}, ctx);
@@ -266,11 +265,8 @@ TEST(HistoryMix, LargeInputsTakeTheThreadedPath) {
   Tensor gw[2] = {poisoned_tensor(DType::f32, {4}), poisoned_tensor(DType::f32, {4})};
   for (int b = 0; b < 2; ++b) {
     const Context& ctx = b ? kFast : kRef;
-    HistoryMixBackward back;
-    back.grad_out = grad_out.view();
-    back.states = sv;
-    back.weights = m.weights.view();
-    back.grad_weights = gw[b].view();
+    HistoryMixBackward back{
+        .grad_out = grad_out.view(), .states = sv, .weights = m.weights.view(), .grad_weights = gw[b].view()};
     const Tensor ws = test::make_workspace(history_mix_backward_workspace_bytes(back, {}, ctx));
     back.workspace = ws.view();
     history_mix_backward(back, {}, ctx);
@@ -292,13 +288,12 @@ TEST(HistoryMix, AbsentGradStatesAreNotWrittenAndTheRestUnchanged) {
     auto run = [&](std::vector<Tensor>& outs, Tensor& grad_w, bool partial) {
       std::vector<TensorView> gsv = views(outs);
       if (partial) gsv[1] = TensorView::absent();
-      HistoryMixBackward b;
-      b.grad_out = grad_out.view();
-      b.states = sv;
-      b.weights = m.weights.view();
-      b.gate = m.gate.view();
-      b.grad_weights = grad_w.view();
-      b.grad_states = gsv;
+      HistoryMixBackward b{.grad_out = grad_out.view(),
+                           .states = sv,
+                           .weights = m.weights.view(),
+                           .gate = m.gate.view(),
+                           .grad_weights = grad_w.view(),
+                           .grad_states = gsv};
       const Tensor ws = test::make_workspace(history_mix_backward_workspace_bytes(b, {}, ctx));
       b.workspace = ws.view();
       history_mix_backward(b, {}, ctx);
@@ -331,25 +326,15 @@ TEST(HistoryMix, BackwardMatchesFiniteDifferences) {
     std::vector<Tensor> gs = test::poisoned_states(c.H, DType::f64, c.shape);
     const auto sv = views(m.states);
     const auto gsv = views(gs);
-    HistoryMixBackward a;
-    a.grad_out = grad_out.view();
-    a.states = sv;
-    a.weights = m.weights.view();
-    a.gate = m.gate.view();
-    a.grad_weights = gw.view();
-    a.grad_gate = gg.view();
-    a.grad_states = gsv;
+    HistoryMixBackward a{.grad_out = grad_out.view(),
+                         .states = sv,
+                         .weights = m.weights.view(),
+                         .gate = m.gate.view(),
+                         .grad_weights = gw.view(),
+                         .grad_gate = gg.view(),
+                         .grad_states = gsv};
     history_mix_backward(a, {}, kRef);
-    const double h = 1e-6;
-    auto fd = [&](Tensor& b, std::int64_t i) {
-      const double v = b.get(i);
-      b.set(i, v + h);
-      const double up = loss();
-      b.set(i, v - h);
-      const double down = loss();
-      b.set(i, v);
-      return (up - down) / (2 * h);
-    };
+    auto fd = [&](Tensor& param, std::int64_t i) { return test::central_difference(param, i, loss); };
     for (std::int64_t i = 0; i < m.weights.numel(); ++i) EXPECT_NEAR(gw.get(i), fd(m.weights, i), 1e-7) << i;
     EXPECT_NEAR(gg.get(0), fd(m.gate, 0), 1e-7);
     for (int k = 0; k < c.H; ++k)
@@ -438,15 +423,14 @@ TEST(HistorySkip, BackwardMatchesFiniteDifferencesAndFast) {
         out[b].gg = poisoned_tensor(DType::f64, {1});
         out[b].gs = test::poisoned_states(H, DType::f64, shape);
         const auto gsv = views(out[b].gs);
-        HistorySkipBackward a;
-        a.grad_out = grad_out.view();
-        a.states = sv;
-        a.logits = logits.view();
-        a.weights = w.view();
-        a.gate = gate.view();
-        a.grad_logits = out[b].gz.view();
-        a.grad_gate = out[b].gg.view();
-        a.grad_states = gsv;
+        HistorySkipBackward a{.grad_out = grad_out.view(),
+                              .states = sv,
+                              .logits = logits.view(),
+                              .weights = w.view(),
+                              .gate = gate.view(),
+                              .grad_logits = out[b].gz.view(),
+                              .grad_gate = out[b].gg.view(),
+                              .grad_states = gsv};
         const Tensor ws = test::make_workspace(history_skip_backward_workspace_bytes(a, cfg, ctx));
         a.workspace = ws.view();
         history_skip_backward(a, cfg, ctx);
@@ -454,15 +438,8 @@ TEST(HistorySkip, BackwardMatchesFiniteDifferencesAndFast) {
       const std::string what = std::string(constraint_name(con)) + " H=" + std::to_string(H);
       EXPECT_TRUE(close_elementwise(what + " fast grad_logits", out[1].gz, out[0].gz, 1e-10, 1e-12));
       EXPECT_TRUE(close_elementwise(what + " fast grad_gate", out[1].gg, out[0].gg, 1e-10, 1e-12));
-      const double h = 1e-6;
-      auto fd = [&](Tensor& b, std::int64_t i) {
-        const double v = b.get(i);
-        b.set(i, v + h);
-        const double up = forward(nullptr);
-        b.set(i, v - h);
-        const double down = forward(nullptr);
-        b.set(i, v);
-        return (up - down) / (2 * h);
+      auto fd = [&](Tensor& param, std::int64_t i) {
+        return test::central_difference(param, i, [&] { return forward(nullptr); });
       };
       for (int k = 0; k < H; ++k) EXPECT_NEAR(out[0].gz.get(k), fd(logits, k), 1e-6) << what << " logit " << k;
       EXPECT_NEAR(out[0].gg.get(0), fd(gate, 0), 1e-6) << what;
@@ -491,12 +468,11 @@ TEST(HistorySkip, OneHotSimplexReadsOnlyTheChosenState) {
     for (std::int64_t i = 0; i < 300; ++i)
       EXPECT_FLOAT_EQ(out.get(i), static_cast<float>(x.get(i) + states[1].get(i)));
     Tensor grad_out = random_tensor(DType::f32, {300}, rng), gz = poisoned_tensor(DType::f32, {4});
-    HistorySkipBackward a;
-    a.grad_out = grad_out.view();
-    a.states = sv;
-    a.logits = logits.view();
-    a.weights = w.view();
-    a.grad_logits = gz.view();
+    HistorySkipBackward a{.grad_out = grad_out.view(),
+                          .states = sv,
+                          .logits = logits.view(),
+                          .weights = w.view(),
+                          .grad_logits = gz.view()};
     const Tensor ws = test::make_workspace(history_skip_backward_workspace_bytes(a, cfg, ctx));
     a.workspace = ws.view();
     history_skip_backward(a, cfg, ctx);
@@ -552,12 +528,11 @@ TEST(HistoryErrors, BadArgumentsNameTheArgument) {
   Tensor half = poisoned_tensor(DType::f16, {3}), halfw = poisoned_tensor(DType::f16, {3});
   EXPECT_TRUE(throws<DTypeError>([&] { project_logits_forward({half.view(), halfw.view()}, {}); }, "logits"));
   Tensor grad_w = poisoned_tensor(DType::f32, {3}), grad_gate = poisoned_tensor(DType::f32, {1});
-  HistoryMixBackward b;
-  b.grad_out = out.view();
-  b.states = sv;
-  b.weights = w.view();
-  b.grad_weights = grad_w.view();
-  b.grad_gate = grad_gate.view();
+  HistoryMixBackward b{.grad_out = out.view(),
+                       .states = sv,
+                       .weights = w.view(),
+                       .grad_weights = grad_w.view(),
+                       .grad_gate = grad_gate.view()};
   EXPECT_TRUE(throws<InvalidArgument>([&] { history_mix_backward(b, {}); }, "grad_gate"));
   b.grad_gate = {};
   EXPECT_TRUE(throws<InvalidArgument>([&] { history_mix_backward(b, {}, kFast); }, "workspace"));

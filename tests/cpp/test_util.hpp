@@ -198,6 +198,17 @@ inline double tolerance(DType storage) {
   }
 }
 
+// d loss / d param[i] by the central difference of step h; param[i] is restored.
+inline double central_difference(Tensor& param, int64_t i, const std::function<double()>& loss, double h = 1e-6) {
+  const double v = param.get(i);
+  param.set(i, v + h);
+  const double up = loss();
+  param.set(i, v - h);
+  const double down = loss();
+  param.set(i, v);
+  return (up - down) / (2 * h);
+}
+
 // Central finite differences of loss() with respect to (a sample of) the elements of `param`,
 // compared with `analytic`. Both fp64. Checks every element up to `max_checks`, else a random
 // sample that always includes the first and the last.
@@ -216,13 +227,7 @@ inline ::testing::AssertionResult finite_difference(const char* name, Tensor& pa
   double scale = 0;
   for (int64_t i = 0; i < analytic.numel(); ++i) scale = std::max(scale, std::abs(analytic.get(i)));
   for (int64_t i : idx) {
-    const double v = param.get(i);
-    param.set(i, v + h);
-    const double up = loss();
-    param.set(i, v - h);
-    const double down = loss();
-    param.set(i, v);
-    const double fd = (up - down) / (2 * h), an = analytic.get(i);
+    const double fd = central_difference(param, i, loss, h), an = analytic.get(i);
     if (!(std::abs(fd - an) <= tol * (std::abs(fd) + 0.1 * scale) + 1e-12))
       return ::testing::AssertionFailure() << name << "[" << i << "]: finite difference " << fd << ", analytic "
                                            << an << " (scale " << scale << ")";

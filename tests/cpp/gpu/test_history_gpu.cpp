@@ -150,27 +150,25 @@ TEST(CudaHistoryMix, ForwardAndBackwardMatchReference) {
       std::vector<Tensor> gs_ref =
           c.grad_states ? test::poisoned_states(c.H, p.storage, c.shape) : std::vector<Tensor>{};
       const auto gsv_h = views(gs_ref);
-      HistoryMixBackward b;
-      b.grad_out = grad_out.view();
-      b.states = sv_h;
-      b.weights = in.weights.view();
-      b.gate = in.gate.view();
-      b.grad_weights = gw_ref.view();
-      b.grad_gate = c.with_gate ? gg_ref.view() : TensorView::absent();
-      b.grad_states = gsv_h;
+      HistoryMixBackward b{.grad_out = grad_out.view(),
+                           .states = sv_h,
+                           .weights = in.weights.view(),
+                           .gate = in.gate.view(),
+                           .grad_weights = gw_ref.view(),
+                           .grad_gate = c.with_gate ? gg_ref.view() : TensorView::absent(),
+                           .grad_states = gsv_h};
       history_mix_backward(b, {}, kRef);
 
       DeviceTensor dgw(coef, in.weights.shape()), dgg(coef, {1});
       std::vector<DeviceTensor> dgs = device_outputs(gs_ref.size(), p.storage, c.shape, c.offset);
       const auto gsv_d = views(dgs);
-      HistoryMixBackward d = b;
-      d.grad_out = dgrad_out.view();
-      d.states = sv_d;
-      d.weights = dweights.view();
-      d.gate = dgate.view();
-      d.grad_weights = dgw.view();
-      d.grad_gate = c.with_gate ? dgg.view() : TensorView::absent();
-      d.grad_states = gsv_d;
+      HistoryMixBackward d{.grad_out = dgrad_out.view(),
+                           .states = sv_d,
+                           .weights = dweights.view(),
+                           .gate = dgate.view(),
+                           .grad_weights = dgw.view(),
+                           .grad_gate = c.with_gate ? dgg.view() : TensorView::absent(),
+                           .grad_states = gsv_d};
       const DeviceWorkspace ws(history_mix_backward_workspace_bytes(d, {}, kCuda));
       d.workspace = ws.view();
       std::int64_t N = 1;
@@ -221,29 +219,27 @@ TEST(CudaHistorySkip, FusedSkipMatchesReferenceAndIsDeterministic) {
         Tensor gz_ref = poisoned_tensor(coef, {H}), gg_ref = poisoned_tensor(coef, {1});
         std::vector<Tensor> gs_ref = test::poisoned_states(H, p.storage, shape);
         const auto gsv_h = views(gs_ref);
-        HistorySkipBackward b;
-        b.grad_out = grad_out.view();
-        b.states = sv_h;
-        b.logits = in.logits.view();
-        b.weights = w_ref.view();
-        b.gate = in.gate.view();
-        b.grad_logits = gz_ref.view();
-        b.grad_gate = gg_ref.view();
-        b.grad_states = gsv_h;
+        HistorySkipBackward b{.grad_out = grad_out.view(),
+                              .states = sv_h,
+                              .logits = in.logits.view(),
+                              .weights = w_ref.view(),
+                              .gate = in.gate.view(),
+                              .grad_logits = gz_ref.view(),
+                              .grad_gate = gg_ref.view(),
+                              .grad_states = gsv_h};
         history_skip_backward(b, cfg, kRef);
 
         DeviceTensor dgz(coef, {H}), dgg(coef, {1});
         std::vector<DeviceTensor> dgs = device_outputs(H, p.storage, shape);
         const auto gsv_d = views(dgs);
-        HistorySkipBackward d = b;
-        d.grad_out = dgrad_out.view();
-        d.states = sv_d;
-        d.logits = dlogits.view();
-        d.weights = dw.view();  // the CUDA forward's weights
-        d.gate = dgate.view();
-        d.grad_logits = dgz.view();
-        d.grad_gate = dgg.view();
-        d.grad_states = gsv_d;
+        HistorySkipBackward d{.grad_out = dgrad_out.view(),
+                              .states = sv_d,
+                              .logits = dlogits.view(),
+                              .weights = dw.view(),  // the CUDA forward's weights
+                              .gate = dgate.view(),
+                              .grad_logits = dgz.view(),
+                              .grad_gate = dgg.view(),
+                              .grad_states = gsv_d};
         const DeviceWorkspace ws(history_skip_backward_workspace_bytes(d, cfg, kCuda));
         d.workspace = ws.view();
         const double dot_tol = (p.stream == DType::f64 ? 1e-12 : 1e-5) * std::sqrt(8192.0);
@@ -280,13 +276,12 @@ TEST(CudaHistorySkip, AbsentGradStatesAreNotWritten) {
   gdev[1] = TensorView::absent();
   Tensor gz_ref = poisoned_tensor(DType::f32, {3});
   DeviceTensor dgz(DType::f32, {3});
-  HistorySkipBackward b;
-  b.grad_out = grad_out.view();
-  b.states = sv_h;
-  b.logits = logits.view();
-  b.weights = w.view();
-  b.grad_logits = gz_ref.view();
-  b.grad_states = gref;
+  HistorySkipBackward b{.grad_out = grad_out.view(),
+                        .states = sv_h,
+                        .logits = logits.view(),
+                        .weights = w.view(),
+                        .grad_logits = gz_ref.view(),
+                        .grad_states = gref};
   history_skip_backward(b, cfg, kRef);
   b.grad_out = dgrad_out.view();
   b.states = sv_d;
@@ -329,12 +324,11 @@ TEST(CudaHistorySkip, OneHotSkipsZeroWeightStates) {
     ASSERT_FLOAT_EQ(out.get(i), static_cast<float>(x.get(i) + states[2].get(i))) << i;
   const DeviceTensor dgrad_out(test::random_tensor(DType::f32, {8192}, rng));
   DeviceTensor dgz(DType::f32, {4});
-  HistorySkipBackward b;
-  b.grad_out = dgrad_out.view();
-  b.states = sv;
-  b.logits = dlogits.view();
-  b.weights = dw.view();
-  b.grad_logits = dgz.view();
+  HistorySkipBackward b{.grad_out = dgrad_out.view(),
+                        .states = sv,
+                        .logits = dlogits.view(),
+                        .weights = dw.view(),
+                        .grad_logits = dgz.view()};
   const DeviceWorkspace ws(history_skip_backward_workspace_bytes(b, cfg, kCuda));
   b.workspace = ws.view();
   history_skip_backward(b, cfg, kCuda);
