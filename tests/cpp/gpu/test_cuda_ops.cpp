@@ -348,8 +348,8 @@ void run_pre_backward(DType d, const Shape& s, GradMask gm, const std::vector<co
                 dopt(gm.comb, dgcb), dopt(gm.accum, dacc), dgx.view(), dopt(gm.fn, dgfn), dgbase.view(),
                 dopt(gm.fn, dgscale), TensorView{}};
   const std::size_t ws_bytes = pre_backward_workspace_bytes(a, cfg, cuda_ctx());
-  DeviceTensor ws(DType::f32, {static_cast<int64_t>((ws_bytes + 3) / 4)});
-  if (ws_bytes) a.workspace = ws.view();
+  const DeviceWorkspace ws(ws_bytes);
+  a.workspace = ws.view();
   std::vector<Output> outs = {{"grad_x", &gx, &dgx, stream_tol(d)}, {"grad_base", &gbase, &dgbase, coef_tol(d)}};
   if (gm.fn) {
     outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
@@ -525,9 +525,8 @@ void run_head(DType d, const Shape& s, bool with_fn) {
   HeadBackward a{dx.view(), with_fn ? dfn.view() : TensorView{}, dbase.view(), with_fn ? dscale.view() : TensorView{},
                  dmx_saved.view(), drs_saved.view(), dgo.view(), dgw.view(), dgx.view(), with_fn ? dgfn.view() : TensorView{},
                  dgbase.view(), with_fn ? dgscale.view() : TensorView{}, TensorView{}};
-  const std::size_t ws_bytes = head_backward_workspace_bytes(a, cfg, cuda_ctx());
-  DeviceTensor ws(DType::f32, {static_cast<int64_t>((ws_bytes + 3) / 4)});
-  if (ws_bytes) a.workspace = ws.view();
+  const DeviceWorkspace ws(head_backward_workspace_bytes(a, cfg, cuda_ctx()));
+  a.workspace = ws.view();
   std::vector<Output> outs = {{"grad_x", &gx, &dgx, stream_tol(d)}, {"grad_base", &gbase, &dgbase, coef_tol(d)}};
   if (with_fn) {
     outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
