@@ -625,11 +625,6 @@ std::size_t backward_workspace(std::span<const TensorView> states, DType stream,
 
 int sinkhorn_threads(int H) { return ((H + 31) / 32) * 32; }
 
-// A grid-stride loop covers any number of matrices.
-unsigned sinkhorn_grid(std::int64_t matrices) {
-  return static_cast<unsigned>(std::min<std::int64_t>(matrices, std::int64_t(1) << 20));
-}
-
 template <class M> M inverse_temperature(const HistoryConfig& cfg) { return M(1) / static_cast<M>(cfg.temperature); }
 
 // Every step's divisors when they fit in shared memory next to p and g (any H at the default 20
@@ -649,7 +644,7 @@ template <class M> std::size_t sinkhorn_backward_smem(const SinkhornShape& s) {
 template <class M> void launch_sinkhorn_forward(const ProjectLogitsForward& a, std::int64_t matrices, int H,
                                                 const HistoryConfig& cfg, const Context& ctx) {
   const std::size_t smem = static_cast<std::size_t>(H) * H * sizeof(M);
-  sinkhorn_project_kernel<M><<<sinkhorn_grid(matrices), sinkhorn_threads(H), smem, stream_of(ctx)>>>(
+  sinkhorn_project_kernel<M><<<blocks_for(matrices, 1), sinkhorn_threads(H), smem, stream_of(ctx)>>>(
       a.logits.ptr<const M>(), a.weights.ptr<M>(), matrices, SinkhornShape{H, cfg.sinkhorn_iters, 0},
       inverse_temperature<M>(cfg), static_cast<M>(cfg.sinkhorn_eps));
   MHC_CUDA_CHECK_LAUNCH();
@@ -660,7 +655,7 @@ template <class M> void launch_sinkhorn_backward(const ProjectLogitsBackward& a,
   const SinkhornShape shape = sinkhorn_backward_shape<M>(H, cfg.sinkhorn_iters);
   const std::size_t smem = sinkhorn_backward_smem<M>(shape);
   allow_dynamic_smem(sinkhorn_project_backward_kernel<M>, smem);
-  sinkhorn_project_backward_kernel<M><<<sinkhorn_grid(matrices), sinkhorn_threads(H), smem, stream_of(ctx)>>>(
+  sinkhorn_project_backward_kernel<M><<<blocks_for(matrices, 1), sinkhorn_threads(H), smem, stream_of(ctx)>>>(
       a.logits.ptr<const M>(), a.grad_weights.ptr<const M>(), a.grad_logits.ptr<M>(), matrices, shape,
       inverse_temperature<M>(cfg), static_cast<M>(cfg.sinkhorn_eps));
   MHC_CUDA_CHECK_LAUNCH();
