@@ -513,21 +513,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) pre_fused_kernel(const Fused
         if (t < a.T) {
           const float* row = owned + tl * PART;
           const float rstd = rstd_from(row[M], float(K), a.k.norm_eps);
-          const float s_post = scale_of(a.scale, 1), s_res = scale_of(a.scale, 2);
-          float p[N * N];
 #pragma unroll
-          for (int r = 0; r < N * N; ++r) p[r] = row[2 * N + r] * rstd * s_res + __ldg(a.base + 2 * N + r);
-#pragma unroll
-          for (int i = 0; i < N; ++i) {
-            a.h_pre[t * N + i] = hp_all[tl * N + i];
-            a.h_post[t * N + i] = sigmoid_fast(row[N + i] * rstd * s_post + __ldg(a.base + N + i)) * a.k.post_mult;
-          }
-          if (a.mixes)
-            for (int j = 0; j < M; ++j) a.mixes[t * M + j] = row[j] * rstd;
-          if (a.rstd) a.rstd[t] = rstd;
-          sinkhorn_forward_reg<N, true>(p, a.k.eps, a.k.iters);
-#pragma unroll
-          for (int r = 0; r < N * N; ++r) a.comb[t * N * N + r] = p[r];
+          for (int i = 0; i < N; ++i) a.h_pre[t * N + i] = hp_all[tl * N + i];
+          store_post_coefficients<N>(row, rstd, scale_of(a.scale, 1), a.base, a.k, t, a.h_post, a.mixes, a.rstd);
+          store_comb<N>(row, rstd, scale_of(a.scale, 2), a.base, a.k, t, a.comb);
         }
       }
     } else {

@@ -456,13 +456,8 @@ __global__ void __launch_bounds__(kThreads) coef_aggregate_kernel(const CoefArgs
     for (int i = 0; i < N; ++i) hp[tl * N + i] = sigmoid_fast(row[i] * rstd * s_pre + __ldg(a.base + i)) + a.k.pre_eps;
     if (coef_block) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        a.h_pre[t * N + i] = hp[tl * N + i];
-        a.h_post[t * N + i] = sigmoid_fast(row[N + i] * rstd * s_post + __ldg(a.base + N + i)) * a.k.post_mult;
-      }
-      if (a.mixes)
-        for (int j = 0; j < M; ++j) a.mixes[t * M + j] = row[j] * rstd;
-      if (a.rstd) a.rstd[t] = rstd;
+      for (int i = 0; i < N; ++i) a.h_pre[t * N + i] = hp[tl * N + i];
+      store_post_coefficients<N>(row, rstd, s_post, a.base, a.k, t, a.h_post, a.mixes, a.rstd);
     }
   }
   __syncthreads();  // h_pre of every token; the parked partials are all read: layer_input may be written
@@ -472,13 +467,7 @@ __global__ void __launch_bounds__(kThreads) coef_aggregate_kernel(const CoefArgs
     if (lane < tokens) {
       const int64_t t = t0 + lane;
       const float* row = sums + lane * PART;
-      const float rstd = rstd_from(row[M], float(N * a.C), a.k.norm_eps);
-      float p[N * N];
-#pragma unroll
-      for (int r = 0; r < N * N; ++r) p[r] = row[2 * N + r] * rstd * s_res + __ldg(a.base + 2 * N + r);
-      sinkhorn_forward_reg<N, true>(p, a.k.eps, a.k.iters);
-#pragma unroll
-      for (int r = 0; r < N * N; ++r) a.comb[t * N * N + r] = p[r];
+      store_comb<N>(row, rstd_from(row[M], float(N * a.C), a.k.norm_eps), s_res, a.base, a.k, t, a.comb);
     }
     return;
   }
