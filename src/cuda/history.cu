@@ -506,13 +506,15 @@ template <class F> void dispatch_pair(DType stream, DType storage, F&& f) {
   throw DTypeError("mhc: unsupported stream/storage dtype pair");
 }
 
-int grid_for(std::int64_t groups) {
+// Grid of the mix kernels: a thread per group of packs, at most kBlocksPerSm blocks per SM (fewer than
+// host.hpp's grid_for allows: the backward's per-block partial sums scale with the grid).
+int mix_grid(std::int64_t groups) {
   const int cap = current_device_info().sm_count * kBlocksPerSm;
   return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(cap, (groups + kThreads - 1) / kThreads)));
 }
 
 // The backward's grid depends only on N (not on the vector width), so the workspace query agrees.
-int backward_grid(std::int64_t N) { return grid_for((N + 7) / 8); }
+int backward_grid(std::int64_t N) { return mix_grid((N + 7) / 8); }
 
 std::int64_t rows_of(const TensorView& weights) { return weights.rank == 2 ? weights.shape[0] : 1; }
 
@@ -560,7 +562,7 @@ void launch_forward(const TensorView& x, std::span<const TensorView> states, con
     const std::size_t smem = (kFused ? 3 * kMaxH + 1 : static_cast<std::size_t>(R) * H) * sizeof(M);
     auto launch = [&](auto width) {
       constexpr int V = decltype(width)::value;
-      const int grid = grid_for(N / V);
+      const int grid = mix_grid(N / V);
       mix_forward_kernel<X, S, M, V, kFused><<<grid, kThreads, smem, stream_of(ctx)>>>(
           xp, state_ptrs(states), H, static_cast<int>(R), coef.ptr<const M>(), coef_ptr<M>(gate), op,
           coef_out<M>(weights_out), N, kFused ? projection_of(cfg) : Projection{});
@@ -597,7 +599,7 @@ void launch_backward(const TensorView& grad_out, std::span<const TensorView> sta
       MHC_CUDA_CHECK_LAUNCH();
       if (!grad_states.empty() && R > 1) {
         const std::size_t smem = static_cast<std::size_t>(R) * H * sizeof(M);
-        matrix_grad_states_kernel<X, S, M, V><<<grid_for(N / V), kThreads, smem, stream_of(ctx)>>>(
+        matrix_grad_states_kernel<X, S, M, V><<<mix_grid(N / V), kThreads, smem, stream_of(ctx)>>>(
             go, gptrs, H, static_cast<int>(R), weights.ptr<const M>(), coef_ptr<M>(gate), N);
         MHC_CUDA_CHECK_LAUNCH();
       }
