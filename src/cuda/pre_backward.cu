@@ -17,6 +17,7 @@
 #include "cuda/coefficients.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/pre_backward_split.hpp"
 #include "cuda/sinkhorn.cuh"
 #include "cuda/tuning.hpp"
 
@@ -68,7 +69,9 @@ BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool 
   L.H = take(T * n);
   L.SC = take(T * 3);
   L.DIV = take(T * L.steps * n);
-  L.GF = take(has_fn ? L.chunks * m * n * C : 0);
+  // sized for v2 and the split stage C alike (MHC_CUDA_PRE_BWD may change between the query and the call)
+  const int64_t split_chunks = has_sinkhorn ? pre_bwd_split_chunks(dtype, T, n, C, has_fn) : 0;
+  L.GF = take(has_fn ? std::max<int64_t>(L.chunks, split_chunks) * m * n * C : 0);
   L.total = off;
   return L;
 }
@@ -698,10 +701,19 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
   ga.m = m;
   ga.chunks = static_cast<int>(L.chunks);
   bool fast_done = false;
+  // MHC_CUDA_PRE_BWD=split: stage C as two streaming kernels (src/cuda/pre_backward_split.cu)
+  if constexpr (kSite == Site::pre && std::is_same_v<S, __nv_bfloat16>) {
+    if (pre_bwd_split_requested() && !grad_generic_forced() && pre_bwd_split_shape_ok(io.x->dtype, n, C) &&
+        aligned16({io.x, io.g, io.accum, io.grad_x, io.fn, io.workspace})) {
+      const PreBwdSplitArgs sa{ga.x, ga.g, ga.accum, ga.grad_x, ga.fn, ga.H, ga.DP, ga.XC, ga.GF, T, C, n};
+      ga.chunks = pre_bwd_split_launch(sa, stream);
+      fast_done = true;
+    }
+  }
   if constexpr (std::is_same_v<S, __nv_bfloat16>) {
     const bool vec_ok = C % kPack<S> == 0 && aligned16({io.x, io.g, io.grad_x}) &&
                         (!io.accum || aligned16({io.accum})) && (reinterpret_cast<std::uintptr_t>(io.fn->data) & 7u) == 0;
-    if (has_fn && vec_ok && !grad_generic_forced()) {
+    if (has_fn && vec_ok && !grad_generic_forced() && !fast_done) {
       auto launch = [&](auto mr_tag) {
         constexpr int MR = decltype(mr_tag)::value;
         const dim3 grid(static_cast<unsigned>((nC + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(L.chunks));
@@ -743,8 +755,8 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
 
   // D. reductions
   if (has_fn) {
-    reduce_chunks<M><<<grid_for(int64_t(m) * nC, 256), 256, 0, stream>>>(ga.GF, io.grad_fn->ptr<M>(),
-                                                                         static_cast<int>(L.chunks), int64_t(m) * nC);
+    reduce_chunks<M><<<grid_for(int64_t(m) * nC, 256), 256, 0, stream>>>(ga.GF, io.grad_fn->ptr<M>(), ga.chunks,
+                                                                         int64_t(m) * nC);
     MHC_CUDA_CHECK_LAUNCH();
   }
   reduce_tokens<M><<<static_cast<unsigned>(m), 256, 0, stream>>>(ca.DL, m, T, io.grad_base->ptr<M>(), m);
