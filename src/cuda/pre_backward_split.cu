@@ -43,7 +43,7 @@ template <int N> struct GxGeom {
   static constexpr int TT = 32;                        // tokens per staged DP/XC/h tile
   static constexpr int U = 2;                          // tokens per step (loads one step ahead)
   static constexpr int R = (M + 1 + N + 3) / 4 * 4;    // floats per staged token row: DP[0, M), XC, h[0, N)
-  static_assert(TT % U == 0 && M % 4 == 0);
+  static_assert(TT % (2 * U) == 0 && M % 4 == 0);
 };
 
 // C2. Warp w owns 16 * NT2 columns, all M rows (MJ row tiles of 16); block = 8 warps.
@@ -115,7 +115,8 @@ template <int N> struct StepLoads {
   Bf16Vec<KC> x[U], g[U], acc[U];
 };
 
-template <int N, bool kFn>
+// kFn: projection terms (absent in static mode); kG: grad_layer_input present; kAcc: grad_x_accum present.
+template <int N, bool kFn, bool kG, bool kAcc>
 __global__ void __launch_bounds__(GxGeom<N>::kThreads, GxGeom<N>::kMinBlocks)
     grad_x_split(const PreBwdSplitArgs a, int64_t per_chunk) {
   using G = GxGeom<N>;
@@ -165,23 +166,80 @@ __global__ void __launch_bounds__(GxGeom<N>::kThreads, GxGeom<N>::kMinBlocks)
     cp_async_commit();
   };
 
-  auto load_step = [&](int64_t t0) {
-    StepLoads<N> l;
+  // Running row pointers: loads run one step (U tokens) ahead of the computation and the stores.
+  const bf16* lx = x + t_begin * nC + k;
+  const bf16* lg = kG ? gp + t_begin * C + c : nullptr;
+  const bf16* la = kAcc ? accp + t_begin * nC + k : nullptr;
+  bf16* so = gx + t_begin * nC + k;
+  int64_t lt = t_begin;  // token of the next load
+  auto load_step = [&](StepLoads<N>& l) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t t = t0 + u;
-      const bool ok = valid && t < t_end;
-      l.x[u] = ok ? load_vec<KC, true>(x + t * nC + k) : zero_vec<KC>();
-      l.g[u] = ok && gp ? load_vec<KC, false>(gp + t * C + c) : zero_vec<KC>();  // g: read by n blocks, via L2
-      l.acc[u] = ok && accp ? load_vec<KC, true>(accp + t * nC + k) : zero_vec<KC>();
+      const bool ok = valid && lt + u < t_end;
+      if constexpr (kFn) l.x[u] = ok ? load_vec<KC, true>(lx + u * nC) : zero_vec<KC>();
+      if constexpr (kG) l.g[u] = ok ? load_vec<KC, false>(lg + u * C) : zero_vec<KC>();  // g: n blocks read it, via L2
+      if constexpr (kAcc) l.acc[u] = ok ? load_vec<KC, true>(la + u * nC) : zero_vec<KC>();
     }
-    return l;
+    lt += U;
+    lx += U * nC;
+    if constexpr (kG) lg += U * C;
+    if constexpr (kAcc) la += U * nC;
+  };
+
+  // Computes and stores the U tokens of `cur` (rows s.. of the staged tile r, first token t0) after
+  // issuing the next step's loads into `nxt`.
+  auto step = [&](const StepLoads<N>& cur, StepLoads<N>& nxt, const float* r, int s, int64_t t0) {
+    if (lt < t_end) load_step(nxt);
+    float out[U][KC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float* row = r + (s + u) * R;  // rows past the tile's count are stale: their results are not stored
+      const float h = row[M + 1 + i];
+      const float xc = kFn ? row[M] : 0.f;
+#pragma unroll
+      for (int e = 0; e < KC; ++e) {
+        float v = kAcc ? elem(cur.acc[u], e) : 0.f;
+        if constexpr (kG) v = fmaf(h, elem(cur.g[u], e), v);
+        if constexpr (kFn) v = fmaf(xc, elem(cur.x[u], e), v);
+        out[u][e] = v;
+      }
+    }
+    if constexpr (kFn) {
+#pragma unroll
+      for (int j4 = 0; j4 < M / 4; ++j4)
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const float4 d = *reinterpret_cast<const float4*>(r + (s + u) * R + 4 * j4);
+#pragma unroll
+          for (int e = 0; e < KC; ++e) {
+            out[u][e] = fmaf(d.x, fr[4 * j4][e], out[u][e]);
+            out[u][e] = fmaf(d.y, fr[4 * j4 + 1][e], out[u][e]);
+            out[u][e] = fmaf(d.z, fr[4 * j4 + 2][e], out[u][e]);
+            out[u][e] = fmaf(d.w, fr[4 * j4 + 3][e], out[u][e]);
+          }
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (valid && t0 + u < t_end) {
+        Bf16Vec<KC> o;
+#pragma unroll
+        for (int e = 0; e < KC; e += 2) {
+          const __nv_bfloat162 p = __floats2bfloat162_rn(out[u][e], out[u][e + 1]);
+          o.w[e >> 1] = *reinterpret_cast<const std::uint32_t*>(&p);
+        }
+        store_vec<KC>(so + u * nC, o);
+      }
+    }
+    so += U * nC;
   };
 
   if (t_begin >= t_end) return;
   int buf = 0;
   stage(t_begin, 0);
-  StepLoads<N> cur = load_step(t_begin);
+  // two register sets used in turn (no copies): A holds the step being computed at even steps
+  StepLoads<N> A, B;
+  load_step(A);
   for (int64_t tb = t_begin; tb < t_end; tb += TT) {
     const int count = static_cast<int>(std::min<int64_t>(TT, t_end - tb));
     if (tb + TT < t_end) {
@@ -192,54 +250,10 @@ __global__ void __launch_bounds__(GxGeom<N>::kThreads, GxGeom<N>::kMinBlocks)
     }
     __syncthreads();
     const float* r = rows[buf];
-    for (int s = 0; s < count; s += U) {
-      const int64_t t0 = tb + s;
-      // the next step's loads (possibly of the next tile) fly while this step computes
-      StepLoads<N> nxt;
-      if (t0 + U < t_end) nxt = load_step(t0 + U);
-      float out[U][KC];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const float* row = r + (s + u) * R;  // rows past count are stale: their results are not stored
-        const float h = row[M + 1 + i];
-        const float xc = kFn ? row[M] : 0.f;
-#pragma unroll
-        for (int e = 0; e < KC; ++e) {
-          float v = elem(cur.acc[u], e);
-          v = fmaf(h, elem(cur.g[u], e), v);
-          if constexpr (kFn) v = fmaf(xc, elem(cur.x[u], e), v);
-          out[u][e] = v;
-        }
-      }
-      if constexpr (kFn) {
-#pragma unroll
-        for (int j4 = 0; j4 < M / 4; ++j4)
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const float4 d = *reinterpret_cast<const float4*>(r + (s + u) * R + 4 * j4);
-#pragma unroll
-            for (int e = 0; e < KC; ++e) {
-              out[u][e] = fmaf(d.x, fr[4 * j4][e], out[u][e]);
-              out[u][e] = fmaf(d.y, fr[4 * j4 + 1][e], out[u][e]);
-              out[u][e] = fmaf(d.z, fr[4 * j4 + 2][e], out[u][e]);
-              out[u][e] = fmaf(d.w, fr[4 * j4 + 3][e], out[u][e]);
-            }
-          }
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t t = t0 + u;
-        if (valid && t < t_end) {
-          Bf16Vec<KC> o;
-#pragma unroll
-          for (int e = 0; e < KC; e += 2) {
-            const __nv_bfloat162 p = __floats2bfloat162_rn(out[u][e], out[u][e + 1]);
-            o.w[e >> 1] = *reinterpret_cast<const std::uint32_t*>(&p);
-          }
-          store_vec<KC>(gx + t * nC + k, o);
-        }
-      }
-      cur = nxt;
+    // TT / U is even: every full tile ends with A holding the first step of the next tile
+    for (int s = 0; s < count; s += 2 * U) {
+      step(A, B, r, s, tb + s);
+      if (s + U < count) step(B, A, r, s + U, tb + s + U);
     }
     __syncthreads();  // the staged rows of this tile are restaged two tiles on
     buf ^= 1;
@@ -382,9 +396,23 @@ template <int N> int launch_n(const PreBwdSplitArgs& a, cudaStream_t stream) {
     const int64_t col_blocks = (nC + G::W - 1) / G::W;
     const int64_t per = chunk_tokens(a.T, col_blocks, G::kMinBlocks, G::TT, G::TT);
     const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((a.T + per - 1) / per));
-    if (a.fn) grad_x_split<N, true><<<grid, G::kThreads, 0, stream>>>(a, per);
-    else grad_x_split<N, false><<<grid, G::kThreads, 0, stream>>>(a, per);
-    MHC_CUDA_CHECK_LAUNCH();
+    // the present terms as template flags: no per-token branches on null pointers
+    auto run = [&](auto fn_t, auto g_t, auto acc_t) {
+      grad_x_split<N, decltype(fn_t)::value, decltype(g_t)::value, decltype(acc_t)::value>
+          <<<grid, G::kThreads, 0, stream>>>(a, per);
+      MHC_CUDA_CHECK_LAUNCH();
+    };
+    using T_ = std::true_type;
+    using F_ = std::false_type;
+    const bool f = a.fn != nullptr, g = a.g != nullptr, ac = a.accum != nullptr;
+    if (f && g && ac) run(T_{}, T_{}, T_{});
+    else if (f && g) run(T_{}, T_{}, F_{});
+    else if (f && ac) run(T_{}, F_{}, T_{});
+    else if (f) run(T_{}, F_{}, F_{});
+    else if (g && ac) run(F_{}, T_{}, T_{});
+    else if (g) run(F_{}, T_{}, F_{});
+    else if (ac) run(F_{}, F_{}, T_{});
+    else run(F_{}, F_{}, F_{});  // every upstream gradient absent: grad_x = 0
   }
   if (!a.fn) return 0;
   using G = GfGeom<N>;

@@ -390,6 +390,140 @@ TEST(CudaPre, BackwardPartialGradsAndStatic) {
   }
 }
 
+// ---- pre backward, split stage C (MHC_CUDA_PRE_BWD=split) -----------------------------------------------------
+// Selects stage C of the pre backward (MHC_CUDA_PRE_BWD, read at every call; nullptr: unset = v2).
+class PreBwdScope {
+ public:
+  explicit PreBwdScope(const char* version) {
+    if (const char* old = std::getenv("MHC_CUDA_PRE_BWD")) saved_ = old, had_ = true;
+    if (version) setenv("MHC_CUDA_PRE_BWD", version, 1);
+    else unsetenv("MHC_CUDA_PRE_BWD");
+  }
+  ~PreBwdScope() {
+    if (had_) setenv("MHC_CUDA_PRE_BWD", saved_.c_str(), 1);
+    else unsetenv("MHC_CUDA_PRE_BWD");
+  }
+
+ private:
+  std::string saved_;
+  bool had_ = false;
+};
+
+// The split stage C (or its v2 fallback where the shape is not one it handles) against the fp64 reference,
+// twice into poisoned outputs (bit-identical), then v2 on the same inputs against the split results.
+void run_pre_backward_split(DType d, const Shape& s, GradMask gm) {
+  SCOPED_TRACE(describe(d, s) + (gm.fn ? "" : " static") + (gm.accum ? "" : " no-accum") +
+               (gm.layer_input ? "" : " no-grad-layer-input"));
+  const DType k = coef_of(d);
+  const int n = s.n, m = n * n + 2 * n;
+  MhcConfig cfg;
+  cfg.n = n;
+  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  SiteParams p = site_params(d, n, s.C, m, 3);
+  TensorView fn_v = gm.fn ? p.fn.view() : TensorView{}, scale_v = gm.fn ? p.scale.view() : TensorView{};
+  HostTensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
+  pre_forward({x.view(), fn_v, p.base.view(), scale_v, li.view(), hp.view(), hpo.view(), cb.view(), mx.view(), rs.view()},
+              cfg, ref_ctx());
+  HostTensor gli = normal_tensor(d, {s.T, s.C}, 1.0), ghp = normal_tensor(k, {s.T, n}, 1.0),
+             ghpo = normal_tensor(k, {s.T, n}, 1.0), gcb = normal_tensor(k, {s.T, n, n}, 1.0),
+             acc = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  HostTensor gx(d, {s.T, n, s.C}), gfn(k, {m, n * s.C}), gbase(k, {m}), gscale(k, {3});
+  auto opt = [](bool on, HostTensor& t) { return on ? t.view() : TensorView{}; };
+  PreBackward ref{x.view(), fn_v, p.base.view(), scale_v, mx.view(), rs.view(), opt(gm.layer_input, gli),
+                  opt(gm.h_pre, ghp), opt(gm.h_post, ghpo), opt(gm.comb, gcb), opt(gm.accum, acc), gx.view(),
+                  opt(gm.fn, gfn), gbase.view(), opt(gm.fn, gscale), TensorView{}};
+  pre_backward(ref, cfg, ref_ctx());
+
+  DeviceTensor dx(x, s.offset), dfn(p.fn), dbase(p.base), dscale(p.scale), dmx(mx), drs(rs);
+  DeviceTensor dgli(gli, s.offset), dghp(ghp), dghpo(ghpo), dgcb(gcb), dacc(acc, s.offset);
+  DeviceTensor dgx(d, {s.T, n, s.C}, s.offset), dgfn(k, {m, n * s.C}), dgbase(k, {m}), dgscale(k, {3});
+  auto dopt = [](bool on, DeviceTensor& t) { return on ? t.view() : TensorView{}; };
+  PreBackward a{dx.view(), gm.fn ? dfn.view() : TensorView{}, dbase.view(), gm.fn ? dscale.view() : TensorView{},
+                dmx.view(), drs.view(), dopt(gm.layer_input, dgli), dopt(gm.h_pre, dghp), dopt(gm.h_post, dghpo),
+                dopt(gm.comb, dgcb), dopt(gm.accum, dacc), dgx.view(), dopt(gm.fn, dgfn), dgbase.view(),
+                dopt(gm.fn, dgscale), TensorView{}};
+  // the workspace is queried under v2: it must be large enough for the split version too
+  std::size_t ws_bytes = 0;
+  {
+    const PreBwdScope v2(nullptr);
+    ws_bytes = pre_backward_workspace_bytes(a, cfg, cuda_ctx());
+  }
+  DeviceTensor ws(DType::f32, {static_cast<int64_t>((ws_bytes + 3) / 4)});
+  if (ws_bytes) a.workspace = ws.view();
+  std::vector<Output> outs = {{"grad_x", &gx, &dgx, stream_tol(d)}, {"grad_base", &gbase, &dgbase, coef_tol(d)}};
+  if (gm.fn) {
+    outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
+    outs.push_back({"grad_scale", &gscale, &dgscale, coef_tol(d)});
+  }
+  {
+    const PreBwdScope split("split");
+    EXPECT_EQ(pre_backward_workspace_bytes(a, cfg, cuda_ctx()), ws_bytes) << "workspace depends on the version";
+    check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward split");
+  }
+  std::vector<HostTensor> split_out;
+  for (auto& o : outs) split_out.push_back(o.dev->download());
+  // v2 on the same inputs: the two versions agree to the accuracy of bf16 outputs / the hi + lo split
+  for (auto& o : outs) o.dev->poison();
+  {
+    const PreBwdScope v2(nullptr);
+    pre_backward(a, cfg, cuda_ctx());
+  }
+  for (size_t q = 0; q < outs.size(); ++q) {
+    const HostTensor v2_out = outs[q].dev->download();
+    const double tol = std::string(outs[q].name) == "grad_x" ? (d == DType::bf16 ? 1e-2 : stream_tol(d)) : 1e-3;
+    const double err = rel_error(split_out[q], v2_out);
+    EXPECT_LE(err, tol) << "split vs v2: " << outs[q].name << " rel difference " << err;
+  }
+}
+
+std::vector<Shape> split_shapes() {
+  // supported: bf16, n in {2, 4, 8}, C % 8 == 0, aligned; the rest falls back to v2
+  if (quick())
+    return {{0, 4, 64}, {1, 4, 1024}, {333, 4, 1000}, {7, 8, 512}, {70, 2, 200}, {33, 4, 100}, {7, 3, 64},
+            {33, 4, 1024, 1}};
+  return {{0, 4, 64},     {1, 4, 1024},   {7, 4, 136},  {333, 4, 1000}, {4096, 4, 512}, {1, 2, 64},
+          {333, 2, 200},  {4096, 2, 1024}, {7, 8, 512}, {333, 8, 136},  {4096, 8, 256}, {1, 8, 8},
+          // fallback: n = 3, C not a multiple of 8 (odd and even), misaligned
+          {7, 3, 64},     {333, 3, 40},   {7, 4, 100},  {33, 4, 37},    {9, 8, 12},     {70, 2, 36},
+          {33, 4, 1024, 1}};
+}
+
+TEST(CudaPreBackwardSplit, MatchesReferenceAndV2) {
+  MHC_REQUIRE_GPU();
+  for (const Shape& s : split_shapes()) run_pre_backward_split(DType::bf16, s, {});
+}
+
+TEST(CudaPreBackwardSplit, PartialGradsAndStatic) {
+  MHC_REQUIRE_GPU();
+  GradMask no_accum;
+  no_accum.accum = false;
+  GradMask no_li;
+  no_li.layer_input = false;
+  GradMask stat;
+  stat.fn = false;
+  GradMask stat_no_accum = stat;
+  stat_no_accum.accum = false;
+  GradMask only_li;
+  only_li.h_pre = only_li.h_post = only_li.comb = only_li.accum = false;
+  const std::vector<Shape> shapes = quick() ? std::vector<Shape>{{333, 4, 1000}, {7, 8, 512}, {7, 3, 64}}
+                                            : std::vector<Shape>{{1, 4, 1024}, {333, 4, 1000}, {4096, 4, 512},
+                                                                 {70, 2, 200}, {7, 8, 512}, {333, 8, 136},
+                                                                 {7, 3, 64}, {33, 4, 37}};
+  for (const Shape& s : shapes)
+    for (const GradMask& gm : {no_accum, no_li, stat, stat_no_accum, only_li}) run_pre_backward_split(DType::bf16, s, gm);
+}
+
+// Other stream dtypes take v2 under MHC_CUDA_PRE_BWD=split.
+TEST(CudaPreBackwardSplit, OtherDtypesFallBack) {
+  MHC_REQUIRE_GPU();
+  for (DType d : {DType::f16, DType::f32, DType::f64}) {
+    run_pre_backward_split(d, {33, 4, 136}, {});
+    GradMask stat;
+    stat.fn = false;
+    run_pre_backward_split(d, {7, 8, 64}, stat);
+  }
+}
+
 // ---- Sinkhorn ----------------------------------------------------------------------------------------------------
 void run_sinkhorn(DType k, int64_t T, int n, int iters) {
   SCOPED_TRACE(std::string(name(k)) + " T=" + std::to_string(T) + " n=" + std::to_string(n) + " iters=" +
