@@ -42,8 +42,9 @@ template <int N> struct GxGeom {
   static constexpr int W = kThreads * KC;
   static constexpr int TT = 32;                        // tokens per staged DP/XC/h tile
   static constexpr int U = 2;                          // tokens per step (loads one step ahead)
+  static constexpr int PD = 8;                         // L2 prefetch distance (tokens) of the DRAM streams
   static constexpr int R = (M + 1 + N + 3) / 4 * 4;    // floats per staged token row: DP[0, M), XC, h[0, N)
-  static_assert(TT % (2 * U) == 0 && M % 4 == 0);
+  static_assert(TT % (2 * U) == 0 && M % 4 == 0 && PD > U);
 };
 
 // C2. Warp w owns 16 * NT2 columns, all M rows (MJ row tiles of 16); block = 8 warps.
@@ -65,6 +66,10 @@ template <int N> struct GfGeom {
   static constexpr std::size_t kSmem = kStages * (kXBytes + kDBytes);
   static_assert(kXBytes % 16 == 0 && M % 4 == 0);
 };
+
+// Brings a line towards L2 without a register: the loads one step ahead alone keep too few bytes in
+// flight per SM at 168 registers a thread.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
@@ -176,6 +181,11 @@ __global__ void __launch_bounds__(GxGeom<N>::kThreads, GxGeom<N>::kMinBlocks)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool ok = valid && lt + u < t_end;
+      if (valid && lt + u + G::PD < t_end) {
+        if constexpr (kFn) prefetch_l2(lx + (u + G::PD) * nC);
+        if constexpr (kG) prefetch_l2(lg + (u + G::PD) * C);
+        if constexpr (kAcc) prefetch_l2(la + (u + G::PD) * nC);
+      }
       if constexpr (kFn) l.x[u] = ok ? load_vec<KC, true>(lx + u * nC) : zero_vec<KC>();
       if constexpr (kG) l.g[u] = ok ? load_vec<KC, false>(lg + u * C) : zero_vec<KC>();  // g: n blocks read it, via L2
       if constexpr (kAcc) l.acc[u] = ok ? load_vec<KC, true>(la + u * nC) : zero_vec<KC>();
