@@ -8,8 +8,9 @@
 //       32-token tile are staged in shared memory (double-buffered cp.async) and read as broadcasts, and
 //       the x/g/accum loads of the next U tokens are in flight while the current U are computed.
 //   C2. GF[chunk, j, k] = sum_{t in chunk} DP[t, j] x[t, k] on tensor cores: DP^T (rows j) split into
-//       bf16 hi + lo, x exact, fp32 accumulation in registers over the chunk; x and DP through a 4-stage
-//       cp.async ring of 16-token tiles. Stage D (pre_backward.cu) sums the chunks in fixed order.
+//       bf16 hi + lo (once per tile, shared by the block's warps), x exact, fp32 accumulation in registers
+//       over the chunk; x and DP through a 4-stage cp.async ring of 16-token tiles. Stage D
+//       (pre_backward.cu) sums the chunks in fixed order.
 //
 // Deterministic: every output element is written by one thread with a fixed order of additions, the
 // work split depends only on (T, n, C, device). bf16 streams, n in {2, 4, 8}, C % 8 == 0 only; the
@@ -47,24 +48,30 @@ template <int N> struct GxGeom {
   static_assert(TT % (2 * U) == 0 && M % 4 == 0 && PD > U);
 };
 
-// C2. Warp w owns 16 * NT2 columns, all M rows (MJ row tiles of 16); block = 8 warps.
+// C2. Warp w owns 16 * NT2 columns, all M rows (MJ row tiles of 16); block = 8 warps. DP arrives raw (fp32)
+// through the ring and is split into bf16 hi + lo once per tile, one tile ahead of its use, into a
+// [token][row] layout that ldmatrix.trans turns into A fragments.
 template <int N> struct GfGeom {
   static constexpr int M = N * N + 2 * N;
   static constexpr int MP = (M + 15) / 16 * 16;
   static constexpr int MJ = MP / 16;
-  static constexpr int SD = MP + 4;  // DP tile row stride (floats): conflict-free fragment reads
   static constexpr int kThreads = 256, kWarps = 8;
-  static constexpr int NT2 = N == 8 ? 2 : 4;  // accumulators MJ * 2 * NT2 * 4: 16 / 32 / 80 floats
+  static constexpr int NT2 = N == 8 ? 2 : 4;   // accumulators MJ * 2 * NT2 * 4: 32 / 64 / 80 floats
   static constexpr int W = kWarps * 16 * NT2;  // 512 / 512 / 256 columns per block
   static constexpr int KT = 16;                // tokens per stage: one k step of m16n8k16
-  static constexpr int kStages = 4;            // 3 tiles in flight: 48 KB (W = 512) per block
+  static constexpr int kStages = 4;            // ring depth; tiles it + 1 .. it + 2 in flight while it computes
   static constexpr int XS = W + 8;             // x tile row stride (elements): odd count of 16-byte units
+  static constexpr int HS = MP + 8;            // hi / lo tile row stride (elements): odd count of 16-byte units
   static constexpr int kBlocksPerSm = 2;
   static constexpr int kMinChunkTokens = 128;  // partial rows (4M bytes per column) small against x (2 per token)
+  static constexpr int kXCopies = KT * (W / 8) / kThreads;  // 16-byte copies of x per thread and tile
+  static constexpr int kDCopies = (KT * (M / 4) + kThreads - 1) / kThreads;
   static constexpr std::size_t kXBytes = std::size_t(KT) * XS * sizeof(bf16);
-  static constexpr std::size_t kDBytes = std::size_t(KT) * SD * sizeof(float);
-  static constexpr std::size_t kSmem = kStages * (kXBytes + kDBytes);
-  static_assert(kXBytes % 16 == 0 && M % 4 == 0);
+  static constexpr std::size_t kDBytes = std::size_t(KT) * M * sizeof(float);
+  static constexpr std::size_t kHBytes = std::size_t(KT) * HS * sizeof(bf16);
+  static constexpr std::size_t kSmem = kStages * (kXBytes + kDBytes) + 2 * 2 * kHBytes;
+  static_assert(kXBytes % 16 == 0 && kDBytes % 16 == 0 && M % 4 == 0 && (KT * (W / 8)) % kThreads == 0);
+  static_assert((XS * 2 / 16) % 2 == 1 && (HS * 2 / 16) % 2 == 1);
 };
 
 // Brings a line towards L2 without a register: the loads one step ahead alone keep too few bytes in
@@ -275,11 +282,12 @@ template <int N>
 __global__ void __launch_bounds__(GfGeom<N>::kThreads, GfGeom<N>::kBlocksPerSm)
     grad_fn_split(const PreBwdSplitArgs a, int64_t per_chunk) {
   using G = GfGeom<N>;
-  constexpr int M = G::M, MP = G::MP, MJ = G::MJ, SD = G::SD, NT2 = G::NT2, W = G::W, KT = G::KT, XS = G::XS;
+  constexpr int M = G::M, MP = G::MP, MJ = G::MJ, NT2 = G::NT2, W = G::W, KT = G::KT, XS = G::XS, HS = G::HS;
   constexpr int kStages = G::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* xs = reinterpret_cast<bf16*>(smem_raw);                                // [kStages][KT][XS]
-  float* dps = reinterpret_cast<float*>(smem_raw + kStages * G::kXBytes);     // [kStages][KT][SD]
+  bf16* xs = reinterpret_cast<bf16*>(smem_raw);                                      // [kStages][KT][XS]
+  float* dps = reinterpret_cast<float*>(smem_raw + kStages * G::kXBytes);           // [kStages][KT][M]
+  bf16* hl = reinterpret_cast<bf16*>(smem_raw + kStages * (G::kXBytes + G::kDBytes));  // [2][hi, lo][KT][HS]
   const bf16* x = static_cast<const bf16*>(a.x);
   const int64_t nC = int64_t(N) * a.C, T = a.T;
   const int64_t col0 = int64_t(blockIdx.x) * W;
@@ -290,26 +298,46 @@ __global__ void __launch_bounds__(GfGeom<N>::kThreads, GfGeom<N>::kBlocksPerSm)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
   const int nb = warp * 16 * NT2;
 
-  // rows M .. MP of the DP tiles are padding of the mma: zero once (cp.async never writes them)
-  if constexpr (MP > M)
-    for (int q = threadIdx.x; q < kStages * KT * (MP - M); q += G::kThreads)
-      dps[(q / (MP - M)) * SD + M + q % (MP - M)] = 0.f;
-
+  // This thread's copies of every tile: x rows xr + r * (KT / kXCopies) at column xc; DP elements q.
+  constexpr int kXRowStep = KT / G::kXCopies;
+  const int xr = threadIdx.x / (W / 8), xc = (threadIdx.x % (W / 8)) * 8;
+  const bool x_col_ok = col0 + xc < nC;  // nC % 8 == 0: a pack is all in or all out
   auto issue = [&](int tile, int st) {
     const int64_t tb = t_begin + int64_t(tile) * KT;
     bf16* xt = xs + st * KT * XS;
-    for (int q = threadIdx.x; q < KT * (W / 8); q += G::kThreads) {
-      const int tl = q / (W / 8), cp = (q % (W / 8)) * 8;
-      const int64_t t = tb + tl, col = col0 + cp;
-      const bool ok = t < t_end && col < nC;  // nC % 8 == 0: a pack is all in or all out
-      cp_async16(xt + tl * XS + cp, ok ? x + t * nC + col : x, ok);
+#pragma unroll
+    for (int r = 0; r < G::kXCopies; ++r) {
+      const int tl = xr + r * kXRowStep;
+      const bool ok = x_col_ok && tb + tl < t_end;
+      cp_async16(xt + tl * XS + xc, ok ? x + (tb + tl) * nC + col0 + xc : x, ok);
     }
-    float* dt = dps + st * KT * SD;
-    for (int q = threadIdx.x; q < KT * (M / 4); q += G::kThreads) {
-      const int tl = q / (M / 4), j4 = q % (M / 4);
-      const int64_t t = tb + tl;
-      const bool ok = t < t_end;  // tokens past the chunk: zero DP and zero x
-      cp_async16(dt + tl * SD + 4 * j4, ok ? a.DP + t * M + 4 * j4 : a.DP, ok);
+    float* dt = dps + st * KT * M;
+#pragma unroll
+    for (int r = 0; r < G::kDCopies; ++r) {
+      const int q = threadIdx.x + r * G::kThreads;
+      if (q < KT * (M / 4)) {
+        const int tl = q / (M / 4), j4 = q % (M / 4);
+        const bool ok = tb + tl < t_end;  // tokens past the chunk: zero DP and zero x
+        cp_async16(dt + tl * M + 4 * j4, ok ? a.DP + (tb + tl) * M + 4 * j4 : a.DP, ok);
+      }
+    }
+  };
+  // DP tile of ring stage st -> hi / lo pair hb (rows j >= M are the mma's zero padding)
+  auto split_tile = [&](int st, int hb) {
+    const float* dt = dps + st * KT * M;
+    bf16* hi = hl + hb * 2 * KT * HS;
+    bf16* lo = hi + KT * HS;
+    constexpr int kPairs = KT * (MP / 2);
+#pragma unroll
+    for (int r = 0; r < (kPairs + G::kThreads - 1) / G::kThreads; ++r) {
+      const int q = threadIdx.x + r * G::kThreads;
+      if (kPairs % G::kThreads != 0 && q >= kPairs) break;
+      const int tl = q / (MP / 2), j = (q % (MP / 2)) * 2;
+      const float2 v = j < M ? *reinterpret_cast<const float2*>(dt + tl * M + j) : make_float2(0.f, 0.f);
+      std::uint32_t h, l;
+      split_pair<bf16>(v, h, l);
+      *reinterpret_cast<std::uint32_t*>(hi + tl * HS + j) = h;
+      *reinterpret_cast<std::uint32_t*>(lo + tl * HS + j) = l;
     }
   };
 
@@ -324,28 +352,30 @@ __global__ void __launch_bounds__(GfGeom<N>::kThreads, GfGeom<N>::kBlocksPerSm)
     if (s < tiles) issue(s, s);
     cp_async_commit();
   }
+  if (tiles > 0) {
+    cp_async_wait<kStages - 2>();  // tile 0
+    __syncthreads();
+    split_tile(0, 0);
+  }
+  // ldmatrix lane addresses: A (trans, [token][row] storage) and B (trans, [token][column] storage)
+  const int a_row = (lane & 7) + ((lane >> 4) << 3), a_col = ((lane >> 3) & 1) * 8;
   for (int it = 0; it < tiles; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile it landed for all threads; every thread is done with tile it - 1's buffer
+    cp_async_wait<kStages - 3>();  // tiles <= it + 1 landed (this thread's copies)
+    __syncthreads();  // ... for all threads; hi / lo of tile it visible; iteration it - 1 done everywhere
     if (it + kStages - 1 < tiles) issue(it + kStages - 1, (it + kStages - 1) % kStages);
     cp_async_commit();
-    const int st = it % kStages;
-    const bf16* xt = xs + st * KT * XS;
-    const float* dt = dps + st * KT * SD;
-    // B = x tile [k = token][n = column] through the transposing load: 16 columns per ldmatrix
+    if (it + 1 < tiles) split_tile((it + 1) % kStages, (it + 1) & 1);
+    const bf16* xt = xs + (it % kStages) * KT * XS;
+    const bf16* hi = hl + (it & 1) * 2 * KT * HS;
+    const bf16* lo = hi + KT * HS;
     std::uint32_t bx[NT2][4];
 #pragma unroll
     for (int q = 0; q < NT2; ++q) ldmatrix_x4_trans(bx[q], xt + (lane & 15) * XS + nb + q * 16 + (lane >> 4) * 8);
-    // A = DP^T [row = j][k = token], split hi + lo
-    const int k0 = 2 * tq;
 #pragma unroll
     for (int mj = 0; mj < MJ; ++mj) {
-      const int j0 = mj * 16 + g;
       std::uint32_t ah[4], al[4];
-      split_pair<bf16>(make_float2(dt[k0 * SD + j0], dt[(k0 + 1) * SD + j0]), ah[0], al[0]);
-      split_pair<bf16>(make_float2(dt[k0 * SD + j0 + 8], dt[(k0 + 1) * SD + j0 + 8]), ah[1], al[1]);
-      split_pair<bf16>(make_float2(dt[(k0 + 8) * SD + j0], dt[(k0 + 9) * SD + j0]), ah[2], al[2]);
-      split_pair<bf16>(make_float2(dt[(k0 + 8) * SD + j0 + 8], dt[(k0 + 9) * SD + j0 + 8]), ah[3], al[3]);
+      ldmatrix_x4_trans(ah, hi + a_row * HS + mj * 16 + a_col);
+      ldmatrix_x4_trans(al, lo + a_row * HS + mj * 16 + a_col);
 #pragma unroll
       for (int q = 0; q < NT2; ++q) {
         const std::uint32_t b0[2] = {bx[q][0], bx[q][1]}, b1[2] = {bx[q][2], bx[q][3]};
