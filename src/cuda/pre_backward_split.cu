@@ -34,15 +34,17 @@ using bf16 = __nv_bfloat16;
 
 // ---- geometry ---------------------------------------------------------------------------------------
 // C1. fn[M][KC] lives in registers: 64 / 96 / 160 floats for n = 2 / 4 / 8. KC = 8 / 4 / 2 bf16 columns per
-// thread = 16 / 8 / 4-byte loads; 128 threads; W = 1024 / 512 / 256 columns per block.
-template <int N> struct GxGeom {
+// thread = 16 / 8 / 4-byte loads; 128 threads; W = 1024 / 512 / 256 columns per block. kU tokens per step:
+// 2 (3 blocks per SM, n <= 4), or 4 (MHC_CUDA_PRE_BWD=split-u4, n <= 4: half the per-step overhead per
+// element, 2 blocks per SM for the registers of the second pair of tokens).
+template <int N, int kU = 2> struct GxGeom {
   static constexpr int M = N * N + 2 * N;
   static constexpr int KC = N == 2 ? 8 : N == 4 ? 4 : 2;
   static constexpr int kThreads = 128;
-  static constexpr int kMinBlocks = N == 8 ? 2 : 3;  // register budget: 170 (n <= 4) / 255 (n = 8)
+  static constexpr int kMinBlocks = N == 8 || kU == 4 ? 2 : 3;  // register budget: 170 / 255
   static constexpr int W = kThreads * KC;
   static constexpr int TT = 32;                        // tokens per staged DP/XC/h tile
-  static constexpr int U = 2;                          // tokens per step (loads one step ahead)
+  static constexpr int U = kU;                         // tokens per step (loads one step ahead)
   static constexpr int PD = 8;                         // L2 prefetch distance (tokens) of the DRAM streams
   static constexpr int R = (M + 1 + N + 3) / 4 * 4;    // floats per staged token row: DP[0, M), XC, h[0, N)
   static_assert(TT % (2 * U) == 0 && M % 4 == 0 && PD > U);
@@ -122,16 +124,16 @@ template <int KC> __device__ __forceinline__ Bf16Vec<KC> zero_vec() {
 }
 
 // ---- C1. grad_x -------------------------------------------------------------------------------------------
-template <int N> struct StepLoads {
-  static constexpr int U = GxGeom<N>::U, KC = GxGeom<N>::KC;
+template <int N, int kU> struct StepLoads {
+  static constexpr int U = GxGeom<N, kU>::U, KC = GxGeom<N, kU>::KC;
   Bf16Vec<KC> x[U], g[U], acc[U];
 };
 
 // kFn: projection terms (absent in static mode); kG: grad_layer_input present; kAcc: grad_x_accum present.
-template <int N, bool kFn, bool kG, bool kAcc>
-__global__ void __launch_bounds__(GxGeom<N>::kThreads, GxGeom<N>::kMinBlocks)
+template <int N, int kU, bool kFn, bool kG, bool kAcc>
+__global__ void __launch_bounds__(GxGeom<N, kU>::kThreads, GxGeom<N, kU>::kMinBlocks)
     grad_x_split(const PreBwdSplitArgs a, int64_t per_chunk) {
-  using G = GxGeom<N>;
+  using G = GxGeom<N, kU>;
   constexpr int M = G::M, KC = G::KC, U = G::U, R = G::R, TT = G::TT;
   __shared__ __align__(16) float rows[2][TT * R];
   const bf16* x = static_cast<const bf16*>(a.x);
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(GxGeom<N>::kThreads, GxGeom<N>::kMinBlocks)
   const bf16* la = kAcc ? accp + t_begin * nC + k : nullptr;
   bf16* so = gx + t_begin * nC + k;
   int64_t lt = t_begin;  // token of the next load
-  auto load_step = [&](StepLoads<N>& l) {
+  auto load_step = [&](StepLoads<N, kU>& l) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool ok = valid && lt + u < t_end;
@@ -205,7 +207,7 @@ __global__ void __launch_bounds__(GxGeom<N>::kThreads, GxGeom<N>::kMinBlocks)
 
   // Computes and stores the U tokens of `cur` (rows s.. of the staged tile r, first token t0) after
   // issuing the next step's loads into `nxt`.
-  auto step = [&](const StepLoads<N>& cur, StepLoads<N>& nxt, const float* r, int s, int64_t t0) {
+  auto step = [&](const StepLoads<N, kU>& cur, StepLoads<N, kU>& nxt, const float* r, int s, int64_t t0) {
     if (lt < t_end) load_step(nxt);
     float out[U][KC];
 #pragma unroll
@@ -255,7 +257,7 @@ __global__ void __launch_bounds__(GxGeom<N>::kThreads, GxGeom<N>::kMinBlocks)
   int buf = 0;
   stage(t_begin, 0);
   // two register sets used in turn (no copies): A holds the step being computed at even steps
-  StepLoads<N> A, B;
+  StepLoads<N, kU> A, B;
   load_step(A);
   for (int64_t tb = t_begin; tb < t_end; tb += TT) {
     const int count = static_cast<int>(std::min<int64_t>(TT, t_end - tb));
@@ -429,31 +431,41 @@ template <int N> int64_t grad_fn_chunk_tokens(int64_t T, int64_t C) {
   return chunk_tokens(T, (int64_t(N) * C + G::W - 1) / G::W, G::kBlocksPerSm, G::KT, G::kMinChunkTokens);
 }
 
-template <int N> int launch_n(const PreBwdSplitArgs& a, cudaStream_t stream) {
+template <int N, int kU> void launch_grad_x(const PreBwdSplitArgs& a, cudaStream_t stream) {
   const int64_t nC = int64_t(N) * a.C;
-  {
-    using G = GxGeom<N>;
-    const int64_t col_blocks = (nC + G::W - 1) / G::W;
-    const int64_t per = chunk_tokens(a.T, col_blocks, G::kMinBlocks, G::TT, G::TT);
-    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((a.T + per - 1) / per));
-    // the present terms as template flags: no per-token branches on null pointers
-    auto run = [&](auto fn_t, auto g_t, auto acc_t) {
-      grad_x_split<N, decltype(fn_t)::value, decltype(g_t)::value, decltype(acc_t)::value>
-          <<<grid, G::kThreads, 0, stream>>>(a, per);
-      MHC_CUDA_CHECK_LAUNCH();
-    };
-    using T_ = std::true_type;
-    using F_ = std::false_type;
-    const bool f = a.fn != nullptr, g = a.g != nullptr, ac = a.accum != nullptr;
-    if (f && g && ac) run(T_{}, T_{}, T_{});
-    else if (f && g) run(T_{}, T_{}, F_{});
-    else if (f && ac) run(T_{}, F_{}, T_{});
-    else if (f) run(T_{}, F_{}, F_{});
-    else if (g && ac) run(F_{}, T_{}, T_{});
+  using G = GxGeom<N, kU>;
+  const int64_t col_blocks = (nC + G::W - 1) / G::W;
+  const int64_t per = chunk_tokens(a.T, col_blocks, G::kMinBlocks, G::TT, G::TT);
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((a.T + per - 1) / per));
+  // the present terms as template flags: no per-token branches on null pointers
+  auto run = [&](auto fn_t, auto g_t, auto acc_t) {
+    grad_x_split<N, kU, decltype(fn_t)::value, decltype(g_t)::value, decltype(acc_t)::value>
+        <<<grid, G::kThreads, 0, stream>>>(a, per);
+    MHC_CUDA_CHECK_LAUNCH();
+  };
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  const bool g = a.g != nullptr, ac = a.accum != nullptr;
+  if (a.fn) {
+    if (g && ac) run(T_{}, T_{}, T_{});
+    else if (g) run(T_{}, T_{}, F_{});
+    else if (ac) run(T_{}, F_{}, T_{});
+    else run(T_{}, F_{}, F_{});
+  } else if constexpr (kU == 2) {  // static mode streams only h g + accum: bandwidth-bound either way
+    if (g && ac) run(F_{}, T_{}, T_{});
     else if (g) run(F_{}, T_{}, F_{});
     else if (ac) run(F_{}, F_{}, T_{});
     else run(F_{}, F_{}, F_{});  // every upstream gradient absent: grad_x = 0
   }
+}
+
+template <int N> int launch_n(const PreBwdSplitArgs& a, bool u4, cudaStream_t stream) {
+  const int64_t nC = int64_t(N) * a.C;
+  bool done = false;
+  if constexpr (N <= 4) {
+    if (u4 && a.fn) launch_grad_x<N, 4>(a, stream), done = true;
+  }
+  if (!done) launch_grad_x<N, 2>(a, stream);
   if (!a.fn) return 0;
   using G = GfGeom<N>;
   const int64_t per = grad_fn_chunk_tokens<N>(a.T, a.C);
@@ -467,9 +479,10 @@ template <int N> int launch_n(const PreBwdSplitArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+// "split", or "split-u4" (grad_x with 4-token steps for n <= 4, to measure against the default 2)
 bool pre_bwd_split_requested() {
   const char* v = std::getenv("MHC_CUDA_PRE_BWD");
-  return v && std::strcmp(v, "split") == 0;
+  return v && (std::strcmp(v, "split") == 0 || std::strcmp(v, "split-u4") == 0);
 }
 
 bool pre_bwd_split_shape_ok(DType dtype, int64_t n, int64_t C) {
@@ -487,10 +500,12 @@ int pre_bwd_split_chunks(DType dtype, int64_t T, int64_t n, int64_t C, bool has_
 }
 
 int pre_bwd_split_launch(const PreBwdSplitArgs& a, cudaStream_t stream) {
+  const char* v = std::getenv("MHC_CUDA_PRE_BWD");
+  const bool u4 = v && std::strcmp(v, "split-u4") == 0;
   int chunks = 0;
   dispatch_streams(a.n, [&](auto nc) {
     constexpr int N = decltype(nc)::value;
-    if constexpr (N > 0) chunks = launch_n<N>(a, stream);
+    if constexpr (N > 0) chunks = launch_n<N>(a, u4, stream);
   });
   return chunks;
 }

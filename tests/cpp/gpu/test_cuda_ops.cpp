@@ -411,8 +411,8 @@ class PreBwdScope {
 
 // The split stage C (or its v2 fallback where the shape is not one it handles) against the fp64 reference,
 // twice into poisoned outputs (bit-identical), then v2 on the same inputs against the split results.
-void run_pre_backward_split(DType d, const Shape& s, GradMask gm) {
-  SCOPED_TRACE(describe(d, s) + (gm.fn ? "" : " static") + (gm.accum ? "" : " no-accum") +
+void run_pre_backward_split(DType d, const Shape& s, GradMask gm, const char* version = "split") {
+  SCOPED_TRACE(std::string(version) + " " + describe(d, s) + (gm.fn ? "" : " static") + (gm.accum ? "" : " no-accum") +
                (gm.layer_input ? "" : " no-grad-layer-input"));
   const DType k = coef_of(d);
   const int n = s.n, m = n * n + 2 * n;
@@ -456,7 +456,7 @@ void run_pre_backward_split(DType d, const Shape& s, GradMask gm) {
     outs.push_back({"grad_scale", &gscale, &dgscale, coef_tol(d)});
   }
   {
-    const PreBwdScope split("split");
+    const PreBwdScope split(version);
     EXPECT_EQ(pre_backward_workspace_bytes(a, cfg, cuda_ctx()), ws_bytes) << "workspace depends on the version";
     check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward split");
   }
@@ -491,6 +491,18 @@ std::vector<Shape> split_shapes() {
 TEST(CudaPreBackwardSplit, MatchesReferenceAndV2) {
   MHC_REQUIRE_GPU();
   for (const Shape& s : split_shapes()) run_pre_backward_split(DType::bf16, s, {});
+}
+
+// The 4-token-step variant of the grad_x kernel (n <= 4; n = 8 runs the default).
+TEST(CudaPreBackwardSplit, FourTokenStepsMatchReferenceAndV2) {
+  MHC_REQUIRE_GPU();
+  GradMask no_accum;
+  no_accum.accum = false;
+  GradMask no_li;
+  no_li.layer_input = false;
+  for (const Shape& s : std::vector<Shape>{{1, 4, 1024}, {7, 4, 136}, {333, 4, 1000}, {4096, 4, 512}, {333, 2, 200},
+                                           {7, 8, 512}, {33, 4, 37}})
+    for (const GradMask& gm : {GradMask{}, no_accum, no_li}) run_pre_backward_split(DType::bf16, s, gm, "split-u4");
 }
 
 TEST(CudaPreBackwardSplit, PartialGradsAndStatic) {
