@@ -185,12 +185,14 @@ __global__ void __launch_bounds__(GxGeom<N, kU>::kThreads, GxGeom<N, kU>::kMinBl
   const bf16* lg = kG ? gp + t_begin * C + c : nullptr;
   const bf16* la = kAcc ? accp + t_begin * nC + k : nullptr;
   bf16* so = gx + t_begin * nC + k;
-  int64_t lt = t_begin;  // token of the next load
+  // 32-bit token counters relative to the chunk (a chunk is far below 2^31 tokens); vlen folds `valid` in
+  const int vlen = valid ? static_cast<int>(t_end - t_begin) : 0;  // tokens this thread loads and stores
+  int lt = 0;                                                       // next token to load
   auto load_step = [&](StepLoads<N, kU>& l) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const bool ok = valid && lt + u < t_end;
-      if (valid && lt + u + G::PD < t_end) {
+      const bool ok = lt + u < vlen;
+      if (lt + u + G::PD < vlen) {
         if constexpr (kFn) prefetch_l2(lx + (u + G::PD) * nC);
         if constexpr (kG) prefetch_l2(lg + (u + G::PD) * C);
         if constexpr (kAcc) prefetch_l2(la + (u + G::PD) * nC);
@@ -207,8 +209,8 @@ __global__ void __launch_bounds__(GxGeom<N, kU>::kThreads, GxGeom<N, kU>::kMinBl
 
   // Computes and stores the U tokens of `cur` (rows s.. of the staged tile r, first token t0) after
   // issuing the next step's loads into `nxt`.
-  auto step = [&](const StepLoads<N, kU>& cur, StepLoads<N, kU>& nxt, const float* r, int s, int64_t t0) {
-    if (lt < t_end) load_step(nxt);
+  auto step = [&](const StepLoads<N, kU>& cur, StepLoads<N, kU>& nxt, const float* r, int s, int t0) {
+    if (lt < vlen) load_step(nxt);
     float out[U][KC];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -240,7 +242,7 @@ __global__ void __launch_bounds__(GxGeom<N, kU>::kThreads, GxGeom<N, kU>::kMinBl
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (valid && t0 + u < t_end) {
+      if (t0 + u < vlen) {
         Bf16Vec<KC> o;
 #pragma unroll
         for (int e = 0; e < KC; e += 2) {
@@ -259,10 +261,11 @@ __global__ void __launch_bounds__(GxGeom<N, kU>::kThreads, GxGeom<N, kU>::kMinBl
   // two register sets used in turn (no copies): A holds the step being computed at even steps
   StepLoads<N, kU> A, B;
   load_step(A);
-  for (int64_t tb = t_begin; tb < t_end; tb += TT) {
-    const int count = static_cast<int>(std::min<int64_t>(TT, t_end - tb));
-    if (tb + TT < t_end) {
-      stage(tb + TT, buf ^ 1);
+  const int len = static_cast<int>(t_end - t_begin);
+  for (int tb = 0; tb < len; tb += TT) {
+    const int count = std::min(TT, len - tb);
+    if (tb + TT < len) {
+      stage(t_begin + tb + TT, buf ^ 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
