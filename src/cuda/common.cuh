@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -94,6 +95,13 @@ __device__ __forceinline__ float fast_rcp(float v) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
   return r * (2.f - v * r);
+}
+
+// ---- host-side launch helpers -------------------------------------------------------------------
+// Lets `kernel` launch with `bytes` of dynamic shared memory: above the 48 KiB default it must opt in.
+template <class K> void allow_dynamic_smem(K kernel, std::size_t bytes) {
+  if (bytes > 48 * 1024)
+    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 // ---- host-side dispatch over the storage type -------------------------------------------------

@@ -20,7 +20,6 @@ int token_threads(int64_t C, int unit) {
   const int64_t units = (C + unit - 1) / unit;
   return static_cast<int>(std::clamp<int64_t>((units + 31) / 32 * 32, 32, 256));
 }
-unsigned token_blocks(int64_t T) { return static_cast<unsigned>(std::min<int64_t>(T, 1 << 30)); }
 
 // Thread r < R of the block writes the block-wide sum of v[r] to out[r]. scratch: (warps * R).
 template <int R, class M, class K>
@@ -404,10 +403,6 @@ __global__ void count_nonfinite_kernel(const S* __restrict__ p, int64_t count, u
   if ((threadIdx.x & 31) == 0 && local) atomicAdd(bad, local);  // integer: order does not matter
 }
 
-unsigned flat_blocks(int64_t items, int threads) {
-  const auto& info = current_device_info();
-  return static_cast<unsigned>(std::clamp<int64_t>((items + threads - 1) / threads, 1, int64_t(info.sm_count) * 16));
-}
 
 }  // namespace
 
@@ -427,13 +422,13 @@ void post_forward(const PostForward& a, const MhcConfig& cfg, const Context& ctx
       constexpr int N = decltype(nc)::value;
       if constexpr (N > 0 && !std::is_same_v<S, double>) {
         if (fast) {
-          post_forward_packed<S, N><<<token_blocks(T), token_threads(C, kPack<S>), 0, stream>>>(
+          post_forward_packed<S, N><<<token_grid(T), token_threads(C, kPack<S>), 0, stream>>>(
               a.x.ptr<S>(), a.y.ptr<S>(), a.h_post.ptr<float>(), a.comb.ptr<float>(), a.x_next.ptr<S>(), T, C);
           MHC_CUDA_CHECK_LAUNCH();
           return;
         }
       }
-      post_forward_generic<S><<<token_blocks(T), 256, (n + n * n) * sizeof(M), stream>>>(
+      post_forward_generic<S><<<token_grid(T), 256, (n + n * n) * sizeof(M), stream>>>(
           a.x.ptr<S>(), a.y.ptr<S>(), a.h_post.ptr<M>(), a.comb.ptr<M>(), a.x_next.ptr<S>(), T, n, C);
       MHC_CUDA_CHECK_LAUNCH();
     });
@@ -454,14 +449,14 @@ void post_backward(const PostBackward& a, const MhcConfig& cfg, const Context& c
       constexpr int N = decltype(nc)::value;
       if constexpr (N > 0 && !std::is_same_v<S, double>) {
         if (fast) {
-          post_backward_packed<S, N><<<token_blocks(T), token_threads(C, kPack<S>), 0, stream>>>(
+          post_backward_packed<S, N><<<token_grid(T), token_threads(C, kPack<S>), 0, stream>>>(
               a.grad_x_next.ptr<S>(), a.x.ptr<S>(), a.y.ptr<S>(), a.h_post.ptr<float>(), a.comb.ptr<float>(),
               a.grad_x.ptr<S>(), a.grad_y.ptr<S>(), a.grad_h_post.ptr<float>(), a.grad_comb.ptr<float>(), T, C);
           MHC_CUDA_CHECK_LAUNCH();
           return;
         }
       }
-      post_backward_generic<S><<<token_blocks(T), 256, (n + n * n) * sizeof(M), stream>>>(
+      post_backward_generic<S><<<token_grid(T), 256, (n + n * n) * sizeof(M), stream>>>(
           a.grad_x_next.ptr<S>(), a.x.ptr<S>(), a.y.ptr<S>(), a.h_post.ptr<M>(), a.comb.ptr<M>(), a.grad_x.ptr<S>(),
           a.grad_y.ptr<S>(), a.grad_h_post.ptr<M>(), a.grad_comb.ptr<M>(), T, n, C);
       MHC_CUDA_CHECK_LAUNCH();
@@ -478,7 +473,7 @@ void expand_forward(const ExpandForward& a, const MhcConfig& cfg, const Context&
     using S = typename decltype(tag)::type;
     const bool packed = C % kPack<S> == 0 && aligned16({&a.x, &a.out});
     const int64_t items = packed ? T * C / kPack<S> : T * C;
-    expand_forward_kernel<S><<<flat_blocks(items, 256), 256, 0, stream_of(ctx)>>>(a.x.ptr<S>(), a.out.ptr<S>(), T, n,
+    expand_forward_kernel<S><<<grid_for(items, 256), 256, 0, stream_of(ctx)>>>(a.x.ptr<S>(), a.out.ptr<S>(), T, n,
                                                                                   C, packed);
     MHC_CUDA_CHECK_LAUNCH();
   });
@@ -493,7 +488,7 @@ void expand_backward(const ExpandBackward& a, const MhcConfig& cfg, const Contex
     using S = typename decltype(tag)::type;
     const bool packed = C % kPack<S> == 0 && aligned16({&a.grad_out, &a.grad_x});
     const int64_t items = packed ? T * C / kPack<S> : T * C;
-    expand_backward_kernel<S><<<flat_blocks(items, 256), 256, 0, stream_of(ctx)>>>(a.grad_out.ptr<S>(),
+    expand_backward_kernel<S><<<grid_for(items, 256), 256, 0, stream_of(ctx)>>>(a.grad_out.ptr<S>(),
                                                                                    a.grad_x.ptr<S>(), T, n, C, packed);
     MHC_CUDA_CHECK_LAUNCH();
   });
@@ -513,13 +508,13 @@ void residual_add_agg_forward(const ResidualAddAggForward& a, const MhcConfig& c
       constexpr int N = decltype(nc)::value;
       if constexpr (N > 0 && !std::is_same_v<S, double>) {
         if (fast) {
-          residual_forward_packed<S, N><<<token_blocks(T), token_threads(C, kPack<S>), 0, stream>>>(
+          residual_forward_packed<S, N><<<token_grid(T), token_threads(C, kPack<S>), 0, stream>>>(
               a.x.ptr<S>(), a.res.ptr<S>(), a.h_pre.ptr<float>(), a.x_out.ptr<S>(), a.agg.ptr<S>(), T, C);
           MHC_CUDA_CHECK_LAUNCH();
           return;
         }
       }
-      residual_forward_generic<S><<<flat_blocks(T * C, 256), 256, 0, stream>>>(
+      residual_forward_generic<S><<<grid_for(T * C, 256), 256, 0, stream>>>(
           a.x.ptr<S>(), a.res.ptr<S>(), a.h_pre.ptr<M>(), a.x_out.ptr<S>(), a.agg.ptr<S>(), T, n, C);
       MHC_CUDA_CHECK_LAUNCH();
     });
@@ -540,14 +535,14 @@ void residual_add_agg_backward(const ResidualAddAggBackward& a, const MhcConfig&
       constexpr int N = decltype(nc)::value;
       if constexpr (N > 0 && !std::is_same_v<S, double>) {
         if (fast) {
-          residual_backward_packed<S, N><<<token_blocks(T), token_threads(C, kPack<S>), 0, stream>>>(
+          residual_backward_packed<S, N><<<token_grid(T), token_threads(C, kPack<S>), 0, stream>>>(
               data_or_null<const S>(a.grad_x_out), data_or_null<const S>(a.grad_agg), a.x_out.ptr<S>(),
               a.h_pre.ptr<float>(), a.grad_sum.ptr<S>(), a.grad_h_pre.ptr<float>(), T, C);
           MHC_CUDA_CHECK_LAUNCH();
           return;
         }
       }
-      residual_backward_generic<S><<<token_blocks(T), 256, 0, stream>>>(
+      residual_backward_generic<S><<<token_grid(T), 256, 0, stream>>>(
           data_or_null<const S>(a.grad_x_out), data_or_null<const S>(a.grad_agg), a.x_out.ptr<S>(), a.h_pre.ptr<M>(),
           a.grad_sum.ptr<S>(), a.grad_h_pre.ptr<M>(), T, n, C);
       MHC_CUDA_CHECK_LAUNCH();
@@ -567,7 +562,7 @@ std::int64_t count_nonfinite(const TensorView& t, const Context& ctx) {
     MHC_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(*bad), stream));
     dispatch_storage(t.dtype, [&](auto tag) {
       using S = typename decltype(tag)::type;
-      count_nonfinite_kernel<S><<<flat_blocks(count, 256), 256, 0, stream>>>(t.ptr<S>(), count, bad);
+      count_nonfinite_kernel<S><<<grid_for(count, 256), 256, 0, stream>>>(t.ptr<S>(), count, bad);
       MHC_CUDA_CHECK_LAUNCH();
     });
     MHC_CUDA_CHECK(cudaMemcpyAsync(&host, bad, sizeof(host), cudaMemcpyDeviceToHost, stream));

@@ -10,7 +10,7 @@
 //   grad_states), a single-block kernel sums the partials in a fixed order (fp64) and applies the
 //   projection's backward. Deterministic run to run.
 // - project_logits: one thread per row for the vector constraints; one block per matrix for Sinkhorn,
-//   whose backward recomputes each step's input from the logits instead of storing 2 * iters matrices.
+//   the n-stream ops' (sinkhorn.cuh), whose backward keeps each step's divisors and walks them in reverse.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/sinkhorn.cuh"
 #include "backend.hpp"
 
 namespace mhc::cuda_impl {
@@ -432,91 +433,52 @@ __global__ void project_rows_backward_kernel(const M* __restrict__ logits, const
   for (int k = 0; k < H; ++k) grad_logits[r * H + k] = gz[k];
 }
 
-// Sinkhorn of docs/MATH.md section 1.1 on one H x H matrix per block (blockDim >= H; thread i owns row or column i).
-struct SinkhornParams {
-  int H;
-  int steps;  // 2 * iters - 1 normalisations after the row softmax
-  double inv_t;
-  double eps;
+// The doubly stochastic projection: the Sinkhorn of sinkhorn.cuh (docs/MATH.md section 1.1) of z / T, one
+// H x H matrix per block of sinkhorn_threads(H) threads (BlockGroup: one row or column a thread). The logits
+// are scaled as the fast CPU path scales them, z * (1 / T) with 1 / T rounded to M once, and the gradient
+// is scaled by 1 / T after the softmax backward, so the two backends round alike.
+template <class M> struct ScaledLogits {
+  const M* z;
+  M inv_t;
+  __device__ M operator()(int idx) const { return z[idx] * inv_t; }
 };
 
-__host__ __device__ inline bool step_is_rows(int step) { return step % 2 == 1; }
+struct SinkhornShape {
+  int H;
+  int iters;
+  int window;  // backward: the steps whose divisors fit in shared memory at once
+};
 
-// a = softmax rows of z / T + eps, then the first `steps` normalisations (block-wide).
-template <class M> __device__ void sinkhorn_prefix(const M* z, M* a, const SinkhornParams& p, int steps) {
-  const int H = p.H, t = threadIdx.x;
-  const M eps = static_cast<M>(p.eps);
-  if (t < H) {
-    M m = z[t * H] * static_cast<M>(p.inv_t);
-    for (int j = 1; j < H; ++j) m = max(m, z[t * H + j] * static_cast<M>(p.inv_t));
-    M sum = 0;
-    for (int j = 0; j < H; ++j) sum += (a[t * H + j] = exp(z[t * H + j] * static_cast<M>(p.inv_t) - m));
-    const M inv = M(1) / sum;
-    for (int j = 0; j < H; ++j) a[t * H + j] = a[t * H + j] * inv + eps;
-  }
-  __syncthreads();
-  for (int step = 0; step < steps; ++step) {
-    const bool rows = step_is_rows(step);
-    if (t < H) {
-      M sum = 0;
-      for (int j = 0; j < H; ++j) sum += rows ? a[t * H + j] : a[j * H + t];
-      const M inv = M(1) / (sum + eps);
-      for (int j = 0; j < H; ++j) (rows ? a[t * H + j] : a[j * H + t]) *= inv;
-    }
-    __syncthreads();
+template <class M>
+__global__ void sinkhorn_project_kernel(const M* __restrict__ logits, M* __restrict__ weights, std::int64_t matrices,
+                                        SinkhornShape shape, M inv_t, M eps) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  M* p = reinterpret_cast<M*>(smem_raw);
+  const std::int64_t HH = static_cast<std::int64_t>(shape.H) * shape.H;
+  for (std::int64_t m = blockIdx.x; m < matrices; m += gridDim.x) {
+    sinkhorn_forward_group<BlockGroup>(ScaledLogits<M>{logits + m * HH, inv_t}, p, shape.H, eps, shape.iters);
+    for (std::int64_t i = threadIdx.x; i < HH; i += blockDim.x) weights[m * HH + i] = p[i];
+    __syncthreads();  // p is rewritten by the next matrix
   }
 }
 
+// Shared memory: p and g (H x H each), then the divisors of `window` steps.
 template <class M>
-__global__ void sinkhorn_forward_kernel(const M* __restrict__ logits, M* __restrict__ weights, SinkhornParams p) {
+__global__ void sinkhorn_project_backward_kernel(const M* __restrict__ logits, const M* __restrict__ grad_weights,
+                                                 M* __restrict__ grad_logits, std::int64_t matrices,
+                                                 SinkhornShape shape, M inv_t, M eps) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  M* a = reinterpret_cast<M*>(smem_raw);
-  const std::int64_t HH = static_cast<std::int64_t>(p.H) * p.H;
-  const M* z = logits + blockIdx.x * HH;
-  sinkhorn_prefix(z, a, p, p.steps);
-  for (int i = threadIdx.x; i < HH; i += blockDim.x) weights[blockIdx.x * HH + i] = a[i];
-}
-
-template <class M>
-__global__ void sinkhorn_backward_kernel(const M* __restrict__ logits, const M* __restrict__ grad_weights,
-                                         M* __restrict__ grad_logits, SinkhornParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int H = p.H, t = threadIdx.x;
-  const std::int64_t HH = static_cast<std::int64_t>(H) * H;
-  M* in = reinterpret_cast<M*>(smem_raw);
-  M* g = in + HH;
-  const M* z = logits + blockIdx.x * HH;
-  const M eps = static_cast<M>(p.eps);
-  for (int i = t; i < HH; i += blockDim.x) g[i] = grad_weights[blockIdx.x * HH + i];
-  __syncthreads();
-  for (int step = p.steps - 1; step >= 0; --step) {
-    sinkhorn_prefix(z, in, p, step);  // the input of this normalisation
-    const bool rows = step_is_rows(step);
-    if (t < H) {
-      // out = in / (sum + eps) along the line; grad_in = (g - <g, out>) / (sum + eps)
-      M sum = 0;
-      for (int j = 0; j < H; ++j) sum += rows ? in[t * H + j] : in[j * H + t];
-      const M inv = M(1) / (sum + eps);
-      M dot = 0;
-      for (int j = 0; j < H; ++j) {
-        const int idx = rows ? t * H + j : j * H + t;
-        dot += g[idx] * in[idx] * inv;
-      }
-      for (int j = 0; j < H; ++j) {
-        const int idx = rows ? t * H + j : j * H + t;
-        g[idx] = (g[idx] - dot) * inv;
-      }
-    }
+  const std::int64_t HH = static_cast<std::int64_t>(shape.H) * shape.H;
+  M* p = reinterpret_cast<M*>(smem_raw);
+  M* g = p + HH;
+  M* divisors = g + HH;
+  for (std::int64_t m = blockIdx.x; m < matrices; m += gridDim.x) {
+    for (std::int64_t i = threadIdx.x; i < HH; i += blockDim.x) g[i] = grad_weights[m * HH + i];
     __syncthreads();
-  }
-  if (t < H) {  // the row softmax (the + eps has no gradient), then the temperature
-    const M inv_t = static_cast<M>(p.inv_t);
-    M u[kMaxH], s[kMaxH];
-    for (int j = 0; j < H; ++j) u[j] = z[t * H + j] * inv_t;
-    softmax_serial(u, s, H);
-    M gs = 0;
-    for (int j = 0; j < H; ++j) gs += g[t * H + j] * s[j];
-    for (int j = 0; j < H; ++j) grad_logits[blockIdx.x * HH + t * H + j] = s[j] * (g[t * H + j] - gs) * inv_t;
+    sinkhorn_backward_group<BlockGroup>(ScaledLogits<M>{logits + m * HH, inv_t}, p, g, shape.H, eps, shape.iters,
+                                        divisors, shape.window);
+    for (std::int64_t i = threadIdx.x; i < HH; i += blockDim.x) grad_logits[m * HH + i] = g[i] * inv_t;
+    __syncthreads();  // g is rewritten by the next matrix
   }
 }
 
@@ -659,11 +621,45 @@ std::size_t backward_workspace(std::span<const TensorView> states, DType stream,
   return static_cast<std::size_t>(R) * backward_grid(states[0].numel()) * states.size() * coef_size;
 }
 
-SinkhornParams sinkhorn_params(int H, const HistoryConfig& cfg) {
-  return {H, 2 * cfg.sinkhorn_iters - 1, 1.0 / cfg.temperature, cfg.sinkhorn_eps};
-}
+// ---- Sinkhorn launch policy: one matrix per block, one line per thread -------------------------------------
 
 int sinkhorn_threads(int H) { return ((H + 31) / 32) * 32; }
+
+template <class M> M inverse_temperature(const HistoryConfig& cfg) { return M(1) / static_cast<M>(cfg.temperature); }
+
+// Every step's divisors when they fit in shared memory next to p and g (any H at the default 20
+// iterations), else as many steps as fit; at least one (p and g of H = kMaxHistory fit on every device).
+template <class M> SinkhornShape sinkhorn_backward_shape(int H, int iters) {
+  const std::size_t smem_max = static_cast<std::size_t>(current_device_info().max_smem_optin);
+  const std::size_t matrices = 2 * static_cast<std::size_t>(H) * H * sizeof(M), per_step = H * sizeof(M);
+  const std::size_t fit = smem_max > matrices ? (smem_max - matrices) / per_step : 0;
+  const int window = static_cast<int>(std::clamp<std::size_t>(fit, 1, sinkhorn_steps(iters)));
+  return {H, iters, window};
+}
+
+template <class M> std::size_t sinkhorn_backward_smem(const SinkhornShape& s) {
+  return (2 * static_cast<std::size_t>(s.H) * s.H + static_cast<std::size_t>(s.window) * s.H) * sizeof(M);
+}
+
+template <class M> void launch_sinkhorn_forward(const ProjectLogitsForward& a, std::int64_t matrices, int H,
+                                                const HistoryConfig& cfg, const Context& ctx) {
+  const std::size_t smem = static_cast<std::size_t>(H) * H * sizeof(M);
+  sinkhorn_project_kernel<M><<<blocks_for(matrices, 1), sinkhorn_threads(H), smem, stream_of(ctx)>>>(
+      a.logits.ptr<const M>(), a.weights.ptr<M>(), matrices, SinkhornShape{H, cfg.sinkhorn_iters, 0},
+      inverse_temperature<M>(cfg), static_cast<M>(cfg.sinkhorn_eps));
+  MHC_CUDA_CHECK_LAUNCH();
+}
+
+template <class M> void launch_sinkhorn_backward(const ProjectLogitsBackward& a, std::int64_t matrices, int H,
+                                                 const HistoryConfig& cfg, const Context& ctx) {
+  const SinkhornShape shape = sinkhorn_backward_shape<M>(H, cfg.sinkhorn_iters);
+  const std::size_t smem = sinkhorn_backward_smem<M>(shape);
+  allow_dynamic_smem(sinkhorn_project_backward_kernel<M>, smem);
+  sinkhorn_project_backward_kernel<M><<<blocks_for(matrices, 1), sinkhorn_threads(H), smem, stream_of(ctx)>>>(
+      a.logits.ptr<const M>(), a.grad_weights.ptr<const M>(), a.grad_logits.ptr<M>(), matrices, shape,
+      inverse_temperature<M>(cfg), static_cast<M>(cfg.sinkhorn_eps));
+  MHC_CUDA_CHECK_LAUNCH();
+}
 
 }  // namespace
 
@@ -677,14 +673,10 @@ void project_logits_forward(const ProjectLogitsForward& a, const HistoryConfig& 
   if (rows == 0) return;
   auto run = [&](auto tag) {
     using M = typename decltype(tag)::type;
-    if (square) {
-      const std::size_t smem = static_cast<std::size_t>(block) * sizeof(M);
-      sinkhorn_forward_kernel<M><<<static_cast<unsigned>(rows), sinkhorn_threads(H), smem, stream_of(ctx)>>>(
-          a.logits.ptr<const M>(), a.weights.ptr<M>(), sinkhorn_params(H, cfg));
-    } else {
-      project_rows_kernel<M><<<ceil_div(rows, 128), 128, 0, stream_of(ctx)>>>(
-          a.logits.ptr<const M>(), a.weights.ptr<M>(), rows, H, projection_of(cfg));
-    }
+    if (square) return launch_sinkhorn_forward<M>(a, rows, H, cfg, ctx);
+    project_rows_kernel<M><<<ceil_div(rows, 128), 128, 0, stream_of(ctx)>>>(a.logits.ptr<const M>(),
+                                                                          a.weights.ptr<M>(), rows, H,
+                                                                          projection_of(cfg));
     MHC_CUDA_CHECK_LAUNCH();
   };
   if (a.logits.dtype == DType::f64) run(Tag<double>{});
@@ -699,15 +691,10 @@ void project_logits_backward(const ProjectLogitsBackward& a, const HistoryConfig
   if (rows == 0) return;
   auto run = [&](auto tag) {
     using M = typename decltype(tag)::type;
-    if (square) {
-      const std::size_t smem = 2 * static_cast<std::size_t>(block) * sizeof(M);
-      sinkhorn_backward_kernel<M><<<static_cast<unsigned>(rows), sinkhorn_threads(H), smem, stream_of(ctx)>>>(
-          a.logits.ptr<const M>(), a.grad_weights.ptr<const M>(), a.grad_logits.ptr<M>(), sinkhorn_params(H, cfg));
-    } else {
-      project_rows_backward_kernel<M><<<ceil_div(rows, 128), 128, 0, stream_of(ctx)>>>(
-          a.logits.ptr<const M>(), a.weights.ptr<const M>(), a.grad_weights.ptr<const M>(), a.grad_logits.ptr<M>(),
-          rows, H, projection_of(cfg));
-    }
+    if (square) return launch_sinkhorn_backward<M>(a, rows, H, cfg, ctx);
+    project_rows_backward_kernel<M><<<ceil_div(rows, 128), 128, 0, stream_of(ctx)>>>(
+        a.logits.ptr<const M>(), a.weights.ptr<const M>(), a.grad_weights.ptr<const M>(), a.grad_logits.ptr<M>(),
+        rows, H, projection_of(cfg));
     MHC_CUDA_CHECK_LAUNCH();
   };
   if (a.logits.dtype == DType::f64) run(Tag<double>{});

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -55,6 +56,19 @@ struct DeviceInfo {
 const DeviceInfo& current_device_info();
 
 inline int ceil_div(std::int64_t a, std::int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// ---- launch grids (one set for every kernel file) -----------------------------------------------------
+// Grid-stride kernels over `items`: enough blocks of `threads` to cover them, at most 16 per SM.
+inline unsigned grid_for(std::int64_t items, int threads) {
+  const std::int64_t cap = std::int64_t(current_device_info().sm_count) * 16;
+  return static_cast<unsigned>(std::clamp<std::int64_t>((items + threads - 1) / threads, 1, cap));
+}
+// One block per token, grid-striding past the x-dimension limit kept well inside 2^31 - 1.
+inline unsigned token_grid(std::int64_t T) { return static_cast<unsigned>(std::min<std::int64_t>(T, 1 << 30)); }
+// One block per `per_block` items, no grid-stride cap below the same limit.
+inline unsigned blocks_for(std::int64_t items, int per_block) {
+  return static_cast<unsigned>(std::clamp<std::int64_t>((items + per_block - 1) / per_block, 1, std::int64_t(1) << 30));
+}
 
 // ---- host-side dispatch ---------------------------------------------------------------------------
 // f(std::integral_constant<int, N>{}) for the specialised stream counts, N = 0 for the generic path.

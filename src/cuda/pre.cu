@@ -129,11 +129,6 @@ __global__ void aggregate_generic(const S* __restrict__ x, const math_t<S>* __re
   }
 }
 
-unsigned grid_for(int64_t items, int threads) {
-  const auto& info = current_device_info();
-  return static_cast<unsigned>(std::clamp<int64_t>((items + threads - 1) / threads, 1, int64_t(info.sm_count) * 16));
-}
-unsigned token_grid(int64_t T) { return static_cast<unsigned>(std::min<int64_t>(T, 1 << 30)); }
 
 // Generic pre on x (already in device memory): projection, coefficients, aggregation.
 template <class S>

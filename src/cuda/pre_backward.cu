@@ -12,6 +12,9 @@
 // the grad_fn partials; its size depends only on (T, n, C, fn present, iters, device).
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "cuda/coefficients.cuh"
@@ -31,7 +34,7 @@ enum class Site { pre, head };
 
 // ---- workspace layout ---------------------------------------------------------------------------
 struct BackwardLayout {
-  int64_t T = 0, n = 0, C = 0, m = 0, steps = 0, chunks = 0;
+  int64_t T = 0, n = 0, C = 0, m = 0, steps = 0, chunks = 0, chunks_v4 = 0, chunks_v4w = 0;
   std::size_t elem = 4;
   // byte offsets
   std::size_t U = 0, DL = 0, DP = 0, XC = 0, H = 0, SC = 0, DIV = 0, GF = 0, total = 0;
@@ -46,6 +49,36 @@ int grad_fn_chunks(int64_t T, int64_t nC, int m) {
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(want, (T + 31) / 32), 1, 64));
 }
 
+// ---- stage C version (MHC_CUDA_PRE_BWD) ----------------------------------------------------------------
+// v2 (default): grad_x_fn_mma below (bf16, 128-column blocks, 32-token tiles, x alone prefetched).
+// v4: grad_x_fn_v4 (bf16, 256- or 128-column blocks, 16-token tiles, a cp.async ring of x, g, accum, DP,
+// h and XC, one wave of resident blocks), and a packed static-mode kernel.
+// v4-wide: the same kernel with 512 threads and twice the columns per block (1 KB runs per token row for n <= 4,
+// 512 bytes for n = 8), one block per SM: the same bytes in flight per SM as v4, so the pair measures the
+// run-length reading of docs/cuda_notes.md directly. Read at every call.
+enum class BwdVersion { v2, v4, v4_wide };
+BwdVersion bwd_version() {
+  const char* v = std::getenv("MHC_CUDA_PRE_BWD");
+  if (v && std::strcmp(v, "v4") == 0) return BwdVersion::v4;
+  if (v && std::strcmp(v, "v4-wide") == 0) return BwdVersion::v4_wide;
+  return BwdVersion::v2;
+}
+
+// v4 geometry the host needs too (work split and workspace): columns per block by m, tokens per tile,
+// the resident blocks per SM the kernel is built for (__launch_bounds__ and shared memory).
+constexpr int v4_cols(int64_t m, bool wide) { return (m <= 24 ? 256 : 128) * (wide ? 2 : 1); }
+constexpr int kV4Tokens = 16;
+constexpr int v4_blocks_per_sm(bool wide) { return wide ? 1 : 2; }
+constexpr bool v4_rows(int64_t m) { return m == 8 || m == 24 || m == 80; }  // n = 2, 4, 8
+
+// Token chunks of v4: as many as fill the resident slots once (one wave), whole tiles per chunk.
+int v4_chunks(int64_t T, int64_t nC, int64_t m, bool wide) {
+  const int64_t colblocks = (nC + v4_cols(m, wide) - 1) / v4_cols(m, wide);
+  const int64_t slots = int64_t(v4_blocks_per_sm(wide)) * current_device_info().sm_count;
+  const int64_t tiles = (T + kV4Tokens - 1) / kV4Tokens;
+  return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(slots / colblocks, tiles), 1, 64));
+}
+
 BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool has_fn, bool has_sinkhorn,
                                int iters, DType dtype) {
   BackwardLayout L;
@@ -56,6 +89,8 @@ BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool 
   L.elem = dtype == DType::f64 ? 8 : 4;
   L.steps = has_sinkhorn ? sinkhorn_steps(iters) : 0;
   L.chunks = has_fn ? grad_fn_chunks(T, n * C, static_cast<int>(m)) : 0;
+  L.chunks_v4 = has_fn && has_sinkhorn && v4_rows(m) ? v4_chunks(T, n * C, m, false) : 0;  // pre only
+  L.chunks_v4w = has_fn && has_sinkhorn && v4_rows(m) ? v4_chunks(T, n * C, m, true) : 0;
   std::size_t off = 0;
   auto take = [&](int64_t count) {
     const std::size_t at = off;
@@ -69,20 +104,15 @@ BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool 
   L.H = take(T * n);
   L.SC = take(T * 3);
   L.DIV = take(T * L.steps * n);
-  // sized for v2 and the split stage C alike (MHC_CUDA_PRE_BWD may change between the query and the call)
-  const int64_t split_chunks = has_sinkhorn ? pre_bwd_split_chunks(dtype, T, n, C, has_fn) : 0;
-  L.GF = take(has_fn ? std::max<int64_t>(L.chunks, split_chunks) * m * n * C : 0);
+  // sized for every version of stage C (MHC_CUDA_PRE_BWD may change between the query and the call)
+  const int64_t split_chunks = has_sinkhorn ? pre_bwd_split_chunks(dtype, T, n, C, has_fn) : 0;  // pre only
+  L.GF = take(has_fn ? std::max({L.chunks, L.chunks_v4, L.chunks_v4w, split_chunks}) * m * n * C : 0);
   L.total = off;
   return L;
 }
 
 template <class M> M* at(void* ws, std::size_t off) { return reinterpret_cast<M*>(static_cast<char*>(ws) + off); }
 
-unsigned grid_for(int64_t items, int threads) {
-  return static_cast<unsigned>(
-      std::clamp<int64_t>((items + threads - 1) / threads, 1, int64_t(current_device_info().sm_count) * 16));
-}
-unsigned token_grid(int64_t T) { return static_cast<unsigned>(std::min<int64_t>(T, 1 << 30)); }
 
 // ---- A. U[t, i] = <g[t], x[t, i]> ---------------------------------------------------------------------
 template <class S, int N>
@@ -522,6 +552,335 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
     }
 }
 
+// ---- C, version 4 -------------------------------------------------------------------------------------------
+// Same math and split as grad_x_fn_mma; what changes is how the bytes arrive (docs/cuda_notes.md, pre backward
+// stage C v4): v2 is latency-bound (one 32-token x tile in flight per block, DP and g / accum loaded synchronously
+// inside the tile, 256-byte runs per token row; v3, the same with everything prefetched at 2 blocks per SM, put
+// its 384 blocks into 1.5 waves). v4:
+//   - a ring of kStages tiles of 16 tokens: x, g, accum, DP, h and XC of a tile are all cp.async copies issued
+//     kStages - 1 tiles ahead, so every byte a tile needs is in shared memory before it starts and no load
+//     waits inside a tile (up to 2 x 24 KB in flight per block at n = 4, 2 blocks per SM);
+//   - 256 columns per block for n <= 4 (512-byte runs per token row), 128 for n = 8 (registers: fn and the
+//     grad_fn partials of 80 rows); kWide (v4-wide): 512 threads, twice the columns, one block per SM;
+//   - one wave: token chunks = resident slots / column blocks, so no block waits for a second wave;
+//   - blocks of the same channels of the n streams adjacent in launch order (one g row serves n blocks from L2).
+template <int MR, bool kWide> struct V4Geom {
+  static constexpr int kThreads = kWide ? 512 : 256, kWarps = kThreads / 32;
+  static constexpr int kBlocksPerSm = v4_blocks_per_sm(kWide);
+  static constexpr int N = MR == 8 ? 2 : MR == 24 ? 4 : 8;  // streams: m = n^2 + 2n
+  static constexpr int MP = (MR + 15) / 16 * 16;  // rows of fn padded to the mma granularity
+  static constexpr int KS = MP / 16;              // k steps of DP . fn = row tiles of DP^T . x
+  static constexpr int W = v4_cols(MR, kWide);    // columns of x ([T, nC]) per block
+  static constexpr int TT = kV4Tokens;            // tokens per tile (one m tile of DP . fn, one k step of DP^T . x)
+  static constexpr int kStages = MR <= 24 ? 3 : 4;
+  static constexpr int WC = W / kWarps;           // columns per warp
+  static constexpr int NT = WC / 8;               // 8-column mma tiles per warp
+  static constexpr int PR = W / 8;                // 16-byte packs per tile row
+  static constexpr int PPT = TT * PR / kThreads;  // packs per thread per tile (per stream tensor)
+  static constexpr int XS = W + 8;                // x row stride (elements): ldmatrix rows 16 bytes apart mod 128
+  static constexpr int SD = MP + 4;               // DP row stride (floats): conflict-free DP^T fragment reads
+  static constexpr int PS = W + 8;                // staged DP . fn row stride (floats): conflict-free float2 stores
+  static constexpr int HS = 8;                    // h row stride (floats), n <= 8
+  // one ring stage, byte offsets
+  static constexpr int kX = 0, kG = kX + TT * XS * 2, kA = kG + TT * W * 2, kDP = kA + TT * W * 2,
+                       kH = kDP + TT * SD * 4, kXC = kH + TT * HS * 4, kStage = kXC + TT * 4;
+  static constexpr int kPart = kStages * kStage;
+  // DP of the current tile as bf16 hi / lo mma A fragments, [layout][k step][lane] 16 bytes each:
+  // layout 0 = A of DP . fn (rows = tokens), layout 1 = A of DP^T . x (rows = j)
+  static constexpr int kFragH = kPart + TT * PS * 4, kFragL = kFragH + 2 * KS * 32 * 16;
+  static constexpr int kSmem = kFragL + 2 * KS * 32 * 16;
+  static_assert(NT % 2 == 0 && PPT >= 1 && TT * PR % kThreads == 0 && kThreads % PR == 0, "v4 geometry");
+  static_assert(N * N + 2 * N == MR && N <= HS, "n in {2, 4, 8}");
+  static_assert(MR % 4 == 0 && kStage % 16 == 0, "16-byte copies of DP rows and stages");
+  static_assert(kBlocksPerSm * (kSmem + 1024) <= 228 * 1024, "shared memory of the resident blocks");
+};
+
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
+}
+
+template <int MR, bool kWide>
+__global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>::kBlocksPerSm)
+    grad_x_fn_v4(const GradXArgs<__nv_bfloat16> a) {
+  using S = __nv_bfloat16;
+  using G = V4Geom<MR, kWide>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* part = reinterpret_cast<float*>(smem + G::kPart);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, tq = lane & 3;
+  constexpr int n = G::N;
+  const int64_t C = a.C, nC = int64_t(n) * C;
+
+  // -- where this block works: columns [col0, col0 + W) of x viewed as [T, nC], tokens [t_begin, t_end).
+  // With W | C the n blocks of one channel range (one per stream) are consecutive in blockIdx.x.
+  int64_t col0;
+  if (C % G::W == 0) {
+    const int64_t b = blockIdx.x;
+    col0 = (b % n) * C + (b / n) * G::W;
+  } else {
+    col0 = int64_t(blockIdx.x) * G::W;
+  }
+  const int64_t per_chunk = ((a.T + a.chunks - 1) / a.chunks + G::TT - 1) / G::TT * G::TT;
+  const int64_t t_begin = std::min<int64_t>(a.T, blockIdx.y * per_chunk);
+  const int64_t t_end = std::min<int64_t>(a.T, t_begin + per_chunk);
+  const int tiles = static_cast<int>((t_end - t_begin + G::TT - 1) / G::TT);
+
+  // -- this thread's pack of every tile row it copies and finishes: the same 8 columns for every tile.
+  const int pk = tid % G::PR;
+  const int64_t col = col0 + pk * 8;
+  const bool col_ok = col < nC;
+  const int stream_i = col_ok ? static_cast<int>(col / C) : 0;
+  const int64_t chan = col_ok ? col - stream_i * C : 0;
+
+  // -- ring of tiles: tile `it` goes to stage it % kStages; one commit group per tile (empty past the end).
+  auto issue = [&](int it) {
+    if (it < tiles) {
+      unsigned char* st = smem + (it % G::kStages) * G::kStage;
+      S* xs = reinterpret_cast<S*>(st + G::kX);
+      S* gs = reinterpret_cast<S*>(st + G::kG);
+      S* as = reinterpret_cast<S*>(st + G::kA);
+      float* dps = reinterpret_cast<float*>(st + G::kDP);
+      float* hs = reinterpret_cast<float*>(st + G::kH);
+      float* xcs = reinterpret_cast<float*>(st + G::kXC);
+      const int64_t tb = t_begin + int64_t(it) * G::TT;
+#pragma unroll
+      for (int r = 0; r < G::PPT; ++r) {
+        const int tl = (tid + r * G::kThreads) / G::PR;
+        const int64_t t = tb + tl;
+        const bool ok = col_ok && t < t_end;
+        cp_async16(xs + tl * G::XS + pk * 8, ok ? a.x + t * nC + col : a.x, ok);
+        if (a.g) cp_async16(gs + tl * G::W + pk * 8, ok ? a.g + t * C + chan : a.g, ok);
+        if (a.accum) cp_async16(as + tl * G::W + pk * 8, ok ? a.accum + t * nC + col : a.accum, ok);
+      }
+      for (int q = tid; q < G::TT * (MR / 4); q += G::kThreads) {
+        const int tl = q / (MR / 4), c4 = q % (MR / 4);
+        const bool ok = tb + tl < t_end;
+        cp_async16(dps + tl * G::SD + c4 * 4, ok ? a.DP + (tb + tl) * MR + c4 * 4 : a.DP, ok);
+      }
+      if (a.g)
+        for (int q = tid; q < G::TT * n; q += G::kThreads) {
+          const int tl = q / n, i = q % n;
+          const bool ok = tb + tl < t_end;
+          cp_async4(hs + tl * G::HS + i, ok ? a.H + (tb + tl) * n + i : a.H, ok);
+        }
+      for (int q = tid; q < G::TT; q += G::kThreads) {
+        const bool ok = tb + q < t_end;
+        cp_async4(xcs + q, ok ? a.XC + tb + q : a.XC, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // -- prologue: the first kStages - 1 tiles in flight before anything else.
+#pragma unroll
+  for (int s = 0; s < G::kStages - 1; ++s) issue(s);
+
+  // Padded DP columns [MR, MP) of every stage: never copied, zero for the whole kernel.
+  if constexpr (G::MP > MR)
+    for (int q = tid; q < G::kStages * G::TT * (G::MP - MR); q += G::kThreads) {
+      const int s = q / (G::TT * (G::MP - MR)), r = q % (G::TT * (G::MP - MR));
+      reinterpret_cast<float*>(smem + s * G::kStage + G::kDP)[(r / (G::MP - MR)) * G::SD + MR + r % (G::MP - MR)] = 0.f;
+    }
+
+  // -- fn fragments of DP . fn (B[k = j][n = column], hi + lo), resident for the whole chunk; grad_fn partials.
+  const int nb = warp * G::WC;
+  std::uint32_t fh[G::KS][G::NT][2], fl[G::KS][G::NT][2];
+#pragma unroll
+  for (int ks = 0; ks < G::KS; ++ks)
+#pragma unroll
+    for (int nt = 0; nt < G::NT; ++nt) {
+      const int64_t c = col0 + nb + nt * 8 + g8;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = ks * 16 + 2 * tq + h * 8;
+        const float f0 = j < MR && c < nC ? a.fn[j * nC + c] : 0.f;
+        const float f1 = j + 1 < MR && c < nC ? a.fn[(j + 1) * nC + c] : 0.f;
+        split_pair<S>(make_float2(f0, f1), fh[ks][nt][h], fl[ks][nt][h]);
+      }
+    }
+  float gf[G::KS][G::NT][4];
+#pragma unroll
+  for (int mj = 0; mj < G::KS; ++mj)
+#pragma unroll
+    for (int nt = 0; nt < G::NT; ++nt) gf[mj][nt][0] = gf[mj][nt][1] = gf[mj][nt][2] = gf[mj][nt][3] = 0.f;
+
+  for (int it = 0; it < tiles; ++it) {
+    // -- wait for tile it; the barrier also says every thread is done with tile it - 1 (its stage, `part`, the
+    // fragments).
+    cp_async_wait<G::kStages - 2>();
+    __syncthreads();
+    issue(it + G::kStages - 1);
+    const unsigned char* st = smem + (it % G::kStages) * G::kStage;
+    const S* xs = reinterpret_cast<const S*>(st + G::kX);
+    const float* dps = reinterpret_cast<const float*>(st + G::kDP);
+    uint4* frag_h = reinterpret_cast<uint4*>(smem + G::kFragH);
+    uint4* frag_l = reinterpret_cast<uint4*>(smem + G::kFragL);
+
+    // -- DP split into bf16 hi + lo A fragments once per block (not once per warp): fragment q is what lane
+    // q % 32 holds for k step (q / 32) % KS of layout q / (32 KS), as the per-warp code of v2 computes it.
+    for (int q = tid; q < 2 * G::KS * 32; q += G::kThreads) {
+      const int ln = q & 31, idx = (q >> 5) % G::KS, gq = ln >> 2, tl4 = ln & 3;
+      float2 v[4];
+      if (q < G::KS * 32) {  // A of DP . fn: A[row = token][k = j]
+        const float* r0 = dps + gq * G::SD + idx * 16 + 2 * tl4;
+        const float* r1 = r0 + 8 * G::SD;
+        v[0] = *reinterpret_cast<const float2*>(r0);
+        v[1] = *reinterpret_cast<const float2*>(r1);
+        v[2] = *reinterpret_cast<const float2*>(r0 + 8);
+        v[3] = *reinterpret_cast<const float2*>(r1 + 8);
+      } else {  // A of DP^T . x: A[row = j][k = token]
+        const int j0 = idx * 16 + gq, k0 = 2 * tl4;
+        v[0] = make_float2(dps[k0 * G::SD + j0], dps[(k0 + 1) * G::SD + j0]);
+        v[1] = make_float2(dps[k0 * G::SD + j0 + 8], dps[(k0 + 1) * G::SD + j0 + 8]);
+        v[2] = make_float2(dps[(k0 + 8) * G::SD + j0], dps[(k0 + 9) * G::SD + j0]);
+        v[3] = make_float2(dps[(k0 + 8) * G::SD + j0 + 8], dps[(k0 + 9) * G::SD + j0 + 8]);
+      }
+      uint4 hi, lo;
+      split_pair<S>(v[0], hi.x, lo.x);
+      split_pair<S>(v[1], hi.y, lo.y);
+      split_pair<S>(v[2], hi.z, lo.z);
+      split_pair<S>(v[3], hi.w, lo.w);
+      frag_h[q] = hi;
+      frag_l[q] = lo;
+    }
+    __syncthreads();  // fragments complete
+
+    // -- DP . fn for the tile's 16 tokens x the warp's columns (3 mma: fp32-level), staged for the epilogue.
+    {
+      float d[G::NT][4];
+#pragma unroll
+      for (int nt = 0; nt < G::NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < G::KS; ++ks) {
+        const uint4 h4 = frag_h[ks * 32 + lane], l4 = frag_l[ks * 32 + lane];
+        const std::uint32_t ah[4] = {h4.x, h4.y, h4.z, h4.w}, al[4] = {l4.x, l4.y, l4.z, l4.w};
+#pragma unroll
+        for (int nt = 0; nt < G::NT; ++nt) {
+          mma_16816<S>(d[nt], al, fh[ks][nt]);
+          mma_16816<S>(d[nt], ah, fl[ks][nt]);
+          mma_16816<S>(d[nt], ah, fh[ks][nt]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < G::NT; ++nt) {
+        const int c = nb + nt * 8 + 2 * tq;
+        *reinterpret_cast<float2*>(part + g8 * G::PS + c) = make_float2(d[nt][0], d[nt][1]);
+        *reinterpret_cast<float2*>(part + (g8 + 8) * G::PS + c) = make_float2(d[nt][2], d[nt][3]);
+      }
+    }
+
+    // -- grad_fn += DP^T . x (A[row = j][k = token] from the DP tile, hi + lo; B = x exact, transposing load).
+    {
+      std::uint32_t bx[G::NT][2];
+#pragma unroll
+      for (int np = 0; np < G::NT / 2; ++np) {
+        std::uint32_t r[4];
+        ldmatrix_x4_trans(r, xs + (lane & 15) * G::XS + nb + np * 16 + (lane >> 4) * 8);
+        bx[2 * np][0] = r[0];
+        bx[2 * np][1] = r[1];
+        bx[2 * np + 1][0] = r[2];
+        bx[2 * np + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mj = 0; mj < G::KS; ++mj) {
+        const uint4 h4 = frag_h[(G::KS + mj) * 32 + lane], l4 = frag_l[(G::KS + mj) * 32 + lane];
+        const std::uint32_t ah[4] = {h4.x, h4.y, h4.z, h4.w}, al[4] = {l4.x, l4.y, l4.z, l4.w};
+#pragma unroll
+        for (int nt = 0; nt < G::NT; ++nt) {
+          mma_16816<S>(gf[mj][nt], al, bx[nt]);
+          mma_16816<S>(gf[mj][nt], ah, bx[nt]);
+        }
+      }
+    }
+    __syncthreads();  // `part` complete
+
+    // -- epilogue: grad_x = DP . fn + XC x + h g (+ accum), every operand already in shared memory.
+    {
+      const S* gs = reinterpret_cast<const S*>(st + G::kG);
+      const S* as = reinterpret_cast<const S*>(st + G::kA);
+      const float* hs = reinterpret_cast<const float*>(st + G::kH);
+      const float* xcs = reinterpret_cast<const float*>(st + G::kXC);
+      const int64_t tb = t_begin + int64_t(it) * G::TT;
+#pragma unroll
+      for (int r = 0; r < G::PPT; ++r) {
+        const int tl = (tid + r * G::kThreads) / G::PR;
+        const int64_t t = tb + tl;
+        if (!col_ok || t >= t_end) continue;
+        const Pack<S> xv = *reinterpret_cast<const Pack<S>*>(xs + tl * G::XS + pk * 8);
+        const float4 p0 = *reinterpret_cast<const float4*>(part + tl * G::PS + pk * 8);
+        const float4 p1 = *reinterpret_cast<const float4*>(part + tl * G::PS + pk * 8 + 4);
+        float out[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+        const float xc = xcs[tl];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] += xc * to_math(xv.v[e]);
+        if (a.g) {
+          const float h = hs[tl * G::HS + stream_i];
+          const Pack<S> gv = *reinterpret_cast<const Pack<S>*>(gs + tl * G::W + pk * 8);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) out[e] += h * to_math(gv.v[e]);
+        }
+        if (a.accum) {
+          const Pack<S> av = *reinterpret_cast<const Pack<S>*>(as + tl * G::W + pk * 8);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) out[e] += to_math(av.v[e]);
+        }
+        Pack<S> o;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o.v[e] = from_math<S>(out[e]);
+        __stcs(reinterpret_cast<uint4*>(a.grad_x + t * nC + col), *reinterpret_cast<const uint4*>(&o));
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups can remain; leave none behind
+
+  // -- this chunk's grad_fn partial of the block's columns (written even for an empty chunk: zeros).
+#pragma unroll
+  for (int mj = 0; mj < G::KS; ++mj)
+#pragma unroll
+    for (int nt = 0; nt < G::NT; ++nt) {
+      const int64_t c = col0 + nb + nt * 8 + 2 * tq;
+      if (c >= nC) continue;
+      const int j0 = mj * 16 + g8;
+      float* out = a.GF + int64_t(blockIdx.y) * MR * nC + c;
+      if (j0 < MR) *reinterpret_cast<float2*>(out + j0 * nC) = make_float2(gf[mj][nt][0], gf[mj][nt][1]);
+      if (j0 + 8 < MR) *reinterpret_cast<float2*>(out + (j0 + 8) * nC) = make_float2(gf[mj][nt][2], gf[mj][nt][3]);
+    }
+}
+
+// Static mode (no fn), v4: grad_x = h g (+ accum) in 16-byte packs; v2 runs grad_x_generic (one element per
+// thread, 64-bit index arithmetic per element). Block-stride over token rows of one stream, packs over C.
+template <class S>
+__global__ void __launch_bounds__(256) grad_x_static_packed(const GradXArgs<S> a) {
+  constexpr int P = kPack<S>;
+  const int64_t C = a.C, rows = a.T * a.n;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t t = row / a.n;
+    const float h = a.g ? a.H[row] : 0.f;  // H is [T, n]: row = t * n + i
+    const S* gr = a.g ? a.g + t * C : nullptr;
+    const S* ar = a.accum ? a.accum + row * C : nullptr;
+    S* out = a.grad_x + row * C;
+    for (int64_t c = int64_t(threadIdx.x) * P; c < C; c += int64_t(blockDim.x) * P) {
+      float v[P];
+#pragma unroll
+      for (int e = 0; e < P; ++e) v[e] = 0.f;
+      if (ar) {
+        const Pack<S> av = load_pack_stream(ar + c);
+#pragma unroll
+        for (int e = 0; e < P; ++e) v[e] = to_math(av.v[e]);
+      }
+      if (gr) {
+        const Pack<S> gv = load_pack(gr + c);
+#pragma unroll
+        for (int e = 0; e < P; ++e) v[e] += h * to_math(gv.v[e]);
+      }
+      Pack<S> o;
+#pragma unroll
+      for (int e = 0; e < P; ++e) o.v[e] = from_math<S>(v[e]);
+      store_pack(out + c, o);
+    }
+  }
+}
+
 // Any m and dtype: one thread per element of grad_x.
 template <class S>
 __global__ void grad_x_generic(const GradXArgs<S> a) {
@@ -598,6 +957,72 @@ struct BackwardIo {
   const TensorView *accum;       // pre only
   const TensorView *grad_x, *grad_fn, *grad_base, *grad_scale, *workspace;
 };
+
+// ---- stage C launch policy ---------------------------------------------------------------------------------
+// Shared memory opt-in, once per (device, kernel); the carveout hint asks for the largest shared memory
+// configuration, which the resident blocks v4 is built for need (2 x 105 KB at n = 4).
+template <class K> void allow_large_smem(K kernel, int bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, bool> done;
+  const int dev = current_device_info().index;
+  const std::lock_guard<std::mutex> lock(mutex);
+  bool& flag = done[{dev, reinterpret_cast<const void*>(kernel)}];
+  if (flag) return;
+  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  MHC_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  flag = true;
+}
+
+// v4 of stage C where it applies (pre, MHC_CUDA_PRE_BWD=v4 or v4-wide): bf16 streams with n in {2, 4, 8}, C a multiple
+// of 8 and 16-byte aligned data; static mode for any 16-bit or f32 streams in packs. Returns false, having
+// launched nothing, otherwise (the caller runs v2). Sets ga.chunks to the chunks it wrote.
+template <class S>
+bool stage_c_v4(GradXArgs<S>& ga, const BackwardIo& io, const BackwardLayout& L, bool wide, cudaStream_t stream) {
+  if (grad_generic_forced()) return false;
+  const int64_t C = L.C, nC = L.n * L.C;
+  const bool accum_ok = !io.accum || aligned16({io.accum});
+  if (!io.fn->present()) {
+    if constexpr (std::is_same_v<S, double>) {
+      return false;
+    } else {
+      if (C % kPack<S> != 0 || !accum_ok || !aligned16({io.g, io.grad_x})) return false;
+      const int64_t rows = L.T * L.n;
+      const int threads = static_cast<int>(std::clamp<int64_t>((C / kPack<S> + 31) / 32 * 32, 32, 256));
+      const unsigned blocks =
+          static_cast<unsigned>(std::min<int64_t>(rows, int64_t(current_device_info().sm_count) * 64));
+      grad_x_static_packed<S><<<blocks, threads, 0, stream>>>(ga);
+      MHC_CUDA_CHECK_LAUNCH();
+      return true;
+    }
+  }
+  if constexpr (!std::is_same_v<S, __nv_bfloat16>) {
+    return false;
+  } else {
+    const int64_t chunks = wide ? L.chunks_v4w : L.chunks_v4;
+    if (!v4_rows(L.m) || C % 8 != 0 || !accum_ok || !aligned16({io.x, io.g, io.grad_x, io.workspace}) || chunks < 1)
+      return false;
+    ga.chunks = static_cast<int>(chunks);
+    auto launch = [&](auto mr_tag, auto wide_tag) {
+      constexpr int MR = decltype(mr_tag)::value;
+      constexpr bool kWide = decltype(wide_tag)::value;
+      using G = V4Geom<MR, kWide>;
+      allow_large_smem(grad_x_fn_v4<MR, kWide>, G::kSmem);
+      const dim3 grid(static_cast<unsigned>((nC + G::W - 1) / G::W), static_cast<unsigned>(ga.chunks));
+      grad_x_fn_v4<MR, kWide><<<grid, G::kThreads, G::kSmem, stream>>>(ga);
+      MHC_CUDA_CHECK_LAUNCH();
+    };
+    auto by_rows = [&](auto wide_tag) {
+      using std::integral_constant;
+      if (L.m == 8) launch(integral_constant<int, 8>{}, wide_tag);
+      else if (L.m == 24) launch(integral_constant<int, 24>{}, wide_tag);
+      else launch(integral_constant<int, 80>{}, wide_tag);
+    };
+    if (wide) by_rows(std::true_type{});
+    else by_rows(std::false_type{});
+    return true;
+  }
+}
 
 template <Site kSite>
 BackwardLayout layout_for(const TensorView& x, const TensorView& fn, const MhcConfig& cfg) {
@@ -701,7 +1126,7 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
   ga.m = m;
   ga.chunks = static_cast<int>(L.chunks);
   bool fast_done = false;
-  // MHC_CUDA_PRE_BWD=split: stage C as two streaming kernels (src/cuda/pre_backward_split.cu)
+  // MHC_CUDA_PRE_BWD=split / split-u4: stage C as two streaming kernels (src/cuda/pre_backward_split.cu)
   if constexpr (kSite == Site::pre && std::is_same_v<S, __nv_bfloat16>) {
     if (pre_bwd_split_requested() && !grad_generic_forced() && pre_bwd_split_shape_ok(io.x->dtype, n, C) &&
         aligned16({io.x, io.g, io.accum, io.grad_x, io.fn, io.workspace})) {
@@ -710,6 +1135,8 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
       fast_done = true;
     }
   }
+  if (const BwdVersion v = bwd_version(); !fast_done && kSite == Site::pre && v != BwdVersion::v2)
+    fast_done = stage_c_v4<S>(ga, io, L, v == BwdVersion::v4_wide, stream);
   if constexpr (std::is_same_v<S, __nv_bfloat16>) {
     const bool vec_ok = C % kPack<S> == 0 && aligned16({io.x, io.g, io.grad_x}) &&
                         (!io.accum || aligned16({io.accum})) && (reinterpret_cast<std::uintptr_t>(io.fn->data) & 7u) == 0;

@@ -77,14 +77,6 @@ __global__ void sinkhorn_backward_warp_kernel(const M* __restrict__ logits, cons
   }
 }
 
-unsigned blocks_for(int64_t items, int per_block) {
-  return static_cast<unsigned>(std::clamp<int64_t>((items + per_block - 1) / per_block, 1, int64_t(1) << 30));
-}
-
-template <class K> void set_smem_limit(K kernel, std::size_t bytes) {
-  if (bytes > 48 * 1024)
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
 
 }  // namespace
 
@@ -140,7 +132,7 @@ void sinkhorn_backward(const SinkhornBackward& a, const MhcConfig& cfg, const Co
         const int threads = static_cast<int>(std::min<std::size_t>(128, smem_max / per_thread / 32 * 32));
         if (threads >= 32) {
           const std::size_t smem = per_thread * threads;
-          set_smem_limit(sinkhorn_backward_thread<N, M>, smem);
+          allow_dynamic_smem(sinkhorn_backward_thread<N, M>, smem);
           sinkhorn_backward_thread<N, M><<<blocks_for(T, threads), threads, smem, stream>>>(logits, grad, out, T,
                                                                                              M(cfg.eps), cfg.iters);
           MHC_CUDA_CHECK_LAUNCH();
@@ -156,7 +148,7 @@ void sinkhorn_backward(const SinkhornBackward& a, const MhcConfig& cfg, const Co
                             " bytes of shared memory per matrix on CUDA, more than the device's " +
                             std::to_string(smem_max));
     const int warps = static_cast<int>(std::clamp<std::size_t>(smem_max / 2 / per_warp, 1, 8));
-    set_smem_limit(sinkhorn_backward_warp_kernel<M>, warps * per_warp);
+    allow_dynamic_smem(sinkhorn_backward_warp_kernel<M>, warps * per_warp);
     sinkhorn_backward_warp_kernel<M><<<blocks_for(T, warps), warps * 32, warps * per_warp, stream>>>(
         logits, grad, out, T, n, M(cfg.eps), cfg.iters);
     MHC_CUDA_CHECK_LAUNCH();

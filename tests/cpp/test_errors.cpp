@@ -5,20 +5,6 @@
 namespace mhc::test {
 namespace {
 
-// Runs f, which must throw exactly E (not a sibling type) with `needle` in its message.
-template <class E, class F> ::testing::AssertionResult throws(F&& f, const std::string& needle) {
-  try {
-    f();
-  } catch (const E& e) {
-    if (std::string(e.what()).find(needle) == std::string::npos)
-      return ::testing::AssertionFailure() << "message \"" << e.what() << "\" does not name \"" << needle << "\"";
-    return ::testing::AssertionSuccess();
-  } catch (const std::exception& e) {
-    return ::testing::AssertionFailure() << "wrong exception type: " << e.what();
-  }
-  return ::testing::AssertionFailure() << "nothing thrown (expected an error naming \"" << needle << "\")";
-}
-
 class Errors : public ::testing::Test {
  protected:
   std::mt19937_64 rng{99};

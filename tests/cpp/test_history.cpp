@@ -10,114 +10,27 @@
 #include <string>
 #include <vector>
 
-#include "common/float_types.hpp"
 #include "mhc/history.hpp"
+#include "test_util.hpp"
 
-namespace history_test {
+namespace mhc::history_test {
+namespace {
 
-using namespace mhc;
-
-// An owning, contiguous host tensor.
-struct Buf {
-  DType dtype = DType::f32;
-  std::vector<std::int64_t> shape;
-  std::vector<unsigned char> bytes;
-
-  Buf() = default;
-  Buf(DType dt, std::vector<std::int64_t> s) : dtype(dt), shape(std::move(s)) {
-    bytes.resize(static_cast<std::size_t>(numel()) * dtype_size(dtype));
-    poison();
-  }
-  std::int64_t numel() const {
-    std::int64_t n = 1;
-    for (auto d : shape) n *= d;
-    return n;
-  }
-  TensorView view() const {
-    TensorView t;
-    t.data = const_cast<unsigned char*>(bytes.data());
-    t.dtype = dtype;
-    t.rank = static_cast<int>(shape.size());
-    std::int64_t stride = 1;
-    for (int d = t.rank - 1; d >= 0; --d) {
-      t.shape[d] = shape[d];
-      t.strides[d] = stride;
-      stride *= shape[d];
-    }
-    return t;
-  }
-  double get(std::int64_t i) const {
-    return detail::dispatch_storage(dtype, [&](auto tag) -> double {
-      using S = decltype(tag);
-      return static_cast<double>(detail::load(reinterpret_cast<const S*>(bytes.data()), i));
-    });
-  }
-  void set(std::int64_t i, double v) {
-    detail::dispatch_storage(dtype, [&](auto tag) {
-      using S = decltype(tag);
-      if constexpr (std::is_same_v<S, double>) reinterpret_cast<double*>(bytes.data())[i] = v;
-      else detail::store(reinterpret_cast<S*>(bytes.data()), i, static_cast<float>(v));
-    });
-  }
-  void poison() {
-    for (std::int64_t i = 0; i < numel(); ++i) set(i, std::numeric_limits<double>::quiet_NaN());
-  }
-  void random(std::mt19937& rng, double lo = -1.0, double hi = 1.0) {
-    std::uniform_real_distribution<double> u(lo, hi);
-    for (std::int64_t i = 0; i < numel(); ++i) set(i, u(rng));
-  }
-};
-
-std::vector<std::int64_t> with_lead(std::int64_t lead, std::vector<std::int64_t> s) {
-  s.insert(s.begin(), lead);
-  return s;
-}
-
-std::vector<Buf> make_states(int H, DType dt, const std::vector<std::int64_t>& shape, std::mt19937& rng) {
-  std::vector<Buf> s;
-  for (int k = 0; k < H; ++k) {
-    s.emplace_back(dt, shape);
-    s.back().random(rng);
-  }
-  return s;
-}
-std::vector<TensorView> views(const std::vector<Buf>& bufs) {
-  std::vector<TensorView> v;
-  for (const Buf& b : bufs) v.push_back(b.view());
-  return v;
-}
-
-DType coef_of(DType stream) { return stream == DType::f64 ? DType::f64 : DType::f32; }
-
-const Context kRef{Backend::cpu_reference};
-const Context kFast{Backend::cpu_fast};
-
-// Tolerance of a fast-vs-reference comparison for values stored in `dt`.
-double tol_of(DType dt) {
-  switch (dt) {
-    case DType::f64: return 1e-12;
-    case DType::f32: return 2e-5;
-    default: return 1e-2;
-  }
-}
-
-void expect_close(const Buf& got, const Buf& want, double rtol, double atol, const std::string& what) {
-  ASSERT_EQ(got.numel(), want.numel()) << what;
-  int bad = 0;
-  for (std::int64_t i = 0; i < got.numel(); ++i) {
-    const double g = got.get(i), w = want.get(i);
-    if (!(std::abs(g - w) <= atol + rtol * std::abs(w))) {
-      if (++bad <= 5) ADD_FAILURE() << what << " [" << i << "]: got " << g << ", want " << w;
-    }
-  }
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.numel() << " elements differ";
-}
-
-double max_abs(const Buf& b) {
-  double m = 0;
-  for (std::int64_t i = 0; i < b.numel(); ++i) m = std::max(m, std::abs(b.get(i)));
-  return m;
-}
+using test::close_elementwise;
+using test::coef_of;
+using test::history_tol;
+using test::kFast;
+using test::kRef;
+using test::logits_shape;
+using test::MixInputs;
+using test::poisoned_tensor;
+using test::random_states;
+using test::random_tensor;
+using test::SkipInputs;
+using test::StoragePair;
+using test::throws;
+using test::Tensor;
+using test::views;
 
 HistoryConfig config_of(Constraint c, float temperature = 0.7f, float epsilon = 0.15f) {
   HistoryConfig cfg;
@@ -132,13 +45,9 @@ const Constraint kVectorConstraints[] = {Constraint::simplex, Constraint::softma
 const Constraint kAllConstraints[] = {Constraint::simplex, Constraint::softmax, Constraint::identity,
                                       Constraint::doubly_stochastic};
 
-std::vector<std::int64_t> logits_shape(Constraint c, std::int64_t R, std::int64_t H) {
-  return c == Constraint::doubly_stochastic ? std::vector<std::int64_t>{R, H, H} : std::vector<std::int64_t>{R, H};
-}
-
 // ---- projections ----------------------------------------------------------------------------------
 
-TEST(HistoryProject, FastMatchesReferenceAndStaysOnTheManifold) {
+TEST(ProjectLogits, FastMatchesReferenceAndStaysOnTheManifold) {
   std::mt19937 rng(1);
   for (Constraint c : kAllConstraints)
     for (DType dt : {DType::f32, DType::f64})
@@ -146,14 +55,14 @@ TEST(HistoryProject, FastMatchesReferenceAndStaysOnTheManifold) {
         for (std::int64_t R : {1, 3, 7}) {
           if (c == Constraint::doubly_stochastic && H > 8) continue;
           const HistoryConfig cfg = config_of(c);
-          Buf logits(dt, logits_shape(c, R, H));
-          logits.random(rng, -2.0, 2.0);
-          Buf ref(dt, logits.shape), fast(dt, logits.shape);
+          Tensor logits = random_tensor(dt, logits_shape(c, R, H), rng, -2.0, 2.0);
+          Tensor ref = poisoned_tensor(dt, logits.shape()), fast = poisoned_tensor(dt, logits.shape());
           project_logits_forward({logits.view(), ref.view()}, cfg, kRef);
           project_logits_forward({logits.view(), fast.view()}, cfg, kFast);
           const std::string what = std::string(constraint_name(c)) + " " + dtype_name(dt) + " H=" +
                                    std::to_string(H) + " R=" + std::to_string(R);
-          expect_close(fast, ref, dt == DType::f64 ? 1e-12 : 1e-5, dt == DType::f64 ? 1e-13 : 1e-6, what);
+          EXPECT_TRUE(
+              close_elementwise(what, fast, ref, dt == DType::f64 ? 1e-12 : 1e-5, dt == DType::f64 ? 1e-13 : 1e-6));
           // On the manifold: non-negative, rows (and columns for Sinkhorn) sum to 1.
           const std::int64_t rows = c == Constraint::doubly_stochastic ? R * H : R;
           for (std::int64_t r = 0; r < rows; ++r) {
@@ -178,12 +87,11 @@ TEST(HistoryProject, FastMatchesReferenceAndStaysOnTheManifold) {
         }
 }
 
-TEST(HistoryProject, SinkhornColumnsSumToOne) {
+TEST(ProjectLogits, SinkhornColumnsSumToOne) {
   std::mt19937 rng(2);
   HistoryConfig cfg = config_of(Constraint::doubly_stochastic, 1.0f);
   cfg.sinkhorn_iters = 30;
-  Buf logits(DType::f64, {2, 5, 5}), w(DType::f64, {2, 5, 5});
-  logits.random(rng, -1.0, 1.0);
+  Tensor logits = random_tensor(DType::f64, {2, 5, 5}, rng), w = poisoned_tensor(DType::f64, {2, 5, 5});
   project_logits_forward({logits.view(), w.view()}, cfg, kRef);
   for (int m = 0; m < 2; ++m)
     for (int j = 0; j < 5; ++j) {
@@ -193,9 +101,10 @@ TEST(HistoryProject, SinkhornColumnsSumToOne) {
     }
 }
 
-TEST(HistoryProject, SparsemaxMakesExactZerosAndMatchesTheClosedForm) {
+TEST(ProjectLogits, SparsemaxMakesExactZerosAndMatchesTheClosedForm) {
   HistoryConfig cfg = config_of(Constraint::simplex, 1.0f);
-  Buf logits(DType::f32, {2, 4}), ref(DType::f32, {2, 4}), fast(DType::f32, {2, 4});
+  Tensor logits = poisoned_tensor(DType::f32, {2, 4}), ref = poisoned_tensor(DType::f32, {2, 4}),
+         fast = poisoned_tensor(DType::f32, {2, 4});
   const double z[8] = {3.0, 1.0, 0.2, -1.0,   // one-hot: margin >= 1
                        0.5, 0.0, 0.0, -0.4};  // support {0, 1, 2}: tau = (0.5 - 1) / 3
   for (int i = 0; i < 8; ++i) logits.set(i, z[i]);
@@ -212,38 +121,39 @@ TEST(HistoryProject, SparsemaxMakesExactZerosAndMatchesTheClosedForm) {
   }
 }
 
-TEST(HistoryProject, TiesMatchTheSortedFormula) {
+TEST(ProjectLogits, TiesMatchTheSortedFormula) {
   // Ties at the support boundary: the sort-free fast path must agree with the sort-based reference.
   HistoryConfig cfg = config_of(Constraint::simplex, 1.0f);
-  Buf logits(DType::f64, {3, 5}), ref(DType::f64, {3, 5}), fast(DType::f64, {3, 5});
+  Tensor logits = poisoned_tensor(DType::f64, {3, 5}), ref = poisoned_tensor(DType::f64, {3, 5}),
+         fast = poisoned_tensor(DType::f64, {3, 5});
   const double z[15] = {1, 1, 1, 1, 1, 0.5, 0.5, 0, 0, -3, 2, 1, 1, 1, 0.25};
   for (int i = 0; i < 15; ++i) logits.set(i, z[i]);
   project_logits_forward({logits.view(), ref.view()}, cfg, kRef);
   project_logits_forward({logits.view(), fast.view()}, cfg, kFast);
-  expect_close(fast, ref, 1e-14, 1e-15, "ties");
+  EXPECT_TRUE(close_elementwise("ties", fast, ref, 1e-14, 1e-15));
   for (int k = 0; k < 5; ++k) EXPECT_NEAR(ref.get(k), 0.2, 1e-15);
 }
 
 // d/dz of sum(g * project(z)) by central differences, fp64 reference.
-TEST(HistoryProject, BackwardMatchesFiniteDifferences) {
+TEST(ProjectLogits, BackwardMatchesFiniteDifferences) {
   std::mt19937 rng(3);
   for (Constraint c : kAllConstraints)
     for (std::int64_t H : {1, 3, 6}) {
       const HistoryConfig cfg = config_of(c);
       const std::int64_t R = 2;
-      Buf logits(DType::f64, logits_shape(c, R, H)), w(DType::f64, logits.shape), g(DType::f64, logits.shape);
-      logits.random(rng, -1.5, 1.5);
-      g.random(rng);
+      Tensor logits = random_tensor(DType::f64, logits_shape(c, R, H), rng, -1.5, 1.5);
+      const Tensor g = random_tensor(DType::f64, logits.shape(), rng);
+      Tensor w = poisoned_tensor(DType::f64, logits.shape());
       project_logits_forward({logits.view(), w.view()}, cfg, kRef);
-      Buf ref(DType::f64, logits.shape), fast(DType::f64, logits.shape);
+      Tensor ref = poisoned_tensor(DType::f64, logits.shape()), fast = poisoned_tensor(DType::f64, logits.shape());
       project_logits_backward({logits.view(), w.view(), g.view(), ref.view()}, cfg, kRef);
       project_logits_backward({logits.view(), w.view(), g.view(), fast.view()}, cfg, kFast);
       const std::string what = std::string(constraint_name(c)) + " H=" + std::to_string(H);
-      expect_close(fast, ref, 1e-10, 1e-12, what + " fast");
+      EXPECT_TRUE(close_elementwise(what + " fast", fast, ref, 1e-10, 1e-12));
       const double h = 1e-6;
       for (std::int64_t i = 0; i < logits.numel(); ++i) {
         auto loss = [&](double dz) {
-          Buf zz = logits, ww(DType::f64, logits.shape);
+          Tensor zz = logits, ww = poisoned_tensor(DType::f64, logits.shape());
           zz.set(i, logits.get(i) + dz);
           project_logits_forward({zz.view(), ww.view()}, cfg, kRef);
           double s = 0;
@@ -258,24 +168,11 @@ TEST(HistoryProject, BackwardMatchesFiniteDifferences) {
 
 // ---- mix ------------------------------------------------------------------------------------------
 
-struct Pair {
-  DType stream, storage;
-};
-const Pair kPairs[] = {{DType::f32, DType::f32},  {DType::f64, DType::f64}, {DType::f16, DType::f16},
-                       {DType::bf16, DType::bf16}, {DType::f32, DType::f16}, {DType::f32, DType::bf16},
-                       {DType::f16, DType::f32},  {DType::bf16, DType::f32}};
-
-struct MixCase {
-  Pair pair;
-  int H;
-  std::int64_t R;  // 0 = vector weights
-  std::vector<std::int64_t> shape;
-  bool with_x, with_gate;
-};
+using MixCase = test::MixSpec;
 
 std::vector<MixCase> mix_cases() {
   std::vector<MixCase> cases;
-  for (const Pair& p : kPairs) {
+  for (const StoragePair& p : test::kStoragePairs) {
     cases.push_back({p, 4, 0, {2, 3, 5}, true, false});
     cases.push_back({p, 1, 0, {7}, true, true});
     cases.push_back({p, 5, 0, {3, 2049}, true, true});
@@ -285,45 +182,19 @@ std::vector<MixCase> mix_cases() {
   return cases;
 }
 
-struct MixBufs {
-  std::vector<Buf> states;
-  Buf x, weights, gate;
-  std::vector<std::int64_t> out_shape;
-};
-
-MixBufs make_mix(const MixCase& c, std::mt19937& rng) {
-  MixBufs m;
-  m.states = make_states(c.H, c.pair.storage, c.shape, rng);
-  m.out_shape = c.R ? with_lead(c.R, c.shape) : c.shape;
-  const DType coef = coef_of(c.pair.stream);
-  m.weights = Buf(coef, c.R ? std::vector<std::int64_t>{c.R, c.H} : std::vector<std::int64_t>{c.H});
-  m.weights.random(rng, 0.0, 1.0);
-  if (c.H > 2) m.weights.set(1, 0.0);  // a zero weight exercises the skip
-  if (c.with_x) {
-    m.x = Buf(c.pair.stream, m.out_shape);
-    m.x.random(rng);
-  }
-  if (c.with_gate) {
-    m.gate = Buf(coef, {1});
-    m.gate.set(0, 0.8);
-  }
-  return m;
-}
-
 TEST(HistoryMix, ForwardFastMatchesReference) {
   std::mt19937 rng(4);
   for (const MixCase& c : mix_cases()) {
-    MixBufs m = make_mix(c, rng);
+    const MixInputs m(c, rng);
     const auto sv = views(m.states);
-    Buf ref(c.pair.stream, m.out_shape), fast(c.pair.stream, m.out_shape);
+    Tensor ref = poisoned_tensor(c.pair.stream, m.out_shape), fast = poisoned_tensor(c.pair.stream, m.out_shape);
     HistoryMixForward a{c.with_x ? m.x.view() : TensorView::absent(), sv, m.weights.view(),
                         c.with_gate ? m.gate.view() : TensorView::absent(), ref.view()};
     history_mix_forward(a, {}, kRef);
     a.out = fast.view();
     history_mix_forward(a, {}, kFast);
-    const std::string what = std::string(dtype_name(c.pair.stream)) + "/" + dtype_name(c.pair.storage) +
-                             " H=" + std::to_string(c.H) + " R=" + std::to_string(c.R);
-    expect_close(fast, ref, tol_of(c.pair.stream), tol_of(c.pair.stream), what);
+    const std::string what = test::pair_name(c.pair) + " H=" + std::to_string(c.H) + " R=" + std::to_string(c.R);
+    EXPECT_TRUE(close_elementwise(what, fast, ref, history_tol(c.pair.stream), history_tol(c.pair.stream)));
     // Spot-check the reference against the formula itself.
     const std::int64_t N = m.states[0].numel(), R = c.R ? c.R : 1;
     for (std::int64_t r = 0; r < R; ++r) {
@@ -331,7 +202,7 @@ TEST(HistoryMix, ForwardFastMatchesReference) {
       double want = c.with_x ? m.x.get(r * N + n) : 0.0, sum = 0;
       for (int k = 0; k < c.H; ++k) sum += m.weights.get(r * c.H + k) * m.states[k].get(n);
       want += (c.with_gate ? m.gate.get(0) : 1.0) * sum;
-      EXPECT_NEAR(ref.get(r * N + n), want, 4 * tol_of(c.pair.stream) * (1 + std::abs(want))) << what;
+      EXPECT_NEAR(ref.get(r * N + n), want, 4 * history_tol(c.pair.stream) * (1 + std::abs(want))) << what;
     }
   }
 }
@@ -339,43 +210,41 @@ TEST(HistoryMix, ForwardFastMatchesReference) {
 TEST(HistoryMix, BackwardFastMatchesReference) {
   std::mt19937 rng(5);
   for (const MixCase& c : mix_cases()) {
-    MixBufs m = make_mix(c, rng);
+    const MixInputs m(c, rng);
     const auto sv = views(m.states);
     const DType coef = coef_of(c.pair.stream);
-    Buf grad_out(c.pair.stream, m.out_shape);
-    grad_out.random(rng);
+    Tensor grad_out = random_tensor(c.pair.stream, m.out_shape, rng);
     struct Outs {
-      Buf gw, gg;
-      std::vector<Buf> gs;
+      Tensor gw, gg;
+      std::vector<Tensor> gs;
     } out[2];
     for (int b = 0; b < 2; ++b) {
       const Context& ctx = b ? kFast : kRef;
-      out[b].gw = Buf(coef, m.weights.shape);
-      out[b].gg = Buf(coef, {1});
-      for (int k = 0; k < c.H; ++k) out[b].gs.emplace_back(c.pair.storage, c.shape);
+      out[b].gw = poisoned_tensor(coef, m.weights.shape());
+      out[b].gg = poisoned_tensor(coef, {1});
+      out[b].gs = test::poisoned_states(c.H, c.pair.storage, c.shape);
       const auto gsv = views(out[b].gs);
-      HistoryMixBackward a;
-      a.grad_out = grad_out.view();
-      a.states = sv;
-      a.weights = m.weights.view();
-      a.gate = c.with_gate ? m.gate.view() : TensorView::absent();
-      a.grad_weights = out[b].gw.view();
-      a.grad_gate = c.with_gate ? out[b].gg.view() : TensorView::absent();
-      a.grad_states = gsv;
-      std::vector<double> ws(history_mix_backward_workspace_bytes(a, {}, ctx) / sizeof(double) + 1);
-      a.workspace = TensorView::contiguous(ws.data(), DType::f64, {static_cast<std::int64_t>(ws.size())});
+      HistoryMixBackward a{.grad_out = grad_out.view(),
+                           .states = sv,
+                           .weights = m.weights.view(),
+                           .gate = c.with_gate ? m.gate.view() : TensorView::absent(),
+                           .grad_weights = out[b].gw.view(),
+                           .grad_gate = c.with_gate ? out[b].gg.view() : TensorView::absent(),
+                           .grad_states = gsv};
+      const Tensor ws = test::make_workspace(history_mix_backward_workspace_bytes(a, {}, ctx));
+      a.workspace = ws.view();
       history_mix_backward(a, {}, ctx);
     }
-    const std::string what = std::string(dtype_name(c.pair.stream)) + "/" + dtype_name(c.pair.storage) +
-                             " H=" + std::to_string(c.H) + " R=" + std::to_string(c.R);
+    const std::string what = test::pair_name(c.pair) + " H=" + std::to_string(c.H) + " R=" + std::to_string(c.R);
     // Dot products over N elements: tolerance relative to their scale.
     const double dot_scale = std::sqrt(static_cast<double>(m.states[0].numel()));
     const double coef_tol = c.pair.stream == DType::f64 ? 1e-12 : 1e-5;
-    expect_close(out[1].gw, out[0].gw, coef_tol, coef_tol * dot_scale, what + " grad_weights");
-    if (c.with_gate) expect_close(out[1].gg, out[0].gg, coef_tol, coef_tol * dot_scale, what + " grad_gate");
+    EXPECT_TRUE(close_elementwise(what + " grad_weights", out[1].gw, out[0].gw, coef_tol, coef_tol * dot_scale));
+    if (c.with_gate)
+      EXPECT_TRUE(close_elementwise(what + " grad_gate", out[1].gg, out[0].gg, coef_tol, coef_tol * dot_scale));
     for (int k = 0; k < c.H; ++k)
-      expect_close(out[1].gs[k], out[0].gs[k], tol_of(c.pair.storage), tol_of(c.pair.storage),
-                   what + " grad_states[" + std::to_string(k) + "]");
+      EXPECT_TRUE(close_elementwise(what + " grad_states[" + std::to_string(k) + "]", out[1].gs[k], out[0].gs[k],
+                                    history_tol(c.pair.storage), history_tol(c.pair.storage)));
   }
 }
 
@@ -384,29 +253,25 @@ TEST(HistoryMix, LargeInputsTakeTheThreadedPath) {
   // reference like the small cases, forward and backward.
   std::mt19937 rng(13);
   MixCase c{{DType::f32, DType::bf16}, 4, 0, {3, 1 << 17}, true, true};
-  MixBufs m = make_mix(c, rng);
+  const MixInputs m(c, rng);
   const auto sv = views(m.states);
-  Buf ref(DType::f32, m.out_shape), fast(DType::f32, m.out_shape);
+  Tensor ref = poisoned_tensor(DType::f32, m.out_shape), fast = poisoned_tensor(DType::f32, m.out_shape);
   HistoryMixForward a{m.x.view(), sv, m.weights.view(), m.gate.view(), ref.view()};
   history_mix_forward(a, {}, kRef);
   a.out = fast.view();
   history_mix_forward(a, {}, kFast);
-  expect_close(fast, ref, 2e-5, 2e-5, "threaded forward");
-  Buf grad_out(DType::f32, m.out_shape);
-  grad_out.random(rng);
-  Buf gw[2] = {Buf(DType::f32, {4}), Buf(DType::f32, {4})};
+  EXPECT_TRUE(close_elementwise("threaded forward", fast, ref, 2e-5, 2e-5));
+  Tensor grad_out = random_tensor(DType::f32, m.out_shape, rng);
+  Tensor gw[2] = {poisoned_tensor(DType::f32, {4}), poisoned_tensor(DType::f32, {4})};
   for (int b = 0; b < 2; ++b) {
     const Context& ctx = b ? kFast : kRef;
-    HistoryMixBackward back;
-    back.grad_out = grad_out.view();
-    back.states = sv;
-    back.weights = m.weights.view();
-    back.grad_weights = gw[b].view();
-    std::vector<double> ws(history_mix_backward_workspace_bytes(back, {}, ctx) / sizeof(double) + 1);
-    back.workspace = TensorView::contiguous(ws.data(), DType::f64, {static_cast<std::int64_t>(ws.size())});
+    HistoryMixBackward back{
+        .grad_out = grad_out.view(), .states = sv, .weights = m.weights.view(), .grad_weights = gw[b].view()};
+    const Tensor ws = test::make_workspace(history_mix_backward_workspace_bytes(back, {}, ctx));
+    back.workspace = ws.view();
     history_mix_backward(back, {}, ctx);
   }
-  expect_close(gw[1], gw[0], 1e-5, 1e-5 * std::sqrt(3.0 * (1 << 17)), "threaded backward");
+  EXPECT_TRUE(close_elementwise("threaded backward", gw[1], gw[0], 1e-5, 1e-5 * std::sqrt(3.0 * (1 << 17))));
 }
 
 TEST(HistoryMix, AbsentGradStatesAreNotWrittenAndTheRestUnchanged) {
@@ -414,35 +279,30 @@ TEST(HistoryMix, AbsentGradStatesAreNotWrittenAndTheRestUnchanged) {
   std::mt19937 rng(14);
   for (const Context& ctx : {kRef, kFast}) {
     MixCase c{{DType::f32, DType::f32}, 3, 0, {5, 37}, true, true};
-    MixBufs m = make_mix(c, rng);
+    const MixInputs m(c, rng);
     const auto sv = views(m.states);
-    Buf grad_out(DType::f32, m.out_shape);
-    grad_out.random(rng);
-    std::vector<Buf> full, part;
-    for (int k = 0; k < 3; ++k) {
-      full.emplace_back(DType::f32, c.shape);
-      part.emplace_back(DType::f32, c.shape);
-    }
-    Buf gw(DType::f32, {3}), gw2(DType::f32, {3});
-    auto run = [&](std::vector<Buf>& outs, Buf& grad_w, bool partial) {
+    Tensor grad_out = random_tensor(DType::f32, m.out_shape, rng);
+    std::vector<Tensor> full = test::poisoned_states(3, DType::f32, c.shape),
+                        part = test::poisoned_states(3, DType::f32, c.shape);
+    Tensor gw = poisoned_tensor(DType::f32, {3}), gw2 = poisoned_tensor(DType::f32, {3});
+    auto run = [&](std::vector<Tensor>& outs, Tensor& grad_w, bool partial) {
       std::vector<TensorView> gsv = views(outs);
       if (partial) gsv[1] = TensorView::absent();
-      HistoryMixBackward b;
-      b.grad_out = grad_out.view();
-      b.states = sv;
-      b.weights = m.weights.view();
-      b.gate = m.gate.view();
-      b.grad_weights = grad_w.view();
-      b.grad_states = gsv;
-      std::vector<double> ws(history_mix_backward_workspace_bytes(b, {}, ctx) / sizeof(double) + 1);
-      b.workspace = TensorView::contiguous(ws.data(), DType::f64, {static_cast<std::int64_t>(ws.size())});
+      HistoryMixBackward b{.grad_out = grad_out.view(),
+                           .states = sv,
+                           .weights = m.weights.view(),
+                           .gate = m.gate.view(),
+                           .grad_weights = grad_w.view(),
+                           .grad_states = gsv};
+      const Tensor ws = test::make_workspace(history_mix_backward_workspace_bytes(b, {}, ctx));
+      b.workspace = ws.view();
       history_mix_backward(b, {}, ctx);
     };
     run(full, gw, false);
     run(part, gw2, true);
-    expect_close(gw2, gw, 0, 0, "grad_weights");
-    expect_close(part[0], full[0], 0, 0, "grad_states[0]");
-    expect_close(part[2], full[2], 0, 0, "grad_states[2]");
+    EXPECT_TRUE(close_elementwise("grad_weights", gw2, gw, 0, 0));
+    EXPECT_TRUE(close_elementwise("grad_states[0]", part[0], full[0], 0, 0));
+    EXPECT_TRUE(close_elementwise("grad_states[2]", part[2], full[2], 0, 0));
     for (std::int64_t i = 0; i < part[1].numel(); ++i) ASSERT_TRUE(std::isnan(part[1].get(i)));  // untouched
   }
 }
@@ -452,41 +312,29 @@ TEST(HistoryMix, BackwardMatchesFiniteDifferences) {
   std::mt19937 rng(6);
   for (std::int64_t R : {0, 2}) {
     MixCase c{{DType::f64, DType::f64}, 3, R, {2, 3}, true, true};
-    MixBufs m = make_mix(c, rng);
-    Buf grad_out(DType::f64, m.out_shape);
-    grad_out.random(rng);
+    MixInputs m(c, rng);
+    Tensor grad_out = random_tensor(DType::f64, m.out_shape, rng);
     auto loss = [&]() {
-      Buf out(DType::f64, m.out_shape);
+      Tensor out = poisoned_tensor(DType::f64, m.out_shape);
       const auto sv = views(m.states);
       history_mix_forward({m.x.view(), sv, m.weights.view(), m.gate.view(), out.view()}, {}, kRef);
       double s = 0;
       for (std::int64_t i = 0; i < out.numel(); ++i) s += grad_out.get(i) * out.get(i);
       return s;
     };
-    Buf gw(DType::f64, m.weights.shape), gg(DType::f64, {1});
-    std::vector<Buf> gs;
-    for (int k = 0; k < c.H; ++k) gs.emplace_back(DType::f64, c.shape);
+    Tensor gw = poisoned_tensor(DType::f64, m.weights.shape()), gg = poisoned_tensor(DType::f64, {1});
+    std::vector<Tensor> gs = test::poisoned_states(c.H, DType::f64, c.shape);
     const auto sv = views(m.states);
     const auto gsv = views(gs);
-    HistoryMixBackward a;
-    a.grad_out = grad_out.view();
-    a.states = sv;
-    a.weights = m.weights.view();
-    a.gate = m.gate.view();
-    a.grad_weights = gw.view();
-    a.grad_gate = gg.view();
-    a.grad_states = gsv;
+    HistoryMixBackward a{.grad_out = grad_out.view(),
+                         .states = sv,
+                         .weights = m.weights.view(),
+                         .gate = m.gate.view(),
+                         .grad_weights = gw.view(),
+                         .grad_gate = gg.view(),
+                         .grad_states = gsv};
     history_mix_backward(a, {}, kRef);
-    const double h = 1e-6;
-    auto fd = [&](Buf& b, std::int64_t i) {
-      const double v = b.get(i);
-      b.set(i, v + h);
-      const double up = loss();
-      b.set(i, v - h);
-      const double down = loss();
-      b.set(i, v);
-      return (up - down) / (2 * h);
-    };
+    auto fd = [&](Tensor& param, std::int64_t i) { return test::central_difference(param, i, loss); };
     for (std::int64_t i = 0; i < m.weights.numel(); ++i) EXPECT_NEAR(gw.get(i), fd(m.weights, i), 1e-7) << i;
     EXPECT_NEAR(gg.get(0), fd(m.gate, 0), 1e-7);
     for (int k = 0; k < c.H; ++k)
@@ -497,10 +345,10 @@ TEST(HistoryMix, BackwardMatchesFiniteDifferences) {
 TEST(HistoryMix, ZeroWeightStatesAreNotRead) {
   std::mt19937 rng(7);
   for (const Context& ctx : {kRef, kFast}) {
-    auto states = make_states(3, DType::f32, {64}, rng);
+    auto states = random_states(3, DType::f32, {64}, rng);
     for (std::int64_t i = 0; i < 64; ++i) states[2].set(i, std::numeric_limits<double>::quiet_NaN());
-    Buf x(DType::f32, {64}), w(DType::f32, {3}), out(DType::f32, {64});
-    x.random(rng);
+    Tensor x = random_tensor(DType::f32, {64}, rng), w = poisoned_tensor(DType::f32, {3}),
+           out = poisoned_tensor(DType::f32, {64});
     w.set(0, 0.0);
     w.set(1, 1.0);
     w.set(2, 0.0);
@@ -516,32 +364,29 @@ TEST(HistoryMix, ZeroWeightStatesAreNotRead) {
 TEST(HistorySkip, FusedMatchesProjectThenMix) {
   std::mt19937 rng(8);
   for (Constraint con : kVectorConstraints)
-    for (const Pair& p : kPairs)
+    for (const StoragePair& p : test::kStoragePairs)
       for (int H : {1, 4, 9}) {
         const HistoryConfig cfg = config_of(con);
         const std::vector<std::int64_t> shape{3, 1031};
-        auto states = make_states(H, p.storage, shape, rng);
-        const auto sv = views(states);
+        const SkipInputs in(p, H, shape, rng, 1.5, 1.3);
+        const Tensor &x = in.x, &logits = in.logits, &gate = in.gate;
+        const auto sv = views(in.states);
         const DType coef = coef_of(p.stream);
-        Buf x(p.stream, shape), logits(coef, {H}), gate(coef, {1});
-        x.random(rng);
-        logits.random(rng, -1.5, 1.5);
-        gate.set(0, 1.3);
         // Reference composition: project, then mix.
-        Buf w_ref(coef, {H}), out_ref(p.stream, shape);
-        Buf logits2(coef, {1, H});
+        Tensor w_ref = poisoned_tensor(coef, {H}), out_ref = poisoned_tensor(p.stream, shape);
+        Tensor logits2 = poisoned_tensor(coef, {1, H});
         for (int k = 0; k < H; ++k) logits2.set(k, logits.get(k));
-        Buf w2(coef, {1, H});
+        Tensor w2 = poisoned_tensor(coef, {1, H});
         project_logits_forward({logits2.view(), w2.view()}, cfg, kRef);
         for (int k = 0; k < H; ++k) w_ref.set(k, w2.get(k));
         history_mix_forward({x.view(), sv, w_ref.view(), gate.view(), out_ref.view()}, cfg, kRef);
-        const std::string what = std::string(constraint_name(con)) + " " + dtype_name(p.stream) + "/" +
-                                 dtype_name(p.storage) + " H=" + std::to_string(H);
+        const std::string what =
+            std::string(constraint_name(con)) + " " + test::pair_name(p) + " H=" + std::to_string(H);
         for (const Context& ctx : {kRef, kFast}) {
-          Buf w(coef, {H}), out(p.stream, shape);
+          Tensor w = poisoned_tensor(coef, {H}), out = poisoned_tensor(p.stream, shape);
           history_skip_forward({x.view(), sv, logits.view(), gate.view(), out.view(), w.view()}, cfg, ctx);
-          expect_close(w, w_ref, p.stream == DType::f64 ? 1e-12 : 1e-6, 1e-7, what + " weights");
-          expect_close(out, out_ref, tol_of(p.stream), tol_of(p.stream), what + " out");
+          EXPECT_TRUE(close_elementwise(what + " weights", w, w_ref, p.stream == DType::f64 ? 1e-12 : 1e-6, 1e-7));
+          EXPECT_TRUE(close_elementwise(what + " out", out, out_ref, history_tol(p.stream), history_tol(p.stream)));
         }
       }
 }
@@ -552,14 +397,12 @@ TEST(HistorySkip, BackwardMatchesFiniteDifferencesAndFast) {
     for (int H : {1, 3, 6}) {
       HistoryConfig cfg = config_of(con);
       const std::vector<std::int64_t> shape{4, 3};
-      auto states = make_states(H, DType::f64, shape, rng);
-      Buf x(DType::f64, shape), logits(DType::f64, {H}), gate(DType::f64, {1}), grad_out(DType::f64, shape);
-      x.random(rng);
-      logits.random(rng, -1.0, 1.0);
-      gate.set(0, 0.9);
-      grad_out.random(rng);
-      auto forward = [&](Buf* w_out) {
-        Buf w(DType::f64, {H}), out(DType::f64, shape);
+      SkipInputs in({DType::f64, DType::f64}, H, shape, rng, 1.0, 0.9);  // perturbed by the differences below
+      std::vector<Tensor>& states = in.states;
+      Tensor &x = in.x, &logits = in.logits, &gate = in.gate;
+      const Tensor grad_out = random_tensor(DType::f64, shape, rng);
+      auto forward = [&](Tensor* w_out) {
+        Tensor w = poisoned_tensor(DType::f64, {H}), out = poisoned_tensor(DType::f64, shape);
         const auto sv = views(states);
         history_skip_forward({x.view(), sv, logits.view(), gate.view(), out.view(), w.view()}, cfg, kRef);
         if (w_out) *w_out = w;
@@ -567,44 +410,36 @@ TEST(HistorySkip, BackwardMatchesFiniteDifferencesAndFast) {
         for (std::int64_t i = 0; i < out.numel(); ++i) s += grad_out.get(i) * out.get(i);
         return s;
       };
-      Buf w;
+      Tensor w;
       forward(&w);
       struct Outs {
-        Buf gz, gg;
-        std::vector<Buf> gs;
+        Tensor gz, gg;
+        std::vector<Tensor> gs;
       } out[2];
       const auto sv = views(states);
       for (int b = 0; b < 2; ++b) {
         const Context& ctx = b ? kFast : kRef;
-        out[b].gz = Buf(DType::f64, {H});
-        out[b].gg = Buf(DType::f64, {1});
-        for (int k = 0; k < H; ++k) out[b].gs.emplace_back(DType::f64, shape);
+        out[b].gz = poisoned_tensor(DType::f64, {H});
+        out[b].gg = poisoned_tensor(DType::f64, {1});
+        out[b].gs = test::poisoned_states(H, DType::f64, shape);
         const auto gsv = views(out[b].gs);
-        HistorySkipBackward a;
-        a.grad_out = grad_out.view();
-        a.states = sv;
-        a.logits = logits.view();
-        a.weights = w.view();
-        a.gate = gate.view();
-        a.grad_logits = out[b].gz.view();
-        a.grad_gate = out[b].gg.view();
-        a.grad_states = gsv;
-        std::vector<double> ws(history_skip_backward_workspace_bytes(a, cfg, ctx) / sizeof(double) + 1);
-        a.workspace = TensorView::contiguous(ws.data(), DType::f64, {static_cast<std::int64_t>(ws.size())});
+        HistorySkipBackward a{.grad_out = grad_out.view(),
+                              .states = sv,
+                              .logits = logits.view(),
+                              .weights = w.view(),
+                              .gate = gate.view(),
+                              .grad_logits = out[b].gz.view(),
+                              .grad_gate = out[b].gg.view(),
+                              .grad_states = gsv};
+        const Tensor ws = test::make_workspace(history_skip_backward_workspace_bytes(a, cfg, ctx));
+        a.workspace = ws.view();
         history_skip_backward(a, cfg, ctx);
       }
       const std::string what = std::string(constraint_name(con)) + " H=" + std::to_string(H);
-      expect_close(out[1].gz, out[0].gz, 1e-10, 1e-12, what + " fast grad_logits");
-      expect_close(out[1].gg, out[0].gg, 1e-10, 1e-12, what + " fast grad_gate");
-      const double h = 1e-6;
-      auto fd = [&](Buf& b, std::int64_t i) {
-        const double v = b.get(i);
-        b.set(i, v + h);
-        const double up = forward(nullptr);
-        b.set(i, v - h);
-        const double down = forward(nullptr);
-        b.set(i, v);
-        return (up - down) / (2 * h);
+      EXPECT_TRUE(close_elementwise(what + " fast grad_logits", out[1].gz, out[0].gz, 1e-10, 1e-12));
+      EXPECT_TRUE(close_elementwise(what + " fast grad_gate", out[1].gg, out[0].gg, 1e-10, 1e-12));
+      auto fd = [&](Tensor& param, std::int64_t i) {
+        return test::central_difference(param, i, [&] { return forward(nullptr); });
       };
       for (int k = 0; k < H; ++k) EXPECT_NEAR(out[0].gz.get(k), fd(logits, k), 1e-6) << what << " logit " << k;
       EXPECT_NEAR(out[0].gg.get(0), fd(gate, 0), 1e-6) << what;
@@ -620,11 +455,11 @@ TEST(HistorySkip, OneHotSimplexReadsOnlyTheChosenState) {
   std::mt19937 rng(10);
   const HistoryConfig cfg = config_of(Constraint::simplex, 1.0f);
   for (const Context& ctx : {kRef, kFast}) {
-    auto states = make_states(4, DType::bf16, {300}, rng);
+    auto states = random_states(4, DType::bf16, {300}, rng);
     for (int k : {0, 2, 3})
       for (std::int64_t i = 0; i < 300; ++i) states[k].set(i, std::numeric_limits<double>::quiet_NaN());
-    Buf x(DType::f32, {300}), logits(DType::f32, {4}), w(DType::f32, {4}), out(DType::f32, {300});
-    x.random(rng);
+    Tensor x = random_tensor(DType::f32, {300}, rng), logits = poisoned_tensor(DType::f32, {4}),
+           w = poisoned_tensor(DType::f32, {4}), out = poisoned_tensor(DType::f32, {300});
     const double z[4] = {0.1, 2.0, -0.5, 0.3};
     for (int k = 0; k < 4; ++k) logits.set(k, z[k]);
     const auto sv = views(states);
@@ -632,16 +467,14 @@ TEST(HistorySkip, OneHotSimplexReadsOnlyTheChosenState) {
     EXPECT_EQ(w.get(1), 1.0);
     for (std::int64_t i = 0; i < 300; ++i)
       EXPECT_FLOAT_EQ(out.get(i), static_cast<float>(x.get(i) + states[1].get(i)));
-    Buf grad_out(DType::f32, {300}), gz(DType::f32, {4});
-    grad_out.random(rng);
-    HistorySkipBackward a;
-    a.grad_out = grad_out.view();
-    a.states = sv;
-    a.logits = logits.view();
-    a.weights = w.view();
-    a.grad_logits = gz.view();
-    std::vector<double> ws(history_skip_backward_workspace_bytes(a, cfg, ctx) / sizeof(double) + 1);
-    a.workspace = TensorView::contiguous(ws.data(), DType::f64, {static_cast<std::int64_t>(ws.size())});
+    Tensor grad_out = random_tensor(DType::f32, {300}, rng), gz = poisoned_tensor(DType::f32, {4});
+    HistorySkipBackward a{.grad_out = grad_out.view(),
+                          .states = sv,
+                          .logits = logits.view(),
+                          .weights = w.view(),
+                          .grad_logits = gz.view()};
+    const Tensor ws = test::make_workspace(history_skip_backward_workspace_bytes(a, cfg, ctx));
+    a.workspace = ws.view();
     history_skip_backward(a, cfg, ctx);
     for (int k = 0; k < 4; ++k) EXPECT_EQ(gz.get(k), 0.0) << k;  // a vertex of the simplex: zero Jacobian
   }
@@ -649,87 +482,86 @@ TEST(HistorySkip, OneHotSimplexReadsOnlyTheChosenState) {
 
 // ---- errors ---------------------------------------------------------------------------------------
 
-template <class E, class F> void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
-  } catch (const E& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
 TEST(HistoryErrors, BadArgumentsNameTheArgument) {
   std::mt19937 rng(11);
-  auto states = make_states(3, DType::f32, {4, 5}, rng);
-  Buf odd(DType::f32, {4, 6});
-  odd.random(rng);
-  Buf x(DType::f32, {4, 5}), w(DType::f32, {3}), out(DType::f32, {4, 5}), w2(DType::f32, {2});
-  x.random(rng);
-  w.random(rng);
+  auto states = random_states(3, DType::f32, {4, 5}, rng);
+  Tensor odd = random_tensor(DType::f32, {4, 6}, rng);
+  Tensor x = random_tensor(DType::f32, {4, 5}, rng), w = random_tensor(DType::f32, {3}, rng);
+  Tensor out = poisoned_tensor(DType::f32, {4, 5}), w2 = poisoned_tensor(DType::f32, {2});
   auto sv = views(states);
-  expect_error<InvalidArgument>(
+  EXPECT_TRUE(throws<InvalidArgument>(
       [&] {
         std::vector<TensorView> bad = sv;
         bad[2] = odd.view();
         history_mix_forward({x.view(), bad, w.view(), {}, out.view()}, {});
       },
-      "states[2]");
-  expect_error<InvalidArgument>([&] { history_mix_forward({x.view(), sv, w2.view(), {}, out.view()}, {}); },
-                                "weights");
-  expect_error<InvalidArgument>([&] { history_mix_forward({x.view(), {}, w.view(), {}, out.view()}, {}); },
-                                "states");
-  Buf out64(DType::f64, {4, 5});
-  expect_error<DTypeError>([&] { history_mix_forward({{}, sv, w.view(), {}, out64.view()}, {}); }, "states");
+      "states[2]"));
+  EXPECT_TRUE(throws<InvalidArgument>(
+      [&] {
+        history_mix_forward({x.view(), sv, w2.view(), {}, out.view()}, {});
+      },
+      "weights"));
+  EXPECT_TRUE(throws<InvalidArgument>(
+      [&] {
+        history_mix_forward({x.view(), {}, w.view(), {}, out.view()}, {});
+      },
+      "states"));
+  Tensor out64 = poisoned_tensor(DType::f64, {4, 5});
+  EXPECT_TRUE(throws<DTypeError>([&] { history_mix_forward({{}, sv, w.view(), {}, out64.view()}, {}); }, "states"));
   HistoryConfig cfg;
   cfg.temperature = 0.0f;
-  Buf logits(DType::f32, {3}), wo(DType::f32, {3});
-  logits.random(rng);
-  expect_error<InvalidArgument>(
-      [&] { history_skip_forward({x.view(), sv, logits.view(), {}, out.view(), wo.view()}, cfg); }, "temperature");
+  Tensor logits = random_tensor(DType::f32, {3}, rng), wo = poisoned_tensor(DType::f32, {3});
+  EXPECT_TRUE(throws<InvalidArgument>(
+      [&] {
+        history_skip_forward({x.view(), sv, logits.view(), {}, out.view(), wo.view()}, cfg);
+      },
+      "temperature"));
   cfg = {};
   cfg.constraint = Constraint::doubly_stochastic;
-  expect_error<InvalidArgument>(
-      [&] { history_skip_forward({x.view(), sv, logits.view(), {}, out.view(), wo.view()}, cfg); }, "constraint");
-  Buf notsquare(DType::f32, {2, 3, 4}), nsw(DType::f32, {2, 3, 4});
-  expect_error<InvalidArgument>([&] { project_logits_forward({notsquare.view(), nsw.view()}, cfg); }, "logits");
-  Buf half(DType::f16, {3}), halfw(DType::f16, {3});
-  expect_error<DTypeError>([&] { project_logits_forward({half.view(), halfw.view()}, {}); }, "logits");
-  Buf grad_w(DType::f32, {3}), grad_gate(DType::f32, {1});
-  HistoryMixBackward b;
-  b.grad_out = out.view();
-  b.states = sv;
-  b.weights = w.view();
-  b.grad_weights = grad_w.view();
-  b.grad_gate = grad_gate.view();
-  expect_error<InvalidArgument>([&] { history_mix_backward(b, {}); }, "grad_gate");
+  EXPECT_TRUE(throws<InvalidArgument>(
+      [&] {
+        history_skip_forward({x.view(), sv, logits.view(), {}, out.view(), wo.view()}, cfg);
+      },
+      "constraint"));
+  Tensor notsquare = poisoned_tensor(DType::f32, {2, 3, 4}), nsw = poisoned_tensor(DType::f32, {2, 3, 4});
+  EXPECT_TRUE(throws<InvalidArgument>([&] { project_logits_forward({notsquare.view(), nsw.view()}, cfg); }, "logits"));
+  Tensor half = poisoned_tensor(DType::f16, {3}), halfw = poisoned_tensor(DType::f16, {3});
+  EXPECT_TRUE(throws<DTypeError>([&] { project_logits_forward({half.view(), halfw.view()}, {}); }, "logits"));
+  Tensor grad_w = poisoned_tensor(DType::f32, {3}), grad_gate = poisoned_tensor(DType::f32, {1});
+  HistoryMixBackward b{.grad_out = out.view(),
+                       .states = sv,
+                       .weights = w.view(),
+                       .grad_weights = grad_w.view(),
+                       .grad_gate = grad_gate.view()};
+  EXPECT_TRUE(throws<InvalidArgument>([&] { history_mix_backward(b, {}); }, "grad_gate"));
   b.grad_gate = {};
-  expect_error<InvalidArgument>([&] { history_mix_backward(b, {}, kFast); }, "workspace");
+  EXPECT_TRUE(throws<InvalidArgument>([&] { history_mix_backward(b, {}, kFast); }, "workspace"));
   EXPECT_THROW(parse_constraint("orthogonal"), InvalidArgument);
   EXPECT_EQ(parse_constraint("sparsemax"), Constraint::simplex);
 }
 
 TEST(HistoryErrors, NanPolicyCheckNamesTheTensor) {
   std::mt19937 rng(12);
-  auto states = make_states(2, DType::f32, {8}, rng);
+  auto states = random_states(2, DType::f32, {8}, rng);
   states[1].set(3, std::numeric_limits<double>::infinity());
-  Buf x(DType::f32, {8}), w(DType::f32, {2}), out(DType::f32, {8});
-  x.random(rng);
-  w.random(rng);
+  Tensor x = random_tensor(DType::f32, {8}, rng), w = random_tensor(DType::f32, {2}, rng);
+  Tensor out = poisoned_tensor(DType::f32, {8});
   HistoryConfig cfg;
   cfg.nan_policy = NanPolicy::check;
   const auto sv = views(states);
-  expect_error<NonFiniteError>([&] { history_mix_forward({x.view(), sv, w.view(), {}, out.view()}, cfg); },
-                               "states[1]");
+  EXPECT_TRUE(throws<NonFiniteError>([&] { history_mix_forward({x.view(), sv, w.view(), {}, out.view()}, cfg); },
+                               "states[1]"));
 }
 
 TEST(HistoryHelpers, UnstackAndMemoryFormula) {
-  Buf stacked(DType::bf16, {3, 2, 5});
+  Tensor stacked = poisoned_tensor(DType::bf16, {3, 2, 5});
   const auto slots = unstack(stacked.view());
   ASSERT_EQ(slots.size(), 3u);
   EXPECT_EQ(slots[2].rank, 2);
   EXPECT_EQ(slots[2].shape[1], 5);
-  EXPECT_EQ(static_cast<unsigned char*>(slots[2].data) - stacked.bytes.data(), 2 * 10 * 2);
+  EXPECT_EQ(static_cast<unsigned char*>(slots[2].data) - static_cast<const unsigned char*>(stacked.data()), 2 * 10 * 2);
   EXPECT_EQ(history_memory_bytes(8, 64, 32 * 32, 4, DType::f16), 8LL * 64 * 1024 * 4 * 2);
 }
 
-}  // namespace history_test
+}  // namespace
+}  // namespace mhc::history_test

@@ -1,5 +1,6 @@
-// Helpers of the C++ test suites: owning tensors of any dtype, random fills, NaN poisoning,
-// comparisons, finite differences, and one "problem" per op that owns its inputs and outputs.
+// The support of every C++ test suite, CPU and GPU (gpu/gpu_harness.hpp builds on it): the one host tensor type
+// (owning, any dtype), random fills, NaN poisoning, comparisons against the fp64 reference, finite
+// differences, and the random inputs of each op ("problems" that own their inputs and outputs).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -11,6 +12,7 @@
 #include <functional>
 #include <limits>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -43,6 +45,8 @@ class Tensor {
     return shape_.empty() ? 0 : n;
   }
   void* data() { return bytes_.data(); }
+  const void* data() const { return bytes_.data(); }
+  std::size_t nbytes() const { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
 
   // A view of this tensor, or an absent view when the tensor was never shaped.
   TensorView view() const {
@@ -84,8 +88,14 @@ class Tensor {
   }
   bool bitwise_equal(const Tensor& o) const { return dtype_ == o.dtype_ && shape_ == o.shape_ && bytes_ == o.bytes_; }
 
-  Tensor& uniform(std::mt19937_64& rng, double lo, double hi) {
+  // Any standard engine: the suites seed their own (std::mt19937 or std::mt19937_64).
+  template <class Rng> Tensor& uniform(Rng& rng, double lo, double hi) {
     std::uniform_real_distribution<double> d(lo, hi);
+    for (int64_t i = 0; i < numel(); ++i) set(i, d(rng));
+    return *this;
+  }
+  template <class Rng> Tensor& normal(Rng& rng, double stddev) {
+    std::normal_distribution<double> d(0.0, stddev);
     for (int64_t i = 0; i < numel(); ++i) set(i, d(rng));
     return *this;
   }
@@ -102,10 +112,21 @@ class Tensor {
   std::vector<unsigned char> bytes_;
 };
 
-inline Tensor random_tensor(DType dtype, std::vector<int64_t> shape, std::mt19937_64& rng, double lo = -1.0,
-                            double hi = 1.0) {
+template <class Rng>
+Tensor random_tensor(DType dtype, std::vector<int64_t> shape, Rng& rng, double lo = -1.0, double hi = 1.0) {
   Tensor t(dtype, std::move(shape));
   t.uniform(rng, lo, hi);
+  return t;
+}
+template <class Rng> Tensor normal_tensor(DType dtype, std::vector<int64_t> shape, Rng& rng, double stddev) {
+  Tensor t(dtype, std::move(shape));
+  t.normal(rng, stddev);
+  return t;
+}
+// An output: NaN until an op writes it.
+inline Tensor poisoned_tensor(DType dtype, std::vector<int64_t> shape) {
+  Tensor t(dtype, std::move(shape));
+  t.poison();
   return t;
 }
 
@@ -136,6 +157,38 @@ inline ::testing::AssertionResult close(const char* name, const Tensor& got, con
   return ::testing::AssertionSuccess();
 }
 
+// Every element within |got - want| <= atol + rtol * |want| (a NaN anywhere fails), the first few
+// misses named.
+inline ::testing::AssertionResult close_elementwise(const std::string& name, const Tensor& got, const Tensor& want,
+                                                    double rtol, double atol) {
+  if (got.shape() != want.shape()) return ::testing::AssertionFailure() << name << ": shapes differ";
+  int64_t bad = 0;
+  std::ostringstream misses;
+  misses.precision(17);
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    const double g = got.get(i), w = want.get(i);
+    if (std::abs(g - w) <= atol + rtol * std::abs(w)) continue;
+    if (++bad <= 5) misses << " [" << i << "] got " << g << ", want " << w << ";";
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << name << ": " << bad << " of " << want.numel() << " elements differ (rtol "
+                                       << rtol << ", atol " << atol << "):" << misses.str();
+}
+
+// Runs f, which must throw exactly E (not a sibling type) with `needle` in its message.
+template <class E, class F> ::testing::AssertionResult throws(F&& f, const std::string& needle) {
+  try {
+    f();
+  } catch (const E& e) {
+    if (std::string(e.what()).find(needle) == std::string::npos)
+      return ::testing::AssertionFailure() << "message \"" << e.what() << "\" does not name \"" << needle << "\"";
+    return ::testing::AssertionSuccess();
+  } catch (const std::exception& e) {
+    return ::testing::AssertionFailure() << "wrong exception type: " << e.what();
+  }
+  return ::testing::AssertionFailure() << "nothing thrown (expected an error naming \"" << needle << "\")";
+}
+
 // Tolerance of a fast path against the fp64 reference, by stream dtype.
 inline double tolerance(DType storage) {
   switch (storage) {
@@ -143,6 +196,17 @@ inline double tolerance(DType storage) {
     case DType::f32: return 2e-5;
     default: return 1e-2;
   }
+}
+
+// d loss / d param[i] by the central difference of step h; param[i] is restored.
+inline double central_difference(Tensor& param, int64_t i, const std::function<double()>& loss, double h = 1e-6) {
+  const double v = param.get(i);
+  param.set(i, v + h);
+  const double up = loss();
+  param.set(i, v - h);
+  const double down = loss();
+  param.set(i, v);
+  return (up - down) / (2 * h);
 }
 
 // Central finite differences of loss() with respect to (a sample of) the elements of `param`,
@@ -163,13 +227,7 @@ inline ::testing::AssertionResult finite_difference(const char* name, Tensor& pa
   double scale = 0;
   for (int64_t i = 0; i < analytic.numel(); ++i) scale = std::max(scale, std::abs(analytic.get(i)));
   for (int64_t i : idx) {
-    const double v = param.get(i);
-    param.set(i, v + h);
-    const double up = loss();
-    param.set(i, v - h);
-    const double down = loss();
-    param.set(i, v);
-    const double fd = (up - down) / (2 * h), an = analytic.get(i);
+    const double fd = central_difference(param, i, loss, h), an = analytic.get(i);
     if (!(std::abs(fd - an) <= tol * (std::abs(fd) + 0.1 * scale) + 1e-12))
       return ::testing::AssertionFailure() << name << "[" << i << "]: finite difference " << fd << ", analytic "
                                            << an << " (scale " << scale << ")";
@@ -445,6 +503,100 @@ struct ResidualAddAggProblem {
     residual_add_agg_backward({g_x_out.view(), g_agg.view(), x_out.view(), h_pre.view(), grad_sum.view(),
                                grad_h_pre.view()},
                               cfg, ctx);
+  }
+};
+
+// ---- the multi-history family (include/mhc/history.hpp) -----------------------------------------------
+
+// The (stream, storage) dtype pairs of the history ops.
+struct StoragePair {
+  DType stream, storage;
+};
+inline const StoragePair kStoragePairs[] = {{DType::f32, DType::f32},  {DType::f64, DType::f64},
+                                            {DType::f16, DType::f16},  {DType::bf16, DType::bf16},
+                                            {DType::f32, DType::f16},  {DType::f32, DType::bf16},
+                                            {DType::f16, DType::f32},  {DType::bf16, DType::f32}};
+
+inline std::string pair_name(const StoragePair& p) {
+  return std::string(dtype_name(p.stream)) + "/" + dtype_name(p.storage);
+}
+
+// Tolerance of a history op's output, stored in `dt`, against the fp64 reference.
+inline double history_tol(DType dt) {
+  switch (dt) {
+    case DType::f64: return 1e-12;
+    case DType::f32: return 2e-5;
+    default: return 1e-2;
+  }
+}
+
+inline std::vector<int64_t> with_lead(int64_t lead, std::vector<int64_t> shape) {
+  shape.insert(shape.begin(), lead);
+  return shape;
+}
+
+// Logits of a projection: [R, H], or R square matrices [R, H, H] for doubly_stochastic.
+inline std::vector<int64_t> logits_shape(Constraint c, int64_t R, int64_t H) {
+  return c == Constraint::doubly_stochastic ? std::vector<int64_t>{R, H, H} : std::vector<int64_t>{R, H};
+}
+
+template <class Rng>
+std::vector<Tensor> random_states(int H, DType dtype, const std::vector<int64_t>& shape, Rng& rng) {
+  std::vector<Tensor> states;
+  for (int k = 0; k < H; ++k) states.push_back(random_tensor(dtype, shape, rng));
+  return states;
+}
+// The grad_states outputs of a backward.
+inline std::vector<Tensor> poisoned_states(int H, DType dtype, const std::vector<int64_t>& shape) {
+  std::vector<Tensor> states;
+  for (int k = 0; k < H; ++k) states.push_back(poisoned_tensor(dtype, shape));
+  return states;
+}
+inline std::vector<TensorView> views(const std::vector<Tensor>& tensors) {
+  std::vector<TensorView> v;
+  for (const Tensor& t : tensors) v.push_back(t.view());
+  return v;
+}
+
+// A mix op's case: H states of `shape`; vector weights [H] (R = 0) or the matrix form [R, H].
+struct MixSpec {
+  StoragePair pair;
+  int H;
+  int64_t R;
+  std::vector<int64_t> shape;
+  bool with_x, with_gate;
+};
+
+// Its inputs: states in [-1, 1), weights in [0, 1) with weight 1 exactly 0 when H > 2 (a zero weight
+// exercises the skip), x like out and gate [1] = gate_value when the case has them (else absent).
+struct MixInputs {
+  std::vector<Tensor> states;
+  Tensor x, weights, gate;
+  std::vector<int64_t> out_shape;
+
+  template <class Rng> MixInputs(const MixSpec& c, Rng& rng, double gate_value = 0.8) {
+    states = random_states(c.H, c.pair.storage, c.shape, rng);
+    out_shape = c.R ? with_lead(c.R, c.shape) : c.shape;
+    const DType coef = coef_of(c.pair.stream);
+    weights = random_tensor(coef, c.R ? std::vector<int64_t>{c.R, c.H} : std::vector<int64_t>{c.H}, rng, 0.0, 1.0);
+    if (c.H > 2) weights.set(1, 0.0);
+    if (c.with_x) x = random_tensor(c.pair.stream, out_shape, rng);
+    if (c.with_gate) gate = Tensor(coef, {1}).fill(gate_value);
+  }
+};
+
+// A fused skip's inputs: H states and x of `shape`, logits [H] in [-spread, spread), gate [1].
+struct SkipInputs {
+  std::vector<Tensor> states;
+  Tensor x, logits, gate;
+
+  template <class Rng>
+  SkipInputs(const StoragePair& pair, int H, const std::vector<int64_t>& shape, Rng& rng, double spread,
+             double gate_value) {
+    states = random_states(H, pair.storage, shape, rng);
+    x = random_tensor(pair.stream, shape, rng);
+    logits = random_tensor(coef_of(pair.stream), {H}, rng, -spread, spread);
+    gate = Tensor(coef_of(pair.stream), {1}).fill(gate_value);
   }
 };
 

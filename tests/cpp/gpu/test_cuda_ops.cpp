@@ -31,44 +31,14 @@ std::string describe(DType d, const Shape& s) {
          std::to_string(s.C) + (s.offset ? " misaligned" : "");
 }
 
-DType coef_of(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-
 // Parameters of a pre site with values that keep sigmoids and Sinkhorn away from saturation.
 struct SiteParams {
-  HostTensor fn, base, scale;
+  Tensor fn, base, scale;
 };
 SiteParams site_params(DType stream, int n, int64_t C, int rows, int scales) {
   const DType k = coef_of(stream);
   return {normal_tensor(k, {rows, n * C}, 1.0 / std::sqrt(double(n * C))), random_tensor(k, {rows}, -1.0, 1.0),
           random_tensor(k, {scales}, 0.5, 1.5)};
-}
-
-// Runs `cuda_run` twice into poisoned outputs, checks each output against the reference and the
-// two runs against each other.
-struct Output {
-  const char* name;
-  HostTensor* ref;
-  DeviceTensor* dev;
-  double tol;
-};
-void check_outputs(const std::function<void()>& cuda_run, std::vector<Output> outs, const std::string& what) {
-  cuda_run();
-  std::vector<HostTensor> first;
-  for (auto& o : outs) {
-    first.push_back(o.dev->download());
-    const double err = rel_error(first.back(), *o.ref);
-    EXPECT_LE(err, o.tol) << what << ": " << o.name << " rel error " << err;
-    o.dev->poison();
-  }
-  cuda_run();
-  for (size_t i = 0; i < outs.size(); ++i)
-    EXPECT_TRUE(bit_identical(outs[i].dev->download(), first[i])) << what << ": " << outs[i].name << " not bit-identical";
-}
-
-// MHC_GPU_TEST_QUICK=1 (used under compute-sanitizer): fewer shapes and dtypes, every kernel variant.
-bool quick() {
-  static const bool q = std::getenv("MHC_GPU_TEST_QUICK") != nullptr;
-  return q;
 }
 
 const std::vector<DType> kDtypes = quick() ? std::vector<DType>{DType::bf16, DType::f32, DType::f64}
@@ -118,9 +88,9 @@ void run_pre(DType d, const Shape& s, bool with_fn, bool with_saved) {
   const int n = s.n, m = n * n + 2 * n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
   SiteParams p = site_params(d, n, s.C, m, 3);
-  HostTensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
+  Tensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
   PreForward ref{x.view(), with_fn ? p.fn.view() : TensorView{}, p.base.view(), with_fn ? p.scale.view() : TensorView{},
                  li.view(), hp.view(), hpo.view(), cb.view(), with_saved ? mx.view() : TensorView{},
                  with_saved ? rs.view() : TensorView{}};
@@ -181,17 +151,17 @@ void run_post(DType d, const Shape& s) {
   const int n = s.n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
-  HostTensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
-  HostTensor xn(d, {s.T, n, s.C});
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
+  Tensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
+  Tensor xn(d, {s.T, n, s.C});
   post_forward({x.view(), y.view(), hpo.view(), cb.view(), xn.view()}, cfg, ref_ctx());
   DeviceTensor dx(x, s.offset), dy(y, s.offset), dhpo(hpo), dcb(cb), dxn(d, {s.T, n, s.C}, s.offset);
   check_outputs([&] { post_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dxn.view()}, cfg, cuda_ctx()); },
                 {{"x_next", &xn, &dxn, stream_tol(d)}}, "post_forward");
 
   // backward
-  HostTensor g = normal_tensor(d, {s.T, n, s.C}, 1.0);
-  HostTensor gx(d, {s.T, n, s.C}), gy(d, {s.T, s.C}), ghp(k, {s.T, n}), gcb(k, {s.T, n, n});
+  Tensor g = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  Tensor gx(d, {s.T, n, s.C}), gy(d, {s.T, s.C}), ghp(k, {s.T, n}), gcb(k, {s.T, n, n});
   post_backward({g.view(), x.view(), y.view(), hpo.view(), cb.view(), gx.view(), gy.view(), ghp.view(), gcb.view()}, cfg,
                 ref_ctx());
   DeviceTensor dg(g, s.offset), dgx(d, {s.T, n, s.C}, s.offset), dgy(d, {s.T, s.C}), dghp(k, {s.T, n}),
@@ -225,10 +195,10 @@ void run_post_pre(DType d, const Shape& s) {
   const int n = s.n, m = n * n + 2 * n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
-  HostTensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0), y = normal_tensor(d, {s.T, s.C}, 1.0);
+  Tensor hpo = random_tensor(k, {s.T, n}, 0.0, 2.0), cb = random_tensor(k, {s.T, n, n}, 0.0, 1.0);
   SiteParams p = site_params(d, n, s.C, m, 3);
-  HostTensor xn(d, {s.T, n, s.C}), li(d, {s.T, s.C}), hp(k, {s.T, n}), hpn(k, {s.T, n}), cbn(k, {s.T, n, n}),
+  Tensor xn(d, {s.T, n, s.C}), li(d, {s.T, s.C}), hp(k, {s.T, n}), hpn(k, {s.T, n}), cbn(k, {s.T, n, n}),
       mx(k, {s.T, m}), rs(k, {s.T});
   post_pre_forward({x.view(), y.view(), hpo.view(), cb.view(), p.fn.view(), p.base.view(), p.scale.view(), xn.view(),
                     li.view(), hp.view(), hpn.view(), cbn.view(), mx.view(), rs.view()},
@@ -242,7 +212,7 @@ void run_post_pre(DType d, const Shape& s) {
                      cfg, cuda_ctx());
   };
   cuda_run();
-  HostTensor stored = dxn.download();
+  Tensor stored = dxn.download();
   for (DeviceTensor* out : {&dxn, &dli, &dhp, &dhpn, &dcbn, &dmx, &drs}) out->poison();
   pre_forward({stored.view(), p.fn.view(), p.base.view(), p.scale.view(), li.view(), hp.view(), hpn.view(), cbn.view(),
                mx.view(), rs.view()},
@@ -326,25 +296,47 @@ struct GradMask {
   bool layer_input = true, h_pre = true, h_post = true, comb = true, accum = true, fn = true;
 };
 
-void run_pre_backward(DType d, const Shape& s, GradMask gm) {
+// Sets an environment variable for the scope's duration (the CUDA backend reads its switches at every call).
+class EnvScope {
+ public:
+  EnvScope(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) saved_ = old, had_ = true;
+    setenv(name, value, 1);
+  }
+  ~EnvScope() {
+    if (had_) setenv(name_.c_str(), saved_.c_str(), 1);
+    else unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_, saved_;
+  bool had_ = false;
+};
+
+// versions: the stage-C versions (MHC_CUDA_PRE_BWD) to run on the same inputs, each against the reference and
+// twice into poisoned outputs; with two or more, every version's outputs are also compared with the first's
+// (grad_x to bf16 rounding, grad_fn to the error of the tensor-core split). Empty: the default version.
+// results (optional): every version's outputs (grad_x, grad_base, then grad_fn, grad_scale with fn).
+void run_pre_backward(DType d, const Shape& s, GradMask gm, const std::vector<const char*>& versions = {},
+                      std::vector<std::vector<Tensor>>* results = nullptr) {
   SCOPED_TRACE(describe(d, s) + (gm.fn ? "" : " static") + (gm.comb ? "" : " no-grad-comb") +
-               (gm.layer_input ? "" : " no-grad-layer-input"));
+               (gm.layer_input ? "" : " no-grad-layer-input") + (gm.accum ? "" : " no-accum"));
   const DType k = coef_of(d);
   const int n = s.n, m = n * n + 2 * n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
   SiteParams p = site_params(d, n, s.C, m, 3);
   TensorView fn_v = gm.fn ? p.fn.view() : TensorView{}, scale_v = gm.fn ? p.scale.view() : TensorView{};
   // saved tensors from the reference forward
-  HostTensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
+  Tensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
   pre_forward({x.view(), fn_v, p.base.view(), scale_v, li.view(), hp.view(), hpo.view(), cb.view(), mx.view(), rs.view()},
               cfg, ref_ctx());
-  HostTensor gli = normal_tensor(d, {s.T, s.C}, 1.0), ghp = normal_tensor(k, {s.T, n}, 1.0),
+  Tensor gli = normal_tensor(d, {s.T, s.C}, 1.0), ghp = normal_tensor(k, {s.T, n}, 1.0),
              ghpo = normal_tensor(k, {s.T, n}, 1.0), gcb = normal_tensor(k, {s.T, n, n}, 1.0),
              acc = normal_tensor(d, {s.T, n, s.C}, 1.0);
-  HostTensor gx(d, {s.T, n, s.C}), gfn(k, {m, n * s.C}), gbase(k, {m}), gscale(k, {3});
-  auto opt = [](bool on, HostTensor& t) { return on ? t.view() : TensorView{}; };
+  Tensor gx(d, {s.T, n, s.C}), gfn(k, {m, n * s.C}), gbase(k, {m}), gscale(k, {3});
+  auto opt = [](bool on, Tensor& t) { return on ? t.view() : TensorView{}; };
   PreBackward ref{x.view(), fn_v, p.base.view(), scale_v, mx.view(), rs.view(), opt(gm.layer_input, gli),
                   opt(gm.h_pre, ghp), opt(gm.h_post, ghpo), opt(gm.comb, gcb), opt(gm.accum, acc), gx.view(),
                   opt(gm.fn, gfn), gbase.view(), opt(gm.fn, gscale), TensorView{}};
@@ -359,14 +351,33 @@ void run_pre_backward(DType d, const Shape& s, GradMask gm) {
                 dopt(gm.comb, dgcb), dopt(gm.accum, dacc), dgx.view(), dopt(gm.fn, dgfn), dgbase.view(),
                 dopt(gm.fn, dgscale), TensorView{}};
   const std::size_t ws_bytes = pre_backward_workspace_bytes(a, cfg, cuda_ctx());
-  DeviceTensor ws(DType::f32, {static_cast<int64_t>((ws_bytes + 3) / 4)});
-  if (ws_bytes) a.workspace = ws.view();
+  const DeviceWorkspace ws(ws_bytes);
+  a.workspace = ws.view();
   std::vector<Output> outs = {{"grad_x", &gx, &dgx, stream_tol(d)}, {"grad_base", &gbase, &dgbase, coef_tol(d)}};
   if (gm.fn) {
     outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
     outs.push_back({"grad_scale", &gscale, &dgscale, coef_tol(d)});
   }
-  check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward");
+  if (versions.empty()) {
+    check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward");
+    return;
+  }
+  std::vector<std::vector<Tensor>> got;
+  for (const char* v : versions) {
+    const EnvScope version("MHC_CUDA_PRE_BWD", v);
+    // the workspace query runs under the version too (it must fit whichever version runs)
+    ASSERT_LE(pre_backward_workspace_bytes(a, cfg, cuda_ctx()), ws_bytes) << v;
+    check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, std::string("pre_backward ") + v);
+    got.emplace_back();
+    for (const Output& o : outs) got.back().push_back(o.dev->download());
+  }
+  for (size_t v = 1; v < versions.size(); ++v)
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const double tol = i == 0 ? (d == DType::bf16 ? 1e-2 : stream_tol(d)) : 1e-3;
+      const double err = rel_error(got[v][i], got[0][i]);
+      EXPECT_LE(err, tol) << versions[v] << " vs " << versions[0] << ": " << outs[i].name << " rel difference " << err;
+    }
+  if (results) *results = std::move(got);
 }
 
 TEST(CudaPre, BackwardMatchesReference) {
@@ -391,98 +402,58 @@ TEST(CudaPre, BackwardPartialGradsAndStatic) {
   }
 }
 
-// ---- pre backward, split stage C (MHC_CUDA_PRE_BWD=split) -----------------------------------------------------
-// Selects stage C of the pre backward (MHC_CUDA_PRE_BWD, read at every call; nullptr: unset = v2).
-class PreBwdScope {
- public:
-  explicit PreBwdScope(const char* version) {
-    if (const char* old = std::getenv("MHC_CUDA_PRE_BWD")) saved_ = old, had_ = true;
-    if (version) setenv("MHC_CUDA_PRE_BWD", version, 1);
-    else unsetenv("MHC_CUDA_PRE_BWD");
+// Stage C v4 (MHC_CUDA_PRE_BWD=v4 and v4-wide) against the reference and v2 on the same inputs. v4 takes bf16 with
+// n in {2, 4, 8}, C % 8 == 0 and aligned data (static mode: any 16-bit or f32 stream in packs); the rest falls
+// back to v2, so both sides of each boundary are here: C = 4104 and 1000 (blocks across streams, a partial last
+// block) vs 1004 and 37, n = 3, misaligned data, f16 / f32 with fn. T = 0, 1, 7, 333 and 4096 (many chunks).
+TEST(CudaPreBwdV4, MatchesReferenceAndV2) {
+  MHC_REQUIRE_GPU();
+  const std::vector<const char*> both = {"v2", "v4", "v4-wide"};
+  const std::vector<Shape> bf16_shapes =
+      quick() ? std::vector<Shape>{{0, 4, 256}, {7, 4, 1000}, {333, 8, 136}, {4096, 4, 256}, {33, 2, 200}, {5, 3, 40}}
+              : std::vector<Shape>{{0, 4, 256},    {1, 4, 4096},   {7, 4, 4096},  {333, 4, 1000}, {333, 4, 4104},
+                                   {4096, 4, 256}, {7, 4, 1004},   {9, 4, 37},    {1, 2, 512},    {333, 2, 200},
+                                   {4096, 2, 512}, {7, 8, 512},    {333, 8, 136}, {4096, 8, 64},  {4096, 8, 128},
+                                   {7, 3, 40},     {33, 4, 1024, 1}, {17, 8, 64, 1}};
+  for (const Shape& s : bf16_shapes) run_pre_backward(DType::bf16, s, {}, both);
+  // partial gradients: no accum, no grad_layer_input (no g, no h), static mode with and without accum
+  GradMask no_accum;
+  no_accum.accum = false;
+  GradMask no_li;
+  no_li.layer_input = false;
+  GradMask stat;
+  stat.fn = false;
+  GradMask stat_no_accum = stat;
+  stat_no_accum.accum = false;
+  for (const Shape& s : {Shape{333, 4, 1000}, Shape{70, 8, 512}, Shape{1, 2, 64}}) {
+    run_pre_backward(DType::bf16, s, no_accum, both);
+    run_pre_backward(DType::bf16, s, no_li, both);
   }
-  ~PreBwdScope() {
-    if (had_) setenv("MHC_CUDA_PRE_BWD", saved_.c_str(), 1);
-    else unsetenv("MHC_CUDA_PRE_BWD");
-  }
+  for (DType d : {DType::bf16, DType::f16, DType::f32})
+    for (const Shape& s : {Shape{333, 4, 1000}, Shape{7, 3, 40}, Shape{5, 3, 37}, Shape{9, 4, 64, 1}}) {
+      run_pre_backward(d, s, stat, both);
+      run_pre_backward(d, s, stat_no_accum, both);
+    }
+  // f16 / f32 / f64 with fn: v4 falls back to v2
+  for (DType d : {DType::f16, DType::f32, DType::f64}) run_pre_backward(d, {33, 4, 256}, {}, both);
+}
 
- private:
-  std::string saved_;
-  bool had_ = false;
-};
-
-// The split stage C (or its v2 fallback where the shape is not one it handles) against the fp64 reference,
-// twice into poisoned outputs (bit-identical), then v2 on the same inputs against the split results.
-void run_pre_backward_split(DType d, const Shape& s, GradMask gm, const char* version = "split") {
-  SCOPED_TRACE(std::string(version) + " " + describe(d, s) + (gm.fn ? "" : " static") + (gm.accum ? "" : " no-accum") +
-               (gm.layer_input ? "" : " no-grad-layer-input"));
-  const DType k = coef_of(d);
-  const int n = s.n, m = n * n + 2 * n;
-  MhcConfig cfg;
-  cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
-  SiteParams p = site_params(d, n, s.C, m, 3);
-  TensorView fn_v = gm.fn ? p.fn.view() : TensorView{}, scale_v = gm.fn ? p.scale.view() : TensorView{};
-  HostTensor li(d, {s.T, s.C}), hp(k, {s.T, n}), hpo(k, {s.T, n}), cb(k, {s.T, n, n}), mx(k, {s.T, m}), rs(k, {s.T});
-  pre_forward({x.view(), fn_v, p.base.view(), scale_v, li.view(), hp.view(), hpo.view(), cb.view(), mx.view(), rs.view()},
-              cfg, ref_ctx());
-  HostTensor gli = normal_tensor(d, {s.T, s.C}, 1.0), ghp = normal_tensor(k, {s.T, n}, 1.0),
-             ghpo = normal_tensor(k, {s.T, n}, 1.0), gcb = normal_tensor(k, {s.T, n, n}, 1.0),
-             acc = normal_tensor(d, {s.T, n, s.C}, 1.0);
-  HostTensor gx(d, {s.T, n, s.C}), gfn(k, {m, n * s.C}), gbase(k, {m}), gscale(k, {3});
-  auto opt = [](bool on, HostTensor& t) { return on ? t.view() : TensorView{}; };
-  PreBackward ref{x.view(), fn_v, p.base.view(), scale_v, mx.view(), rs.view(), opt(gm.layer_input, gli),
-                  opt(gm.h_pre, ghp), opt(gm.h_post, ghpo), opt(gm.comb, gcb), opt(gm.accum, acc), gx.view(),
-                  opt(gm.fn, gfn), gbase.view(), opt(gm.fn, gscale), TensorView{}};
-  pre_backward(ref, cfg, ref_ctx());
-
-  DeviceTensor dx(x, s.offset), dfn(p.fn), dbase(p.base), dscale(p.scale), dmx(mx), drs(rs);
-  DeviceTensor dgli(gli, s.offset), dghp(ghp), dghpo(ghpo), dgcb(gcb), dacc(acc, s.offset);
-  DeviceTensor dgx(d, {s.T, n, s.C}, s.offset), dgfn(k, {m, n * s.C}), dgbase(k, {m}), dgscale(k, {3});
-  auto dopt = [](bool on, DeviceTensor& t) { return on ? t.view() : TensorView{}; };
-  PreBackward a{dx.view(), gm.fn ? dfn.view() : TensorView{}, dbase.view(), gm.fn ? dscale.view() : TensorView{},
-                dmx.view(), drs.view(), dopt(gm.layer_input, dgli), dopt(gm.h_pre, dghp), dopt(gm.h_post, dghpo),
-                dopt(gm.comb, dgcb), dopt(gm.accum, dacc), dgx.view(), dopt(gm.fn, dgfn), dgbase.view(),
-                dopt(gm.fn, dgscale), TensorView{}};
-  // the workspace is queried under v2: it must be large enough for the split version too
-  std::size_t ws_bytes = 0;
-  {
-    const PreBwdScope v2(nullptr);
-    ws_bytes = pre_backward_workspace_bytes(a, cfg, cuda_ctx());
-  }
-  DeviceTensor ws(DType::f32, {static_cast<int64_t>((ws_bytes + 3) / 4)});
-  if (ws_bytes) a.workspace = ws.view();
-  std::vector<Output> outs = {{"grad_x", &gx, &dgx, stream_tol(d)}, {"grad_base", &gbase, &dgbase, coef_tol(d)}};
-  if (gm.fn) {
-    outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
-    outs.push_back({"grad_scale", &gscale, &dgscale, coef_tol(d)});
-  }
-  {
-    const PreBwdScope split(version);
-    EXPECT_EQ(pre_backward_workspace_bytes(a, cfg, cuda_ctx()), ws_bytes) << "workspace depends on the version";
-    check_outputs([&] { pre_backward(a, cfg, cuda_ctx()); }, outs, "pre_backward split");
-  }
-  std::vector<HostTensor> split_out;
-  for (auto& o : outs) split_out.push_back(o.dev->download());
-  // v2 on the same inputs: the two versions agree to the accuracy of bf16 outputs / the hi + lo split
-  for (auto& o : outs) o.dev->poison();
-  {
-    const PreBwdScope v2(nullptr);
-    pre_backward(a, cfg, cuda_ctx());
-  }
-  // Which path ran: a fallback shape runs v2 under both settings (bit-identical); a supported one sums grad_fn
-  // in another order (other chunks, exact-fp32 grad_x), so its bits differ somewhere in m * nC values.
-  const bool split_runs = cuda_impl::pre_bwd_split_shape_ok(d, n, s.C) && s.offset == 0 && s.T > 0;
-  for (size_t q = 0; q < outs.size(); ++q) {
-    const HostTensor v2_out = outs[q].dev->download();
-    const std::string what = outs[q].name;
-    const double tol = what == "grad_x" ? (d == DType::bf16 ? 1e-2 : stream_tol(d)) : 1e-3;
-    const double err = rel_error(split_out[q], v2_out);
-    EXPECT_LE(err, tol) << "split vs v2: " << what << " rel difference " << err;
-    if (!split_runs)
-      EXPECT_TRUE(bit_identical(split_out[q], v2_out)) << "fallback shape, yet " << what << " differs from v2";
-    else if (what == "grad_fn" && s.T >= 256)
-      EXPECT_FALSE(bit_identical(split_out[q], v2_out)) << "grad_fn bit-identical to v2: did the split path run?";
-  }
+// ---- pre backward, split stage C (MHC_CUDA_PRE_BWD=split, split-u4) -------------------------------------------
+// The split version against the reference and v2 on the same inputs (run_pre_backward: poisoned outputs, two runs
+// bit-identical, the workspace of the default query), and which path ran: a fallback shape runs v2 under both
+// settings (bit-identical outputs); a supported one sums grad_fn in another order (other chunks, other tiles), so
+// its bits differ somewhere in the m * nC values.
+void run_split(DType d, const Shape& s, GradMask gm, const char* version = "split") {
+  SCOPED_TRACE(version);
+  std::vector<std::vector<Tensor>> got;
+  run_pre_backward(d, s, gm, {"v2", version}, &got);
+  if (got.size() != 2) return;  // a fatal failure inside
+  const bool split_runs = cuda_impl::pre_bwd_split_shape_ok(d, s.n, s.C) && s.offset == 0 && s.T > 0;
+  if (!split_runs)
+    for (size_t i = 0; i < got[0].size(); ++i)
+      EXPECT_TRUE(bit_identical(got[1][i], got[0][i])) << "fallback shape, yet output " << i << " differs from v2";
+  if (split_runs && gm.fn && s.T >= 256)
+    EXPECT_FALSE(bit_identical(got[1][2], got[0][2])) << "grad_fn bit-identical to v2: did the split path run?";
 }
 
 std::vector<Shape> split_shapes() {
@@ -490,28 +461,16 @@ std::vector<Shape> split_shapes() {
   if (quick())
     return {{0, 4, 64}, {1, 4, 1024}, {333, 4, 1000}, {7, 8, 512}, {70, 2, 200}, {33, 4, 100}, {7, 3, 64},
             {33, 4, 1024, 1}};
-  return {{0, 4, 64},     {1, 4, 1024},   {7, 4, 136},  {333, 4, 1000}, {4096, 4, 512}, {1, 2, 64},
-          {333, 2, 200},  {4096, 2, 1024}, {7, 8, 512}, {333, 8, 136},  {4096, 8, 256}, {1, 8, 8},
+  return {{0, 4, 64},     {1, 4, 1024},    {7, 4, 136},  {333, 4, 1000}, {4096, 4, 512}, {1, 2, 64},
+          {333, 2, 200},  {4096, 2, 1024}, {7, 8, 512},  {333, 8, 136},  {4096, 8, 256}, {1, 8, 8},
           // fallback: n = 3, C not a multiple of 8 (odd and even), misaligned
-          {7, 3, 64},     {333, 3, 40},   {7, 4, 100},  {33, 4, 37},    {9, 8, 12},     {70, 2, 36},
+          {7, 3, 64},     {333, 3, 40},    {7, 4, 100},  {33, 4, 37},    {9, 8, 12},     {70, 2, 36},
           {33, 4, 1024, 1}};
 }
 
 TEST(CudaPreBackwardSplit, MatchesReferenceAndV2) {
   MHC_REQUIRE_GPU();
-  for (const Shape& s : split_shapes()) run_pre_backward_split(DType::bf16, s, {});
-}
-
-// The 4-token-step variant of the grad_x kernel (n <= 4; n = 8 runs the default).
-TEST(CudaPreBackwardSplit, FourTokenStepsMatchReferenceAndV2) {
-  MHC_REQUIRE_GPU();
-  GradMask no_accum;
-  no_accum.accum = false;
-  GradMask no_li;
-  no_li.layer_input = false;
-  for (const Shape& s : std::vector<Shape>{{1, 4, 1024}, {7, 4, 136}, {333, 4, 1000}, {4096, 4, 512}, {333, 2, 200},
-                                           {7, 8, 512}, {33, 4, 37}})
-    for (const GradMask& gm : {GradMask{}, no_accum, no_li}) run_pre_backward_split(DType::bf16, s, gm, "split-u4");
+  for (const Shape& s : split_shapes()) run_split(DType::bf16, s, {});
 }
 
 TEST(CudaPreBackwardSplit, PartialGradsAndStatic) {
@@ -528,20 +487,35 @@ TEST(CudaPreBackwardSplit, PartialGradsAndStatic) {
   only_li.h_pre = only_li.h_post = only_li.comb = only_li.accum = false;
   const std::vector<Shape> shapes = quick() ? std::vector<Shape>{{333, 4, 1000}, {7, 8, 512}, {7, 3, 64}}
                                             : std::vector<Shape>{{1, 4, 1024}, {333, 4, 1000}, {4096, 4, 512},
-                                                                 {70, 2, 200}, {7, 8, 512}, {333, 8, 136},
-                                                                 {7, 3, 64}, {33, 4, 37}};
+                                                                 {70, 2, 200}, {7, 8, 512},    {333, 8, 136},
+                                                                 {7, 3, 64},   {33, 4, 37}};
   for (const Shape& s : shapes)
-    for (const GradMask& gm : {no_accum, no_li, stat, stat_no_accum, only_li}) run_pre_backward_split(DType::bf16, s, gm);
+    for (const GradMask& gm : {no_accum, no_li, stat, stat_no_accum, only_li}) run_split(DType::bf16, s, gm);
 }
 
-// Other stream dtypes take v2 under MHC_CUDA_PRE_BWD=split.
+// The 4-token-step variant of the grad_x kernel (n <= 4; n = 8 runs the default steps).
+TEST(CudaPreBackwardSplit, FourTokenStepsMatchReferenceAndV2) {
+  MHC_REQUIRE_GPU();
+  GradMask no_accum;
+  no_accum.accum = false;
+  GradMask no_li;
+  no_li.layer_input = false;
+  const std::vector<Shape> shapes = quick() ? std::vector<Shape>{{333, 4, 1000}, {33, 2, 200}}
+                                            : std::vector<Shape>{{1, 4, 1024}, {7, 4, 136},  {333, 4, 1000},
+                                                                 {4096, 4, 512}, {333, 2, 200}, {7, 8, 512},
+                                                                 {33, 4, 37}};
+  for (const Shape& s : shapes)
+    for (const GradMask& gm : {GradMask{}, no_accum, no_li}) run_split(DType::bf16, s, gm, "split-u4");
+}
+
+// Other stream dtypes take v2 under MHC_CUDA_PRE_BWD=split (bit-identical to it).
 TEST(CudaPreBackwardSplit, OtherDtypesFallBack) {
   MHC_REQUIRE_GPU();
+  GradMask stat;
+  stat.fn = false;
   for (DType d : {DType::f16, DType::f32, DType::f64}) {
-    run_pre_backward_split(d, {33, 4, 136}, {});
-    GradMask stat;
-    stat.fn = false;
-    run_pre_backward_split(d, {7, 8, 64}, stat);
+    run_split(d, {33, 4, 136}, {});
+    run_split(d, {7, 8, 64}, stat);
   }
 }
 
@@ -552,12 +526,12 @@ void run_sinkhorn(DType k, int64_t T, int n, int iters) {
   MhcConfig cfg;
   cfg.n = n;
   cfg.iters = iters;
-  HostTensor l = normal_tensor(k, {T, n, n}, 1.0), c(k, {T, n, n});
+  Tensor l = normal_tensor(k, {T, n, n}, 1.0), c(k, {T, n, n});
   sinkhorn_forward({l.view(), c.view()}, cfg, ref_ctx());
   DeviceTensor dl(l), dc(k, {T, n, n});
   check_outputs([&] { sinkhorn_forward({dl.view(), dc.view()}, cfg, cuda_ctx()); }, {{"comb", &c, &dc, coef_tol(k)}},
                 "sinkhorn_forward");
-  HostTensor g = normal_tensor(k, {T, n, n}, 1.0), gl(k, {T, n, n});
+  Tensor g = normal_tensor(k, {T, n, n}, 1.0), gl(k, {T, n, n});
   sinkhorn_backward({l.view(), g.view(), gl.view()}, cfg, ref_ctx());
   DeviceTensor dg(g), dgl(k, {T, n, n});
   check_outputs([&] { sinkhorn_backward({dl.view(), dg.view(), dgl.view()}, cfg, cuda_ctx()); },
@@ -582,12 +556,12 @@ TEST(CudaExpand, ForwardAndBackwardMatchReference) {
       SCOPED_TRACE(describe(d, s));
       MhcConfig cfg;
       cfg.n = s.n;
-      HostTensor x = normal_tensor(d, {s.T, s.C}, 1.0), out(d, {s.T, s.n, s.C});
+      Tensor x = normal_tensor(d, {s.T, s.C}, 1.0), out(d, {s.T, s.n, s.C});
       expand_forward({x.view(), out.view()}, cfg, ref_ctx());
       DeviceTensor dx(x, s.offset), dout(d, {s.T, s.n, s.C}, s.offset);
       check_outputs([&] { expand_forward({dx.view(), dout.view()}, cfg, cuda_ctx()); },
                     {{"out", &out, &dout, stream_tol(d)}}, "expand_forward");
-      HostTensor g = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gx(d, {s.T, s.C});
+      Tensor g = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gx(d, {s.T, s.C});
       expand_backward({g.view(), gx.view()}, cfg, ref_ctx());
       DeviceTensor dg(g, s.offset), dgx(d, {s.T, s.C}, s.offset);
       check_outputs([&] { expand_backward({dg.view(), dgx.view()}, cfg, cuda_ctx()); },
@@ -602,10 +576,10 @@ void run_head(DType d, const Shape& s, bool with_fn) {
   const int n = s.n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
+  Tensor x = normal_tensor(d, {s.T, n, s.C}, 1.0);
   SiteParams p = site_params(d, n, s.C, n, 1);
   TensorView fn_v = with_fn ? p.fn.view() : TensorView{}, sc_v = with_fn ? p.scale.view() : TensorView{};
-  HostTensor out(d, {s.T, s.C}), w(k, {s.T, n}), mx(k, {s.T, n}), rs(k, {s.T});
+  Tensor out(d, {s.T, s.C}), w(k, {s.T, n}), mx(k, {s.T, n}), rs(k, {s.T});
   head_forward({x.view(), fn_v, p.base.view(), sc_v, out.view(), w.view(), mx.view(), rs.view()}, cfg, ref_ctx());
   DeviceTensor dx(x, s.offset), dfn(p.fn), dbase(p.base), dscale(p.scale);
   DeviceTensor dout(d, {s.T, s.C}, s.offset), dw(k, {s.T, n}), dmx(k, {s.T, n}), drs(k, {s.T});
@@ -621,8 +595,8 @@ void run_head(DType d, const Shape& s, bool with_fn) {
        {"rstd", &rs, &drs, coef_tol(d)}},
       "head_forward");
 
-  HostTensor go = normal_tensor(d, {s.T, s.C}, 1.0), gw = normal_tensor(k, {s.T, n}, 1.0);
-  HostTensor gx(d, {s.T, n, s.C}), gfn(k, {n, n * s.C}), gbase(k, {n}), gscale(k, {1});
+  Tensor go = normal_tensor(d, {s.T, s.C}, 1.0), gw = normal_tensor(k, {s.T, n}, 1.0);
+  Tensor gx(d, {s.T, n, s.C}), gfn(k, {n, n * s.C}), gbase(k, {n}), gscale(k, {1});
   HeadBackward ref{x.view(), fn_v, p.base.view(), sc_v, mx.view(), rs.view(), go.view(), gw.view(), gx.view(),
                    with_fn ? gfn.view() : TensorView{}, gbase.view(), with_fn ? gscale.view() : TensorView{},
                    TensorView{}};
@@ -636,9 +610,8 @@ void run_head(DType d, const Shape& s, bool with_fn) {
   HeadBackward a{dx.view(), with_fn ? dfn.view() : TensorView{}, dbase.view(), with_fn ? dscale.view() : TensorView{},
                  dmx_saved.view(), drs_saved.view(), dgo.view(), dgw.view(), dgx.view(), with_fn ? dgfn.view() : TensorView{},
                  dgbase.view(), with_fn ? dgscale.view() : TensorView{}, TensorView{}};
-  const std::size_t ws_bytes = head_backward_workspace_bytes(a, cfg, cuda_ctx());
-  DeviceTensor ws(DType::f32, {static_cast<int64_t>((ws_bytes + 3) / 4)});
-  if (ws_bytes) a.workspace = ws.view();
+  const DeviceWorkspace ws(head_backward_workspace_bytes(a, cfg, cuda_ctx()));
+  a.workspace = ws.view();
   std::vector<Output> outs = {{"grad_x", &gx, &dgx, stream_tol(d)}, {"grad_base", &gbase, &dgbase, coef_tol(d)}};
   if (with_fn) {
     outs.push_back({"grad_fn", &gfn, &dgfn, coef_tol(d)});
@@ -663,17 +636,17 @@ TEST(CudaResidualAddAgg, ForwardAndBackwardMatchReference) {
       const DType k = coef_of(d);
       MhcConfig cfg;
       cfg.n = s.n;
-      HostTensor x = normal_tensor(d, {s.T, s.n, s.C}, 1.0), r = normal_tensor(d, {s.T, s.n, s.C}, 1.0),
+      Tensor x = normal_tensor(d, {s.T, s.n, s.C}, 1.0), r = normal_tensor(d, {s.T, s.n, s.C}, 1.0),
                  hp = random_tensor(k, {s.T, s.n}, 0.0, 1.0);
-      HostTensor xo(d, {s.T, s.n, s.C}), agg(d, {s.T, s.C});
+      Tensor xo(d, {s.T, s.n, s.C}), agg(d, {s.T, s.C});
       residual_add_agg_forward({x.view(), r.view(), hp.view(), xo.view(), agg.view()}, cfg, ref_ctx());
       DeviceTensor dx(x, s.offset), dr(r, s.offset), dhp(hp), dxo(d, {s.T, s.n, s.C}, s.offset), dagg(d, {s.T, s.C});
       check_outputs(
           [&] { residual_add_agg_forward({dx.view(), dr.view(), dhp.view(), dxo.view(), dagg.view()}, cfg, cuda_ctx()); },
           {{"x_out", &xo, &dxo, stream_tol(d)}, {"agg", &agg, &dagg, stream_tol(d)}}, "residual_add_agg_forward");
       for (int present = 0; present < 3; ++present) {  // both grads, only grad_agg, only grad_x_out
-        HostTensor gxo = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gagg = normal_tensor(d, {s.T, s.C}, 1.0);
-        HostTensor gs(d, {s.T, s.n, s.C}), ghp(k, {s.T, s.n});
+        Tensor gxo = normal_tensor(d, {s.T, s.n, s.C}, 1.0), gagg = normal_tensor(d, {s.T, s.C}, 1.0);
+        Tensor gs(d, {s.T, s.n, s.C}), ghp(k, {s.T, s.n});
         const bool has_gxo = present != 1, has_gagg = present != 2;
         residual_add_agg_backward({has_gxo ? gxo.view() : TensorView{}, has_gagg ? gagg.view() : TensorView{},
                                    xo.view(), hp.view(), gs.view(), ghp.view()},
@@ -698,8 +671,8 @@ TEST(CudaOps, NanPolicyCheckFindsNonFiniteInput) {
   MhcConfig cfg;
   cfg.n = 4;
   cfg.nan_policy = NanPolicy::check;
-  HostTensor x = normal_tensor(DType::bf16, {3, 4, 64}, 1.0), y = normal_tensor(DType::bf16, {3, 64}, 1.0);
-  HostTensor hpo = random_tensor(DType::f32, {3, 4}, 0, 1), cb = random_tensor(DType::f32, {3, 4, 4}, 0, 1);
+  Tensor x = normal_tensor(DType::bf16, {3, 4, 64}, 1.0), y = normal_tensor(DType::bf16, {3, 64}, 1.0);
+  Tensor hpo = random_tensor(DType::f32, {3, 4}, 0, 1), cb = random_tensor(DType::f32, {3, 4, 4}, 0, 1);
   x.set(100, NAN);
   DeviceTensor dx(x), dy(y), dhpo(hpo), dcb(cb), dxn(DType::bf16, {3, 4, 64});
   EXPECT_THROW(post_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dxn.view()}, cfg, cuda_ctx()),
@@ -717,7 +690,7 @@ TEST(CudaOps, SiteRunsInsideCudaGraphCapture) {
   const int64_t T = 37, C = 256, m = n * n + 2 * n;
   MhcConfig cfg;
   cfg.n = n;
-  HostTensor x = normal_tensor(DType::bf16, {T, n, C}, 1.0), y = normal_tensor(DType::bf16, {T, C}, 1.0);
+  Tensor x = normal_tensor(DType::bf16, {T, n, C}, 1.0), y = normal_tensor(DType::bf16, {T, C}, 1.0);
   SiteParams p = site_params(DType::bf16, n, C, m, 3);
   DeviceTensor dx(x), dy(y), dfn(p.fn), dbase(p.base), dscale(p.scale);
   DeviceTensor li(DType::bf16, {T, C}), hp(DType::f32, {T, n}), hpo(DType::f32, {T, n}), cb(DType::f32, {T, n, n}),
@@ -732,7 +705,7 @@ TEST(CudaOps, SiteRunsInsideCudaGraphCapture) {
   };
   site();
   MHC_CHECK_CUDA(cudaStreamSynchronize(stream));
-  const HostTensor eager_li = li.download(), eager_xn = xn.download();
+  const Tensor eager_li = li.download(), eager_xn = xn.download();
   li.poison();
   xn.poison();
   cudaGraph_t graph;
