@@ -4,9 +4,10 @@
 //   C1. grad_x[t, k] = h[t, i(k)] g[t, c(k)] + XC[t] x[t, k] + sum_j DP[t, j] fn[j, k] (+ accum[t, k])
 //       CUDA cores, fp32 math, fn exact. A block owns W consecutive columns of x viewed as [T, nC], holds
 //       fn[:, its columns] in registers (KC columns per thread) for a whole chunk of tokens and streams the
-//       chunk's token rows through: every row is read in W-column contiguous runs (1-2 KB), DP/XC/h of a
-//       32-token tile are staged in shared memory (double-buffered cp.async) and read as broadcasts, and
-//       the x/g/accum loads of the next U tokens are in flight while the current U are computed.
+//       chunk's token rows through: every row is read in W-column contiguous runs (2 KB / 1 KB / 512 B for
+//       n = 2 / 4 / 8), DP/XC/h of a 32-token tile are staged in shared memory (double-buffered cp.async) and
+//       read as broadcasts, the x/g/accum loads of the next U tokens are in flight while the current U are
+//       computed, and the rows 8 tokens ahead are prefetched into L2.
 //   C2. GF[chunk, j, k] = sum_{t in chunk} DP[t, j] x[t, k] on tensor cores: DP^T (rows j) split into
 //       bf16 hi + lo (once per tile, shared by the block's warps), x exact, fp32 accumulation in registers
 //       over the chunk; x and DP through a 4-stage cp.async ring of 16-token tiles. Stage D
