@@ -149,20 +149,7 @@ __global__ void __launch_bounds__(GxGeom<N, kU>::kThreads, GxGeom<N, kU>::kMinBl
   const int64_t t_begin = std::min<int64_t>(T, blockIdx.y * per_chunk);
   const int64_t t_end = std::min<int64_t>(T, t_begin + per_chunk);
 
-  // fn[:, k .. k + KC) for the whole chunk
-  float fr[kFn ? M : 1][KC];
-  if constexpr (kFn) {
-#pragma unroll
-    for (int j = 0; j < M; ++j) {
-      const float* src = a.fn + int64_t(j) * nC + k;
-#pragma unroll
-      for (int e = 0; e < KC; e += 2) {
-        const float2 v = valid ? __ldg(reinterpret_cast<const float2*>(src + e)) : make_float2(0.f, 0.f);
-        fr[j][e] = v.x;
-        fr[j][e + 1] = v.y;
-      }
-    }
-  }
+  float fr[kFn ? M : 1][KC];  // fn[:, k .. k + KC) for the whole chunk, loaded after the first stream loads
 
   auto stage = [&](int64_t tb, int buf) {
     const int count = static_cast<int>(std::min<int64_t>(TT, t_end - tb));
@@ -262,6 +249,19 @@ __global__ void __launch_bounds__(GxGeom<N, kU>::kThreads, GxGeom<N, kU>::kMinBl
   // two register sets used in turn (no copies): A holds the step being computed at even steps
   StepLoads<N, kU> A, B;
   load_step(A);
+  // fn from L2 after the first DRAM requests are out (every block of the wave loads its slice at once)
+  if constexpr (kFn) {
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const float* src = a.fn + int64_t(j) * nC + k;
+#pragma unroll
+      for (int e = 0; e < KC; e += 2) {
+        const float2 v = valid ? __ldg(reinterpret_cast<const float2*>(src + e)) : make_float2(0.f, 0.f);
+        fr[j][e] = v.x;
+        fr[j][e + 1] = v.y;
+      }
+    }
+  }
   const int len = static_cast<int>(t_end - t_begin);
   for (int tb = 0; tb < len; tb += TT) {
     const int count = std::min(TT, len - tb);
