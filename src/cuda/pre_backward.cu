@@ -20,6 +20,7 @@
 #include "cuda/coefficients.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/pre_backward_split.hpp"
 #include "cuda/sinkhorn.cuh"
 #include "cuda/tuning.hpp"
 
@@ -103,8 +104,9 @@ BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool 
   L.H = take(T * n);
   L.SC = take(T * 3);
   L.DIV = take(T * L.steps * n);
-  // sized for either version of stage C (MHC_CUDA_PRE_BWD may change between the query and the call)
-  L.GF = take(has_fn ? std::max({L.chunks, L.chunks_v4, L.chunks_v4w}) * m * n * C : 0);
+  // sized for every version of stage C (MHC_CUDA_PRE_BWD may change between the query and the call)
+  const int64_t split_chunks = has_sinkhorn ? pre_bwd_split_chunks(dtype, T, n, C, has_fn) : 0;  // pre only
+  L.GF = take(has_fn ? std::max({L.chunks, L.chunks_v4, L.chunks_v4w, split_chunks}) * m * n * C : 0);
   L.total = off;
   return L;
 }
@@ -1124,7 +1126,16 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
   ga.m = m;
   ga.chunks = static_cast<int>(L.chunks);
   bool fast_done = false;
-  if (const BwdVersion v = bwd_version(); kSite == Site::pre && v != BwdVersion::v2)
+  // MHC_CUDA_PRE_BWD=split / split-u4: stage C as two streaming kernels (src/cuda/pre_backward_split.cu)
+  if constexpr (kSite == Site::pre && std::is_same_v<S, __nv_bfloat16>) {
+    if (pre_bwd_split_requested() && !grad_generic_forced() && pre_bwd_split_shape_ok(io.x->dtype, n, C) &&
+        aligned16({io.x, io.g, io.accum, io.grad_x, io.fn, io.workspace})) {
+      const PreBwdSplitArgs sa{ga.x, ga.g, ga.accum, ga.grad_x, ga.fn, ga.H, ga.DP, ga.XC, ga.GF, T, C, n};
+      ga.chunks = pre_bwd_split_launch(sa, stream);
+      fast_done = true;
+    }
+  }
+  if (const BwdVersion v = bwd_version(); !fast_done && kSite == Site::pre && v != BwdVersion::v2)
     fast_done = stage_c_v4<S>(ga, io, L, v == BwdVersion::v4_wide, stream);
   if constexpr (std::is_same_v<S, __nv_bfloat16>) {
     const bool vec_ok = C % kPack<S> == 0 && aligned16({io.x, io.g, io.grad_x}) &&

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/pre_backward_split.hpp"
 #include "cuda/tuning.hpp"
 #include "gpu_harness.hpp"
 
@@ -315,7 +316,9 @@ class EnvScope {
 // versions: the stage-C versions (MHC_CUDA_PRE_BWD) to run on the same inputs, each against the reference and
 // twice into poisoned outputs; with two or more, every version's outputs are also compared with the first's
 // (grad_x to bf16 rounding, grad_fn to the error of the tensor-core split). Empty: the default version.
-void run_pre_backward(DType d, const Shape& s, GradMask gm, const std::vector<const char*>& versions = {}) {
+// results (optional): every version's outputs (grad_x, grad_base, then grad_fn, grad_scale with fn).
+void run_pre_backward(DType d, const Shape& s, GradMask gm, const std::vector<const char*>& versions = {},
+                      std::vector<std::vector<Tensor>>* results = nullptr) {
   SCOPED_TRACE(describe(d, s) + (gm.fn ? "" : " static") + (gm.comb ? "" : " no-grad-comb") +
                (gm.layer_input ? "" : " no-grad-layer-input") + (gm.accum ? "" : " no-accum"));
   const DType k = coef_of(d);
@@ -374,6 +377,7 @@ void run_pre_backward(DType d, const Shape& s, GradMask gm, const std::vector<co
       const double err = rel_error(got[v][i], got[0][i]);
       EXPECT_LE(err, tol) << versions[v] << " vs " << versions[0] << ": " << outs[i].name << " rel difference " << err;
     }
+  if (results) *results = std::move(got);
 }
 
 TEST(CudaPre, BackwardMatchesReference) {
@@ -432,6 +436,87 @@ TEST(CudaPreBwdV4, MatchesReferenceAndV2) {
     }
   // f16 / f32 / f64 with fn: v4 falls back to v2
   for (DType d : {DType::f16, DType::f32, DType::f64}) run_pre_backward(d, {33, 4, 256}, {}, both);
+}
+
+// ---- pre backward, split stage C (MHC_CUDA_PRE_BWD=split, split-u4) -------------------------------------------
+// The split version against the reference and v2 on the same inputs (run_pre_backward: poisoned outputs, two runs
+// bit-identical, the workspace of the default query), and which path ran: a fallback shape runs v2 under both
+// settings (bit-identical outputs); a supported one sums grad_fn in another order (other chunks, other tiles), so
+// its bits differ somewhere in the m * nC values.
+void run_split(DType d, const Shape& s, GradMask gm, const char* version = "split") {
+  SCOPED_TRACE(version);
+  std::vector<std::vector<Tensor>> got;
+  run_pre_backward(d, s, gm, {"v2", version}, &got);
+  if (got.size() != 2) return;  // a fatal failure inside
+  const bool split_runs = cuda_impl::pre_bwd_split_shape_ok(d, s.n, s.C) && s.offset == 0 && s.T > 0;
+  if (!split_runs)
+    for (size_t i = 0; i < got[0].size(); ++i)
+      EXPECT_TRUE(bit_identical(got[1][i], got[0][i])) << "fallback shape, yet output " << i << " differs from v2";
+  if (split_runs && gm.fn && s.T >= 256)
+    EXPECT_FALSE(bit_identical(got[1][2], got[0][2])) << "grad_fn bit-identical to v2: did the split path run?";
+}
+
+std::vector<Shape> split_shapes() {
+  // supported: bf16, n in {2, 4, 8}, C % 8 == 0, aligned; the rest falls back to v2
+  if (quick())
+    return {{0, 4, 64}, {1, 4, 1024}, {333, 4, 1000}, {7, 8, 512}, {70, 2, 200}, {33, 4, 100}, {7, 3, 64},
+            {33, 4, 1024, 1}};
+  return {{0, 4, 64},     {1, 4, 1024},    {7, 4, 136},  {333, 4, 1000}, {4096, 4, 512}, {1, 2, 64},
+          {333, 2, 200},  {4096, 2, 1024}, {7, 8, 512},  {333, 8, 136},  {4096, 8, 256}, {1, 8, 8},
+          // fallback: n = 3, C not a multiple of 8 (odd and even), misaligned
+          {7, 3, 64},     {333, 3, 40},    {7, 4, 100},  {33, 4, 37},    {9, 8, 12},     {70, 2, 36},
+          {33, 4, 1024, 1}};
+}
+
+TEST(CudaPreBackwardSplit, MatchesReferenceAndV2) {
+  MHC_REQUIRE_GPU();
+  for (const Shape& s : split_shapes()) run_split(DType::bf16, s, {});
+}
+
+TEST(CudaPreBackwardSplit, PartialGradsAndStatic) {
+  MHC_REQUIRE_GPU();
+  GradMask no_accum;
+  no_accum.accum = false;
+  GradMask no_li;
+  no_li.layer_input = false;
+  GradMask stat;
+  stat.fn = false;
+  GradMask stat_no_accum = stat;
+  stat_no_accum.accum = false;
+  GradMask only_li;
+  only_li.h_pre = only_li.h_post = only_li.comb = only_li.accum = false;
+  const std::vector<Shape> shapes = quick() ? std::vector<Shape>{{333, 4, 1000}, {7, 8, 512}, {7, 3, 64}}
+                                            : std::vector<Shape>{{1, 4, 1024}, {333, 4, 1000}, {4096, 4, 512},
+                                                                 {70, 2, 200}, {7, 8, 512},    {333, 8, 136},
+                                                                 {7, 3, 64},   {33, 4, 37}};
+  for (const Shape& s : shapes)
+    for (const GradMask& gm : {no_accum, no_li, stat, stat_no_accum, only_li}) run_split(DType::bf16, s, gm);
+}
+
+// The 4-token-step variant of the grad_x kernel (n <= 4; n = 8 runs the default steps).
+TEST(CudaPreBackwardSplit, FourTokenStepsMatchReferenceAndV2) {
+  MHC_REQUIRE_GPU();
+  GradMask no_accum;
+  no_accum.accum = false;
+  GradMask no_li;
+  no_li.layer_input = false;
+  const std::vector<Shape> shapes = quick() ? std::vector<Shape>{{333, 4, 1000}, {33, 2, 200}}
+                                            : std::vector<Shape>{{1, 4, 1024}, {7, 4, 136},  {333, 4, 1000},
+                                                                 {4096, 4, 512}, {333, 2, 200}, {7, 8, 512},
+                                                                 {33, 4, 37}};
+  for (const Shape& s : shapes)
+    for (const GradMask& gm : {GradMask{}, no_accum, no_li}) run_split(DType::bf16, s, gm, "split-u4");
+}
+
+// Other stream dtypes take v2 under MHC_CUDA_PRE_BWD=split (bit-identical to it).
+TEST(CudaPreBackwardSplit, OtherDtypesFallBack) {
+  MHC_REQUIRE_GPU();
+  GradMask stat;
+  stat.fn = false;
+  for (DType d : {DType::f16, DType::f32, DType::f64}) {
+    run_split(d, {33, 4, 136}, {});
+    run_split(d, {7, 8, 64}, stat);
+  }
 }
 
 // ---- Sinkhorn ----------------------------------------------------------------------------------------------------
