@@ -1,5 +1,5 @@
 // "split" version of the pre backward's stage C (src/cuda/pre_backward_split.cu), selected by
-// MHC_CUDA_PRE_BWD=split (read at every call; the default stays v2, src/cuda/pre_backward.cu).
+// MHC_CUDA_PRE_BWD=split (read at every call; the default is v4, src/cuda/pre_backward.cu).
 // Two streaming kernels instead of v2's fused tensor-core kernel:
 //   grad_x:  CUDA cores, fp32, fn resident in registers, many tokens streamed through each block;
 //   grad_fn: per-token-chunk partials DP^T x on tensor cores (DP = hi + lo bf16, x exact), written to
