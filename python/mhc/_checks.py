@@ -7,7 +7,6 @@ same on real, meta and fake tensors and under torch.compile. Messages read ``mhc
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Optional, Sequence, Tuple
@@ -92,11 +91,6 @@ def _shape_str(shape: Sequence[int]) -> str:
 _N_C = ("n", "C")
 
 
-@functools.lru_cache(maxsize=None)
-def _stream_dims(trailing: Tuple[str, ...]) -> Tuple[int, ...]:
-    return tuple(i for i, dim_name in enumerate(trailing) if dim_name == "n")
-
-
 def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
     """The tensor that fixes an op's shapes: layout [..., *trailing], each trailing dim >= 1 (n <= 64 too)."""
     check_tensor(op, name, x)
@@ -105,7 +99,7 @@ def _stream_input(op: str, name: str, x, trailing: Tuple[str, ...]) -> None:
         if len(shape) >= 2 and 1 <= shape[-2] <= MAX_STREAMS and shape[-1] >= 1:
             return
     elif len(shape) >= len(trailing) and min(shape[-len(trailing):]) >= 1 and all(
-            shape[i - len(trailing)] <= MAX_STREAMS for i in _stream_dims(trailing)):
+            size <= MAX_STREAMS for dim_name, size in zip(trailing, shape[-len(trailing):]) if dim_name == "n"):
         return
     layout = lambda: "[..., " + ", ".join(trailing) + "]"  # noqa: E731  (only an error message needs it)
     if x.dim() < len(trailing):
