@@ -210,6 +210,7 @@ def _leading_tensor_args(impl: Callable) -> int:
     in every op's schema, so a call finds its tensors by slicing its arguments."""
     kinds = [str(p.annotation) in ("Tensor", "Optional[Tensor]") for p in inspect.signature(impl).parameters.values()]
     count = kinds.index(False) if False in kinds else len(kinds)
-    if any(kinds[count:]):
-        raise TypeError(f"mhc._plumbing.Op: {impl.__name__}: tensor parameters must come before the others")
+    if count == 0 or any(kinds[count:]):
+        raise TypeError(f"mhc._plumbing.Op: {impl.__name__}: its parameters must begin with the tensors, annotated "
+                        "Tensor or Optional[Tensor]")
     return count
