@@ -89,7 +89,7 @@ if has sanitize && [[ -x $GPU_TESTS ]]; then
     "$GPU_TESTS" --gtest_color=no --gtest_filter="${MEMCHECK_FILTER:-Cuda*}"
   run_stage racecheck "${LIMIT_SANITIZE:-240}" compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
     "$GPU_TESTS" --gtest_color=no \
-    --gtest_filter="${RACECHECK_FILTER:-CudaPre.*:CudaPostPre.*:CudaPost.*:CudaSinkhorn.*:CudaResidual*:CudaProjectLogits.*}"
+    --gtest_filter="${RACECHECK_FILTER:-CudaPre.*:CudaPreBwdV4.*:CudaPreBackwardSplit.*:CudaPostPre.*:CudaPost.*:CudaSinkhorn.*:CudaResidual*:CudaProjectLogits.*}"
   unset MHC_GPU_TEST_QUICK
 fi
 
