@@ -147,7 +147,8 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _jit_tracing = torch._C._is_tracing
 
 
-def _needs_grad(tensors) -> bool:
+def needs_grad(tensors) -> bool:
+    """True when autograd is on and one of the tensors (None entries skipped) requires grad."""
     if not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)
@@ -200,7 +201,7 @@ class Op:
         tensors = args[:self.tensor_args]
         if not eager(*tensors):
             return self.dispatch(*args)
-        if self.function is not None and _needs_grad(tensors):
+        if self.function is not None and needs_grad(tensors):
             return self.function.apply(*args)
         return self.inference_impl(*args)
 

@@ -40,6 +40,7 @@ from ._plumbing import dls as _dls
 from ._plumbing import device as _device
 from ._plumbing import eager
 from ._plumbing import get_backend as _backend
+from ._plumbing import needs_grad as _needs_grad
 from ._plumbing import new as _new
 from ._plumbing import stream as _stream
 from ._plumbing import workspace as _workspace
@@ -453,9 +454,7 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
         weights = weights.to(coef).contiguous()
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
     if eager(x, weights, gate, *states):
-        if torch.is_grad_enabled() and (weights.requires_grad or (x is not None and x.requires_grad)
-                                        or (gate is not None and gate.requires_grad)
-                                        or any(s.requires_grad for s in states)):
+        if _needs_grad((x, weights, gate, *states)):
             out = _MixFunction.apply(x, weights, gate, _backend(), *states)
         else:  # nothing to differentiate: the implementation alone (an autograd.Function costs several us)
             out = _mix_impl(x, states, weights, gate, _backend())
@@ -612,9 +611,7 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
     hyper = (constraint, temperature, epsilon, _backend())
     if eager(x_in, logits, gate, *states):
-        if torch.is_grad_enabled() and (x_in.requires_grad or logits.requires_grad
-                                        or (gate is not None and gate.requires_grad)
-                                        or any(s.requires_grad for s in states)):
+        if _needs_grad((x_in, logits, gate, *states)):
             out, weights = _SkipFunction.apply(x_in, logits, gate, *hyper, *states)
         else:  # nothing to differentiate: the implementation alone (an autograd.Function costs several us)
             out, weights = _skip_impl(x_in, states, logits, gate, *hyper)

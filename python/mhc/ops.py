@@ -85,7 +85,7 @@ def _param_grads(fn, scale, grad_fn, grad_base, grad_scale):
 def _pre_outputs(x: Tensor, for_backward: bool = True):
     """(layer_input, h_pre, h_post, comb, mixes, rstd); mixes and rstd (read only by the backward) may be None."""
     T, n, C = x.shape
-    k = torch.float64 if x.dtype == torch.float64 else torch.float32  # coef_dtype, inline (host cost)
+    k = coef_dtype(x.dtype)
     m = n * n + 2 * n
     return (new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T, n, n), k),
             new(x, (T, m), k) if for_backward else None, new(x, (T,), k) if for_backward else None)
@@ -609,7 +609,7 @@ def _restore(t: Tensor, lead: Sequence[int], *shape: int) -> Tensor:
 
 def _params(x: Tensor, fn, base, scale):
     """Checked parameters cast to the coefficient dtype."""
-    k = torch.float64 if x.dtype == torch.float64 else torch.float32
+    k = coef_dtype(x.dtype)
     if base.dtype == k and base.is_contiguous() and (fn is None or fn.dtype == k and fn.is_contiguous()) \
             and (scale is None or scale.dtype == k and scale.is_contiguous()):
         return fn, base, scale  # the common case: fp32 parameters as the module keeps them
