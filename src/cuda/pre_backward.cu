@@ -58,7 +58,7 @@ int grad_fn_chunks(int64_t T, int64_t nC, int m) {
 // 512 bytes for n = 8), one block per SM: the same bytes in flight per SM as v4, so the pair measures the
 // run-length reading of docs/cuda_notes.md directly. Read at every call.
 enum class BwdVersion { v2, v4, v4_wide };
-BwdVersion bwd_version() {  // v4 by default: 21 % faster than v2 at n = 4 and 8 on the H200 (docs/cuda_notes.md)
+BwdVersion bwd_version() {  // v4 by default: 20-21 % less time than v2 at n = 4 and 8 on the H200 (docs/cuda_notes.md)
   const char* v = std::getenv("MHC_CUDA_PRE_BWD");
   if (v && std::strcmp(v, "v2") == 0) return BwdVersion::v2;
   if (v && std::strcmp(v, "v4-wide") == 0) return BwdVersion::v4_wide;
