@@ -8,6 +8,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -98,10 +100,23 @@ __device__ __forceinline__ float fast_rcp(float v) {
 }
 
 // ---- host-side launch helpers -------------------------------------------------------------------
-// Lets `kernel` launch with `bytes` of dynamic shared memory: above the 48 KiB default it must opt in.
-template <class K> void allow_dynamic_smem(K kernel, std::size_t bytes) {
-  if (bytes > 48 * 1024)
-    MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+// Lets `kernel` launch with `bytes` of dynamic shared memory: above the 48 KiB default it must opt in. The
+// attribute is set once per (device, kernel) and again only when a call needs more than was granted; with
+// `prefer_max_shared` the carveout hint also asks for the largest shared-memory configuration (kernels built for
+// several large blocks per SM).
+template <class K> void allow_dynamic_smem(K kernel, std::size_t bytes, bool prefer_max_shared = false) {
+  if (bytes <= 48 * 1024 && !prefer_max_shared) return;
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, std::size_t> granted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::size_t& have = granted.try_emplace({current_device_info().index, reinterpret_cast<const void*>(kernel)},
+                                          std::size_t{0}).first->second;
+  if (have >= bytes && have != 0) return;
+  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (prefer_max_shared)
+    MHC_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  have = bytes > 0 ? bytes : 1;
 }
 
 // ---- host-side dispatch over the storage type -------------------------------------------------

@@ -13,8 +13,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <string>
 
 #include "cuda/coefficients.cuh"
@@ -960,20 +958,6 @@ struct BackwardIo {
 };
 
 // ---- stage C launch policy ---------------------------------------------------------------------------------
-// Shared memory opt-in, once per (device, kernel); the carveout hint asks for the largest shared memory
-// configuration, which the resident blocks v4 is built for need (2 x 105 KB at n = 4).
-template <class K> void allow_large_smem(K kernel, int bytes) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, const void*>, bool> done;
-  const int dev = current_device_info().index;
-  const std::lock_guard<std::mutex> lock(mutex);
-  bool& flag = done[{dev, reinterpret_cast<const void*>(kernel)}];
-  if (flag) return;
-  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  MHC_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-  flag = true;
-}
 
 // v4 of stage C where it applies (pre, MHC_CUDA_PRE_BWD=v4 or v4-wide): bf16 streams with n in {2, 4, 8}, C a multiple
 // of 8 and 16-byte aligned data; static mode for any 16-bit or f32 streams in packs. Returns false, having
@@ -1008,7 +992,8 @@ bool stage_c_v4(GradXArgs<S>& ga, const BackwardIo& io, const BackwardLayout& L,
       constexpr int MR = decltype(mr_tag)::value;
       constexpr bool kWide = decltype(wide_tag)::value;
       using G = V4Geom<MR, kWide>;
-      allow_large_smem(grad_x_fn_v4<MR, kWide>, G::kSmem);
+      // The largest shared-memory carveout: v4's resident blocks need it (2 x 105 KB at n = 4).
+      allow_dynamic_smem(grad_x_fn_v4<MR, kWide>, std::size_t(G::kSmem), /*prefer_max_shared=*/true);
       const dim3 grid(static_cast<unsigned>((nC + G::W - 1) / G::W), static_cast<unsigned>(ga.chunks));
       grad_x_fn_v4<MR, kWide><<<grid, G::kThreads, G::kSmem, stream>>>(ga);
       MHC_CUDA_CHECK_LAUNCH();

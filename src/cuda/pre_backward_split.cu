@@ -19,8 +19,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
@@ -410,17 +408,6 @@ __global__ void __launch_bounds__(GfGeom<N>::kThreads, GfGeom<N>::kBlocksPerSm)
 }
 
 // ---- host policy ----------------------------------------------------------------------------------------
-template <class K> void allow_smem(K kernel, std::size_t bytes) {
-  if (bytes <= 48 * 1024) return;
-  static std::mutex mutex;
-  static std::map<std::pair<int, const void*>, bool> done;
-  const int dev = current_device_info().index;
-  const std::lock_guard<std::mutex> lock(mutex);
-  bool& flag = done[{dev, reinterpret_cast<const void*>(kernel)}];
-  if (flag) return;
-  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  flag = true;
-}
 
 // Tokens per chunk: one wave of resident blocks over (column blocks x chunks), whole tiles per chunk.
 int64_t chunk_tokens(int64_t T, int64_t col_blocks, int blocks_per_sm, int tile, int64_t min_tokens) {
@@ -474,7 +461,7 @@ template <int N> int launch_n(const PreBwdSplitArgs& a, bool u4, cudaStream_t st
   using G = GfGeom<N>;
   const int64_t per = grad_fn_chunk_tokens<N>(a.T, a.C);
   const int chunks = static_cast<int>((a.T + per - 1) / per);
-  allow_smem(grad_fn_split<N>, G::kSmem);
+  allow_dynamic_smem(grad_fn_split<N>, G::kSmem);
   const dim3 grid(static_cast<unsigned>((nC + G::W - 1) / G::W), static_cast<unsigned>(chunks));
   grad_fn_split<N><<<grid, G::kThreads, G::kSmem, stream>>>(a, per);
   MHC_CUDA_CHECK_LAUNCH();

@@ -518,18 +518,6 @@ __global__ void __launch_bounds__(kThreads) coef_aggregate_kernel(const CoefArgs
 
 // ================================ host side ========================================================
 
-// Shared memory opt-in, once per (device, kernel).
-template <class K> void allow_large_smem(K kernel, int bytes) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, const void*>, bool> done;
-  const int dev = current_device_info().index;
-  const std::lock_guard<std::mutex> lock(mutex);
-  bool& flag = done[{dev, reinterpret_cast<const void*>(kernel)}];
-  if (flag) return;
-  MHC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  flag = true;
-}
-
 // Resident blocks per SM of a kernel (0: does not fit), once per (device, kernel).
 template <class K> int blocks_per_sm(K kernel, int smem) {
   static std::mutex mutex;
@@ -605,7 +593,7 @@ bool launch_stream(ProjArgs<S> pa, CoefArgs<S> ca, const TuningKey& key, cudaStr
   constexpr int smem = ProjSmem<S, N, MT, kPost>::TOTAL;
   if (smem > current_device_info().max_smem_optin) return false;
   const auto project = &project_kernel<S, N, MT, kPost>;
-  allow_large_smem(project, smem);
+  allow_dynamic_smem(project, std::size_t(smem));
   const int resident = blocks_per_sm(project, smem);
   if (resident == 0) return false;
   const int64_t cpt = kPost ? (pa.C + Sh::KCC - 1) / Sh::KCC : (int64_t(N) * pa.C + kChunk - 1) / kChunk;
