@@ -21,7 +21,6 @@ Both routes run the same kernels and the same autograd formulas, so their result
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from typing import Callable, Iterator, Optional
 
@@ -63,8 +62,15 @@ def use_backend(name: str) -> Iterator[None]:
 
 # ---- buffers, views, streams ------------------------------------------------------------------------------
 
-# Tests set this: every output is NaN-filled before the op runs, so elements an op fails to write show.
+# Tests turn this on (set_poison_outputs): every output is NaN-filled before the op runs, so elements an op fails
+# to write show. The C++ kernels' own outputs follow the same switch.
 poison_outputs = False
+
+
+def set_poison_outputs(on: bool) -> None:
+    global poison_outputs
+    poison_outputs = bool(on)
+    _C.set_poison_outputs(poison_outputs)
 
 
 def new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -154,13 +160,13 @@ def needs_grad(tensors) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _eager_function(name: str, impl: Callable, setup_context: Callable, backward: Callable):
-    """A torch.autograd.Function running impl with the custom op's autograd formula.
+def _eager_function(name: str, kernel: Callable, setup_context: Callable, backward: Callable):
+    """A torch.autograd.Function running the kernel with the op's autograd formula.
 
     forward takes ctx itself (the separate setup_context style binds the arguments with inspect on every call)."""
 
     def forward(ctx, *args):
-        output = impl(*args)
+        output = kernel(*args)
         setup_context(ctx, args, output)
         return output
 
@@ -170,32 +176,40 @@ def _eager_function(name: str, impl: Callable, setup_context: Callable, backward
     })
 
 
-class Op:
-    """One op: a ``torch.library`` custom op and its eager route, from one set of functions.
+# The backend keys an eager call redispatches to: past autograd and every other key, straight to the kernel.
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
-    ``impl(*args)`` computes the outputs; ``fake(*args)`` their metadata; ``setup_context(ctx, inputs, output)``
-    and ``backward(ctx, *grads)`` are the autograd formula (forwards only); ``inference_impl(*args)``, if given,
-    serves eager calls that need no gradient and may return None for outputs only the backward uses. Call the
-    Op with the custom op's positional arguments.
+
+class Op:
+    """One op: its C++ kernels (registered with torch's dispatcher by the extension, python/src/torch_ops.cpp,
+    which also defines the schema) and, registered here, its fake implementation and autograd formula.
+
+    ``fake(*args)`` gives the outputs' metadata; ``setup_context(ctx, inputs, output)`` and
+    ``backward(ctx, *grads)`` are the autograd formula (forwards only). Call the Op with the op's positional
+    arguments.
     """
 
-    def __init__(self, name: str, impl: Callable, fake: Callable, *, setup_context: Optional[Callable] = None,
-                 backward: Optional[Callable] = None, inference_impl: Optional[Callable] = None):
-        self.impl = impl
-        # Eager calls that need no gradient may skip the outputs only the backward reads (same results otherwise).
-        self.inference_impl = inference_impl or impl
-        self.custom_op = torch.library.custom_op(f"mhc::{name}", mutates_args=())(impl)
-        self.custom_op.register_fake(fake)
+    def __init__(self, name: str, fake: Callable, *, setup_context: Optional[Callable] = None,
+                 backward: Optional[Callable] = None):
+        qualname = f"mhc::{name}"
+        self.dispatch = getattr(torch.ops.mhc, name).default
+        torch.library.register_fake(qualname)(fake)
         self.function = None
         if backward is not None:
-            self.custom_op.register_autograd(backward, setup_context=setup_context)
-            self.function = _eager_function(name, impl, setup_context, backward)
-        self.dispatch = getattr(torch.ops.mhc, name).default
-        self.tensor_args = _leading_tensor_args(impl)
+            torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+            self.function = _eager_function(name, self.kernel, setup_context, backward)
+        self.tensor_args = _leading_tensor_args(self.dispatch)
+        self._redispatch = self.dispatch._handle.redispatch_boxed
+
+    def kernel(self, *args):
+        """The C++ kernel of the tensors' device, without autograd (a plain eager call only)."""
+        on_cuda = any(t is not None and t.is_cuda for t in args[:self.tensor_args])
+        return self._redispatch(_CUDA_KEYS if on_cuda else _CPU_KEYS, *args)
 
     def all_outputs(self, *args):
         """Every output, without autograd (for autograd Functions built around the op)."""
-        return self.impl(*args) if eager(*args[:self.tensor_args]) else self.dispatch(*args)
+        return self.kernel(*args) if eager(*args[:self.tensor_args]) else self.dispatch(*args)
 
     def __call__(self, *args):
         tensors = args[:self.tensor_args]
@@ -203,15 +217,15 @@ class Op:
             return self.dispatch(*args)
         if self.function is not None and needs_grad(tensors):
             return self.function.apply(*args)
-        return self.inference_impl(*args)
+        return self.kernel(*args)
 
 
-def _leading_tensor_args(impl: Callable) -> int:
-    """How many of impl's parameters are tensors (Tensor or Optional[Tensor]); they must come first, as they do
-    in every op's schema, so a call finds its tensors by slicing its arguments."""
-    kinds = [str(p.annotation) in ("Tensor", "Optional[Tensor]") for p in inspect.signature(impl).parameters.values()]
+def _leading_tensor_args(op) -> int:
+    """How many of the op's arguments are tensors (Tensor or Tensor?); they come first in every schema, so a
+    call finds its tensors by slicing its arguments."""
+    kinds = [isinstance(a.type, (torch.TensorType, torch.OptionalType)) and "Tensor" in str(a.type)
+             for a in op._schema.arguments]
     count = kinds.index(False) if False in kinds else len(kinds)
     if count == 0 or any(kinds[count:]):
-        raise TypeError(f"mhc._plumbing.Op: {impl.__name__}: its parameters must begin with the tensors, annotated "
-                        "Tensor or Optional[Tensor]")
+        raise TypeError(f"mhc._plumbing.Op: {op}: its arguments must begin with the tensors")
     return count

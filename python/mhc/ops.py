@@ -27,18 +27,13 @@ or ``mhc.ops.set_backend(...)``; the backward of an op runs on the backend its f
 
 from __future__ import annotations
 
-import atexit
-import functools
 import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _C
-from ._plumbing import BACKENDS, Op, dl, eager, get_backend, new, set_backend, use_backend, workspace
-from ._plumbing import device as _device
-from ._plumbing import stream as _stream
+from ._plumbing import BACKENDS, Op, eager, get_backend, new, set_backend, use_backend
 from ._checks import check_expand, check_head, check_post, check_pre, check_residual_add_agg, check_sinkhorn
 from .reference import coef_dtype
 
@@ -57,15 +52,6 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=256)
-def _config(n: int, iters: int = 20, post_mult: float = 2.0, eps: float = 1e-6, norm_eps: float = 1e-6,
-            pre_eps: float = 1e-6):
-    return _C.Config(n=n, iters=iters, eps=eps, norm_eps=norm_eps, pre_eps=pre_eps, post_mult=post_mult)
-
-
-atexit.register(_config.cache_clear)  # before the extension is torn down (nanobind counts live objects)
-
-
 def _new_or_placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
     # Custom ops cannot return None: an absent parameter's gradient is a [0] placeholder.
     return new(t) if t is not None else like.new_empty((0,))
@@ -82,62 +68,16 @@ def _param_grads(fn, scale, grad_fn, grad_base, grad_scale):
 # ---- pre -------------------------------------------------------------------------------------------------
 
 
-def _pre_outputs(x: Tensor, for_backward: bool = True):
-    """(layer_input, h_pre, h_post, comb, mixes, rstd); mixes and rstd (read only by the backward) may be None."""
+def _pre_outputs(x: Tensor):
+    """(layer_input [T, C], h_pre [T, n], h_post [T, n], comb [T, n, n], mixes [T, m], rstd [T]) of x [T, n, C]."""
     T, n, C = x.shape
     k = coef_dtype(x.dtype)
     m = n * n + 2 * n
-    return (new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T, n, n), k),
-            new(x, (T, m), k) if for_backward else None, new(x, (T,), k) if for_backward else None)
-
-
-def _pre_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], iters: int, post_mult: float,
-              eps: float, norm_eps: float, pre_eps: float, backend: str
-              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """x [T, n, C] -> (layer_input [T, C], h_pre [T, n], h_post [T, n], comb [T, n, n], mixes [T, m], rstd [T])."""
-    return _pre_compute(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend, True)
-
-
-def _pre_inference(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
-    return _pre_compute(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend, False)
-
-
-def _pre_compute(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend, for_backward):
-    outs = _pre_outputs(x, for_backward)
-    layer_input, h_pre, h_post, comb, mixes, rstd = outs
-    with _device(x):
-        _C.pre_forward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), layer_input=dl(layer_input),
-                       h_pre=dl(h_pre), h_post=dl(h_post), comb=dl(comb), mixes=dl(mixes), rstd=dl(rstd),
-                       config=_config(x.shape[1], iters, post_mult, eps, norm_eps, pre_eps), backend=backend,
-                       stream=_stream(x))
-    return outs
+    return new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T, n, n), k), new(x, (T, m), k), new(x, (T,), k)
 
 
 def _pre_fake(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
     return _pre_outputs(x)
-
-
-def _pre_backward_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], mixes: Tensor,
-                       rstd: Tensor, grad_layer_input: Optional[Tensor], grad_h_pre: Optional[Tensor],
-                       grad_h_post: Optional[Tensor], grad_comb: Optional[Tensor], grad_x_accum: Optional[Tensor],
-                       iters: int, post_mult: float, eps: float, norm_eps: float, pre_eps: float, backend: str
-                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_x, grad_fn, grad_base, grad_scale); grad_fn / grad_scale are [0] when fn / scale are None."""
-    grad_x = new(x)
-    grad_fn, grad_scale = _new_or_placeholder(fn, base), _new_or_placeholder(scale, base)
-    grad_base = new(base)
-    cfg = _config(x.shape[1], iters, post_mult, eps, norm_eps, pre_eps)
-    with _device(x):
-        stream = _stream(x)
-        nbytes = _C.pre_backward_workspace_bytes(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale),
-                                                 config=cfg, backend=backend, stream=stream)
-        _C.pre_backward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), mixes=dl(mixes), rstd=dl(rstd),
-                        grad_layer_input=dl(grad_layer_input), grad_h_pre=dl(grad_h_pre),
-                        grad_h_post=dl(grad_h_post), grad_comb=dl(grad_comb), grad_x_accum=dl(grad_x_accum),
-                        grad_x=dl(grad_x), grad_fn=dl(grad_fn if fn is not None else None),
-                        grad_base=dl(grad_base), grad_scale=dl(grad_scale if scale is not None else None),
-                        workspace=dl(workspace(nbytes, x)), config=cfg, backend=backend, stream=stream)
-    return grad_x, grad_fn, grad_base, grad_scale
 
 
 def _pre_backward_fake(x, fn, base, scale, mixes, rstd, grad_layer_input, grad_h_pre, grad_h_post, grad_comb,
@@ -145,7 +85,7 @@ def _pre_backward_fake(x, fn, base, scale, mixes, rstd, grad_layer_input, grad_h
     return new(x), _new_or_placeholder(fn, base), new(base), _new_or_placeholder(scale, base)
 
 
-_pre_backward_op = Op("pre_backward", _pre_backward_impl, _pre_backward_fake)
+_pre_backward_op = Op("pre_backward", _pre_backward_fake)
 
 
 def _pre_setup_context(ctx, inputs, output):
@@ -164,42 +104,21 @@ def _pre_backward(ctx, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, _gr
     return (grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale)) + (None,) * len(ctx.hyper)
 
 
-_pre_op = Op("pre", _pre_impl, _pre_fake, setup_context=_pre_setup_context, backward=_pre_backward,
-             inference_impl=_pre_inference)
+_pre_op = Op("pre", _pre_fake, setup_context=_pre_setup_context, backward=_pre_backward)
 
 
 # ---- post ------------------------------------------------------------------------------------------------
-
-
-def _post_impl(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str) -> Tensor:
-    """x_next[o] = h_post[o] * y + sum_i comb[i, o] * x[i] on [T, n, C]."""
-    x_next = new(x)
-    with _device(x):
-        _C.post_forward(x=dl(x), y=dl(y), h_post=dl(h_post), comb=dl(comb), x_next=dl(x_next),
-                        config=_config(x.shape[1]), backend=backend, stream=_stream(x))
-    return x_next
 
 
 def _post_fake(x, y, h_post, comb, backend):
     return new(x)
 
 
-def _post_backward_impl(grad_x_next: Tensor, x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, backend: str
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_x, grad_y, grad_h_post, grad_comb)."""
-    grads = (new(x), new(y), new(h_post), new(comb))
-    with _device(x):
-        _C.post_backward(grad_x_next=dl(grad_x_next), x=dl(x), y=dl(y), h_post=dl(h_post), comb=dl(comb),
-                         grad_x=dl(grads[0]), grad_y=dl(grads[1]), grad_h_post=dl(grads[2]),
-                         grad_comb=dl(grads[3]), config=_config(x.shape[1]), backend=backend, stream=_stream(x))
-    return grads
-
-
 def _post_backward_fake(grad_x_next, x, y, h_post, comb, backend):
     return new(x), new(y), new(h_post), new(comb)
 
 
-_post_backward_op = Op("post_backward", _post_backward_impl, _post_backward_fake)
+_post_backward_op = Op("post_backward", _post_backward_fake)
 
 
 def _post_setup_context(ctx, inputs, output):
@@ -214,25 +133,10 @@ def _post_backward(ctx, grad_x_next):
     return (*grads, None)
 
 
-_post_op = Op("post", _post_impl, _post_fake, setup_context=_post_setup_context, backward=_post_backward)
+_post_op = Op("post", _post_fake, setup_context=_post_setup_context, backward=_post_backward)
 
 
 # ---- post of one site fused with pre of the next ----------------------------------------------------------
-
-
-def _post_pre_impl(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optional[Tensor], base: Tensor,
-                   scale: Optional[Tensor], iters: int, post_mult: float, eps: float, norm_eps: float, pre_eps: float,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (x_next, layer_input, h_pre, h_post_next, comb_next, mixes, rstd) of the next site."""
-    x_next = new(x)
-    layer_input, h_pre, h_post_next, comb_next, mixes, rstd = _pre_outputs(x)
-    with _device(x):
-        _C.post_pre_forward(x=dl(x), y=dl(y), h_post=dl(h_post), comb=dl(comb), fn=dl(fn), base=dl(base),
-                            scale=dl(scale), x_next=dl(x_next), layer_input=dl(layer_input), h_pre=dl(h_pre),
-                            h_post_next=dl(h_post_next), comb_next=dl(comb_next), mixes=dl(mixes),
-                            rstd=dl(rstd), config=_config(x.shape[1], iters, post_mult, eps, norm_eps, pre_eps),
-                            backend=backend, stream=_stream(x))
-    return x_next, layer_input, h_pre, h_post_next, comb_next, mixes, rstd
 
 
 def _post_pre_fake(x, y, h_post, comb, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
@@ -259,40 +163,22 @@ def _post_pre_backward(ctx, grad_x_next, grad_layer_input, grad_h_pre, grad_h_po
             + (None,) * len(ctx.hyper))
 
 
-_post_pre_op = Op("post_pre", _post_pre_impl, _post_pre_fake, setup_context=_post_pre_setup_context,
+_post_pre_op = Op("post_pre", _post_pre_fake, setup_context=_post_pre_setup_context,
                   backward=_post_pre_backward)
 
 
 # ---- Sinkhorn ------------------------------------------------------------------------------------------------
 
 
-def _sinkhorn_impl(logits: Tensor, iters: int, eps: float, backend: str) -> Tensor:
-    """[T, n, n] logits -> comb."""
-    comb = new(logits)
-    with _device(logits):
-        _C.sinkhorn_forward(logits=dl(logits), comb=dl(comb), config=_config(logits.shape[-1], iters, eps=eps),
-                            backend=backend, stream=_stream(logits))
-    return comb
-
-
 def _sinkhorn_fake(logits, iters, eps, backend):
     return new(logits)
-
-
-def _sinkhorn_backward_impl(logits: Tensor, grad_comb: Tensor, iters: int, eps: float, backend: str) -> Tensor:
-    grad_logits = new(logits)
-    with _device(logits):
-        _C.sinkhorn_backward(logits=dl(logits), grad_comb=dl(grad_comb), grad_logits=dl(grad_logits),
-                             config=_config(logits.shape[-1], iters, eps=eps), backend=backend,
-                             stream=_stream(logits))
-    return grad_logits
 
 
 def _sinkhorn_backward_fake(logits, grad_comb, iters, eps, backend):
     return new(logits)
 
 
-_sinkhorn_backward_op = Op("sinkhorn_backward", _sinkhorn_backward_impl, _sinkhorn_backward_fake)
+_sinkhorn_backward_op = Op("sinkhorn_backward", _sinkhorn_backward_fake)
 
 
 def _sinkhorn_setup_context(ctx, inputs, output):
@@ -306,39 +192,22 @@ def _sinkhorn_backward(ctx, grad_comb):
     return _sinkhorn_backward_op(logits, grad_comb.contiguous(), *ctx.hyper), None, None, None
 
 
-_sinkhorn_op = Op("sinkhorn", _sinkhorn_impl, _sinkhorn_fake, setup_context=_sinkhorn_setup_context,
+_sinkhorn_op = Op("sinkhorn", _sinkhorn_fake, setup_context=_sinkhorn_setup_context,
                   backward=_sinkhorn_backward)
 
 
 # ---- stream expand ---------------------------------------------------------------------------------------
 
 
-def _expand_impl(x: Tensor, n: int, backend: str) -> Tensor:
-    """[T, C] -> [T, n, C]."""
-    out = new(x, (x.shape[0], n, x.shape[1]))
-    with _device(x):
-        _C.expand_forward(x=dl(x), out=dl(out), config=_config(n), backend=backend, stream=_stream(x))
-    return out
-
-
 def _expand_fake(x, n, backend):
     return new(x, (x.shape[0], n, x.shape[1]))
-
-
-def _expand_backward_impl(grad_out: Tensor, backend: str) -> Tensor:
-    """[T, n, C] -> sum over streams [T, C]."""
-    grad_x = new(grad_out, (grad_out.shape[0], grad_out.shape[2]))
-    with _device(grad_out):
-        _C.expand_backward(grad_out=dl(grad_out), grad_x=dl(grad_x), config=_config(grad_out.shape[1]),
-                           backend=backend, stream=_stream(grad_out))
-    return grad_x
 
 
 def _expand_backward_fake(grad_out, backend):
     return new(grad_out, (grad_out.shape[0], grad_out.shape[2]))
 
 
-_expand_backward_op = Op("expand_streams_backward", _expand_backward_impl, _expand_backward_fake)
+_expand_backward_op = Op("expand_streams_backward", _expand_backward_fake)
 
 
 def _expand_setup_context(ctx, inputs, output):
@@ -349,7 +218,7 @@ def _expand_backward(ctx, grad_out):
     return _expand_backward_op(grad_out.contiguous(), ctx.backend), None, None
 
 
-_expand_op = Op("expand_streams", _expand_impl, _expand_fake, setup_context=_expand_setup_context,
+_expand_op = Op("expand_streams", _expand_fake, setup_context=_expand_setup_context,
                 backward=_expand_backward)
 
 
@@ -362,47 +231,15 @@ def _head_outputs(x: Tensor):
     return new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T,), k)
 
 
-def _head_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], eps: float, backend: str
-               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x [T, n, C] -> (out [T, C], weights [T, n], mixes [T, n], rstd [T])."""
-    outs = _head_outputs(x)
-    out, weights, mixes, rstd = outs
-    with _device(x):
-        _C.head_forward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), out=dl(out), weights=dl(weights),
-                        mixes=dl(mixes), rstd=dl(rstd), config=_config(x.shape[1], pre_eps=eps), backend=backend,
-                        stream=_stream(x))
-    return outs
-
-
 def _head_fake(x, fn, base, scale, eps, backend):
     return _head_outputs(x)
-
-
-def _head_backward_impl(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tensor], mixes: Tensor,
-                        rstd: Tensor, grad_out: Optional[Tensor], grad_weights: Optional[Tensor], eps: float,
-                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_x, grad_fn, grad_base, grad_scale); grad_fn / grad_scale are [0] when fn / scale are None."""
-    grad_x = new(x)
-    grad_fn, grad_scale = _new_or_placeholder(fn, base), _new_or_placeholder(scale, base)
-    grad_base = new(base)
-    cfg = _config(x.shape[1], pre_eps=eps)
-    with _device(x):
-        stream = _stream(x)
-        nbytes = _C.head_backward_workspace_bytes(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale),
-                                                  config=cfg, backend=backend, stream=stream)
-        _C.head_backward(x=dl(x), fn=dl(fn), base=dl(base), scale=dl(scale), mixes=dl(mixes), rstd=dl(rstd),
-                         grad_out=dl(grad_out), grad_weights=dl(grad_weights), grad_x=dl(grad_x),
-                         grad_fn=dl(grad_fn if fn is not None else None), grad_base=dl(grad_base),
-                         grad_scale=dl(grad_scale if scale is not None else None),
-                         workspace=dl(workspace(nbytes, x)), config=cfg, backend=backend, stream=stream)
-    return grad_x, grad_fn, grad_base, grad_scale
 
 
 def _head_backward_fake(x, fn, base, scale, mixes, rstd, grad_out, grad_weights, eps, backend):
     return new(x), _new_or_placeholder(fn, base), new(base), _new_or_placeholder(scale, base)
 
 
-_head_backward_op = Op("head_backward", _head_backward_impl, _head_backward_fake)
+_head_backward_op = Op("head_backward", _head_backward_fake)
 
 
 def _head_setup_context(ctx, inputs, output):
@@ -420,42 +257,21 @@ def _head_backward(ctx, grad_out, grad_weights, _grad_mixes, _grad_rstd):
     return (grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale), None, None)
 
 
-_head_op = Op("head", _head_impl, _head_fake, setup_context=_head_setup_context, backward=_head_backward)
+_head_op = Op("head", _head_fake, setup_context=_head_setup_context, backward=_head_backward)
 
 
 # ---- residual add + aggregate ---------------------------------------------------------------------------
-
-
-def _residual_add_agg_impl(x: Tensor, res: Tensor, h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """-> (x_out = x + res [T, n, C], agg = sum_i h_pre[i] x_out[i] [T, C])."""
-    x_out, agg = new(x), new(x, (x.shape[0], x.shape[2]))
-    with _device(x):
-        _C.residual_add_agg_forward(x=dl(x), res=dl(res), h_pre=dl(h_pre), x_out=dl(x_out), agg=dl(agg),
-                                    config=_config(x.shape[1]), backend=backend, stream=_stream(x))
-    return x_out, agg
 
 
 def _residual_add_agg_fake(x, res, h_pre, backend):
     return new(x), new(x, (x.shape[0], x.shape[2]))
 
 
-def _residual_add_agg_backward_impl(grad_x_out: Optional[Tensor], grad_agg: Optional[Tensor], x_out: Tensor,
-                                    h_pre: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """-> (grad_sum: the gradient of both x and res, grad_h_pre)."""
-    grad_sum, grad_h_pre = new(x_out), new(h_pre)
-    with _device(x_out):
-        _C.residual_add_agg_backward(grad_x_out=dl(grad_x_out), grad_agg=dl(grad_agg), x_out=dl(x_out),
-                                     h_pre=dl(h_pre), grad_sum=dl(grad_sum), grad_h_pre=dl(grad_h_pre),
-                                     config=_config(x_out.shape[1]), backend=backend, stream=_stream(x_out))
-    return grad_sum, grad_h_pre
-
-
 def _residual_add_agg_backward_fake(grad_x_out, grad_agg, x_out, h_pre, backend):
     return new(x_out), new(h_pre)
 
 
-_residual_add_agg_backward_op = Op("residual_add_agg_backward", _residual_add_agg_backward_impl,
-                                   _residual_add_agg_backward_fake)
+_residual_add_agg_backward_op = Op("residual_add_agg_backward", _residual_add_agg_backward_fake)
 
 
 def _residual_add_agg_setup_context(ctx, inputs, output):
@@ -470,7 +286,7 @@ def _residual_add_agg_backward(ctx, grad_x_out, grad_agg):
     return grad_sum, grad_sum, grad_h_pre, None
 
 
-_residual_add_agg_op = Op("residual_add_agg", _residual_add_agg_impl, _residual_add_agg_fake,
+_residual_add_agg_op = Op("residual_add_agg", _residual_add_agg_fake,
                           setup_context=_residual_add_agg_setup_context, backward=_residual_add_agg_backward)
 
 

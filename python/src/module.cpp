@@ -5,6 +5,7 @@
 #include <string>
 
 #include "mhc/mhc.hpp"
+#include "torch_ops.hpp"
 #include "views.hpp"
 
 namespace nb = nanobind;
@@ -101,6 +102,7 @@ NB_MODULE(_C, m) {
       .def_rw("nan_policy", &MhcConfig::nan_policy);
 
   m.def("version", &mhc::version);
+  m.def("set_poison_outputs", &mhc::python::set_poison_outputs, nb::arg("on"));
   m.def("built_with_cuda", &mhc::built_with_cuda);
   m.def("cuda_device_count", &mhc::cuda_device_count);
 

@@ -55,10 +55,10 @@ def pytest_runtest_setup(item):
 def _poison_and_seed():
     """NaN-fill every op output before the op runs (unwritten elements show) and fix the seed."""
     previous = mhc._plumbing.poison_outputs
-    mhc._plumbing.poison_outputs = True
+    mhc._plumbing.set_poison_outputs(True)
     torch.manual_seed(0)
     yield
-    mhc._plumbing.poison_outputs = previous
+    mhc._plumbing.set_poison_outputs(previous)
 
 
 def coef(dtype: torch.dtype) -> torch.dtype:

@@ -18,9 +18,9 @@ CONSTRAINTS = ["simplex", "softmax", "identity"]
 @pytest.fixture(autouse=True)
 def _poison():
     previous = mhc._plumbing.poison_outputs
-    mhc._plumbing.poison_outputs = True
+    mhc._plumbing.set_poison_outputs(True)
     yield
-    mhc._plumbing.poison_outputs = previous
+    mhc._plumbing.set_poison_outputs(previous)
 
 
 def _close(got, want, dtype=None):

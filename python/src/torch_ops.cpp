@@ -1,0 +1,413 @@
+// The n-stream ops registered with PyTorch's dispatcher in C++, through the LibTorch stable ABI (torch >= 2.10):
+// `torch.ops.mhc.<op>` reaches the core without Python. Each kernel allocates its outputs with torch (the caching
+// allocator on CUDA), builds the core's argument struct and runs the op on torch's current stream; the schemas
+// are defined here, the fake implementations and autograd formulas in python/mhc/ops.py (registered on these ops).
+//
+// The eager Python route calls these kernels directly (a redispatch to the tensor's backend key); torch.compile,
+// fake tensors and tensor subclasses go through the whole dispatcher. Errors of the core keep their type
+// (InvalidArgument -> ValueError; a bad dtype -> RuntimeError, after the Python checks have named it).
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "mhc/mhc.hpp"
+#include "torch_ops.hpp"
+#include "views.hpp"
+
+namespace mhc::python {
+
+namespace {
+
+using torch::stable::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+std::atomic<bool> poison{false};
+
+void check(AOTITorchError err, const char* what) {
+  if (err != AOTI_TORCH_SUCCESS) throw Error(std::string("mhc: torch call failed: ") + what);
+}
+
+// ---- tensors: views of torch tensors, outputs allocated by torch ---------------------------------------------
+
+DType dtype_of(const Tensor& t, const char* name) {
+  int32_t d = 0;
+  check(aoti_torch_get_dtype(t.get(), &d), "dtype");
+  if (d == aoti_torch_dtype_float32()) return DType::f32;
+  if (d == aoti_torch_dtype_bfloat16()) return DType::bf16;
+  if (d == aoti_torch_dtype_float16()) return DType::f16;
+  if (d == aoti_torch_dtype_float64()) return DType::f64;
+  throw InvalidArgument(std::string(name) + ": unsupported dtype (expected float32, float64, float16 or bfloat16)");
+}
+
+int32_t torch_dtype(DType d) {
+  switch (d) {
+    case DType::f32: return aoti_torch_dtype_float32();
+    case DType::bf16: return aoti_torch_dtype_bfloat16();
+    case DType::f16: return aoti_torch_dtype_float16();
+    case DType::f64: return aoti_torch_dtype_float64();
+  }
+  return aoti_torch_dtype_float32();
+}
+
+Device device_of(const Tensor& t, const char* name) {
+  int32_t type = 0, index = 0;
+  check(aoti_torch_get_device_type(t.get(), &type), "device type");
+  check(aoti_torch_get_device_index(t.get(), &index), "device index");
+  if (type == aoti_torch_device_type_cpu()) return {DeviceType::cpu, 0};
+  if (type == aoti_torch_device_type_cuda()) return {DeviceType::cuda, index};
+  throw DeviceError(std::string(name) + ": unsupported device (expected CPU or CUDA)");
+}
+
+TensorView view(const Tensor& t, const char* name) {
+  TensorView v;
+  const int64_t rank = t.dim();
+  if (rank > kMaxRank)
+    throw InvalidArgument(std::string(name) + ": rank " + std::to_string(rank) + " exceeds " + std::to_string(kMaxRank));
+  v.dtype = dtype_of(t, name);
+  v.device = device_of(t, name);
+  v.data = t.data_ptr();
+  v.rank = static_cast<int>(rank);
+  int64_t *sizes = nullptr, *strides = nullptr;
+  check(aoti_torch_get_sizes(t.get(), &sizes), "sizes");
+  check(aoti_torch_get_strides(t.get(), &strides), "strides");
+  for (int d = 0; d < v.rank; ++d) v.shape[d] = sizes[d], v.strides[d] = strides[d];
+  return v;
+}
+
+TensorView view(const OptTensor& t, const char* name) { return t ? view(*t, name) : TensorView::absent(); }
+
+// A contiguous output on like's device; NaN-filled while the tests poison outputs (mhc._C.set_poison_outputs).
+Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape, int32_t dtype) {
+  int64_t sizes[kMaxRank], strides[kMaxRank];
+  int rank = 0;
+  for (int64_t s : shape) sizes[rank++] = s;
+  for (int64_t d = rank - 1, step = 1; d >= 0; --d) strides[d] = step, step *= sizes[d];
+  int32_t type = 0, index = 0;
+  check(aoti_torch_get_device_type(like.get(), &type), "device type");
+  check(aoti_torch_get_device_index(like.get(), &index), "device index");
+  AtenTensorHandle out = nullptr;
+  check(aoti_torch_empty_strided(rank, sizes, strides, dtype, type, index, &out), "empty_strided");
+  Tensor t(out);
+  if (poison.load(std::memory_order_relaxed)) torch::stable::fill_(t, std::nan(""));
+  return t;
+}
+
+int32_t dtype_code(const Tensor& t) {
+  int32_t d = 0;
+  check(aoti_torch_get_dtype(t.get(), &d), "dtype");
+  return d;
+}
+
+// float64 coefficients for float64 streams, float32 otherwise (docs/MATH.md, dtypes).
+int32_t coef_dtype(const Tensor& x) {
+  return dtype_code(x) == aoti_torch_dtype_float64() ? aoti_torch_dtype_float64() : aoti_torch_dtype_float32();
+}
+
+Tensor like(const Tensor& t) {  // same shape and dtype, contiguous
+  const int64_t rank = t.dim();
+  int64_t* sizes = nullptr;
+  check(aoti_torch_get_sizes(t.get(), &sizes), "sizes");
+  switch (rank) {
+    case 1: return empty(t, {sizes[0]}, dtype_code(t));
+    case 2: return empty(t, {sizes[0], sizes[1]}, dtype_code(t));
+    case 3: return empty(t, {sizes[0], sizes[1], sizes[2]}, dtype_code(t));
+    default: throw InvalidArgument("mhc: an output of rank " + std::to_string(rank) + " (expected 1 to 3)");
+  }
+}
+
+// Custom ops cannot return None: an absent parameter's gradient is a [0] placeholder.
+Tensor like_or_placeholder(const OptTensor& t, const Tensor& other) {
+  return t ? like(*t) : empty(other, {0}, dtype_code(other));
+}
+
+// ---- running an op: device guard, torch's current stream -----------------------------------------------------
+
+// torch's current CUDA stream: the shim's entry point lives in libtorch_cuda, looked up once in the loaded
+// library (this extension is built and linked without it, so a CPU-only torch loads it too).
+void* current_cuda_stream(int index) {
+  using GetStream = AOTITorchError (*)(int32_t, void**);
+  static const GetStream get = [] {
+    void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD);
+    return lib ? reinterpret_cast<GetStream>(dlsym(lib, "aoti_torch_get_current_cuda_stream")) : nullptr;
+  }();
+  if (get == nullptr) throw DeviceError("mhc: a CUDA tensor, but torch's CUDA library is not loaded");
+  void* stream = nullptr;
+  check(get(index, &stream), "current CUDA stream");
+  return stream;
+}
+
+template <class Args, class Config, class Op>
+void run(Op op, const Args& args, const Config& cfg, const std::string& backend, const Tensor& on) {
+  Context ctx = make_context(backend.c_str(), 0);
+  const Device device = device_of(on, "x");
+  if (device.type != DeviceType::cuda) {
+    op(args, cfg, ctx);
+    return;
+  }
+  std::optional<torch::stable::accelerator::DeviceGuard> guard;
+  if (torch::stable::accelerator::getCurrentDeviceIndex() != device.index) guard.emplace(device.index);
+  ctx.stream = current_cuda_stream(device.index);
+  op(args, cfg, ctx);
+}
+
+Tensor workspace(std::size_t bytes, const Tensor& like_tensor) {
+  return empty(like_tensor, {static_cast<int64_t>((bytes + 3) / 4)}, aoti_torch_dtype_float32());
+}
+
+MhcConfig site_config(int64_t n, int64_t iters = 20, double post_mult = 2.0, double eps = 1e-6, double norm_eps = 1e-6,
+                      double pre_eps = 1e-6) {
+  return MhcConfig{static_cast<int>(n), static_cast<int>(iters), static_cast<float>(eps), static_cast<float>(norm_eps),
+                   static_cast<float>(pre_eps), static_cast<float>(post_mult), NanPolicy::propagate};
+}
+
+// ---- pre / post / post_pre -----------------------------------------------------------------------------------
+
+using PreOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// (layer_input [T, C], h_pre [T, n], h_post [T, n], comb [T, n, n], mixes [T, m], rstd [T]).
+PreOutputs pre_outputs(const Tensor& x) {
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2), m = n * n + 2 * n;
+  const int32_t k = coef_dtype(x);
+  return {empty(x, {T, C}, dtype_code(x)), empty(x, {T, n}, k), empty(x, {T, n}, k), empty(x, {T, n, n}, k),
+          empty(x, {T, m}, k), empty(x, {T}, k)};
+}
+
+void fill_pre_outputs(PreForward& a, const PreOutputs& o) {
+  a.layer_input = view(std::get<0>(o), "layer_input");
+  a.h_pre = view(std::get<1>(o), "h_pre");
+  a.h_post = view(std::get<2>(o), "h_post");
+  a.comb = view(std::get<3>(o), "comb");
+  a.mixes = view(std::get<4>(o), "mixes");
+  a.rstd = view(std::get<5>(o), "rstd");
+}
+
+PreOutputs pre(Tensor x, OptTensor fn, Tensor base, OptTensor scale, int64_t iters, double post_mult, double eps,
+               double norm_eps, double pre_eps, std::string backend) {
+  PreOutputs out = pre_outputs(x);
+  PreForward a;
+  a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
+  fill_pre_outputs(a, out);
+  run(mhc::pre_forward, a, site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps), backend, x);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> pre_backward(Tensor x, OptTensor fn, Tensor base, OptTensor scale,
+                                                        Tensor mixes, Tensor rstd, OptTensor grad_layer_input,
+                                                        OptTensor grad_h_pre, OptTensor grad_h_post,
+                                                        OptTensor grad_comb, OptTensor grad_x_accum, int64_t iters,
+                                                        double post_mult, double eps, double norm_eps, double pre_eps,
+                                                        std::string backend) {
+  Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
+         grad_scale = like_or_placeholder(scale, base);
+  PreBackward a;
+  a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
+  a.mixes = view(mixes, "mixes"), a.rstd = view(rstd, "rstd");
+  a.grad_layer_input = view(grad_layer_input, "grad_layer_input"), a.grad_h_pre = view(grad_h_pre, "grad_h_pre");
+  a.grad_h_post = view(grad_h_post, "grad_h_post"), a.grad_comb = view(grad_comb, "grad_comb");
+  a.grad_x_accum = view(grad_x_accum, "grad_x_accum");
+  a.grad_x = view(grad_x, "grad_x"), a.grad_base = view(grad_base, "grad_base");
+  if (fn) a.grad_fn = view(grad_fn, "grad_fn");
+  if (scale) a.grad_scale = view(grad_scale, "grad_scale");
+  const MhcConfig cfg = site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps);
+  const std::size_t bytes = mhc::pre_backward_workspace_bytes(a, cfg, make_context(backend.c_str(), 0));
+  Tensor ws = bytes ? workspace(bytes, x) : Tensor();
+  if (bytes) a.workspace = view(ws, "workspace");
+  run(mhc::pre_backward, a, cfg, backend, x);
+  return {grad_x, grad_fn, grad_base, grad_scale};
+}
+
+Tensor post(Tensor x, Tensor y, Tensor h_post, Tensor comb, std::string backend) {
+  Tensor x_next = like(x);
+  PostForward a;
+  a.x = view(x, "x"), a.y = view(y, "y"), a.h_post = view(h_post, "h_post"), a.comb = view(comb, "comb");
+  a.x_next = view(x_next, "x_next");
+  run(mhc::post_forward, a, site_config(x.size(1)), backend, x);
+  return x_next;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> post_backward(Tensor grad_x_next, Tensor x, Tensor y, Tensor h_post,
+                                                         Tensor comb, std::string backend) {
+  Tensor grad_x = like(x), grad_y = like(y), grad_h_post = like(h_post), grad_comb = like(comb);
+  PostBackward a;
+  a.grad_x_next = view(grad_x_next, "grad_x_next");
+  a.x = view(x, "x"), a.y = view(y, "y"), a.h_post = view(h_post, "h_post"), a.comb = view(comb, "comb");
+  a.grad_x = view(grad_x, "grad_x"), a.grad_y = view(grad_y, "grad_y");
+  a.grad_h_post = view(grad_h_post, "grad_h_post"), a.grad_comb = view(grad_comb, "grad_comb");
+  run(mhc::post_backward, a, site_config(x.size(1)), backend, x);
+  return {grad_x, grad_y, grad_h_post, grad_comb};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> post_pre(
+    Tensor x, Tensor y, Tensor h_post, Tensor comb, OptTensor fn, Tensor base, OptTensor scale, int64_t iters,
+    double post_mult, double eps, double norm_eps, double pre_eps, std::string backend) {
+  Tensor x_next = like(x);
+  PreOutputs next = pre_outputs(x);
+  PostPreForward a;
+  a.x = view(x, "x"), a.y = view(y, "y"), a.h_post = view(h_post, "h_post"), a.comb = view(comb, "comb");
+  a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
+  a.x_next = view(x_next, "x_next");
+  a.layer_input = view(std::get<0>(next), "layer_input"), a.h_pre = view(std::get<1>(next), "h_pre");
+  a.h_post_next = view(std::get<2>(next), "h_post_next"), a.comb_next = view(std::get<3>(next), "comb_next");
+  a.mixes = view(std::get<4>(next), "mixes"), a.rstd = view(std::get<5>(next), "rstd");
+  run(mhc::post_pre_forward, a, site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps), backend, x);
+  return {x_next, std::get<0>(next), std::get<1>(next), std::get<2>(next), std::get<3>(next), std::get<4>(next),
+          std::get<5>(next)};
+}
+
+// ---- Sinkhorn, expand, head, residual add + aggregate --------------------------------------------------------
+
+Tensor sinkhorn(Tensor logits, int64_t iters, double eps, std::string backend) {
+  Tensor comb = like(logits);
+  SinkhornForward a;
+  a.logits = view(logits, "logits"), a.comb = view(comb, "comb");
+  run(mhc::sinkhorn_forward, a, site_config(logits.size(-1), iters, 2.0, eps), backend, logits);
+  return comb;
+}
+
+Tensor sinkhorn_backward(Tensor logits, Tensor grad_comb, int64_t iters, double eps, std::string backend) {
+  Tensor grad_logits = like(logits);
+  SinkhornBackward a;
+  a.logits = view(logits, "logits"), a.grad_comb = view(grad_comb, "grad_comb");
+  a.grad_logits = view(grad_logits, "grad_logits");
+  run(mhc::sinkhorn_backward, a, site_config(logits.size(-1), iters, 2.0, eps), backend, logits);
+  return grad_logits;
+}
+
+Tensor expand_streams(Tensor x, int64_t n, std::string backend) {
+  Tensor out = empty(x, {x.size(0), n, x.size(1)}, dtype_code(x));
+  ExpandForward a;
+  a.x = view(x, "x"), a.out = view(out, "out");
+  run(mhc::expand_forward, a, site_config(n), backend, x);
+  return out;
+}
+
+Tensor expand_streams_backward(Tensor grad_out, std::string backend) {
+  Tensor grad_x = empty(grad_out, {grad_out.size(0), grad_out.size(2)}, dtype_code(grad_out));
+  ExpandBackward a;
+  a.grad_out = view(grad_out, "grad_out"), a.grad_x = view(grad_x, "grad_x");
+  run(mhc::expand_backward, a, site_config(grad_out.size(1)), backend, grad_out);
+  return grad_x;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> head(Tensor x, OptTensor fn, Tensor base, OptTensor scale, double eps,
+                                                std::string backend) {
+  const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
+  const int32_t k = coef_dtype(x);
+  Tensor out = empty(x, {T, C}, dtype_code(x)), weights = empty(x, {T, n}, k), mixes = empty(x, {T, n}, k),
+         rstd = empty(x, {T}, k);
+  HeadForward a;
+  a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
+  a.out = view(out, "out"), a.weights = view(weights, "weights"), a.mixes = view(mixes, "mixes");
+  a.rstd = view(rstd, "rstd");
+  run(mhc::head_forward, a, site_config(n, 20, 2.0, 1e-6, 1e-6, eps), backend, x);
+  return {out, weights, mixes, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> head_backward(Tensor x, OptTensor fn, Tensor base, OptTensor scale,
+                                                         Tensor mixes, Tensor rstd, OptTensor grad_out,
+                                                         OptTensor grad_weights, double eps, std::string backend) {
+  Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
+         grad_scale = like_or_placeholder(scale, base);
+  HeadBackward a;
+  a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
+  a.mixes = view(mixes, "mixes"), a.rstd = view(rstd, "rstd");
+  a.grad_out = view(grad_out, "grad_out"), a.grad_weights = view(grad_weights, "grad_weights");
+  a.grad_x = view(grad_x, "grad_x"), a.grad_base = view(grad_base, "grad_base");
+  if (fn) a.grad_fn = view(grad_fn, "grad_fn");
+  if (scale) a.grad_scale = view(grad_scale, "grad_scale");
+  const MhcConfig cfg = site_config(x.size(1), 20, 2.0, 1e-6, 1e-6, eps);
+  const std::size_t bytes = mhc::head_backward_workspace_bytes(a, cfg, make_context(backend.c_str(), 0));
+  Tensor ws = bytes ? workspace(bytes, x) : Tensor();
+  if (bytes) a.workspace = view(ws, "workspace");
+  run(mhc::head_backward, a, cfg, backend, x);
+  return {grad_x, grad_fn, grad_base, grad_scale};
+}
+
+std::tuple<Tensor, Tensor> residual_add_agg(Tensor x, Tensor res, Tensor h_pre, std::string backend) {
+  Tensor x_out = like(x), agg = empty(x, {x.size(0), x.size(2)}, dtype_code(x));
+  ResidualAddAggForward a;
+  a.x = view(x, "x"), a.res = view(res, "res"), a.h_pre = view(h_pre, "h_pre");
+  a.x_out = view(x_out, "x_out"), a.agg = view(agg, "agg");
+  run(mhc::residual_add_agg_forward, a, site_config(x.size(1)), backend, x);
+  return {x_out, agg};
+}
+
+std::tuple<Tensor, Tensor> residual_add_agg_backward(OptTensor grad_x_out, OptTensor grad_agg, Tensor x_out,
+                                                     Tensor h_pre, std::string backend) {
+  Tensor grad_sum = like(x_out), grad_h_pre = like(h_pre);
+  ResidualAddAggBackward a;
+  a.grad_x_out = view(grad_x_out, "grad_x_out"), a.grad_agg = view(grad_agg, "grad_agg");
+  a.x_out = view(x_out, "x_out"), a.h_pre = view(h_pre, "h_pre");
+  a.grad_sum = view(grad_sum, "grad_sum"), a.grad_h_pre = view(grad_h_pre, "grad_h_pre");
+  run(mhc::residual_add_agg_backward, a, site_config(x_out.size(1)), backend, x_out);
+  return {grad_sum, grad_h_pre};
+}
+
+}  // namespace
+
+void set_poison_outputs(bool on) { poison.store(on, std::memory_order_relaxed); }
+
+}  // namespace mhc::python
+
+// ---- the op table as torch sees it: schemas and kernels ----------------------------------------------------------
+
+namespace {
+constexpr const char* kSite = "int iters, float post_mult, float eps, float norm_eps, float pre_eps, str backend";
+}  // namespace
+
+STABLE_TORCH_LIBRARY_FRAGMENT(mhc, m) {
+  using std::string;
+  const string site = kSite;
+  m.def(("pre(Tensor x, Tensor? fn, Tensor base, Tensor? scale, " + site +
+         ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)").c_str());
+  m.def(("pre_backward(Tensor x, Tensor? fn, Tensor base, Tensor? scale, Tensor mixes, Tensor rstd, "
+         "Tensor? grad_layer_input, Tensor? grad_h_pre, Tensor? grad_h_post, Tensor? grad_comb, Tensor? grad_x_accum, " +
+         site + ") -> (Tensor, Tensor, Tensor, Tensor)").c_str());
+  m.def("post(Tensor x, Tensor y, Tensor h_post, Tensor comb, str backend) -> Tensor");
+  m.def("post_backward(Tensor grad_x_next, Tensor x, Tensor y, Tensor h_post, Tensor comb, str backend) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(("post_pre(Tensor x, Tensor y, Tensor h_post, Tensor comb, Tensor? fn, Tensor base, Tensor? scale, " + site +
+         ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)").c_str());
+  m.def("sinkhorn(Tensor logits, int iters, float eps, str backend) -> Tensor");
+  m.def("sinkhorn_backward(Tensor logits, Tensor grad_comb, int iters, float eps, str backend) -> Tensor");
+  m.def("expand_streams(Tensor x, int n, str backend) -> Tensor");
+  m.def("expand_streams_backward(Tensor grad_out, str backend) -> Tensor");
+  m.def("head(Tensor x, Tensor? fn, Tensor base, Tensor? scale, float eps, str backend) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("head_backward(Tensor x, Tensor? fn, Tensor base, Tensor? scale, Tensor mixes, Tensor rstd, "
+        "Tensor? grad_out, Tensor? grad_weights, float eps, str backend) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("residual_add_agg(Tensor x, Tensor res, Tensor h_pre, str backend) -> (Tensor, Tensor)");
+  m.def("residual_add_agg_backward(Tensor? grad_x_out, Tensor? grad_agg, Tensor x_out, Tensor h_pre, str backend) -> "
+        "(Tensor, Tensor)");
+}
+
+#define MHC_TORCH_KERNELS(m)                                                                   \
+  m.impl("pre", TORCH_BOX(&mhc::python::pre));                                                 \
+  m.impl("pre_backward", TORCH_BOX(&mhc::python::pre_backward));                               \
+  m.impl("post", TORCH_BOX(&mhc::python::post));                                               \
+  m.impl("post_backward", TORCH_BOX(&mhc::python::post_backward));                             \
+  m.impl("post_pre", TORCH_BOX(&mhc::python::post_pre));                                       \
+  m.impl("sinkhorn", TORCH_BOX(&mhc::python::sinkhorn));                                       \
+  m.impl("sinkhorn_backward", TORCH_BOX(&mhc::python::sinkhorn_backward));                     \
+  m.impl("expand_streams", TORCH_BOX(&mhc::python::expand_streams));                           \
+  m.impl("expand_streams_backward", TORCH_BOX(&mhc::python::expand_streams_backward));         \
+  m.impl("head", TORCH_BOX(&mhc::python::head));                                               \
+  m.impl("head_backward", TORCH_BOX(&mhc::python::head_backward));                             \
+  m.impl("residual_add_agg", TORCH_BOX(&mhc::python::residual_add_agg));                       \
+  m.impl("residual_add_agg_backward", TORCH_BOX(&mhc::python::residual_add_agg_backward));
+
+STABLE_TORCH_LIBRARY_IMPL(mhc, CPU, m) { MHC_TORCH_KERNELS(m) }
+STABLE_TORCH_LIBRARY_IMPL(mhc, CUDA, m) { MHC_TORCH_KERNELS(m) }
