@@ -154,6 +154,11 @@ def check_pre(op: str, x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_
     """Arguments of a site's pre; returns the hyper-parameters ``(iters, post_mult, eps, norm_eps, pre_eps)``."""
     _stream_input(op, "x", x, ("n", "C"))
     _site_params(op, x, fn, base, scale)
+    # The common case (a module's own values) in one test; is_compiling first: numbers may be symbolic there.
+    if (not _is_compiling() and type(iters) is int and type(post_mult) is float and type(eps) is float
+            and type(norm_eps) is float and type(pre_eps) is float and iters >= 1 and eps >= 0.0 and norm_eps >= 0.0
+            and pre_eps >= 0.0 and math.isfinite(post_mult + eps + norm_eps + pre_eps)):
+        return iters, post_mult, eps, norm_eps, pre_eps
     return (int_arg(op, "iters", iters, 1), real_arg(op, "post_mult", post_mult),
             real_arg(op, "eps", eps, low=0.0), real_arg(op, "norm_eps", norm_eps, low=0.0),
             real_arg(op, "pre_eps", pre_eps, low=0.0))

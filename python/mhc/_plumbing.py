@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -199,33 +199,39 @@ class Op:
         if backward is not None:
             torch.library.register_autograd(qualname, backward, setup_context=setup_context)
             self.function = _eager_function(name, self.kernel, setup_context, backward)
-        self.tensor_args = _leading_tensor_args(self.dispatch)
+        self.tensor_args, self._device_arg = _tensor_args(self.dispatch)
         self._redispatch = self.dispatch._handle.redispatch_boxed
 
     def kernel(self, *args):
         """The C++ kernel of the tensors' device, without autograd (a plain eager call only)."""
-        on_cuda = any(t is not None and t.is_cuda for t in args[:self.tensor_args])
-        return self._redispatch(_CUDA_KEYS if on_cuda else _CPU_KEYS, *args)
+        return self._redispatch(_CUDA_KEYS if args[self._device_arg].is_cuda else _CPU_KEYS, *args)
 
     def all_outputs(self, *args):
         """Every output, without autograd (for autograd Functions built around the op)."""
         return self.kernel(*args) if eager(*args[:self.tensor_args]) else self.dispatch(*args)
 
     def __call__(self, *args):
-        tensors = args[:self.tensor_args]
-        if not eager(*tensors):
+        # eager() and needs_grad() in one pass over the tensors: a small op's call is mostly this.
+        grad = False
+        for t in args[:self.tensor_args]:
+            if t is not None:
+                if type(t) not in _PLAIN or t.is_meta:
+                    return self.dispatch(*args)
+                grad = grad or t.requires_grad
+        if _is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active() or _jit_tracing():
             return self.dispatch(*args)
-        if self.function is not None and needs_grad(tensors):
+        if grad and self.function is not None and torch.is_grad_enabled():
             return self.function.apply(*args)
-        return self.kernel(*args)
+        return self._redispatch(_CUDA_KEYS if args[self._device_arg].is_cuda else _CPU_KEYS, *args)
 
 
-def _leading_tensor_args(op) -> int:
-    """How many of the op's arguments are tensors (Tensor or Tensor?); they come first in every schema, so a
-    call finds its tensors by slicing its arguments."""
-    kinds = [isinstance(a.type, (torch.TensorType, torch.OptionalType)) and "Tensor" in str(a.type)
-             for a in op._schema.arguments]
+def _tensor_args(op) -> Tuple[int, int]:
+    """(how many of the op's arguments are tensors, the index of the first that is never None). The tensors come
+    first in every schema (Tensor or Tensor?), so a call finds them by slicing its arguments, and the required one
+    names the device."""
+    types = [str(a.type) for a in op._schema.arguments]
+    kinds = [t in ("Tensor", "Optional[Tensor]") for t in types]
     count = kinds.index(False) if False in kinds else len(kinds)
-    if count == 0 or any(kinds[count:]):
-        raise TypeError(f"mhc._plumbing.Op: {op}: its arguments must begin with the tensors")
-    return count
+    if count == 0 or any(kinds[count:]) or "Tensor" not in types[:count]:
+        raise TypeError(f"mhc._plumbing.Op: {op}: its arguments must begin with the tensors, one of them required")
+    return count, types.index("Tensor")
