@@ -52,16 +52,6 @@ DType dtype_of(const Tensor& t, const char* name) {
   throw InvalidArgument(std::string(name) + ": unsupported dtype (expected float32, float64, float16 or bfloat16)");
 }
 
-int32_t torch_dtype(DType d) {
-  switch (d) {
-    case DType::f32: return aoti_torch_dtype_float32();
-    case DType::bf16: return aoti_torch_dtype_bfloat16();
-    case DType::f16: return aoti_torch_dtype_float16();
-    case DType::f64: return aoti_torch_dtype_float64();
-  }
-  return aoti_torch_dtype_float32();
-}
-
 Device device_of(const Tensor& t, const char* name) {
   int32_t type = 0, index = 0;
   check(aoti_torch_get_device_type(t.get(), &type), "device type");
