@@ -57,10 +57,6 @@ def _new_or_placeholder(t: Optional[Tensor], like: Tensor) -> Tensor:
     return new(t) if t is not None else like.new_empty((0,))
 
 
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
-
-
 def _param_grads(fn, scale, grad_fn, grad_base, grad_scale):
     return (grad_fn if fn is not None else None, grad_base, grad_scale if scale is not None else None)
 
@@ -73,7 +69,8 @@ def _pre_outputs(x: Tensor):
     T, n, C = x.shape
     k = coef_dtype(x.dtype)
     m = n * n + 2 * n
-    return new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T, n, n), k), new(x, (T, m), k), new(x, (T,), k)
+    return (new(x, (T, C)), new(x, (T, n), k), new(x, (T, n), k), new(x, (T, n, n), k), new(x, (T, m), k),
+            new(x, (T,), k))
 
 
 def _pre_fake(x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps, backend):
@@ -99,8 +96,7 @@ def _pre_setup_context(ctx, inputs, output):
 def _pre_backward(ctx, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, _grad_mixes, _grad_rstd):
     x, fn, base, scale, mixes, rstd = ctx.saved_tensors
     grad_x, grad_fn, grad_base, grad_scale = _pre_backward_op(
-        x, fn, base, scale, mixes, rstd, _contig(grad_layer_input), _contig(grad_h_pre), _contig(grad_h_post),
-        _contig(grad_comb), None, *ctx.hyper)
+        x, fn, base, scale, mixes, rstd, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, None, *ctx.hyper)
     return (grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale)) + (None,) * len(ctx.hyper)
 
 
@@ -129,7 +125,7 @@ def _post_setup_context(ctx, inputs, output):
 
 def _post_backward(ctx, grad_x_next):
     x, y, h_post, comb = ctx.saved_tensors
-    grads = _post_backward_op(grad_x_next.contiguous(), x, y, h_post, comb, ctx.backend)
+    grads = _post_backward_op(grad_x_next, x, y, h_post, comb, ctx.backend)
     return (*grads, None)
 
 
@@ -156,8 +152,8 @@ def _post_pre_backward(ctx, grad_x_next, grad_layer_input, grad_h_pre, grad_h_po
     x, y, h_post, comb, fn, base, scale, x_next, mixes, rstd = ctx.saved_tensors
     # x_next feeds both the caller and the next pre: pre_backward adds the caller's gradient in.
     grad_x_next_total, grad_fn, grad_base, grad_scale = _pre_backward_op(
-        x_next, fn, base, scale, mixes, rstd, _contig(grad_layer_input), _contig(grad_h_pre),
-        _contig(grad_h_post_next), _contig(grad_comb_next), _contig(grad_x_next), *ctx.hyper)
+        x_next, fn, base, scale, mixes, rstd, grad_layer_input, grad_h_pre, grad_h_post_next, grad_comb_next,
+        grad_x_next, *ctx.hyper)
     grad_x, grad_y, grad_h_post, grad_comb = _post_backward_op(grad_x_next_total, x, y, h_post, comb, ctx.hyper[-1])
     return ((grad_x, grad_y, grad_h_post, grad_comb) + _param_grads(fn, scale, grad_fn, grad_base, grad_scale)
             + (None,) * len(ctx.hyper))
@@ -189,7 +185,7 @@ def _sinkhorn_setup_context(ctx, inputs, output):
 
 def _sinkhorn_backward(ctx, grad_comb):
     (logits,) = ctx.saved_tensors
-    return _sinkhorn_backward_op(logits, grad_comb.contiguous(), *ctx.hyper), None, None, None
+    return _sinkhorn_backward_op(logits, grad_comb, *ctx.hyper), None, None, None
 
 
 _sinkhorn_op = Op("sinkhorn", _sinkhorn_fake, setup_context=_sinkhorn_setup_context,
@@ -215,7 +211,7 @@ def _expand_setup_context(ctx, inputs, output):
 
 
 def _expand_backward(ctx, grad_out):
-    return _expand_backward_op(grad_out.contiguous(), ctx.backend), None, None
+    return _expand_backward_op(grad_out, ctx.backend), None, None
 
 
 _expand_op = Op("expand_streams", _expand_fake, setup_context=_expand_setup_context,
@@ -253,7 +249,7 @@ def _head_setup_context(ctx, inputs, output):
 def _head_backward(ctx, grad_out, grad_weights, _grad_mixes, _grad_rstd):
     x, fn, base, scale, mixes, rstd = ctx.saved_tensors
     grad_x, grad_fn, grad_base, grad_scale = _head_backward_op(
-        x, fn, base, scale, mixes, rstd, _contig(grad_out), _contig(grad_weights), *ctx.hyper)
+        x, fn, base, scale, mixes, rstd, grad_out, grad_weights, *ctx.hyper)
     return (grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale), None, None)
 
 
@@ -281,8 +277,7 @@ def _residual_add_agg_setup_context(ctx, inputs, output):
 
 def _residual_add_agg_backward(ctx, grad_x_out, grad_agg):
     x_out, h_pre = ctx.saved_tensors
-    grad_sum, grad_h_pre = _residual_add_agg_backward_op(_contig(grad_x_out), _contig(grad_agg), x_out, h_pre,
-                                                         ctx.backend)
+    grad_sum, grad_h_pre = _residual_add_agg_backward_op(grad_x_out, grad_agg, x_out, h_pre, ctx.backend)
     return grad_sum, grad_sum, grad_h_pre, None
 
 
@@ -349,8 +344,8 @@ class _PairedPre(torch.autograd.Function):
     def backward(ctx, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, _grad_mixes, _grad_rstd):
         x, fn, base, scale, mixes, rstd = ctx.saved_tensors
         grad_x, grad_fn, grad_base, grad_scale = _pre_backward_op(
-            x, fn, base, scale, mixes, rstd, _contig(grad_layer_input), _contig(grad_h_pre), _contig(grad_h_post),
-            _contig(grad_comb), ctx.link.take(), *ctx.hyper)
+            x, fn, base, scale, mixes, rstd, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, ctx.link.take(),
+            *ctx.hyper)
         return (None, grad_x, *_param_grads(fn, scale, grad_fn, grad_base, grad_scale)) + (None,) * len(ctx.hyper)
 
 
@@ -402,20 +397,20 @@ def _tie(link: Optional[_PairLink], x: Tensor, h_post: Tensor, comb: Tensor) -> 
 # ---- public API: argument checks (mhc._checks, shared with mhc.reference), casts, leading dims --------------
 
 
+# Strided tensors pass as they are: the C++ kernels copy an input contiguous only when it is not (torch_ops.cpp,
+# Views), which costs nothing in the common case and saves a .contiguous() call per tensor here.
+
+
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    # Casts and copies only when needed: each no-op .to() still costs a microsecond or two of host time.
-    if t is None:
-        return None
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    return t.contiguous()
+    # Casts only when needed: each no-op .to() still costs a microsecond or two of host time.
+    if t is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
 
 
 def _tokens(t: Tensor, trailing: int, *shape: int) -> Tensor:
-    """t [..., *shape] as [T, *shape] (contiguous); no reshape when it already has that rank."""
-    if t.dim() != trailing + 1:
-        t = t.reshape(-1, *shape)
-    return t.contiguous()
+    """t [..., *shape] as [T, *shape]; no reshape when it already has that rank."""
+    return t if t.dim() == trailing + 1 else t.reshape(-1, *shape)
 
 
 def _restore(t: Tensor, lead: Sequence[int], *shape: int) -> Tensor:
@@ -426,8 +421,7 @@ def _restore(t: Tensor, lead: Sequence[int], *shape: int) -> Tensor:
 def _params(x: Tensor, fn, base, scale):
     """Checked parameters cast to the coefficient dtype."""
     k = coef_dtype(x.dtype)
-    if base.dtype == k and base.is_contiguous() and (fn is None or fn.dtype == k and fn.is_contiguous()) \
-            and (scale is None or scale.dtype == k and scale.is_contiguous()):
+    if base.dtype == k and (fn is None or fn.dtype == k) and (scale is None or scale.dtype == k):
         return fn, base, scale  # the common case: fp32 parameters as the module keeps them
     return _as(fn, k), _as(base, k), _as(scale, k)
 

@@ -22,6 +22,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "mhc/mhc.hpp"
 #include "torch_ops.hpp"
@@ -78,6 +79,21 @@ TensorView view(const Tensor& t, const char* name) {
 }
 
 TensorView view(const OptTensor& t, const char* name) { return t ? view(*t, name) : TensorView::absent(); }
+
+// The views of one kernel call. The core takes contiguous tensors; a strided one (a transposed or expanded input
+// from Python) is copied contiguous here, the copy held until the call ends, so the Python side need not ask.
+class Views {
+ public:
+  TensorView operator()(const Tensor& t, const char* name) {
+    if (t.is_contiguous()) return view(t, name);
+    copies_.push_back(torch::stable::contiguous(t));
+    return view(copies_.back(), name);
+  }
+  TensorView operator()(const OptTensor& t, const char* name) { return t ? (*this)(*t, name) : TensorView::absent(); }
+
+ private:
+  std::vector<Tensor> copies_;  // only data pointers are kept in the views, so growing it is safe
+};
 
 // A contiguous output on like's device; NaN-filled while the tests poison outputs (mhc._C.set_poison_outputs).
 Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape, int32_t dtype) {
@@ -175,21 +191,22 @@ PreOutputs pre_outputs(const Tensor& x) {
           empty(x, {T, m}, k), empty(x, {T}, k)};
 }
 
-void fill_pre_outputs(PreForward& a, const PreOutputs& o) {
-  a.layer_input = view(std::get<0>(o), "layer_input");
-  a.h_pre = view(std::get<1>(o), "h_pre");
-  a.h_post = view(std::get<2>(o), "h_post");
-  a.comb = view(std::get<3>(o), "comb");
-  a.mixes = view(std::get<4>(o), "mixes");
-  a.rstd = view(std::get<5>(o), "rstd");
+void fill_pre_outputs(Views& v, PreForward& a, const PreOutputs& o) {
+  a.layer_input = v(std::get<0>(o), "layer_input");
+  a.h_pre = v(std::get<1>(o), "h_pre");
+  a.h_post = v(std::get<2>(o), "h_post");
+  a.comb = v(std::get<3>(o), "comb");
+  a.mixes = v(std::get<4>(o), "mixes");
+  a.rstd = v(std::get<5>(o), "rstd");
 }
 
 PreOutputs pre(Tensor x, OptTensor fn, Tensor base, OptTensor scale, int64_t iters, double post_mult, double eps,
                double norm_eps, double pre_eps, std::string backend) {
+  Views v;
   PreOutputs out = pre_outputs(x);
   PreForward a;
-  a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
-  fill_pre_outputs(a, out);
+  a.x = v(x, "x"), a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
+  fill_pre_outputs(v, a, out);
   run(mhc::pre_forward, a, site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps), backend, x);
   return out;
 }
@@ -200,42 +217,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pre_backward(Tensor x, OptTensor fn, 
                                                         OptTensor grad_comb, OptTensor grad_x_accum, int64_t iters,
                                                         double post_mult, double eps, double norm_eps, double pre_eps,
                                                         std::string backend) {
+  Views v;
   Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
          grad_scale = like_or_placeholder(scale, base);
   PreBackward a;
-  a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
-  a.mixes = view(mixes, "mixes"), a.rstd = view(rstd, "rstd");
-  a.grad_layer_input = view(grad_layer_input, "grad_layer_input"), a.grad_h_pre = view(grad_h_pre, "grad_h_pre");
-  a.grad_h_post = view(grad_h_post, "grad_h_post"), a.grad_comb = view(grad_comb, "grad_comb");
-  a.grad_x_accum = view(grad_x_accum, "grad_x_accum");
-  a.grad_x = view(grad_x, "grad_x"), a.grad_base = view(grad_base, "grad_base");
-  if (fn) a.grad_fn = view(grad_fn, "grad_fn");
-  if (scale) a.grad_scale = view(grad_scale, "grad_scale");
+  a.x = v(x, "x"), a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
+  a.mixes = v(mixes, "mixes"), a.rstd = v(rstd, "rstd");
+  a.grad_layer_input = v(grad_layer_input, "grad_layer_input"), a.grad_h_pre = v(grad_h_pre, "grad_h_pre");
+  a.grad_h_post = v(grad_h_post, "grad_h_post"), a.grad_comb = v(grad_comb, "grad_comb");
+  a.grad_x_accum = v(grad_x_accum, "grad_x_accum");
+  a.grad_x = v(grad_x, "grad_x"), a.grad_base = v(grad_base, "grad_base");
+  if (fn) a.grad_fn = v(grad_fn, "grad_fn");
+  if (scale) a.grad_scale = v(grad_scale, "grad_scale");
   const MhcConfig cfg = site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps);
   const std::size_t bytes = mhc::pre_backward_workspace_bytes(a, cfg, make_context(backend.c_str(), 0));
   Tensor ws = bytes ? workspace(bytes, x) : Tensor();
-  if (bytes) a.workspace = view(ws, "workspace");
+  if (bytes) a.workspace = v(ws, "workspace");
   run(mhc::pre_backward, a, cfg, backend, x);
   return {grad_x, grad_fn, grad_base, grad_scale};
 }
 
 Tensor post(Tensor x, Tensor y, Tensor h_post, Tensor comb, std::string backend) {
+  Views v;
   Tensor x_next = like(x);
   PostForward a;
-  a.x = view(x, "x"), a.y = view(y, "y"), a.h_post = view(h_post, "h_post"), a.comb = view(comb, "comb");
-  a.x_next = view(x_next, "x_next");
+  a.x = v(x, "x"), a.y = v(y, "y"), a.h_post = v(h_post, "h_post"), a.comb = v(comb, "comb");
+  a.x_next = v(x_next, "x_next");
   run(mhc::post_forward, a, site_config(x.size(1)), backend, x);
   return x_next;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> post_backward(Tensor grad_x_next, Tensor x, Tensor y, Tensor h_post,
                                                          Tensor comb, std::string backend) {
+  Views v;
   Tensor grad_x = like(x), grad_y = like(y), grad_h_post = like(h_post), grad_comb = like(comb);
   PostBackward a;
-  a.grad_x_next = view(grad_x_next, "grad_x_next");
-  a.x = view(x, "x"), a.y = view(y, "y"), a.h_post = view(h_post, "h_post"), a.comb = view(comb, "comb");
-  a.grad_x = view(grad_x, "grad_x"), a.grad_y = view(grad_y, "grad_y");
-  a.grad_h_post = view(grad_h_post, "grad_h_post"), a.grad_comb = view(grad_comb, "grad_comb");
+  a.grad_x_next = v(grad_x_next, "grad_x_next");
+  a.x = v(x, "x"), a.y = v(y, "y"), a.h_post = v(h_post, "h_post"), a.comb = v(comb, "comb");
+  a.grad_x = v(grad_x, "grad_x"), a.grad_y = v(grad_y, "grad_y");
+  a.grad_h_post = v(grad_h_post, "grad_h_post"), a.grad_comb = v(grad_comb, "grad_comb");
   run(mhc::post_backward, a, site_config(x.size(1)), backend, x);
   return {grad_x, grad_y, grad_h_post, grad_comb};
 }
@@ -243,15 +263,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> post_backward(Tensor grad_x_next, Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> post_pre(
     Tensor x, Tensor y, Tensor h_post, Tensor comb, OptTensor fn, Tensor base, OptTensor scale, int64_t iters,
     double post_mult, double eps, double norm_eps, double pre_eps, std::string backend) {
+  Views v;
   Tensor x_next = like(x);
   PreOutputs next = pre_outputs(x);
   PostPreForward a;
-  a.x = view(x, "x"), a.y = view(y, "y"), a.h_post = view(h_post, "h_post"), a.comb = view(comb, "comb");
-  a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
-  a.x_next = view(x_next, "x_next");
-  a.layer_input = view(std::get<0>(next), "layer_input"), a.h_pre = view(std::get<1>(next), "h_pre");
-  a.h_post_next = view(std::get<2>(next), "h_post_next"), a.comb_next = view(std::get<3>(next), "comb_next");
-  a.mixes = view(std::get<4>(next), "mixes"), a.rstd = view(std::get<5>(next), "rstd");
+  a.x = v(x, "x"), a.y = v(y, "y"), a.h_post = v(h_post, "h_post"), a.comb = v(comb, "comb");
+  a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
+  a.x_next = v(x_next, "x_next");
+  a.layer_input = v(std::get<0>(next), "layer_input"), a.h_pre = v(std::get<1>(next), "h_pre");
+  a.h_post_next = v(std::get<2>(next), "h_post_next"), a.comb_next = v(std::get<3>(next), "comb_next");
+  a.mixes = v(std::get<4>(next), "mixes"), a.rstd = v(std::get<5>(next), "rstd");
   run(mhc::post_pre_forward, a, site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps), backend, x);
   return {x_next, std::get<0>(next), std::get<1>(next), std::get<2>(next), std::get<3>(next), std::get<4>(next),
           std::get<5>(next)};
@@ -260,48 +281,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> post_pre(
 // ---- Sinkhorn, expand, head, residual add + aggregate --------------------------------------------------------
 
 Tensor sinkhorn(Tensor logits, int64_t iters, double eps, std::string backend) {
+  Views v;
   Tensor comb = like(logits);
   SinkhornForward a;
-  a.logits = view(logits, "logits"), a.comb = view(comb, "comb");
+  a.logits = v(logits, "logits"), a.comb = v(comb, "comb");
   run(mhc::sinkhorn_forward, a, site_config(logits.size(-1), iters, 2.0, eps), backend, logits);
   return comb;
 }
 
 Tensor sinkhorn_backward(Tensor logits, Tensor grad_comb, int64_t iters, double eps, std::string backend) {
+  Views v;
   Tensor grad_logits = like(logits);
   SinkhornBackward a;
-  a.logits = view(logits, "logits"), a.grad_comb = view(grad_comb, "grad_comb");
-  a.grad_logits = view(grad_logits, "grad_logits");
+  a.logits = v(logits, "logits"), a.grad_comb = v(grad_comb, "grad_comb");
+  a.grad_logits = v(grad_logits, "grad_logits");
   run(mhc::sinkhorn_backward, a, site_config(logits.size(-1), iters, 2.0, eps), backend, logits);
   return grad_logits;
 }
 
 Tensor expand_streams(Tensor x, int64_t n, std::string backend) {
+  Views v;
   Tensor out = empty(x, {x.size(0), n, x.size(1)}, dtype_code(x));
   ExpandForward a;
-  a.x = view(x, "x"), a.out = view(out, "out");
+  a.x = v(x, "x"), a.out = v(out, "out");
   run(mhc::expand_forward, a, site_config(n), backend, x);
   return out;
 }
 
 Tensor expand_streams_backward(Tensor grad_out, std::string backend) {
+  Views v;
   Tensor grad_x = empty(grad_out, {grad_out.size(0), grad_out.size(2)}, dtype_code(grad_out));
   ExpandBackward a;
-  a.grad_out = view(grad_out, "grad_out"), a.grad_x = view(grad_x, "grad_x");
+  a.grad_out = v(grad_out, "grad_out"), a.grad_x = v(grad_x, "grad_x");
   run(mhc::expand_backward, a, site_config(grad_out.size(1)), backend, grad_out);
   return grad_x;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> head(Tensor x, OptTensor fn, Tensor base, OptTensor scale, double eps,
                                                 std::string backend) {
+  Views v;
   const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
   const int32_t k = coef_dtype(x);
   Tensor out = empty(x, {T, C}, dtype_code(x)), weights = empty(x, {T, n}, k), mixes = empty(x, {T, n}, k),
          rstd = empty(x, {T}, k);
   HeadForward a;
-  a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
-  a.out = view(out, "out"), a.weights = view(weights, "weights"), a.mixes = view(mixes, "mixes");
-  a.rstd = view(rstd, "rstd");
+  a.x = v(x, "x"), a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
+  a.out = v(out, "out"), a.weights = v(weights, "weights"), a.mixes = v(mixes, "mixes");
+  a.rstd = v(rstd, "rstd");
   run(mhc::head_forward, a, site_config(n, 20, 2.0, 1e-6, 1e-6, eps), backend, x);
   return {out, weights, mixes, rstd};
 }
@@ -309,39 +335,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> head(Tensor x, OptTensor fn, Tensor b
 std::tuple<Tensor, Tensor, Tensor, Tensor> head_backward(Tensor x, OptTensor fn, Tensor base, OptTensor scale,
                                                          Tensor mixes, Tensor rstd, OptTensor grad_out,
                                                          OptTensor grad_weights, double eps, std::string backend) {
+  Views v;
   Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
          grad_scale = like_or_placeholder(scale, base);
   HeadBackward a;
-  a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
-  a.mixes = view(mixes, "mixes"), a.rstd = view(rstd, "rstd");
-  a.grad_out = view(grad_out, "grad_out"), a.grad_weights = view(grad_weights, "grad_weights");
-  a.grad_x = view(grad_x, "grad_x"), a.grad_base = view(grad_base, "grad_base");
-  if (fn) a.grad_fn = view(grad_fn, "grad_fn");
-  if (scale) a.grad_scale = view(grad_scale, "grad_scale");
+  a.x = v(x, "x"), a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
+  a.mixes = v(mixes, "mixes"), a.rstd = v(rstd, "rstd");
+  a.grad_out = v(grad_out, "grad_out"), a.grad_weights = v(grad_weights, "grad_weights");
+  a.grad_x = v(grad_x, "grad_x"), a.grad_base = v(grad_base, "grad_base");
+  if (fn) a.grad_fn = v(grad_fn, "grad_fn");
+  if (scale) a.grad_scale = v(grad_scale, "grad_scale");
   const MhcConfig cfg = site_config(x.size(1), 20, 2.0, 1e-6, 1e-6, eps);
   const std::size_t bytes = mhc::head_backward_workspace_bytes(a, cfg, make_context(backend.c_str(), 0));
   Tensor ws = bytes ? workspace(bytes, x) : Tensor();
-  if (bytes) a.workspace = view(ws, "workspace");
+  if (bytes) a.workspace = v(ws, "workspace");
   run(mhc::head_backward, a, cfg, backend, x);
   return {grad_x, grad_fn, grad_base, grad_scale};
 }
 
 std::tuple<Tensor, Tensor> residual_add_agg(Tensor x, Tensor res, Tensor h_pre, std::string backend) {
+  Views v;
   Tensor x_out = like(x), agg = empty(x, {x.size(0), x.size(2)}, dtype_code(x));
   ResidualAddAggForward a;
-  a.x = view(x, "x"), a.res = view(res, "res"), a.h_pre = view(h_pre, "h_pre");
-  a.x_out = view(x_out, "x_out"), a.agg = view(agg, "agg");
+  a.x = v(x, "x"), a.res = v(res, "res"), a.h_pre = v(h_pre, "h_pre");
+  a.x_out = v(x_out, "x_out"), a.agg = v(agg, "agg");
   run(mhc::residual_add_agg_forward, a, site_config(x.size(1)), backend, x);
   return {x_out, agg};
 }
 
 std::tuple<Tensor, Tensor> residual_add_agg_backward(OptTensor grad_x_out, OptTensor grad_agg, Tensor x_out,
                                                      Tensor h_pre, std::string backend) {
+  Views v;
   Tensor grad_sum = like(x_out), grad_h_pre = like(h_pre);
   ResidualAddAggBackward a;
-  a.grad_x_out = view(grad_x_out, "grad_x_out"), a.grad_agg = view(grad_agg, "grad_agg");
-  a.x_out = view(x_out, "x_out"), a.h_pre = view(h_pre, "h_pre");
-  a.grad_sum = view(grad_sum, "grad_sum"), a.grad_h_pre = view(grad_h_pre, "grad_h_pre");
+  a.grad_x_out = v(grad_x_out, "grad_x_out"), a.grad_agg = v(grad_agg, "grad_agg");
+  a.x_out = v(x_out, "x_out"), a.h_pre = v(h_pre, "h_pre");
+  a.grad_sum = v(grad_sum, "grad_sum"), a.grad_h_pre = v(grad_h_pre, "grad_h_pre");
   run(mhc::residual_add_agg_backward, a, site_config(x_out.size(1)), backend, x_out);
   return {grad_sum, grad_h_pre};
 }
