@@ -1,17 +1,14 @@
 """The path from a public op to the C++ core, shared by both op families (n-stream and multi-history).
 
-Everything an op call needs besides its own arguments lives here once: the backend selection, output
-allocation (with the tests' poison flag), DLPack views, the CUDA stream and device guard, cached configs,
-backward workspaces, and the registration of an op.
+Every op is defined in C++ (python/src/torch_ops.cpp registers its schema and its CPU and CUDA kernels with
+torch's dispatcher; the kernels allocate the outputs with torch and run on torch's current stream). What the
+Python side adds lives here once: the backend selection, the tests' poison flag, and the registration of an op's
+fake implementation and autograd formula (``setup_context`` and ``backward``) on the C++ op, from which
+:class:`Op` also builds an eager ``torch.autograd.Function``. A call takes one of two routes:
 
-An op is one implementation function (it allocates its outputs with :func:`new` and calls ``mhc._C``),
-one fake implementation and, for forwards, one autograd formula (``setup_context`` and ``backward``).
-:class:`Op` registers them as a ``torch.library`` custom op and builds from the same functions an eager
-``torch.autograd.Function``. A call takes one of two routes:
-
-- plain eager calls (real tensors, no torch.compile / tracing / dispatch or function modes) go straight to
-  the implementation, through the ``autograd.Function`` when a gradient is needed: this saves the custom-op
-  wrapper's Python, most of an eager call's host cost (docs/PERFORMANCE.md, host cost);
+- plain eager calls (real tensors, no torch.compile / tracing / dispatch or function modes) redispatch straight
+  to the C++ kernel of the tensors' device, through the ``autograd.Function`` when a gradient is needed: this
+  skips the dispatcher's Python autograd kernel, most of an eager call's host cost (docs/PERFORMANCE.md);
 - everything else (torch.compile, fake and meta tensors, tensor subclasses such as DTensor, FlopCounterMode,
   export) dispatches ``torch.ops.mhc.<name>``.
 
