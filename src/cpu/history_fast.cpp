@@ -14,6 +14,7 @@
 #endif
 
 #include "common/float_types.hpp"
+#include "common/projection.hpp"
 #include "backend.hpp"
 #include "cpu/fast_kernels.hpp"
 
@@ -24,6 +25,9 @@ using detail::load;
 using detail::store;
 
 namespace {
+
+using detail::softmax_row;
+using detail::sparsemax_row;
 
 constexpr std::int64_t kChunk = 2048;  // elements per work item: a few KiB per state, L1-resident
 constexpr int kLanes = 16;             // independent accumulators of a dot product (vectorisable)
@@ -73,38 +77,6 @@ template <class M> void coef_set(const TensorView& t, std::int64_t i, M v) {
 }
 
 // ---- projections in M precision -------------------------------------------------------------------
-
-template <class M> void softmax_row(const M* u, M* s, int H) {
-  M m = u[0];
-  for (int k = 1; k < H; ++k) m = std::max(m, u[k]);
-  M sum = 0;
-  for (int k = 0; k < H; ++k) sum += (s[k] = std::exp(u[k] - m));
-  const M inv = M(1) / sum;
-  for (int k = 0; k < H; ++k) s[k] *= inv;
-}
-
-// Sort-free sparsemax: element j is in the support iff 1 + c_j u_j > s_j, where c_j and s_j count and
-// sum the elements >= u_j; ties evaluate identically to the sorted formula, and the support size is
-// the largest such c_j.
-template <class M> void sparsemax_row(const M* u, M* w, int H) {
-  int best_count = 0;
-  M best_sum = 0;
-  for (int j = 0; j < H; ++j) {
-    int count = 0;
-    M sum = 0;
-    for (int i = 0; i < H; ++i)
-      if (u[i] >= u[j]) {
-        ++count;
-        sum += u[i];
-      }
-    if (M(1) + count * u[j] > sum && count > best_count) {
-      best_count = count;
-      best_sum = sum;
-    }
-  }
-  const M tau = (best_sum - M(1)) / best_count;
-  for (int k = 0; k < H; ++k) w[k] = std::max(u[k] - tau, M(0));
-}
 
 template <class M> void project_row(const M* z, M* w, int H, const HistoryConfig& cfg) {
   M u[kMaxHistory] = {};
@@ -540,7 +512,7 @@ void history_skip_forward(const HistorySkipForward& a, const HistoryConfig& cfg,
     using X = decltype(x_tag);
     using S = decltype(s_tag);
     using M = detail::math_t<X>;
-    M z[kMaxHistory], w[kMaxHistory];
+    M z[kMaxHistory] = {}, w[kMaxHistory];  // (zeroed: GCC cannot see that H entries are written)
     for (int k = 0; k < H; ++k) z[k] = coef_at<M>(a.logits, k);
     project_row(z, w, H, cfg);
     for (int k = 0; k < H; ++k) coef_set<M>(a.weights, k, w[k]);

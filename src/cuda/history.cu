@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/projection.hpp"
 #include "cuda/common.cuh"
 #include "cuda/sinkhorn.cuh"
 #include "backend.hpp"
@@ -25,6 +26,9 @@
 namespace mhc::cuda_impl {
 
 namespace {
+
+using detail::softmax_row;
+using detail::sparsemax_row;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -142,39 +146,15 @@ __device__ void project_in_block(const M* __restrict__ logits, int H, const Proj
   __syncthreads();
 }
 
-// Serial (one thread) versions for project_logits rows and for the backward's finish.
-template <class M> __device__ void softmax_serial(const M* u, M* s, int H) {
-  M m = u[0];
-  for (int k = 1; k < H; ++k) m = max(m, u[k]);
-  M sum = 0;
-  for (int k = 0; k < H; ++k) sum += (s[k] = exp(u[k] - m));
-  const M inv = M(1) / sum;
-  for (int k = 0; k < H; ++k) s[k] *= inv;
-}
-
+// Serial (one thread) versions for project_logits rows and for the backward's finish: the row projections of
+// src/common/projection.hpp (shared with the CPU).
 template <class M> __device__ void project_serial(const M* z, M* w, int H, const Projection& p) {
   M u[kMaxH];
   for (int k = 0; k < H; ++k) u[k] = z[k] * static_cast<M>(p.inv_t);
   if (p.kind == kSimplex) {
-    int best = 0;
-    M best_sum = 0;
-    for (int j = 0; j < H; ++j) {
-      int count = 0;
-      M sum = 0;
-      for (int i = 0; i < H; ++i)
-        if (u[i] >= u[j]) {
-          ++count;
-          sum += u[i];
-        }
-      if (M(1) + count * u[j] > sum && count > best) {
-        best = count;
-        best_sum = sum;
-      }
-    }
-    const M tau = (best_sum - M(1)) / best;
-    for (int k = 0; k < H; ++k) w[k] = max(u[k] - tau, M(0));
+    sparsemax_row(u, w, H);
   } else {
-    softmax_serial(u, w, H);
+    softmax_row(u, w, H);
     if (p.kind == kIdentity) {
       const M keep = M(1) - static_cast<M>(p.epsilon);
       for (int k = 0; k < H; ++k) w[k] *= keep;
@@ -200,7 +180,7 @@ __device__ void project_backward_serial(const M* z, const M* w, const M* g, M* g
   }
   M u[kMaxH], s[kMaxH];
   for (int k = 0; k < H; ++k) u[k] = z[k] * inv_t;
-  softmax_serial(u, s, H);
+  softmax_row(u, s, H);
   const M c = p.kind == kIdentity ? M(1) - static_cast<M>(p.epsilon) : M(1);
   M gs = 0;
   for (int k = 0; k < H; ++k) gs += g[k] * s[k];
