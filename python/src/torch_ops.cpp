@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -90,19 +91,25 @@ TensorView view(const Tensor& t, const char* name) {
 TensorView view(const OptTensor& t, const char* name) { return t ? view(*t, name) : TensorView::absent(); }
 
 // A contiguous output on like's device; NaN-filled while the tests poison outputs (mhc._C.set_poison_outputs).
-Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape, int32_t dtype) {
-  int64_t sizes[kMaxRank], strides[kMaxRank];
-  int rank = 0;
-  for (int64_t s : shape) sizes[rank++] = s;
-  for (int64_t d = rank - 1, step = 1; d >= 0; --d) strides[d] = step, step *= sizes[d];
+Tensor empty(const Tensor& like, std::span<const int64_t> shape, int32_t dtype) {
+  if (shape.size() > static_cast<std::size_t>(kMaxRank))
+    throw InvalidArgument("mhc: an output of rank " + std::to_string(shape.size()) + " exceeds " +
+                          std::to_string(kMaxRank));
+  const int64_t rank = static_cast<int64_t>(shape.size());
+  int64_t strides[kMaxRank];
+  for (int64_t d = rank - 1, step = 1; d >= 0; --d) strides[d] = step, step *= shape[d];
   int32_t type = 0, index = 0;
   check(aoti_torch_get_device_type(like.get(), &type), "device type");
   check(aoti_torch_get_device_index(like.get(), &index), "device index");
   AtenTensorHandle out = nullptr;
-  check(aoti_torch_empty_strided(rank, sizes, strides, dtype, type, index, &out), "empty_strided");
+  check(aoti_torch_empty_strided(rank, shape.data(), strides, dtype, type, index, &out), "empty_strided");
   Tensor t(out);
   if (poison.load(std::memory_order_relaxed)) torch::stable::fill_(t, std::nan(""));
   return t;
+}
+
+Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape, int32_t dtype) {
+  return empty(like, std::span<const int64_t>(shape.begin(), shape.size()), dtype);
 }
 
 int32_t dtype_code(const Tensor& t) {
@@ -116,17 +123,13 @@ int32_t coef_dtype(const Tensor& x) {
   return dtype_code(x) == aoti_torch_dtype_float64() ? aoti_torch_dtype_float64() : aoti_torch_dtype_float32();
 }
 
-Tensor like(const Tensor& t) {  // same shape and dtype, contiguous
-  const int64_t rank = t.dim();
+std::span<const int64_t> sizes_of(const Tensor& t) {
   int64_t* sizes = nullptr;
   check(aoti_torch_get_sizes(t.get(), &sizes), "sizes");
-  switch (rank) {
-    case 1: return empty(t, {sizes[0]}, dtype_code(t));
-    case 2: return empty(t, {sizes[0], sizes[1]}, dtype_code(t));
-    case 3: return empty(t, {sizes[0], sizes[1], sizes[2]}, dtype_code(t));
-    default: throw InvalidArgument("mhc: an output of rank " + std::to_string(rank) + " (expected 1 to 3)");
-  }
+  return {sizes, static_cast<std::size_t>(t.dim())};
 }
+
+Tensor like(const Tensor& t) { return empty(t, sizes_of(t), dtype_code(t)); }  // same shape and dtype, contiguous
 
 // Custom ops cannot return None: an absent parameter's gradient is a [0] placeholder.
 Tensor like_or_placeholder(const OptTensor& t, const Tensor& other) {
@@ -165,6 +168,17 @@ void run(Op op, const Args& args, const Config& cfg, const std::string& backend,
 
 Tensor workspace(std::size_t bytes, const Tensor& like_tensor) {
   return empty(like_tensor, {static_cast<int64_t>((bytes + 3) / 4)}, aoti_torch_dtype_float32());
+}
+
+// A backward's workspace, sized by the core's query and attached to its argument struct; the returned tensor
+// owns the bytes for the call.
+template <class Args, class Config, class Query>
+Tensor attach_workspace(Args& a, Query query, const Config& cfg, const std::string& backend, const Tensor& on) {
+  const std::size_t bytes = query(a, cfg, make_context(backend.c_str(), 0));
+  if (bytes == 0) return Tensor();
+  Tensor ws = workspace(bytes, on);
+  a.workspace = view(ws, "workspace");
+  return ws;
 }
 
 MhcConfig site_config(int64_t n, int64_t iters = 20, double post_mult = 2.0, double eps = 1e-6, double norm_eps = 1e-6,
@@ -222,9 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pre_backward(Tensor x, OptTensor fn, 
   if (fn) a.grad_fn = view(grad_fn, "grad_fn");
   if (scale) a.grad_scale = view(grad_scale, "grad_scale");
   const MhcConfig cfg = site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps);
-  const std::size_t bytes = mhc::pre_backward_workspace_bytes(a, cfg, make_context(backend.c_str(), 0));
-  Tensor ws = bytes ? workspace(bytes, x) : Tensor();
-  if (bytes) a.workspace = view(ws, "workspace");
+  const Tensor ws = attach_workspace(a, mhc::pre_backward_workspace_bytes, cfg, backend, x);
   run(mhc::pre_backward, a, cfg, backend, x);
   return {grad_x, grad_fn, grad_base, grad_scale};
 }
@@ -329,9 +341,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> head_backward(Tensor x, OptTensor fn,
   if (fn) a.grad_fn = view(grad_fn, "grad_fn");
   if (scale) a.grad_scale = view(grad_scale, "grad_scale");
   const MhcConfig cfg = site_config(x.size(1), 20, 2.0, 1e-6, 1e-6, eps);
-  const std::size_t bytes = mhc::head_backward_workspace_bytes(a, cfg, make_context(backend.c_str(), 0));
-  Tensor ws = bytes ? workspace(bytes, x) : Tensor();
-  if (bytes) a.workspace = view(ws, "workspace");
+  const Tensor ws = attach_workspace(a, mhc::head_backward_workspace_bytes, cfg, backend, x);
   run(mhc::head_backward, a, cfg, backend, x);
   return {grad_x, grad_fn, grad_base, grad_scale};
 }
