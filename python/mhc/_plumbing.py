@@ -181,9 +181,32 @@ _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
 
+def register(name: str, fake: Callable, *, setup_context: Optional[Callable] = None,
+             backward: Optional[Callable] = None):
+    """Registers the fake implementation and (forwards) the autograd formula on the C++-defined op mhc::<name>;
+    returns the op, ``torch.ops.mhc.<name>.default`` (its call dispatches through everything)."""
+    qualname = f"mhc::{name}"
+    torch.library.register_fake(qualname)(fake)
+    if backward is not None:
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    return getattr(torch.ops.mhc, name).default
+
+
+def kernel(op) -> Callable:
+    """The C++ kernel of ``op`` without autograd (plain eager calls only): ``kernel(on, *args)`` runs the kernel of
+    tensor ``on``'s device with the op's positional arguments."""
+    redispatch = op._handle.redispatch_boxed
+
+    def call(on: Tensor, *args):
+        return redispatch(_CUDA_KEYS if on.is_cuda else _CPU_KEYS, *args)
+
+    return call
+
+
 class Op:
-    """One op: its C++ kernels (registered with torch's dispatcher by the extension, python/src/torch_ops.cpp,
-    which also defines the schema) and, registered here, its fake implementation and autograd formula.
+    """One op whose arguments begin with its tensors: its C++ kernels (registered with torch's dispatcher by the
+    extension, python/src/torch_ops.cpp, which also defines the schema) and, registered here, its fake
+    implementation and autograd formula.
 
     ``fake(*args)`` gives the outputs' metadata; ``setup_context(ctx, inputs, output)`` and
     ``backward(ctx, *grads)`` are the autograd formula (forwards only). Call the Op with the op's positional
@@ -192,20 +215,19 @@ class Op:
 
     def __init__(self, name: str, fake: Callable, *, setup_context: Optional[Callable] = None,
                  backward: Optional[Callable] = None):
-        qualname = f"mhc::{name}"
-        self.dispatch = getattr(torch.ops.mhc, name).default
-        torch.library.register_fake(qualname)(fake)
+        self.dispatch = register(name, fake, setup_context=setup_context, backward=backward)
+        self.tensor_args = _leading_tensor_args(self.dispatch)
+        self._kernel = kernel(self.dispatch)
         self.function = None
         if backward is not None:
-            torch.library.register_autograd(qualname, backward, setup_context=setup_context)
             self.function = _eager_function(name, self.kernel, setup_context, backward)
-        self.tensor_args = _leading_tensor_args(self.dispatch)
-        self._redispatch = self.dispatch._handle.redispatch_boxed
 
     def kernel(self, *args):
         """The C++ kernel of the tensors' device, without autograd (a plain eager call only)."""
-        on_cuda = any(t is not None and t.is_cuda for t in args[:self.tensor_args])
-        return self._redispatch(_CUDA_KEYS if on_cuda else _CPU_KEYS, *args)
+        for t in args[:self.tensor_args]:  # the first present tensor: the checks put them all on one device
+            if t is not None:
+                return self._kernel(t, *args)
+        raise TypeError(f"mhc._plumbing.Op: {self.dispatch}: no tensor argument")
 
     def all_outputs(self, *args):
         """Every output, without autograd (for autograd Functions built around the op)."""
