@@ -1,32 +1,33 @@
 """The path from a public op to the C++ core, shared by both op families (n-stream and multi-history).
 
-Everything an op call needs besides its own arguments lives here once: the backend selection, output
-allocation (with the tests' poison flag), DLPack views, the CUDA stream and device guard, cached configs,
-backward workspaces, and the registration of an op.
+Everything an op call needs besides its own arguments lives here once: the backend selection, the tests' poison
+flag, the fake outputs' allocation, the registration of an op and the call of its C++ kernel.
 
-An op is one implementation function (it allocates its outputs with :func:`new` and calls ``mhc._C``),
-one fake implementation and, for forwards, one autograd formula (``setup_context`` and ``backward``).
-:class:`Op` registers them as a ``torch.library`` custom op and builds from the same functions an eager
-``torch.autograd.Function``. A call takes one of two routes:
+Every op is defined and implemented in C++ (python/src/torch_ops.cpp: the schema, and kernels that allocate their
+outputs with torch and run the core on torch's current stream). Python registers on it one fake implementation
+and, for forwards, one autograd formula (``setup_context`` and ``backward``): :func:`register`. A call takes one of
+two routes:
 
-- plain eager calls (real tensors, no torch.compile / tracing / dispatch or function modes) go straight to
-  the implementation, through the ``autograd.Function`` when a gradient is needed: this saves the custom-op
-  wrapper's Python, most of an eager call's host cost (docs/PERFORMANCE.md, host cost);
+- plain eager calls (real tensors, no torch.compile / tracing / dispatch or function modes) go straight to the C++
+  kernel (:func:`kernel`: a redispatch to the tensors' backend key), through an eager ``torch.autograd.Function``
+  when a gradient is needed: this saves the dispatcher's autograd and Python layers, most of an eager call's host
+  cost (docs/PERFORMANCE.md, host cost);
 - everything else (torch.compile, fake and meta tensors, tensor subclasses such as DTensor, FlopCounterMode,
   export) dispatches ``torch.ops.mhc.<name>``.
 
+:class:`Op` puts the two together for ops whose arguments begin with their tensors (it builds the eager
+``autograd.Function`` from the registered formula); ops that take a list of tensors (the history states) build
+their own ``autograd.Function``, which sees each state as an input, from the same two helpers.
 Both routes run the same kernels and the same autograd formulas, so their results are identical.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.dlpack import to_dlpack
 
 from . import _C
 
@@ -60,10 +61,10 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-# ---- buffers, views, streams ------------------------------------------------------------------------------
+# ---- outputs ----------------------------------------------------------------------------------------------
 
 # Tests turn this on (set_poison_outputs): every output is NaN-filled before the op runs, so elements an op fails
-# to write show. The C++ kernels' own outputs follow the same switch.
+# to write show. The C++ kernels allocate the real outputs and follow the same switch; new() serves the fakes.
 poison_outputs = False
 
 
@@ -83,52 +84,6 @@ def new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor
             return torch.empty_like(like)  # keyword arguments cost almost a microsecond more
         return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
     return like.new_empty(shape, dtype=dtype)  # a third cheaper than torch.empty(..., device=like.device)
-
-
-def workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
-    """A backward's scratch buffer (poisoned too: backends may not assume zeros)."""
-    if nbytes == 0:
-        return None
-    return new(like, (math.ceil(nbytes / 4),), torch.float32)
-
-
-_workspace_sizes: dict = {}
-
-
-def workspace_bytes(query: Callable[[], int], key) -> int:
-    """Workspace bytes of a backward, asked of the C++ side once per key (what determines them)."""
-    nbytes = _workspace_sizes.get(key)
-    if nbytes is None:
-        nbytes = _workspace_sizes[key] = query()
-    return nbytes
-
-
-def dl(t: Optional[Tensor]):
-    # A DLPack capsule straight from C++: unlike Tensor.__dlpack__ it neither refuses tensors that
-    # require grad nor makes the default stream wait on the current one (illegal in graph capture).
-    return None if t is None else to_dlpack(t)
-
-
-def dls(ts):
-    return [None if t is None else to_dlpack(t) for t in ts]
-
-
-def stream(t: Tensor) -> int:
-    """The raw cudaStream_t of torch's current stream on t's device (0 on the CPU).
-
-    torch._C._cuda_getCurrentRawStream is the call torch.compile's generated code makes: a few microseconds
-    cheaper per op than torch.cuda.current_stream(device).cuda_stream."""
-    return torch._C._cuda_getCurrentRawStream(t.get_device()) if t.is_cuda else 0
-
-
-_no_guard = contextlib.nullcontext()
-
-
-def device(t: Tensor):
-    """The device guard of an op call on t: none on the CPU or when t is on the current device already."""
-    if t.is_cuda and t.get_device() != torch._C._cuda_getDevice():
-        return torch.cuda.device(t.device)
-    return _no_guard
 
 
 # ---- the two routes -----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-// The n-stream ops registered with PyTorch's dispatcher in C++, through the LibTorch stable ABI (torch >= 2.10):
-// `torch.ops.mhc.<op>` reaches the core without Python. Each kernel allocates its outputs with torch (the caching
-// allocator on CUDA), builds the core's argument struct and runs the op on torch's current stream; the schemas
-// are defined here, the fake implementations and autograd formulas in python/mhc/ops.py (registered on these ops).
+// The ops of both families (n-stream and multi-history) registered with PyTorch's dispatcher in C++, through the
+// LibTorch stable ABI (torch >= 2.10): `torch.ops.mhc.<op>` reaches the core without Python. Each kernel allocates
+// its outputs with torch (the caching allocator on CUDA), builds the core's argument struct and runs the op on
+// torch's current stream; the schemas are defined here, the fake implementations and autograd formulas in
+// python/mhc/ops.py and python/mhc/history_ops.py (registered on these ops).
 //
 // The eager Python route calls these kernels directly (a redispatch to the tensor's backend key); torch.compile,
 // fake tensors and tensor subclasses go through the whole dispatcher. Errors of the core keep their type
@@ -366,6 +367,132 @@ std::tuple<Tensor, Tensor> residual_add_agg_backward(OptTensor grad_x_out, OptTe
   return {grad_sum, grad_h_pre};
 }
 
+// ---- multi-history: projection, weighted mix, fused skip -----------------------------------------------------
+// Schemas as the Python custom ops had them (history_ops.py). The public functions there check the arguments
+// first, in the caller's terms; the core checks them again (a direct torch.ops.mhc call) and names what is wrong.
+
+using States = std::vector<Tensor>;
+using GradOutputs = std::tuple<Tensor, Tensor, States>;  // (grad of the coefficients, grad_gate, grad_states)
+
+HistoryConfig history_config(const std::string& constraint = "simplex", double temperature = 1.0,
+                             double epsilon = 0.1, int64_t sinkhorn_iters = 20, double sinkhorn_eps = 1e-6) {
+  return HistoryConfig{parse_constraint(constraint), temperature, epsilon, static_cast<int>(sinkhorn_iters),
+                       sinkhorn_eps, NanPolicy::propagate};
+}
+
+// Views of a list of states; the vector owns what the argument struct's span points to during the call. Named
+// "states" only: the core's checks name the entry (states[k]) of anything wrong with one.
+std::vector<TensorView> views(const States& ts, const char* name) {
+  std::vector<TensorView> out;
+  out.reserve(ts.size());
+  for (const Tensor& t : ts) out.push_back(view(t, name));
+  return out;
+}
+
+// The states' gradients: one per state when wanted, none otherwise (the backwards' need_states).
+States grad_states_for(const States& states, bool need) {
+  States grads;
+  if (!need) return grads;
+  grads.reserve(states.size());
+  for (const Tensor& s : states) grads.push_back(like(s));
+  return grads;
+}
+
+// grad_gate: [1] with a gate, a [0] placeholder without (custom ops cannot return None).
+Tensor grad_gate_for(const OptTensor& gate, const Tensor& coef) {
+  return empty(coef, {gate ? 1 : 0}, dtype_code(coef));
+}
+
+Tensor project_logits(Tensor logits, std::string constraint, double temperature, double epsilon,
+                      int64_t sinkhorn_iters, double sinkhorn_eps, std::string backend) {
+  Tensor weights = like(logits);
+  ProjectLogitsForward a;
+  a.logits = view(logits, "logits"), a.weights = view(weights, "weights");
+  run(mhc::project_logits_forward, a, history_config(constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps),
+      backend, logits);
+  return weights;
+}
+
+Tensor project_logits_backward(Tensor logits, Tensor weights, Tensor grad_weights, std::string constraint,
+                               double temperature, double epsilon, int64_t sinkhorn_iters, double sinkhorn_eps,
+                               std::string backend) {
+  Tensor grad_logits = like(logits);
+  ProjectLogitsBackward a;
+  a.logits = view(logits, "logits"), a.weights = view(weights, "weights");
+  a.grad_weights = view(grad_weights, "grad_weights"), a.grad_logits = view(grad_logits, "grad_logits");
+  run(mhc::project_logits_backward, a,
+      history_config(constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps), backend, logits);
+  return grad_logits;
+}
+
+// out: the states' shape, [R, *shape] for matrix weights [R, H]; x's dtype, or the states' without x.
+Tensor mix_output(const OptTensor& x, const States& states, const Tensor& weights) {
+  const Tensor& s = states.at(0);
+  const std::span<const int64_t> shape = sizes_of(s);
+  int64_t sizes[kMaxRank];
+  std::size_t rank = 0;
+  if (weights.dim() == 2) sizes[rank++] = weights.size(0);
+  if (rank + shape.size() > static_cast<std::size_t>(kMaxRank))
+    throw InvalidArgument("history_mix: out [R, *state shape] exceeds rank " + std::to_string(kMaxRank));
+  for (int64_t d : shape) sizes[rank++] = d;
+  return empty(s, std::span<const int64_t>(sizes, rank), dtype_code(x ? *x : s));
+}
+
+Tensor history_mix(OptTensor x, States states, Tensor weights, OptTensor gate, std::string backend) {
+  Tensor out = mix_output(x, states, weights);
+  const std::vector<TensorView> state_views = views(states, "states");
+  HistoryMixForward a;
+  a.x = view(x, "x"), a.states = state_views, a.weights = view(weights, "weights"), a.gate = view(gate, "gate");
+  a.out = view(out, "out");
+  run(mhc::history_mix_forward, a, history_config(), backend, out);
+  return out;
+}
+
+GradOutputs history_mix_backward(Tensor grad_out, States states, Tensor weights, OptTensor gate, bool need_states,
+                                 std::string backend) {
+  Tensor grad_weights = like(weights), grad_gate = grad_gate_for(gate, weights);
+  States grad_states = grad_states_for(states, need_states);
+  const std::vector<TensorView> state_views = views(states, "states"), grad_views = views(grad_states, "grad_states");
+  HistoryMixBackward a;
+  a.grad_out = view(grad_out, "grad_out"), a.states = state_views, a.weights = view(weights, "weights");
+  a.gate = view(gate, "gate"), a.grad_weights = view(grad_weights, "grad_weights");
+  if (gate) a.grad_gate = view(grad_gate, "grad_gate");
+  a.grad_states = grad_views;
+  const HistoryConfig cfg = history_config();
+  const Tensor ws = attach_workspace(a, mhc::history_mix_backward_workspace_bytes, cfg, backend, grad_out);
+  run(mhc::history_mix_backward, a, cfg, backend, grad_out);
+  return {grad_weights, grad_gate, grad_states};
+}
+
+std::tuple<Tensor, Tensor> history_skip(Tensor x, States states, Tensor logits, OptTensor gate, std::string constraint,
+                                        double temperature, double epsilon, std::string backend) {
+  Tensor out = like(x), weights = like(logits);
+  const std::vector<TensorView> state_views = views(states, "states");
+  HistorySkipForward a;
+  a.x = view(x, "x"), a.states = state_views, a.logits = view(logits, "logits"), a.gate = view(gate, "gate");
+  a.out = view(out, "out"), a.weights = view(weights, "weights");
+  run(mhc::history_skip_forward, a, history_config(constraint, temperature, epsilon), backend, x);
+  return {out, weights};
+}
+
+GradOutputs history_skip_backward(Tensor grad_out, States states, Tensor logits, Tensor weights, OptTensor gate,
+                                  bool need_states, std::string constraint, double temperature, double epsilon,
+                                  std::string backend) {
+  Tensor grad_logits = like(logits), grad_gate = grad_gate_for(gate, logits);
+  States grad_states = grad_states_for(states, need_states);
+  const std::vector<TensorView> state_views = views(states, "states"), grad_views = views(grad_states, "grad_states");
+  HistorySkipBackward a;
+  a.grad_out = view(grad_out, "grad_out"), a.states = state_views, a.logits = view(logits, "logits");
+  a.weights = view(weights, "weights"), a.gate = view(gate, "gate");
+  a.grad_logits = view(grad_logits, "grad_logits");
+  if (gate) a.grad_gate = view(grad_gate, "grad_gate");
+  a.grad_states = grad_views;
+  const HistoryConfig cfg = history_config(constraint, temperature, epsilon);
+  const Tensor ws = attach_workspace(a, mhc::history_skip_backward_workspace_bytes, cfg, backend, grad_out);
+  run(mhc::history_skip_backward, a, cfg, backend, grad_out);
+  return {grad_logits, grad_gate, grad_states};
+}
+
 }  // namespace
 
 void set_poison_outputs(bool on) { poison.store(on, std::memory_order_relaxed); }
@@ -402,22 +529,42 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mhc, m) {
   m.def("residual_add_agg(Tensor x, Tensor res, Tensor h_pre, str backend) -> (Tensor, Tensor)");
   m.def("residual_add_agg_backward(Tensor? grad_x_out, Tensor? grad_agg, Tensor x_out, Tensor h_pre, str backend) -> "
         "(Tensor, Tensor)");
+
+  // multi-history
+  const string projection = "str constraint, float temperature, float epsilon, int sinkhorn_iters, float sinkhorn_eps";
+  m.def(("project_logits(Tensor logits, " + projection + ", str backend) -> Tensor").c_str());
+  m.def(("project_logits_backward(Tensor logits, Tensor weights, Tensor grad_weights, " + projection +
+         ", str backend) -> Tensor").c_str());
+  m.def("history_mix(Tensor? x, Tensor[] states, Tensor weights, Tensor? gate, str backend) -> Tensor");
+  m.def("history_mix_backward(Tensor grad_out, Tensor[] states, Tensor weights, Tensor? gate, bool need_states, "
+        "str backend) -> (Tensor, Tensor, Tensor[])");
+  m.def("history_skip(Tensor x, Tensor[] states, Tensor logits, Tensor? gate, str constraint, float temperature, "
+        "float epsilon, str backend) -> (Tensor, Tensor)");
+  m.def("history_skip_backward(Tensor grad_out, Tensor[] states, Tensor logits, Tensor weights, Tensor? gate, "
+        "bool need_states, str constraint, float temperature, float epsilon, str backend) -> "
+        "(Tensor, Tensor, Tensor[])");
 }
 
-#define MHC_TORCH_KERNELS(m)                                                                   \
-  m.impl("pre", TORCH_BOX(&mhc::python::pre));                                                 \
-  m.impl("pre_backward", TORCH_BOX(&mhc::python::pre_backward));                               \
-  m.impl("post", TORCH_BOX(&mhc::python::post));                                               \
-  m.impl("post_backward", TORCH_BOX(&mhc::python::post_backward));                             \
-  m.impl("post_pre", TORCH_BOX(&mhc::python::post_pre));                                       \
-  m.impl("sinkhorn", TORCH_BOX(&mhc::python::sinkhorn));                                       \
-  m.impl("sinkhorn_backward", TORCH_BOX(&mhc::python::sinkhorn_backward));                     \
-  m.impl("expand_streams", TORCH_BOX(&mhc::python::expand_streams));                           \
-  m.impl("expand_streams_backward", TORCH_BOX(&mhc::python::expand_streams_backward));         \
-  m.impl("head", TORCH_BOX(&mhc::python::head));                                               \
-  m.impl("head_backward", TORCH_BOX(&mhc::python::head_backward));                             \
-  m.impl("residual_add_agg", TORCH_BOX(&mhc::python::residual_add_agg));                       \
-  m.impl("residual_add_agg_backward", TORCH_BOX(&mhc::python::residual_add_agg_backward));
+#define MHC_TORCH_KERNELS(m)                                                               \
+  m.impl("pre", TORCH_BOX(&mhc::python::pre));                                             \
+  m.impl("pre_backward", TORCH_BOX(&mhc::python::pre_backward));                           \
+  m.impl("post", TORCH_BOX(&mhc::python::post));                                           \
+  m.impl("post_backward", TORCH_BOX(&mhc::python::post_backward));                         \
+  m.impl("post_pre", TORCH_BOX(&mhc::python::post_pre));                                   \
+  m.impl("sinkhorn", TORCH_BOX(&mhc::python::sinkhorn));                                   \
+  m.impl("sinkhorn_backward", TORCH_BOX(&mhc::python::sinkhorn_backward));                 \
+  m.impl("expand_streams", TORCH_BOX(&mhc::python::expand_streams));                       \
+  m.impl("expand_streams_backward", TORCH_BOX(&mhc::python::expand_streams_backward));     \
+  m.impl("head", TORCH_BOX(&mhc::python::head));                                           \
+  m.impl("head_backward", TORCH_BOX(&mhc::python::head_backward));                         \
+  m.impl("residual_add_agg", TORCH_BOX(&mhc::python::residual_add_agg));                   \
+  m.impl("residual_add_agg_backward", TORCH_BOX(&mhc::python::residual_add_agg_backward)); \
+  m.impl("project_logits", TORCH_BOX(&mhc::python::project_logits));                       \
+  m.impl("project_logits_backward", TORCH_BOX(&mhc::python::project_logits_backward));     \
+  m.impl("history_mix", TORCH_BOX(&mhc::python::history_mix));                             \
+  m.impl("history_mix_backward", TORCH_BOX(&mhc::python::history_mix_backward));           \
+  m.impl("history_skip", TORCH_BOX(&mhc::python::history_skip));                           \
+  m.impl("history_skip_backward", TORCH_BOX(&mhc::python::history_skip_backward));
 
 STABLE_TORCH_LIBRARY_IMPL(mhc, CPU, m) { MHC_TORCH_KERNELS(m) }
 STABLE_TORCH_LIBRARY_IMPL(mhc, CUDA, m) { MHC_TORCH_KERNELS(m) }
