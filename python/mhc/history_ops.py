@@ -228,9 +228,23 @@ def _mix_backward_fake(grad_out, states, weights, gate, need_states, backend):
             [_new(s) for s in states] if need_states else [])
 
 
+def _mix_per_state_backward_fake(grad_out, states, weights, gate, need_states, backend):
+    grad_weights, grad_gate, _ = _mix_backward_fake(grad_out, states, weights, gate, False, backend)
+    return grad_weights, grad_gate, _per_state_grad_fakes(states, need_states)
+
+
+def _per_state_grad_fakes(states, need_states) -> List[Optional[Tensor]]:
+    """grad_states of the *_per_state_backward ops: the marked states' gradients, None for the others; none when
+    none is marked."""
+    if not any(need_states):
+        return []
+    return [_new(s) if need else None for s, need in zip(states, need_states)]
+
+
 # -> (grad_weights, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states)).
 _mix_backward_op = register("history_mix_backward", _mix_backward_fake)
-_mix_backward_kernel = kernel(_mix_backward_op)
+# The eager backward's: need_states has one flag per state, so detached states' gradients are not computed.
+_mix_per_state_backward_kernel = kernel(register("history_mix_per_state_backward", _mix_per_state_backward_fake))
 
 
 def _mix_setup_context(ctx, inputs, output):
@@ -259,11 +273,6 @@ _mix_op = register("history_mix", _mix_fake, setup_context=_mix_setup_context, b
 _mix_kernel = kernel(_mix_op)
 
 
-def _wanted(grads: Sequence[Tensor], need_each: Sequence[bool]) -> List[Optional[Tensor]]:
-    """The states' gradients autograd asked for; None for detached states (the kernel computes all or none)."""
-    return [g if need else None for g, need in zip(grads, need_each)]
-
-
 class _MixFunction(torch.autograd.Function):
     """Eager path of mhc::history_mix: the C++ kernels, with the states last, unpacked, so autograd sees each."""
 
@@ -278,17 +287,16 @@ class _MixFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         weights, gate, *states = ctx.saved_tensors
         need_x, need_weights, need_gate = ctx.needs_input_grad[:3]
-        need_each = ctx.needs_input_grad[4:]
-        need_states = any(need_each)
+        need_each = list(ctx.needs_input_grad[4:])  # detached states: no gradient computed or written
         grad_out = grad_out.contiguous()
         grad_weights = grad_gate = None
         grad_states = [None] * len(states)
-        if need_states or need_weights or need_gate:
-            grad_weights, grad_gate, computed = _mix_backward_kernel(grad_out, grad_out, states, weights, gate,
-                                                                     need_states, ctx.backend)
+        if any(need_each) or need_weights or need_gate:
+            grad_weights, grad_gate, computed = _mix_per_state_backward_kernel(grad_out, grad_out, states, weights,
+                                                                               gate, need_each, ctx.backend)
             grad_gate = grad_gate if ctx.has_gate else None
-            if need_states:
-                grad_states = _wanted(computed, need_each)
+            if computed:
+                grad_states = computed
         return (grad_out if (ctx.has_x and need_x) else None, grad_weights, grad_gate, None, *grad_states)
 
 
@@ -369,9 +377,17 @@ def _skip_backward_fake(grad_out, states, logits, weights, gate, need_states, co
             [_new(s) for s in states] if need_states else [])
 
 
+def _skip_per_state_backward_fake(grad_out, states, logits, weights, gate, need_states, constraint, temperature,
+                                  epsilon, backend):
+    grad_logits, grad_gate, _ = _skip_backward_fake(grad_out, states, logits, weights, gate, False, constraint,
+                                                    temperature, epsilon, backend)
+    return grad_logits, grad_gate, _per_state_grad_fakes(states, need_states)
+
+
 # -> (grad_logits, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states)).
 _skip_backward_op = register("history_skip_backward", _skip_backward_fake)
-_skip_backward_kernel = kernel(_skip_backward_op)
+# The eager backward's: need_states has one flag per state, so detached states' gradients are not computed.
+_skip_per_state_backward_kernel = kernel(register("history_skip_per_state_backward", _skip_per_state_backward_fake))
 
 
 def _skip_setup_context(ctx, inputs, output):
@@ -416,17 +432,16 @@ class _SkipFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_weights):
         logits, weights, gate, *states = ctx.saved_tensors
         need_x, need_logits, need_gate = ctx.needs_input_grad[:3]
-        need_each = ctx.needs_input_grad[7:]
-        need_states = any(need_each)
+        need_each = list(ctx.needs_input_grad[7:])  # detached states: no gradient computed or written
         grad_out = grad_out.contiguous()
         grad_logits = grad_gate = None
         grad_states = [None] * len(states)
-        if need_states or need_logits or need_gate:
-            grad_logits, grad_gate, computed = _skip_backward_kernel(grad_out, grad_out, states, logits, weights, gate,
-                                                                     need_states, *ctx.hyper)
+        if any(need_each) or need_logits or need_gate:
+            grad_logits, grad_gate, computed = _skip_per_state_backward_kernel(grad_out, grad_out, states, logits,
+                                                                               weights, gate, need_each, *ctx.hyper)
             grad_gate = grad_gate if ctx.has_gate else None
-            if need_states:
-                grad_states = _wanted(computed, need_each)
+            if computed:
+                grad_states = computed
         return (grad_out if need_x else None, grad_logits, grad_gate, None, None, None, None, *grad_states)
 
 

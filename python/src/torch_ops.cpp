@@ -15,6 +15,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -372,7 +373,11 @@ std::tuple<Tensor, Tensor> residual_add_agg_backward(OptTensor grad_x_out, OptTe
 // first, in the caller's terms; the core checks them again (a direct torch.ops.mhc call) and names what is wrong.
 
 using States = std::vector<Tensor>;
-using GradOutputs = std::tuple<Tensor, Tensor, States>;  // (grad of the coefficients, grad_gate, grad_states)
+using OptStates = std::vector<OptTensor>;
+// (grad of the coefficients, grad_gate, grad_states): the backwards give all states' gradients or none, the
+// *_per_state_backward ones those of the states marked in need_states (absent for the others).
+using GradOutputs = std::tuple<Tensor, Tensor, States>;
+using PerStateGradOutputs = std::tuple<Tensor, Tensor, OptStates>;
 
 HistoryConfig history_config(const std::string& constraint = "simplex", double temperature = 1.0,
                              double epsilon = 0.1, int64_t sinkhorn_iters = 20, double sinkhorn_eps = 1e-6) {
@@ -380,22 +385,37 @@ HistoryConfig history_config(const std::string& constraint = "simplex", double t
                        sinkhorn_eps, NanPolicy::propagate};
 }
 
-// Views of a list of states; the vector owns what the argument struct's span points to during the call. Named
-// "states" only: the core's checks name the entry (states[k]) of anything wrong with one.
-std::vector<TensorView> views(const States& ts, const char* name) {
+// Views of a list of tensors (absent ones: absent views); the vector owns what the argument struct's span points to
+// during the call. Named by the list only: the core's checks name the entry (states[k]) of anything wrong with one.
+template <class List>
+std::vector<TensorView> views(const List& ts, const char* name) {
   std::vector<TensorView> out;
   out.reserve(ts.size());
-  for (const Tensor& t : ts) out.push_back(view(t, name));
+  for (const auto& t : ts) out.push_back(view(t, name));
   return out;
 }
 
-// The states' gradients: one per state when wanted, none otherwise (the backwards' need_states).
-States grad_states_for(const States& states, bool need) {
-  States grads;
-  if (!need) return grads;
+// The states' gradients: those of the states marked in need, absent for the others (the core neither computes nor
+// writes them); none at all when no state needs one.
+OptStates grad_states_for(const States& states, const std::vector<bool>& need) {
+  OptStates grads;
+  if (std::find(need.begin(), need.end(), true) == need.end()) return grads;
+  if (need.size() != states.size())
+    throw InvalidArgument("need_states: expected " + std::to_string(states.size()) + " flags (one per state), got " +
+                          std::to_string(need.size()));
   grads.reserve(states.size());
-  for (const Tensor& s : states) grads.push_back(like(s));
+  for (std::size_t k = 0; k < states.size(); ++k) grads.push_back(need[k] ? OptTensor(like(states[k])) : std::nullopt);
   return grads;
+}
+
+std::vector<bool> all_or_none(const States& states, bool need) { return std::vector<bool>(states.size(), need); }
+
+// The backwards' grad_states: every state's gradient (need_states) or none.
+States present(OptStates grads) {
+  States out;
+  out.reserve(grads.size());
+  for (OptTensor& g : grads) out.push_back(std::move(*g));
+  return out;
 }
 
 // grad_gate: [1] with a gate, a [0] placeholder without (custom ops cannot return None).
@@ -448,10 +468,10 @@ Tensor history_mix(OptTensor x, States states, Tensor weights, OptTensor gate, s
   return out;
 }
 
-GradOutputs history_mix_backward(Tensor grad_out, States states, Tensor weights, OptTensor gate, bool need_states,
-                                 std::string backend) {
+PerStateGradOutputs mix_backward(const Tensor& grad_out, const States& states, const Tensor& weights,
+                             const OptTensor& gate, const std::vector<bool>& need, const std::string& backend) {
   Tensor grad_weights = like(weights), grad_gate = grad_gate_for(gate, weights);
-  States grad_states = grad_states_for(states, need_states);
+  OptStates grad_states = grad_states_for(states, need);
   const std::vector<TensorView> state_views = views(states, "states"), grad_views = views(grad_states, "grad_states");
   HistoryMixBackward a;
   a.grad_out = view(grad_out, "grad_out"), a.states = state_views, a.weights = view(weights, "weights");
@@ -462,6 +482,18 @@ GradOutputs history_mix_backward(Tensor grad_out, States states, Tensor weights,
   const Tensor ws = attach_workspace(a, mhc::history_mix_backward_workspace_bytes, cfg, backend, grad_out);
   run(mhc::history_mix_backward, a, cfg, backend, grad_out);
   return {grad_weights, grad_gate, grad_states};
+}
+
+GradOutputs history_mix_backward(Tensor grad_out, States states, Tensor weights, OptTensor gate, bool need_states,
+                                 std::string backend) {
+  auto [grad_weights, grad_gate, grad_states] =
+      mix_backward(grad_out, states, weights, gate, all_or_none(states, need_states), backend);
+  return {grad_weights, grad_gate, present(std::move(grad_states))};
+}
+
+PerStateGradOutputs history_mix_per_state_backward(Tensor grad_out, States states, Tensor weights, OptTensor gate,
+                                          std::vector<bool> need_states, std::string backend) {
+  return mix_backward(grad_out, states, weights, gate, need_states, backend);
 }
 
 std::tuple<Tensor, Tensor> history_skip(Tensor x, States states, Tensor logits, OptTensor gate, std::string constraint,
@@ -475,11 +507,12 @@ std::tuple<Tensor, Tensor> history_skip(Tensor x, States states, Tensor logits, 
   return {out, weights};
 }
 
-GradOutputs history_skip_backward(Tensor grad_out, States states, Tensor logits, Tensor weights, OptTensor gate,
-                                  bool need_states, std::string constraint, double temperature, double epsilon,
-                                  std::string backend) {
+PerStateGradOutputs skip_backward(const Tensor& grad_out, const States& states, const Tensor& logits,
+                              const Tensor& weights, const OptTensor& gate, const std::vector<bool>& need,
+                              const std::string& constraint, double temperature, double epsilon,
+                              const std::string& backend) {
   Tensor grad_logits = like(logits), grad_gate = grad_gate_for(gate, logits);
-  States grad_states = grad_states_for(states, need_states);
+  OptStates grad_states = grad_states_for(states, need);
   const std::vector<TensorView> state_views = views(states, "states"), grad_views = views(grad_states, "grad_states");
   HistorySkipBackward a;
   a.grad_out = view(grad_out, "grad_out"), a.states = state_views, a.logits = view(logits, "logits");
@@ -491,6 +524,22 @@ GradOutputs history_skip_backward(Tensor grad_out, States states, Tensor logits,
   const Tensor ws = attach_workspace(a, mhc::history_skip_backward_workspace_bytes, cfg, backend, grad_out);
   run(mhc::history_skip_backward, a, cfg, backend, grad_out);
   return {grad_logits, grad_gate, grad_states};
+}
+
+GradOutputs history_skip_backward(Tensor grad_out, States states, Tensor logits, Tensor weights, OptTensor gate,
+                                  bool need_states, std::string constraint, double temperature, double epsilon,
+                                  std::string backend) {
+  auto [grad_logits, grad_gate, grad_states] = skip_backward(
+      grad_out, states, logits, weights, gate, all_or_none(states, need_states), constraint, temperature, epsilon,
+      backend);
+  return {grad_logits, grad_gate, present(std::move(grad_states))};
+}
+
+PerStateGradOutputs history_skip_per_state_backward(Tensor grad_out, States states, Tensor logits, Tensor weights,
+                                           OptTensor gate, std::vector<bool> need_states, std::string constraint,
+                                           double temperature, double epsilon, std::string backend) {
+  return skip_backward(grad_out, states, logits, weights, gate, need_states, constraint, temperature, epsilon,
+                       backend);
 }
 
 }  // namespace
@@ -543,28 +592,37 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mhc, m) {
   m.def("history_skip_backward(Tensor grad_out, Tensor[] states, Tensor logits, Tensor weights, Tensor? gate, "
         "bool need_states, str constraint, float temperature, float epsilon, str backend) -> "
         "(Tensor, Tensor, Tensor[])");
+  // The eager autograd.Functions' backwards: gradients of the states marked in need_states only (one flag per
+  // state; the others' entries are None), so detached states cost nothing.
+  m.def("history_mix_per_state_backward(Tensor grad_out, Tensor[] states, Tensor weights, Tensor? gate, "
+        "bool[] need_states, str backend) -> (Tensor, Tensor, Tensor?[])");
+  m.def("history_skip_per_state_backward(Tensor grad_out, Tensor[] states, Tensor logits, Tensor weights, "
+        "Tensor? gate, bool[] need_states, str constraint, float temperature, float epsilon, str backend) -> "
+        "(Tensor, Tensor, Tensor?[])");
 }
 
-#define MHC_TORCH_KERNELS(m)                                                               \
-  m.impl("pre", TORCH_BOX(&mhc::python::pre));                                             \
-  m.impl("pre_backward", TORCH_BOX(&mhc::python::pre_backward));                           \
-  m.impl("post", TORCH_BOX(&mhc::python::post));                                           \
-  m.impl("post_backward", TORCH_BOX(&mhc::python::post_backward));                         \
-  m.impl("post_pre", TORCH_BOX(&mhc::python::post_pre));                                   \
-  m.impl("sinkhorn", TORCH_BOX(&mhc::python::sinkhorn));                                   \
-  m.impl("sinkhorn_backward", TORCH_BOX(&mhc::python::sinkhorn_backward));                 \
-  m.impl("expand_streams", TORCH_BOX(&mhc::python::expand_streams));                       \
-  m.impl("expand_streams_backward", TORCH_BOX(&mhc::python::expand_streams_backward));     \
-  m.impl("head", TORCH_BOX(&mhc::python::head));                                           \
-  m.impl("head_backward", TORCH_BOX(&mhc::python::head_backward));                         \
-  m.impl("residual_add_agg", TORCH_BOX(&mhc::python::residual_add_agg));                   \
-  m.impl("residual_add_agg_backward", TORCH_BOX(&mhc::python::residual_add_agg_backward)); \
-  m.impl("project_logits", TORCH_BOX(&mhc::python::project_logits));                       \
-  m.impl("project_logits_backward", TORCH_BOX(&mhc::python::project_logits_backward));     \
-  m.impl("history_mix", TORCH_BOX(&mhc::python::history_mix));                             \
-  m.impl("history_mix_backward", TORCH_BOX(&mhc::python::history_mix_backward));           \
-  m.impl("history_skip", TORCH_BOX(&mhc::python::history_skip));                           \
-  m.impl("history_skip_backward", TORCH_BOX(&mhc::python::history_skip_backward));
+#define MHC_TORCH_KERNELS(m)                                                                           \
+  m.impl("pre", TORCH_BOX(&mhc::python::pre));                                                         \
+  m.impl("pre_backward", TORCH_BOX(&mhc::python::pre_backward));                                       \
+  m.impl("post", TORCH_BOX(&mhc::python::post));                                                       \
+  m.impl("post_backward", TORCH_BOX(&mhc::python::post_backward));                                     \
+  m.impl("post_pre", TORCH_BOX(&mhc::python::post_pre));                                               \
+  m.impl("sinkhorn", TORCH_BOX(&mhc::python::sinkhorn));                                               \
+  m.impl("sinkhorn_backward", TORCH_BOX(&mhc::python::sinkhorn_backward));                             \
+  m.impl("expand_streams", TORCH_BOX(&mhc::python::expand_streams));                                   \
+  m.impl("expand_streams_backward", TORCH_BOX(&mhc::python::expand_streams_backward));                 \
+  m.impl("head", TORCH_BOX(&mhc::python::head));                                                       \
+  m.impl("head_backward", TORCH_BOX(&mhc::python::head_backward));                                     \
+  m.impl("residual_add_agg", TORCH_BOX(&mhc::python::residual_add_agg));                               \
+  m.impl("residual_add_agg_backward", TORCH_BOX(&mhc::python::residual_add_agg_backward));             \
+  m.impl("project_logits", TORCH_BOX(&mhc::python::project_logits));                                   \
+  m.impl("project_logits_backward", TORCH_BOX(&mhc::python::project_logits_backward));                 \
+  m.impl("history_mix", TORCH_BOX(&mhc::python::history_mix));                                         \
+  m.impl("history_mix_backward", TORCH_BOX(&mhc::python::history_mix_backward));                       \
+  m.impl("history_skip", TORCH_BOX(&mhc::python::history_skip));                                       \
+  m.impl("history_skip_backward", TORCH_BOX(&mhc::python::history_skip_backward));                     \
+  m.impl("history_mix_per_state_backward", TORCH_BOX(&mhc::python::history_mix_per_state_backward));   \
+  m.impl("history_skip_per_state_backward", TORCH_BOX(&mhc::python::history_skip_per_state_backward));
 
 STABLE_TORCH_LIBRARY_IMPL(mhc, CPU, m) { MHC_TORCH_KERNELS(m) }
 STABLE_TORCH_LIBRARY_IMPL(mhc, CUDA, m) { MHC_TORCH_KERNELS(m) }
