@@ -32,6 +32,33 @@
 
 namespace mhc::python {
 
+// A `str` argument of a kernel. The stable ABI's own conversion to std::string (the headers of torch 2.11, which this
+// is built against) leaks a heap std::string per argument and call (48 bytes; pytorch/pytorch#190493); this one,
+// defined below, does not.
+struct Str : std::string {};
+
+}  // namespace mhc::python
+
+HIDDEN_NAMESPACE_BEGIN(torch, stable, detail)
+template <>
+struct ToImpl<mhc::python::Str> {
+  static mhc::python::Str call(StableIValue val, [[maybe_unused]] uint64_t extension_build_version,
+                               [[maybe_unused]] bool is_internal) {
+    StringHandle handle = torch::stable::detail::to<StringHandle>(val);
+    std::size_t length = 0;
+    const char* data = nullptr;
+    TORCH_ERROR_CODE_CHECK(torch_string_length(handle, &length));
+    TORCH_ERROR_CODE_CHECK(torch_string_c_str(handle, &data));
+    mhc::python::Str out;
+    out.assign(data, length);
+    TORCH_ERROR_CODE_CHECK(torch_delete_string(handle));
+    return out;
+  }
+};
+HIDDEN_NAMESPACE_END(torch, stable, detail)
+
+namespace mhc::python {
+
 namespace {
 
 using torch::stable::Tensor;
@@ -211,7 +238,7 @@ void fill_pre_outputs(PreForward& a, const PreOutputs& o) {
 }
 
 PreOutputs pre(Tensor x, OptTensor fn, Tensor base, OptTensor scale, int64_t iters, double post_mult, double eps,
-               double norm_eps, double pre_eps, std::string backend) {
+               double norm_eps, double pre_eps, Str backend) {
   PreOutputs out = pre_outputs(x);
   PreForward a;
   a.x = view(x, "x"), a.fn = view(fn, "fn"), a.base = view(base, "base"), a.scale = view(scale, "scale");
@@ -225,7 +252,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pre_backward(Tensor x, OptTensor fn, 
                                                         OptTensor grad_h_pre, OptTensor grad_h_post,
                                                         OptTensor grad_comb, OptTensor grad_x_accum, int64_t iters,
                                                         double post_mult, double eps, double norm_eps, double pre_eps,
-                                                        std::string backend) {
+                                                        Str backend) {
   Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
          grad_scale = like_or_placeholder(scale, base);
   PreBackward a;
@@ -243,7 +270,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pre_backward(Tensor x, OptTensor fn, 
   return {grad_x, grad_fn, grad_base, grad_scale};
 }
 
-Tensor post(Tensor x, Tensor y, Tensor h_post, Tensor comb, std::string backend) {
+Tensor post(Tensor x, Tensor y, Tensor h_post, Tensor comb, Str backend) {
   Tensor x_next = like(x);
   PostForward a;
   a.x = view(x, "x"), a.y = view(y, "y"), a.h_post = view(h_post, "h_post"), a.comb = view(comb, "comb");
@@ -253,7 +280,7 @@ Tensor post(Tensor x, Tensor y, Tensor h_post, Tensor comb, std::string backend)
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> post_backward(Tensor grad_x_next, Tensor x, Tensor y, Tensor h_post,
-                                                         Tensor comb, std::string backend) {
+                                                         Tensor comb, Str backend) {
   Tensor grad_x = like(x), grad_y = like(y), grad_h_post = like(h_post), grad_comb = like(comb);
   PostBackward a;
   a.grad_x_next = view(grad_x_next, "grad_x_next");
@@ -266,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> post_backward(Tensor grad_x_next, Ten
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> post_pre(
     Tensor x, Tensor y, Tensor h_post, Tensor comb, OptTensor fn, Tensor base, OptTensor scale, int64_t iters,
-    double post_mult, double eps, double norm_eps, double pre_eps, std::string backend) {
+    double post_mult, double eps, double norm_eps, double pre_eps, Str backend) {
   Tensor x_next = like(x);
   PreOutputs next = pre_outputs(x);
   PostPreForward a;
@@ -283,7 +310,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> post_pre(
 
 // ---- Sinkhorn, expand, head, residual add + aggregate --------------------------------------------------------
 
-Tensor sinkhorn(Tensor logits, int64_t iters, double eps, std::string backend) {
+Tensor sinkhorn(Tensor logits, int64_t iters, double eps, Str backend) {
   Tensor comb = like(logits);
   SinkhornForward a;
   a.logits = view(logits, "logits"), a.comb = view(comb, "comb");
@@ -291,7 +318,7 @@ Tensor sinkhorn(Tensor logits, int64_t iters, double eps, std::string backend) {
   return comb;
 }
 
-Tensor sinkhorn_backward(Tensor logits, Tensor grad_comb, int64_t iters, double eps, std::string backend) {
+Tensor sinkhorn_backward(Tensor logits, Tensor grad_comb, int64_t iters, double eps, Str backend) {
   Tensor grad_logits = like(logits);
   SinkhornBackward a;
   a.logits = view(logits, "logits"), a.grad_comb = view(grad_comb, "grad_comb");
@@ -300,7 +327,7 @@ Tensor sinkhorn_backward(Tensor logits, Tensor grad_comb, int64_t iters, double 
   return grad_logits;
 }
 
-Tensor expand_streams(Tensor x, int64_t n, std::string backend) {
+Tensor expand_streams(Tensor x, int64_t n, Str backend) {
   Tensor out = empty(x, {x.size(0), n, x.size(1)}, dtype_code(x));
   ExpandForward a;
   a.x = view(x, "x"), a.out = view(out, "out");
@@ -308,7 +335,7 @@ Tensor expand_streams(Tensor x, int64_t n, std::string backend) {
   return out;
 }
 
-Tensor expand_streams_backward(Tensor grad_out, std::string backend) {
+Tensor expand_streams_backward(Tensor grad_out, Str backend) {
   Tensor grad_x = empty(grad_out, {grad_out.size(0), grad_out.size(2)}, dtype_code(grad_out));
   ExpandBackward a;
   a.grad_out = view(grad_out, "grad_out"), a.grad_x = view(grad_x, "grad_x");
@@ -317,7 +344,7 @@ Tensor expand_streams_backward(Tensor grad_out, std::string backend) {
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> head(Tensor x, OptTensor fn, Tensor base, OptTensor scale, double eps,
-                                                std::string backend) {
+                                                Str backend) {
   const int64_t T = x.size(0), n = x.size(1), C = x.size(2);
   const int32_t k = coef_dtype(x);
   Tensor out = empty(x, {T, C}, dtype_code(x)), weights = empty(x, {T, n}, k), mixes = empty(x, {T, n}, k),
@@ -332,7 +359,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> head(Tensor x, OptTensor fn, Tensor b
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> head_backward(Tensor x, OptTensor fn, Tensor base, OptTensor scale,
                                                          Tensor mixes, Tensor rstd, OptTensor grad_out,
-                                                         OptTensor grad_weights, double eps, std::string backend) {
+                                                         OptTensor grad_weights, double eps, Str backend) {
   Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
          grad_scale = like_or_placeholder(scale, base);
   HeadBackward a;
@@ -348,7 +375,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> head_backward(Tensor x, OptTensor fn,
   return {grad_x, grad_fn, grad_base, grad_scale};
 }
 
-std::tuple<Tensor, Tensor> residual_add_agg(Tensor x, Tensor res, Tensor h_pre, std::string backend) {
+std::tuple<Tensor, Tensor> residual_add_agg(Tensor x, Tensor res, Tensor h_pre, Str backend) {
   Tensor x_out = like(x), agg = empty(x, {x.size(0), x.size(2)}, dtype_code(x));
   ResidualAddAggForward a;
   a.x = view(x, "x"), a.res = view(res, "res"), a.h_pre = view(h_pre, "h_pre");
@@ -358,7 +385,7 @@ std::tuple<Tensor, Tensor> residual_add_agg(Tensor x, Tensor res, Tensor h_pre, 
 }
 
 std::tuple<Tensor, Tensor> residual_add_agg_backward(OptTensor grad_x_out, OptTensor grad_agg, Tensor x_out,
-                                                     Tensor h_pre, std::string backend) {
+                                                     Tensor h_pre, Str backend) {
   Tensor grad_sum = like(x_out), grad_h_pre = like(h_pre);
   ResidualAddAggBackward a;
   a.grad_x_out = view(grad_x_out, "grad_x_out"), a.grad_agg = view(grad_agg, "grad_agg");
@@ -423,8 +450,8 @@ Tensor grad_gate_for(const OptTensor& gate, const Tensor& coef) {
   return empty(coef, {gate ? 1 : 0}, dtype_code(coef));
 }
 
-Tensor project_logits(Tensor logits, std::string constraint, double temperature, double epsilon,
-                      int64_t sinkhorn_iters, double sinkhorn_eps, std::string backend) {
+Tensor project_logits(Tensor logits, Str constraint, double temperature, double epsilon,
+                      int64_t sinkhorn_iters, double sinkhorn_eps, Str backend) {
   Tensor weights = like(logits);
   ProjectLogitsForward a;
   a.logits = view(logits, "logits"), a.weights = view(weights, "weights");
@@ -433,9 +460,9 @@ Tensor project_logits(Tensor logits, std::string constraint, double temperature,
   return weights;
 }
 
-Tensor project_logits_backward(Tensor logits, Tensor weights, Tensor grad_weights, std::string constraint,
+Tensor project_logits_backward(Tensor logits, Tensor weights, Tensor grad_weights, Str constraint,
                                double temperature, double epsilon, int64_t sinkhorn_iters, double sinkhorn_eps,
-                               std::string backend) {
+                               Str backend) {
   Tensor grad_logits = like(logits);
   ProjectLogitsBackward a;
   a.logits = view(logits, "logits"), a.weights = view(weights, "weights");
@@ -458,7 +485,7 @@ Tensor mix_output(const OptTensor& x, const States& states, const Tensor& weight
   return empty(s, std::span<const int64_t>(sizes, rank), dtype_code(x ? *x : s));
 }
 
-Tensor history_mix(OptTensor x, States states, Tensor weights, OptTensor gate, std::string backend) {
+Tensor history_mix(OptTensor x, States states, Tensor weights, OptTensor gate, Str backend) {
   Tensor out = mix_output(x, states, weights);
   const std::vector<TensorView> state_views = views(states, "states");
   HistoryMixForward a;
@@ -485,19 +512,19 @@ PerStateGradOutputs mix_backward(const Tensor& grad_out, const States& states, c
 }
 
 GradOutputs history_mix_backward(Tensor grad_out, States states, Tensor weights, OptTensor gate, bool need_states,
-                                 std::string backend) {
+                                 Str backend) {
   auto [grad_weights, grad_gate, grad_states] =
       mix_backward(grad_out, states, weights, gate, all_or_none(states, need_states), backend);
   return {grad_weights, grad_gate, present(std::move(grad_states))};
 }
 
 PerStateGradOutputs history_mix_per_state_backward(Tensor grad_out, States states, Tensor weights, OptTensor gate,
-                                          std::vector<bool> need_states, std::string backend) {
+                                          std::vector<bool> need_states, Str backend) {
   return mix_backward(grad_out, states, weights, gate, need_states, backend);
 }
 
-std::tuple<Tensor, Tensor> history_skip(Tensor x, States states, Tensor logits, OptTensor gate, std::string constraint,
-                                        double temperature, double epsilon, std::string backend) {
+std::tuple<Tensor, Tensor> history_skip(Tensor x, States states, Tensor logits, OptTensor gate, Str constraint,
+                                        double temperature, double epsilon, Str backend) {
   Tensor out = like(x), weights = like(logits);
   const std::vector<TensorView> state_views = views(states, "states");
   HistorySkipForward a;
@@ -527,8 +554,8 @@ PerStateGradOutputs skip_backward(const Tensor& grad_out, const States& states, 
 }
 
 GradOutputs history_skip_backward(Tensor grad_out, States states, Tensor logits, Tensor weights, OptTensor gate,
-                                  bool need_states, std::string constraint, double temperature, double epsilon,
-                                  std::string backend) {
+                                  bool need_states, Str constraint, double temperature, double epsilon,
+                                  Str backend) {
   auto [grad_logits, grad_gate, grad_states] = skip_backward(
       grad_out, states, logits, weights, gate, all_or_none(states, need_states), constraint, temperature, epsilon,
       backend);
@@ -536,8 +563,8 @@ GradOutputs history_skip_backward(Tensor grad_out, States states, Tensor logits,
 }
 
 PerStateGradOutputs history_skip_per_state_backward(Tensor grad_out, States states, Tensor logits, Tensor weights,
-                                           OptTensor gate, std::vector<bool> need_states, std::string constraint,
-                                           double temperature, double epsilon, std::string backend) {
+                                           OptTensor gate, std::vector<bool> need_states, Str constraint,
+                                           double temperature, double epsilon, Str backend) {
   return skip_backward(grad_out, states, logits, weights, gate, need_states, constraint, temperature, epsilon,
                        backend);
 }
