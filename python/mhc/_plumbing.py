@@ -1,29 +1,33 @@
 """The path from a public op to the C++ core, shared by both op families (n-stream and multi-history).
 
-Every op is defined in C++ (python/src/torch_ops.cpp registers its schema and its CPU and CUDA kernels with
-torch's dispatcher; the kernels allocate the outputs with torch and run on torch's current stream). What the
-Python side adds lives here once: the backend selection, the tests' poison flag, and the registration of an op's
-fake implementation and autograd formula (``setup_context`` and ``backward``) on the C++ op, from which
-:class:`Op` also builds an eager ``torch.autograd.Function``. A call takes one of two routes:
+Everything an op call needs besides its own arguments lives here once: the backend selection, the tests' poison
+flag, the fake outputs' allocation, the registration of an op and the call of its C++ kernel.
 
-- plain eager calls (real tensors, no torch.compile / tracing / dispatch or function modes) redispatch straight
-  to the C++ kernel of the tensors' device, through the ``autograd.Function`` when a gradient is needed: this
-  skips the dispatcher's Python autograd kernel, most of an eager call's host cost (docs/PERFORMANCE.md);
+Every op is defined and implemented in C++ (python/src/torch_ops.cpp: the schema, and kernels that allocate their
+outputs with torch and run the core on torch's current stream). Python registers on it one fake implementation
+and, for forwards, one autograd formula (``setup_context`` and ``backward``): :func:`register`. A call takes one of
+two routes:
+
+- plain eager calls (real tensors, no torch.compile / tracing / dispatch or function modes) go straight to the C++
+  kernel (:func:`kernel`: a redispatch to the tensors' backend key), through an eager ``torch.autograd.Function``
+  when a gradient is needed: this saves the dispatcher's autograd and Python layers, most of an eager call's host
+  cost (docs/PERFORMANCE.md, host cost);
 - everything else (torch.compile, fake and meta tensors, tensor subclasses such as DTensor, FlopCounterMode,
   export) dispatches ``torch.ops.mhc.<name>``.
 
+:class:`Op` puts the two together for ops whose arguments begin with their tensors (it builds the eager
+``autograd.Function`` from the registered formula); ops that take a list of tensors (the history states) build
+their own ``autograd.Function``, which sees each state as an input, from the same two helpers.
 Both routes run the same kernels and the same autograd formulas, so their results are identical.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.dlpack import to_dlpack
 
 from . import _C
 
@@ -57,10 +61,10 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-# ---- buffers, views, streams ------------------------------------------------------------------------------
+# ---- outputs ----------------------------------------------------------------------------------------------
 
 # Tests turn this on (set_poison_outputs): every output is NaN-filled before the op runs, so elements an op fails
-# to write show. The C++ kernels' own outputs follow the same switch.
+# to write show. The C++ kernels allocate the real outputs and follow the same switch; new() serves the fakes.
 poison_outputs = False
 
 
@@ -80,52 +84,6 @@ def new(like: Tensor, shape=None, dtype: Optional[torch.dtype] = None) -> Tensor
             return torch.empty_like(like)  # keyword arguments cost almost a microsecond more
         return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
     return like.new_empty(shape, dtype=dtype)  # a third cheaper than torch.empty(..., device=like.device)
-
-
-def workspace(nbytes: int, like: Tensor) -> Optional[Tensor]:
-    """A backward's scratch buffer (poisoned too: backends may not assume zeros)."""
-    if nbytes == 0:
-        return None
-    return new(like, (math.ceil(nbytes / 4),), torch.float32)
-
-
-_workspace_sizes: dict = {}
-
-
-def workspace_bytes(query: Callable[[], int], key) -> int:
-    """Workspace bytes of a backward, asked of the C++ side once per key (what determines them)."""
-    nbytes = _workspace_sizes.get(key)
-    if nbytes is None:
-        nbytes = _workspace_sizes[key] = query()
-    return nbytes
-
-
-def dl(t: Optional[Tensor]):
-    # A DLPack capsule straight from C++: unlike Tensor.__dlpack__ it neither refuses tensors that
-    # require grad nor makes the default stream wait on the current one (illegal in graph capture).
-    return None if t is None else to_dlpack(t)
-
-
-def dls(ts):
-    return [None if t is None else to_dlpack(t) for t in ts]
-
-
-def stream(t: Tensor) -> int:
-    """The raw cudaStream_t of torch's current stream on t's device (0 on the CPU).
-
-    torch._C._cuda_getCurrentRawStream is the call torch.compile's generated code makes: a few microseconds
-    cheaper per op than torch.cuda.current_stream(device).cuda_stream."""
-    return torch._C._cuda_getCurrentRawStream(t.get_device()) if t.is_cuda else 0
-
-
-_no_guard = contextlib.nullcontext()
-
-
-def device(t: Tensor):
-    """The device guard of an op call on t: none on the CPU or when t is on the current device already."""
-    if t.is_cuda and t.get_device() != torch._C._cuda_getDevice():
-        return torch.cuda.device(t.device)
-    return _no_guard
 
 
 # ---- the two routes -----------------------------------------------------------------------------------------
@@ -178,9 +136,32 @@ _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
 
+def register(name: str, fake: Callable, *, setup_context: Optional[Callable] = None,
+             backward: Optional[Callable] = None):
+    """Registers the fake implementation and (forwards) the autograd formula on the C++-defined op mhc::<name>;
+    returns the op, ``torch.ops.mhc.<name>.default`` (its call dispatches through everything)."""
+    qualname = f"mhc::{name}"
+    torch.library.register_fake(qualname)(fake)
+    if backward is not None:
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    return getattr(torch.ops.mhc, name).default
+
+
+def kernel(op) -> Callable:
+    """The C++ kernel of ``op`` without autograd (plain eager calls only): ``kernel(on, *args)`` runs the kernel of
+    tensor ``on``'s device with the op's positional arguments."""
+    redispatch = op._handle.redispatch_boxed
+
+    def call(on: Tensor, *args):
+        return redispatch(_CUDA_KEYS if on.is_cuda else _CPU_KEYS, *args)
+
+    return call
+
+
 class Op:
-    """One op: its C++ kernels (registered with torch's dispatcher by the extension, python/src/torch_ops.cpp,
-    which also defines the schema) and, registered here, its fake implementation and autograd formula.
+    """One op whose arguments begin with its tensors: its C++ kernels (registered with torch's dispatcher by the
+    extension, python/src/torch_ops.cpp, which also defines the schema) and, registered here, its fake
+    implementation and autograd formula.
 
     ``fake(*args)`` gives the outputs' metadata; ``setup_context(ctx, inputs, output)`` and
     ``backward(ctx, *grads)`` are the autograd formula (forwards only). Call the Op with the op's positional
@@ -189,15 +170,12 @@ class Op:
 
     def __init__(self, name: str, fake: Callable, *, setup_context: Optional[Callable] = None,
                  backward: Optional[Callable] = None):
-        qualname = f"mhc::{name}"
-        self.dispatch = getattr(torch.ops.mhc, name).default
-        torch.library.register_fake(qualname)(fake)
-        self.function = None
-        if backward is not None:
-            torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-            self.function = _eager_function(name, self.kernel, setup_context, backward)
+        self.dispatch = register(name, fake, setup_context=setup_context, backward=backward)
         self.tensor_args, self._device_arg = _tensor_args(self.dispatch)
         self._redispatch = self.dispatch._handle.redispatch_boxed
+        self.function = None
+        if backward is not None:
+            self.function = _eager_function(name, self.kernel, setup_context, backward)
 
     def kernel(self, *args):
         """The C++ kernel of the tensors' device, without autograd (a plain eager call only)."""

@@ -23,7 +23,8 @@ residual_add_agg / backward ``3 nC`` / ``4 nC``
 History ops, with ``N`` elements per state, ``H`` states and ``R`` rows of weights (1 for vector weights):
 ``project_logits`` costs ``4 H`` per row (``S(H)`` per matrix for doubly_stochastic), its backward twice that;
 ``history_mix`` ``R N (2 H + 1)`` (``+ R N`` with a gate), its backward ``2 R H N`` for the weights (and the gate)
-plus ``2 R H N`` when the states need gradients; ``history_skip`` is the projection plus the mix with ``R = 1``.
+plus ``2 R H N`` when the states need gradients (``2 R N`` per state that needs one for the eager route's
+``*_per_state_backward``); ``history_skip`` is the projection plus the mix with ``R = 1``.
 """
 
 from __future__ import annotations
@@ -155,10 +156,11 @@ def _mix(states, weights, gate) -> int:
     return rows * N * (2 * len(states) + 1 + (gate is not None))
 
 
-def _mix_backward(states, weights, need_states: bool) -> int:
+def _mix_backward(states, weights, need_states) -> int:
+    """need_states: one flag for every state, or one per state (the *_per_state_backward ops)."""
     rows = weights[0] if len(weights) == 2 else 1
-    work = 2 * rows * len(states) * math.prod(states[0])
-    return work * (2 if need_states else 1)
+    needed = sum(map(bool, need_states)) if isinstance(need_states, (list, tuple)) else len(states) * bool(need_states)
+    return 2 * rows * (len(states) + needed) * math.prod(states[0])
 
 
 @register_flop_formula(mhc.history_mix)
@@ -166,7 +168,7 @@ def _history_mix(x, states, weights, gate, *args, out_shape=None, **kwargs) -> i
     return _mix(states, weights, gate)
 
 
-@register_flop_formula(mhc.history_mix_backward)
+@register_flop_formula([mhc.history_mix_backward, mhc.history_mix_per_state_backward])
 def _history_mix_backward(grad_out, states, weights, gate, need_states, *args, out_shape=None, **kwargs) -> int:
     return _mix_backward(states, weights, need_states)
 
@@ -176,7 +178,7 @@ def _history_skip(x, states, logits, gate, constraint, *args, out_shape=None, **
     return _projection(logits, constraint, 0) + _mix(states, logits, gate)
 
 
-@register_flop_formula(mhc.history_skip_backward)
+@register_flop_formula([mhc.history_skip_backward, mhc.history_skip_per_state_backward])
 def _history_skip_backward(grad_out, states, logits, weights, gate, need_states, constraint, *args,
                            out_shape=None, **kwargs) -> int:
     return 2 * _projection(logits, constraint, 0) + _mix_backward(states, logits, need_states)

@@ -1,4 +1,4 @@
-"""Multi-history skip ops (docs/MATH.md section 2) as PyTorch custom ops backed by the C++/CUDA core.
+"""Multi-history skip ops (docs/MATH.md section 2) as PyTorch ops backed by the C++/CUDA core.
 
 Public functions (re-exported from :mod:`mhc.ops`):
 
@@ -13,10 +13,12 @@ Public functions (re-exported from :mod:`mhc.ops`):
 - ``history_skip(x, states, logits, *, constraint, temperature, epsilon, gate=None)`` -> ``(out, weights)``:
   projection and weighted sum fused in one pass (one CUDA kernel) for the vector constraints.
 
-Each forward and backward is one ``torch.library`` custom op (``torch.ops.mhc.project_logits``,
-``history_mix``, ``history_skip`` and their ``*_backward``) with a fake implementation, so
-``torch.compile(fullgraph=True)`` traces them. No op reads a value back to the host: a state whose
-weight is exactly 0 is skipped by the kernel itself (the one-hot case costs one residual add).
+Each forward and backward is one op of torch's dispatcher (``torch.ops.mhc.project_logits``,
+``history_mix``, ``history_skip`` and their ``*_backward``), defined and implemented in C++
+(python/src/torch_ops.cpp: torch allocates the outputs there); this module registers their fake
+implementations and autograd formulas (mhc._plumbing), so ``torch.compile(fullgraph=True)`` traces them.
+No op reads a value back to the host: a state whose weight is exactly 0 is skipped by the kernel itself
+(the one-hot case costs one residual add).
 
 Dtype policy: ``x`` decides. Weights, logits and gate are cast to float32 (float64 for a float64 ``x``);
 states keep their own dtype when it pairs with ``x``'s (same dtype, fp16/bf16 history under an fp32
@@ -26,25 +28,17 @@ differentiable. The backend follows :func:`mhc.ops.use_backend` (``"reference"``
 
 from __future__ import annotations
 
-import atexit
 import collections.abc
-import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _C
-from ._plumbing import dl as _dl
-from ._plumbing import dls as _dls
-from ._plumbing import device as _device
-from ._plumbing import eager
+from ._plumbing import Op, eager, kernel, register
 from ._plumbing import get_backend as _backend
 from ._plumbing import needs_grad as _needs_grad
 from ._plumbing import new as _new
-from ._plumbing import stream as _stream
-from ._plumbing import workspace as _workspace
-from ._plumbing import workspace_bytes as _workspace_bytes
 from ._checks import STREAM_DTYPES, check_tensor, int_arg, real_arg, same_device
 
 __all__ = [
@@ -63,25 +57,6 @@ States = Union[Tensor, Sequence[Tensor]]
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
-
-
-def _grad_buffers(states: Sequence[Tensor], need) -> List[Optional[Tensor]]:
-    """Outputs for the states' gradients: all (True), none (False), or per state (a sequence of bools)."""
-    if need is True:
-        return [_new(s) for s in states]
-    if need is False:
-        return []
-    return [_new(s) if n else None for s, n in zip(states, need)]
-
-
-@functools.lru_cache(maxsize=256)
-def _config(constraint: str = "simplex", temperature: float = 1.0, epsilon: float = 0.1, sinkhorn_iters: int = 20,
-            sinkhorn_eps: float = 1e-6):
-    return _C.HistoryConfig(constraint=constraint, temperature=temperature, epsilon=epsilon,
-                            sinkhorn_iters=sinkhorn_iters, sinkhorn_eps=sinkhorn_eps)
-
-
-atexit.register(_config.cache_clear)  # before the extension is torn down (nanobind counts live objects)
 
 
 def coef_dtype(stream: torch.dtype) -> torch.dtype:
@@ -180,81 +155,32 @@ _MAX_RANK = 8
 # ---- project_logits ------------------------------------------------------------------------------------
 
 
-def _project_impl(logits: Tensor, constraint: str, temperature: float, epsilon: float, sinkhorn_iters: int,
-                  sinkhorn_eps: float, backend: str) -> Tensor:
-    weights = _new(logits)
-    with _device(logits):
-        _C.project_logits_forward(logits=_dl(logits), weights=_dl(weights),
-                                  config=_config(constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps),
-                                  backend=backend, stream=_stream(logits))
-    return weights
-
-
-@torch.library.custom_op("mhc::project_logits", mutates_args=())
-def _project_op(logits: Tensor, constraint: str, temperature: float, epsilon: float, sinkhorn_iters: int,
-                sinkhorn_eps: float, backend: str) -> Tensor:
-    """logits [..., H] (doubly_stochastic: [..., H, H]) -> weights on the manifold."""
-    return _project_impl(logits, constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend)
-
-
-@_project_op.register_fake
-def _(logits, constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend):
+def _project_fake(logits, constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend):
     return _new(logits)
 
 
-def _project_backward_impl(logits: Tensor, weights: Tensor, grad_weights: Tensor, constraint: str, temperature: float,
-                           epsilon: float, sinkhorn_iters: int, sinkhorn_eps: float, backend: str) -> Tensor:
-    grad_logits = _new(logits)
-    with _device(logits):
-        _C.project_logits_backward(logits=_dl(logits), weights=_dl(weights), grad_weights=_dl(grad_weights),
-                                   grad_logits=_dl(grad_logits),
-                                   config=_config(constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps),
-                                   backend=backend, stream=_stream(logits))
-    return grad_logits
-
-
-@torch.library.custom_op("mhc::project_logits_backward", mutates_args=())
-def _project_backward_op(logits: Tensor, weights: Tensor, grad_weights: Tensor, constraint: str, temperature: float,
-                         epsilon: float, sinkhorn_iters: int, sinkhorn_eps: float, backend: str) -> Tensor:
-    return _project_backward_impl(logits, weights, grad_weights, constraint, temperature, epsilon, sinkhorn_iters,
-                                  sinkhorn_eps, backend)
-
-
-@_project_backward_op.register_fake
-def _(logits, weights, grad_weights, constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend):
+def _project_backward_fake(logits, weights, grad_weights, constraint, temperature, epsilon, sinkhorn_iters,
+                           sinkhorn_eps, backend):
     return _new(logits)
+
+
+_project_backward_op = Op("project_logits_backward", _project_backward_fake)
 
 
 def _project_setup_context(ctx, inputs, output):
     logits, *hyper = inputs
     ctx.save_for_backward(logits, output)
-    ctx.hyper = hyper
+    ctx.hyper = hyper  # constraint, temperature, epsilon, sinkhorn_iters, sinkhorn_eps, backend
 
 
 def _project_backward(ctx, grad_weights):
     logits, weights = ctx.saved_tensors
-    grad_logits = torch.ops.mhc.project_logits_backward(logits, weights, grad_weights.contiguous(), *ctx.hyper)
+    grad_logits = _project_backward_op(logits, weights, grad_weights.contiguous(), *ctx.hyper)
     return (grad_logits,) + (None,) * len(ctx.hyper)
 
 
-_project_op.register_autograd(_project_backward, setup_context=_project_setup_context)
-
-
-class _ProjectFunction(torch.autograd.Function):
-    """Eager path of mhc::project_logits (same kernels, less Python per call)."""
-
-    @staticmethod
-    def forward(ctx, logits, *hyper):
-        weights = _project_impl(logits, *hyper)
-        ctx.save_for_backward(logits, weights)
-        ctx.hyper = hyper
-        return weights
-
-    @staticmethod
-    def backward(ctx, grad_weights):
-        logits, weights = ctx.saved_tensors
-        grad_logits = _project_backward_impl(logits, weights, grad_weights.contiguous(), *ctx.hyper)
-        return (grad_logits,) + (None,) * len(ctx.hyper)
+# logits [..., H] (doubly_stochastic: [..., H, H]) -> weights on the manifold.
+_project_op = Op("project_logits", _project_fake, setup_context=_project_setup_context, backward=_project_backward)
 
 
 def project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: float = 1.0, epsilon: float = 0.1,
@@ -279,8 +205,7 @@ def project_logits(logits: Tensor, constraint: str = "simplex", *, temperature: 
     flatten = logits.dim() > _MAX_RANK
     if flatten:  # the kernels take rows of H (or H x H)
         work = work.reshape((-1, H, H) if square else (-1, H))
-    args = (work.contiguous(), constraint, *hyper, _backend())
-    weights = _ProjectFunction.apply(*args) if eager(work) else _project_op(*args)
+    weights = _project_op(work.contiguous(), constraint, *hyper, _backend())
     return (weights.view(logits.shape) if flatten else weights).to(logits.dtype)
 
 
@@ -294,58 +219,32 @@ def _epsilon_arg(op: str, epsilon) -> float:
 # ---- history_mix ---------------------------------------------------------------------------------------
 
 
-def _mix_impl(x: Optional[Tensor], states: List[Tensor], weights: Tensor, gate: Optional[Tensor], backend: str
-            ) -> Tensor:
-    out = _new(states[0], _mix_out_shape(states, weights), x.dtype if x is not None else states[0].dtype)
-    with _device(out):
-        _C.history_mix_forward(x=_dl(x), states=_dls(states), weights=_dl(weights), gate=_dl(gate), out=_dl(out),
-                               config=_config(), backend=backend, stream=_stream(out))
-    return out
-
-
-@torch.library.custom_op("mhc::history_mix", mutates_args=())
-def _mix_op(x: Optional[Tensor], states: List[Tensor], weights: Tensor, gate: Optional[Tensor], backend: str
-            ) -> Tensor:
-    """out = x + gate * sum_k weights[..., k] * states[k]."""
-    return _mix_impl(x, states, weights, gate, backend)
-
-
-@_mix_op.register_fake
-def _(x, states, weights, gate, backend):
+def _mix_fake(x, states, weights, gate, backend):
     return _new(states[0], _mix_out_shape(states, weights), x.dtype if x is not None else states[0].dtype)
 
 
-def _mix_backward_impl(grad_out: Tensor, states: List[Tensor], weights: Tensor, gate: Optional[Tensor],
-                       need_states: bool, backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    grad_weights = _new(weights)
-    grad_gate = _new(weights, (1,) if gate is not None else (0,))
-    grad_states = _grad_buffers(states, need_states)
-    cfg = _config()
-    with _device(grad_out):
-        stream = _stream(grad_out)
-        args = lambda: dict(grad_out=_dl(grad_out), states=_dls(states), weights=_dl(weights), gate=_dl(gate),  # noqa: E731
-                            grad_weights=_dl(grad_weights), grad_gate=_dl(grad_gate if gate is not None else None),
-                            grad_states=_dls(grad_states))
-        key = ("mix", backend, grad_out.device, grad_out.dtype, states[0].numel(), len(states), weights.dim(),
-               weights.shape[0])
-        nbytes = _workspace_bytes(lambda: _C.history_mix_backward_workspace_bytes(
-            **args(), config=cfg, backend=backend, stream=stream), key)
-        _C.history_mix_backward(**args(), workspace=_dl(_workspace(nbytes, grad_out)), config=cfg, backend=backend,
-                                stream=stream)
-    return grad_weights, grad_gate, grad_states
-
-
-@torch.library.custom_op("mhc::history_mix_backward", mutates_args=())
-def _mix_backward_op(grad_out: Tensor, states: List[Tensor], weights: Tensor, gate: Optional[Tensor],
-                     need_states: bool, backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    """-> (grad_weights, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states))."""
-    return _mix_backward_impl(grad_out, states, weights, gate, need_states, backend)
-
-
-@_mix_backward_op.register_fake
-def _(grad_out, states, weights, gate, need_states, backend):
+def _mix_backward_fake(grad_out, states, weights, gate, need_states, backend):
     return (_new(weights), _new(weights, (1,) if gate is not None else (0,)),
             [_new(s) for s in states] if need_states else [])
+
+
+def _mix_per_state_backward_fake(grad_out, states, weights, gate, need_states, backend):
+    grad_weights, grad_gate, _ = _mix_backward_fake(grad_out, states, weights, gate, False, backend)
+    return grad_weights, grad_gate, _per_state_grad_fakes(states, need_states)
+
+
+def _per_state_grad_fakes(states, need_states) -> List[Optional[Tensor]]:
+    """grad_states of the *_per_state_backward ops: the marked states' gradients, None for the others; none when
+    none is marked."""
+    if not any(need_states):
+        return []
+    return [_new(s) if need else None for s, need in zip(states, need_states)]
+
+
+# -> (grad_weights, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states)).
+_mix_backward_op = register("history_mix_backward", _mix_backward_fake)
+# The eager backward's: need_states has one flag per state, so detached states' gradients are not computed.
+_mix_per_state_backward_kernel = kernel(register("history_mix_per_state_backward", _mix_per_state_backward_fake))
 
 
 def _mix_setup_context(ctx, inputs, output):
@@ -362,22 +261,24 @@ def _mix_backward(ctx, grad_out):
     grad_out = grad_out.contiguous()
     grad_weights = grad_gate = grad_states = None
     if need_states or need_weights or need_gate:
-        grad_weights, grad_gate, grad_states = torch.ops.mhc.history_mix_backward(
-            grad_out, states, weights, gate, bool(need_states), ctx.backend)
+        grad_weights, grad_gate, grad_states = _mix_backward_op(grad_out, states, weights, gate, bool(need_states),
+                                                                ctx.backend)
         grad_states = list(grad_states) if need_states else None
         grad_gate = grad_gate if ctx.has_gate else None
     return grad_out if (ctx.has_x and need_x) else None, grad_states, grad_weights, grad_gate, None
 
 
-_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+# out = x + gate * sum_k weights[..., k] * states[k].
+_mix_op = register("history_mix", _mix_fake, setup_context=_mix_setup_context, backward=_mix_backward)
+_mix_kernel = kernel(_mix_op)
 
 
 class _MixFunction(torch.autograd.Function):
-    """Eager path of mhc::history_mix; the states come last, unpacked."""
+    """Eager path of mhc::history_mix: the C++ kernels, with the states last, unpacked, so autograd sees each."""
 
     @staticmethod
     def forward(ctx, x, weights, gate, backend, *states):
-        out = _mix_impl(x, list(states), weights, gate, backend)
+        out = _mix_kernel(states[0], x, list(states), weights, gate, backend)
         ctx.has_x, ctx.has_gate, ctx.backend = x is not None, gate is not None, backend
         ctx.save_for_backward(weights, gate, *states)
         return out
@@ -386,15 +287,15 @@ class _MixFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         weights, gate, *states = ctx.saved_tensors
         need_x, need_weights, need_gate = ctx.needs_input_grad[:3]
-        need_each = tuple(ctx.needs_input_grad[4:])  # detached states: no gradient computed or written
+        need_each = list(ctx.needs_input_grad[4:])  # detached states: no gradient computed or written
         grad_out = grad_out.contiguous()
         grad_weights = grad_gate = None
         grad_states = [None] * len(states)
         if any(need_each) or need_weights or need_gate:
-            grad_weights, grad_gate, computed = _mix_backward_impl(grad_out, states, weights, gate,
-                                                                   need_each if any(need_each) else False, ctx.backend)
+            grad_weights, grad_gate, computed = _mix_per_state_backward_kernel(grad_out, grad_out, states, weights,
+                                                                               gate, need_each, ctx.backend)
             grad_gate = grad_gate if ctx.has_gate else None
-            if any(need_each):
+            if computed:
                 grad_states = computed
         return (grad_out if (ctx.has_x and need_x) else None, grad_weights, grad_gate, None, *grad_states)
 
@@ -456,8 +357,8 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
     if eager(x, weights, gate, *states):
         if _needs_grad((x, weights, gate, *states)):
             out = _MixFunction.apply(x, weights, gate, _backend(), *states)
-        else:  # nothing to differentiate: the implementation alone (an autograd.Function costs several us)
-            out = _mix_impl(x, states, weights, gate, _backend())
+        else:  # nothing to differentiate: the kernel alone (an autograd.Function costs several us)
+            out = _mix_kernel(states[0], x, states, weights, gate, _backend())
     else:
         out = _mix_op(x, states, weights, gate, _backend())
     return out.view(out_shape) if flatten else out
@@ -466,61 +367,27 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
 # ---- history_skip (fused) ------------------------------------------------------------------------------
 
 
-def _skip_impl(x: Tensor, states: List[Tensor], logits: Tensor, gate: Optional[Tensor], constraint: str,
-               temperature: float, epsilon: float, backend: str) -> Tuple[Tensor, Tensor]:
-    out, weights = _new(x), _new(logits)
-    with _device(x):
-        _C.history_skip_forward(x=_dl(x), states=_dls(states), logits=_dl(logits), gate=_dl(gate), out=_dl(out),
-                                weights=_dl(weights), config=_config(constraint, temperature, epsilon),
-                                backend=backend, stream=_stream(x))
-    return out, weights
-
-
-@torch.library.custom_op("mhc::history_skip", mutates_args=())
-def _skip_op(x: Tensor, states: List[Tensor], logits: Tensor, gate: Optional[Tensor], constraint: str,
-             temperature: float, epsilon: float, backend: str) -> Tuple[Tensor, Tensor]:
-    """-> (out = x + gate * sum_k project(logits)[k] * states[k], weights = project(logits))."""
-    return _skip_impl(x, states, logits, gate, constraint, temperature, epsilon, backend)
-
-
-@_skip_op.register_fake
-def _(x, states, logits, gate, constraint, temperature, epsilon, backend):
+def _skip_fake(x, states, logits, gate, constraint, temperature, epsilon, backend):
     return _new(x), _new(logits)
 
 
-def _skip_backward_impl(grad_out: Tensor, states: List[Tensor], logits: Tensor, weights: Tensor,
-                        gate: Optional[Tensor], need_states: bool, constraint: str, temperature: float, epsilon: float,
-                        backend: str) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    grad_logits = _new(logits)
-    grad_gate = _new(logits, (1,) if gate is not None else (0,))
-    grad_states = _grad_buffers(states, need_states)
-    cfg = _config(constraint, temperature, epsilon)
-    with _device(grad_out):
-        stream = _stream(grad_out)
-        args = lambda: dict(grad_out=_dl(grad_out), states=_dls(states), logits=_dl(logits), weights=_dl(weights),  # noqa: E731
-                            gate=_dl(gate), grad_logits=_dl(grad_logits),
-                            grad_gate=_dl(grad_gate if gate is not None else None), grad_states=_dls(grad_states))
-        key = ("skip", backend, grad_out.device, grad_out.dtype, states[0].numel(), len(states))
-        nbytes = _workspace_bytes(lambda: _C.history_skip_backward_workspace_bytes(
-            **args(), config=cfg, backend=backend, stream=stream), key)
-        _C.history_skip_backward(**args(), workspace=_dl(_workspace(nbytes, grad_out)), config=cfg, backend=backend,
-                                 stream=stream)
-    return grad_logits, grad_gate, grad_states
-
-
-@torch.library.custom_op("mhc::history_skip_backward", mutates_args=())
-def _skip_backward_op(grad_out: Tensor, states: List[Tensor], logits: Tensor, weights: Tensor, gate: Optional[Tensor],
-                      need_states: bool, constraint: str, temperature: float, epsilon: float, backend: str
-                      ) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    """-> (grad_logits, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states))."""
-    return _skip_backward_impl(grad_out, states, logits, weights, gate, need_states, constraint, temperature, epsilon,
-                               backend)
-
-
-@_skip_backward_op.register_fake
-def _(grad_out, states, logits, weights, gate, need_states, constraint, temperature, epsilon, backend):
+def _skip_backward_fake(grad_out, states, logits, weights, gate, need_states, constraint, temperature, epsilon,
+                        backend):
     return (_new(logits), _new(logits, (1,) if gate is not None else (0,)),
             [_new(s) for s in states] if need_states else [])
+
+
+def _skip_per_state_backward_fake(grad_out, states, logits, weights, gate, need_states, constraint, temperature,
+                                  epsilon, backend):
+    grad_logits, grad_gate, _ = _skip_backward_fake(grad_out, states, logits, weights, gate, False, constraint,
+                                                    temperature, epsilon, backend)
+    return grad_logits, grad_gate, _per_state_grad_fakes(states, need_states)
+
+
+# -> (grad_logits, grad_gate ([1], or [0] without gate), grad_states (empty unless need_states)).
+_skip_backward_op = register("history_skip_backward", _skip_backward_fake)
+# The eager backward's: need_states has one flag per state, so detached states' gradients are not computed.
+_skip_per_state_backward_kernel = kernel(register("history_skip_per_state_backward", _skip_per_state_backward_fake))
 
 
 def _skip_setup_context(ctx, inputs, output):
@@ -537,22 +404,24 @@ def _skip_backward(ctx, grad_out, _grad_weights):
     grad_out = grad_out.contiguous()
     grad_logits = grad_gate = grad_states = None
     if need_states or need_logits or need_gate:
-        grad_logits, grad_gate, grad_states = torch.ops.mhc.history_skip_backward(
-            grad_out, states, logits, weights, gate, bool(need_states), *ctx.hyper)
+        grad_logits, grad_gate, grad_states = _skip_backward_op(grad_out, states, logits, weights, gate,
+                                                                bool(need_states), *ctx.hyper)
         grad_states = list(grad_states) if need_states else None
         grad_gate = grad_gate if ctx.has_gate else None
     return (grad_out if need_x else None, grad_states, grad_logits, grad_gate) + (None,) * len(ctx.hyper)
 
 
-_skip_op.register_autograd(_skip_backward, setup_context=_skip_setup_context)
+# -> (out = x + gate * sum_k project(logits)[k] * states[k], weights = project(logits)).
+_skip_op = register("history_skip", _skip_fake, setup_context=_skip_setup_context, backward=_skip_backward)
+_skip_kernel = kernel(_skip_op)
 
 
 class _SkipFunction(torch.autograd.Function):
-    """Eager path of mhc::history_skip; the states come last, unpacked."""
+    """Eager path of mhc::history_skip: the C++ kernels, with the states last, unpacked, so autograd sees each."""
 
     @staticmethod
     def forward(ctx, x, logits, gate, constraint, temperature, epsilon, backend, *states):
-        out, weights = _skip_impl(x, list(states), logits, gate, constraint, temperature, epsilon, backend)
+        out, weights = _skip_kernel(x, x, list(states), logits, gate, constraint, temperature, epsilon, backend)
         ctx.has_gate = gate is not None
         ctx.hyper = (constraint, temperature, epsilon, backend)
         ctx.save_for_backward(logits, weights, gate, *states)
@@ -563,15 +432,15 @@ class _SkipFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_weights):
         logits, weights, gate, *states = ctx.saved_tensors
         need_x, need_logits, need_gate = ctx.needs_input_grad[:3]
-        need_each = tuple(ctx.needs_input_grad[7:])  # detached states: no gradient computed or written
+        need_each = list(ctx.needs_input_grad[7:])  # detached states: no gradient computed or written
         grad_out = grad_out.contiguous()
         grad_logits = grad_gate = None
         grad_states = [None] * len(states)
         if any(need_each) or need_logits or need_gate:
-            grad_logits, grad_gate, computed = _skip_backward_impl(grad_out, states, logits, weights, gate,
-                                                                   need_each if any(need_each) else False, *ctx.hyper)
+            grad_logits, grad_gate, computed = _skip_per_state_backward_kernel(grad_out, grad_out, states, logits,
+                                                                               weights, gate, need_each, *ctx.hyper)
             grad_gate = grad_gate if ctx.has_gate else None
-            if any(need_each):
+            if computed:
                 grad_states = computed
         return (grad_out if need_x else None, grad_logits, grad_gate, None, None, None, None, *grad_states)
 
@@ -613,8 +482,8 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     if eager(x_in, logits, gate, *states):
         if _needs_grad((x_in, logits, gate, *states)):
             out, weights = _SkipFunction.apply(x_in, logits, gate, *hyper, *states)
-        else:  # nothing to differentiate: the implementation alone (an autograd.Function costs several us)
-            out, weights = _skip_impl(x_in, states, logits, gate, *hyper)
+        else:  # nothing to differentiate: the kernel alone (an autograd.Function costs several us)
+            out, weights = _skip_kernel(x_in, x_in, states, logits, gate, *hyper)
     else:
         out, weights = _skip_op(x_in, states, logits, gate, *hyper)
     return (out.view(x.shape) if flatten else out), weights

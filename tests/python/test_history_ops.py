@@ -217,6 +217,32 @@ def test_opcheck():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+def test_opcheck_backwards():
+    # The backwards, and the *_per_state_backward ones (one need flag per state) that the eager backwards call.
+    g = _rand(2, 8)
+    states = [_rand(2, 8) for _ in range(3)]
+    logits, w, gate = torch.randn(3), torch.rand(3), torch.ones(1)
+    weights = hops.project_logits(logits, "softmax")
+    skip = ("softmax", 1.0, 0.1, "auto")
+    mix_per_state = torch.ops.mhc.history_mix_per_state_backward.default
+    skip_per_state = torch.ops.mhc.history_skip_per_state_backward.default
+    cases = [
+        (torch.ops.mhc.project_logits_backward.default, (logits.view(1, 3), weights.view(1, 3), g[:1, :3].contiguous(),
+                                                         "softmax", 1.0, 0.1, 20, 1e-6, "auto")),
+        (torch.ops.mhc.history_mix_backward.default, (g, states, w, gate, True, "auto")),
+        (mix_per_state, (g, states, w, None, [True, False, True], "auto")),
+        (mix_per_state, (g, states, w, gate, [False] * 3, "auto")),
+        (torch.ops.mhc.history_skip_backward.default, (g, states, logits, weights, None, False, *skip)),
+        (skip_per_state, (g, states, logits, weights, gate, [False, True, False], *skip)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    grad_w, _, grad_states = mix_per_state(g, states, w, None, [True, False, True], "auto")
+    full_w, _, full_states = torch.ops.mhc.history_mix_backward(g, states, w, None, True, "auto")
+    assert torch.equal(grad_w, full_w) and grad_states[1] is None
+    assert torch.equal(grad_states[0], full_states[0]) and torch.equal(grad_states[2], full_states[2])
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_eager_function_and_custom_op_agree(gated):
     # Eager calls take a torch.autograd.Function to the kernels; compile and fake tensors take the custom op.

@@ -3,11 +3,14 @@ dispatches torch.ops.mhc. Both must give the same bits, forward and backward, an
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mhc
+from mhc import history_ops as hops
 from mhc import ops
 
 
@@ -38,6 +41,30 @@ def _cases(dtype):
     }
 
 
+def _history_cases(dtype):
+    g = torch.Generator().manual_seed(11)
+    H, shape = 3, (5, 7)
+    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=dt)  # noqa: E731
+    k = torch.float64 if dtype == torch.float64 else torch.float32
+    gate, w, w2 = r(1, dt=k), torch.rand(H, generator=g, dtype=k), torch.rand(2, H, generator=g, dtype=k)
+    return {
+        "project_logits": (lambda z: hops.project_logits(z, "simplex"), (r(4, H, dt=k),)),
+        "project_logits_sinkhorn": (lambda z: hops.project_logits(z, "doubly_stochastic"), (r(2, H, H, dt=k),)),
+        "history_mix": (lambda x, s0, s1, s2: hops.history_mix(x, [s0, s1, s2], w, gate=gate),
+                        (r(*shape), r(*shape), r(*shape), r(*shape))),
+        "history_mix_matrix": (lambda s0, s1, s2: hops.history_mix(None, [s0, s1, s2], w2),
+                               (r(*shape), r(*shape), r(*shape))),
+        "history_mix_detached": (lambda x, s0: hops.history_mix(x, [s0, s0.detach() * 2, s0.detach()], w),
+                                 (r(*shape), r(*shape))),
+        "history_skip": (lambda x, z, s0, s1, s2: hops.history_skip(x, [s0, s1, s2], z, constraint="softmax",
+                                                                    gate=gate)[0],
+                         (r(*shape), r(H, dt=k), r(*shape), r(*shape), r(*shape))),
+        "history_skip_detached": (lambda x, z, s0: hops.history_skip(x, [s0, s0.detach(), s0.detach() * 3], z,
+                                                                     constraint="identity")[0],
+                                  (r(*shape), r(H, dt=k), r(*shape))),
+    }
+
+
 def _run(fn, inputs):
     leaves = [t.clone().requires_grad_() for t in inputs]
     outs = fn(*leaves)
@@ -52,6 +79,19 @@ def _run(fn, inputs):
 @pytest.mark.parametrize("name", list(_cases(torch.float32)))
 def test_eager_and_dispatch_routes_give_the_same_bits(name, dtype):
     fn, inputs = _cases(dtype)[name]
+    eager = _run(fn, inputs)
+    with _Passthrough():
+        dispatched = _run(fn, inputs)
+    assert len(eager) == len(dispatched)
+    for a, b in zip(eager, dispatched):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", list(_history_cases(torch.float32)))
+def test_history_eager_and_dispatch_routes_give_the_same_bits(name, dtype):
+    fn, inputs = _history_cases(dtype)[name]
     eager = _run(fn, inputs)
     with _Passthrough():
         dispatched = _run(fn, inputs)
@@ -76,6 +116,23 @@ def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
     with torch.no_grad():
         site.pre(x)
     assert calls == [] and x.grad is not None
+
+
+def test_plain_eager_history_calls_skip_the_dispatcher(monkeypatch):
+    calls = []
+    for name in ("_mix_op", "_mix_backward_op", "_skip_op", "_skip_backward_op"):
+        original = getattr(hops, name)
+        monkeypatch.setattr(hops, name, lambda *a, _op=original: calls.append(_op) or _op(*a))
+    projections = _count_dispatches(monkeypatch, hops._project_op)
+    x, logits = torch.randn(2, 8, requires_grad=True), torch.randn(3, requires_grad=True)
+    states = [torch.randn(2, 8, requires_grad=True), torch.randn(2, 8), torch.randn(2, 8)]
+    weights = hops.project_logits(logits, "softmax")
+    hops.history_mix(x, states, weights).sum().backward()
+    hops.history_skip(x, states, logits)[0].sum().backward()
+    with torch.no_grad():
+        hops.history_mix(x, states, weights)
+        hops.history_skip(x, states, logits)
+    assert calls == [] and projections == [] and states[0].grad is not None and logits.grad is not None
 
 
 def test_modes_meta_and_compile_take_the_dispatch_route(monkeypatch):
@@ -109,3 +166,19 @@ def test_bindings_take_named_fields_and_reject_unknown_ones():
         _C.sinkhorn_forward(logits=logits, config=cfg)
     _C.sinkhorn_forward(logits=logits, comb=comb, config=cfg)
     assert torch.equal(comb, ops.sinkhorn(logits))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set size from /proc")
+def test_kernel_calls_do_not_leak_their_string_arguments():
+    # torch's stable-ABI conversion of a str argument leaked 48 bytes a call (torch_ops.cpp, Str): 10 MB here.
+    def resident_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    logits = torch.rand(1, 2, 2)
+    for _ in range(2000):
+        ops._sinkhorn_op.kernel(logits, 2, 1e-6, "auto")
+    before = resident_mib()
+    for _ in range(200_000):
+        ops._sinkhorn_op.kernel(logits, 2, 1e-6, "auto")
+    assert resident_mib() - before < 3
