@@ -5,6 +5,8 @@ The engine is the C++/CUDA extension ``mhc._C``; :mod:`mhc.ops` registers its op
 :mod:`mhc.reference` holds the plain-PyTorch implementations used as test oracle and baseline.
 """
 
+import torch  # noqa: F401  (first: the extension links torch's libraries and registers its ops with torch)
+
 from . import _C
 from . import ops, reference
 from .modules import MHC, MHCHead, MHCLayer, MHCState, StreamExpand
