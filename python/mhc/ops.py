@@ -436,6 +436,9 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
     """
     hyper = check_pre("mhc_pre", x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps)
     fn, base, scale = _params(x, fn, base, scale)
+    if x.dim() == 3 and not _pairing(x):  # the common case (tokens already flat, nothing paired), kept short
+        outs = _pre_op(x, fn, base, scale, *hyper, get_backend())
+        return outs[0], outs[1], outs[2], outs[3]
     *lead, n, C = x.shape
     outs, link = _pre_maybe_paired(_tokens(x, 2, n, C), fn, base, scale, (*hyper, get_backend()))
     layer_input, h_pre, h_post, comb = outs[:4]
@@ -446,8 +449,10 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
 
 def _post_inputs(op: str, x, y, h_post, comb):
     check_post(op, x, y, h_post, comb)
-    n, C = x.shape[-2:]
     k = coef_dtype(x.dtype)
+    if x.dim() == 3 and y.dtype == x.dtype and h_post.dtype == k and comb.dtype == k:
+        return x, y, h_post, comb  # the common case: flat tokens, the dtypes the ops take
+    n, C = x.shape[-2:]
     return (_tokens(x, 2, n, C), _tokens(_as(y, x.dtype), 1, C), _tokens(_as(h_post, k), 1, n),
             _tokens(_as(comb, k), 2, n, n))
 
