@@ -96,8 +96,12 @@ def eager(*tensors: Optional[Tensor]) -> bool:
     for t in tensors:  # the per-tensor test first: it is what fails under torch.compile's fake tensors
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
-    return not (_is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active()
-                or _jit_tracing())
+    return not _intercepted()
+
+
+def _intercepted() -> bool:
+    """Something traces or intercepts the dispatcher: torch.compile, a function or dispatch mode, functorch, jit."""
+    return _is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active() or _jit_tracing()
 
 
 # The raw functions of eager(): each call through its public wrapper costs a few tenths of a microsecond more.
@@ -172,14 +176,14 @@ class Op:
                  backward: Optional[Callable] = None):
         self.dispatch = register(name, fake, setup_context=setup_context, backward=backward)
         self.tensor_args, self._device_arg = _tensor_args(self.dispatch)
-        self._redispatch = self.dispatch._handle.redispatch_boxed
+        self._kernel = kernel(self.dispatch)
         self.function = None
         if backward is not None:
             self.function = _eager_function(name, self.kernel, setup_context, backward)
 
     def kernel(self, *args):
         """The C++ kernel of the tensors' device, without autograd (a plain eager call only)."""
-        return self._redispatch(_CUDA_KEYS if args[self._device_arg].is_cuda else _CPU_KEYS, *args)
+        return self._kernel(args[self._device_arg], *args)
 
     def all_outputs(self, *args):
         """Every output, without autograd (for autograd Functions built around the op)."""
@@ -193,11 +197,11 @@ class Op:
                 if type(t) not in _PLAIN or t.is_meta:
                     return self.dispatch(*args)
                 grad = grad or t.requires_grad
-        if _is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active() or _jit_tracing():
+        if _intercepted():
             return self.dispatch(*args)
         if grad and self.function is not None and torch.is_grad_enabled():
             return self.function.apply(*args)
-        return self._redispatch(_CUDA_KEYS if args[self._device_arg].is_cuda else _CPU_KEYS, *args)
+        return self._kernel(args[self._device_arg], *args)
 
 
 def _tensor_args(op) -> Tuple[int, int]:

@@ -78,7 +78,10 @@ def _run(fn, inputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("name", list(_cases(torch.float32)))
 def test_eager_and_dispatch_routes_give_the_same_bits(name, dtype):
-    fn, inputs = _cases(dtype)[name]
+    _assert_routes_give_the_same_bits(name, *_cases(dtype)[name])
+
+
+def _assert_routes_give_the_same_bits(name, fn, inputs):
     eager = _run(fn, inputs)
     with _Passthrough():
         dispatched = _run(fn, inputs)
@@ -91,14 +94,7 @@ def test_eager_and_dispatch_routes_give_the_same_bits(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("name", list(_history_cases(torch.float32)))
 def test_history_eager_and_dispatch_routes_give_the_same_bits(name, dtype):
-    fn, inputs = _history_cases(dtype)[name]
-    eager = _run(fn, inputs)
-    with _Passthrough():
-        dispatched = _run(fn, inputs)
-    assert len(eager) == len(dispatched)
-    for a, b in zip(eager, dispatched):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a, b), name
+    _assert_routes_give_the_same_bits(name, *_history_cases(dtype)[name])
 
 
 def _count_dispatches(monkeypatch, op):
