@@ -264,6 +264,22 @@ PreOutputs pre(Tensor x, OptTensor fn, Tensor base, OptTensor scale, int64_t ite
   return out;
 }
 
+// The tensors the pre's and the head's backward share: the forward's inputs and saved mixes / rstd in, and out
+// (grad_x, grad_fn, grad_base, grad_scale), grad_fn / grad_scale a [0] placeholder, not written, without fn / scale.
+template <class Args>
+std::tuple<Tensor, Tensor, Tensor, Tensor> site_backward_tensors(Views& v, Args& a, const Tensor& x, const OptTensor& fn,
+                                                                 const Tensor& base, const OptTensor& scale,
+                                                                 const Tensor& mixes, const Tensor& rstd) {
+  Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
+         grad_scale = like_or_placeholder(scale, base);
+  a.x = v(x, "x"), a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
+  a.mixes = v(mixes, "mixes"), a.rstd = v(rstd, "rstd");
+  a.grad_x = v(grad_x, "grad_x"), a.grad_base = v(grad_base, "grad_base");
+  if (fn) a.grad_fn = v(grad_fn, "grad_fn");
+  if (scale) a.grad_scale = v(grad_scale, "grad_scale");
+  return {grad_x, grad_fn, grad_base, grad_scale};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> pre_backward(Tensor x, OptTensor fn, Tensor base, OptTensor scale,
                                                         Tensor mixes, Tensor rstd, OptTensor grad_layer_input,
                                                         OptTensor grad_h_pre, OptTensor grad_h_post,
@@ -271,21 +287,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pre_backward(Tensor x, OptTensor fn, 
                                                         double post_mult, double eps, double norm_eps, double pre_eps,
                                                         Str backend) {
   Views v;
-  Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
-         grad_scale = like_or_placeholder(scale, base);
   PreBackward a;
-  a.x = v(x, "x"), a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
-  a.mixes = v(mixes, "mixes"), a.rstd = v(rstd, "rstd");
+  auto grads = site_backward_tensors(v, a, x, fn, base, scale, mixes, rstd);
   a.grad_layer_input = v(grad_layer_input, "grad_layer_input"), a.grad_h_pre = v(grad_h_pre, "grad_h_pre");
   a.grad_h_post = v(grad_h_post, "grad_h_post"), a.grad_comb = v(grad_comb, "grad_comb");
   a.grad_x_accum = v(grad_x_accum, "grad_x_accum");
-  a.grad_x = v(grad_x, "grad_x"), a.grad_base = v(grad_base, "grad_base");
-  if (fn) a.grad_fn = v(grad_fn, "grad_fn");
-  if (scale) a.grad_scale = v(grad_scale, "grad_scale");
   const MhcConfig cfg = site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps);
   const Tensor ws = attach_workspace(a, mhc::pre_backward_workspace_bytes, cfg, backend, x);
   run(mhc::pre_backward, a, cfg, backend, x);
-  return {grad_x, grad_fn, grad_base, grad_scale};
+  return grads;
 }
 
 Tensor post(Tensor x, Tensor y, Tensor h_post, Tensor comb, Str backend) {
@@ -387,19 +397,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> head_backward(Tensor x, OptTensor fn,
                                                          Tensor mixes, Tensor rstd, OptTensor grad_out,
                                                          OptTensor grad_weights, double eps, Str backend) {
   Views v;
-  Tensor grad_x = like(x), grad_fn = like_or_placeholder(fn, base), grad_base = like(base),
-         grad_scale = like_or_placeholder(scale, base);
   HeadBackward a;
-  a.x = v(x, "x"), a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
-  a.mixes = v(mixes, "mixes"), a.rstd = v(rstd, "rstd");
+  auto grads = site_backward_tensors(v, a, x, fn, base, scale, mixes, rstd);
   a.grad_out = v(grad_out, "grad_out"), a.grad_weights = v(grad_weights, "grad_weights");
-  a.grad_x = v(grad_x, "grad_x"), a.grad_base = v(grad_base, "grad_base");
-  if (fn) a.grad_fn = v(grad_fn, "grad_fn");
-  if (scale) a.grad_scale = v(grad_scale, "grad_scale");
   const MhcConfig cfg = site_config(x.size(1), 20, 2.0, 1e-6, 1e-6, eps);
   const Tensor ws = attach_workspace(a, mhc::head_backward_workspace_bytes, cfg, backend, x);
   run(mhc::head_backward, a, cfg, backend, x);
-  return {grad_x, grad_fn, grad_base, grad_scale};
+  return grads;
 }
 
 std::tuple<Tensor, Tensor> residual_add_agg(Tensor x, Tensor res, Tensor h_pre, Str backend) {
