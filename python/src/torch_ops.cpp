@@ -529,7 +529,7 @@ Tensor history_mix(OptTensor x, States states, Tensor weights, OptTensor gate, S
 }
 
 PerStateGradOutputs mix_backward(const Tensor& grad_out, const States& states, const Tensor& weights,
-                             const OptTensor& gate, const std::vector<bool>& need, const std::string& backend) {
+                                 const OptTensor& gate, const std::vector<bool>& need, const std::string& backend) {
   Tensor grad_weights = like(weights), grad_gate = grad_gate_for(gate, weights);
   OptStates grad_states = grad_states_for(states, need);
   const std::vector<TensorView> state_views = views(states, "states"), grad_views = views(grad_states, "grad_states");
@@ -552,7 +552,7 @@ GradOutputs history_mix_backward(Tensor grad_out, States states, Tensor weights,
 }
 
 PerStateGradOutputs history_mix_per_state_backward(Tensor grad_out, States states, Tensor weights, OptTensor gate,
-                                          std::vector<bool> need_states, Str backend) {
+                                                   std::vector<bool> need_states, Str backend) {
   return mix_backward(grad_out, states, weights, gate, need_states, backend);
 }
 
@@ -568,9 +568,9 @@ std::tuple<Tensor, Tensor> history_skip(Tensor x, States states, Tensor logits, 
 }
 
 PerStateGradOutputs skip_backward(const Tensor& grad_out, const States& states, const Tensor& logits,
-                              const Tensor& weights, const OptTensor& gate, const std::vector<bool>& need,
-                              const std::string& constraint, double temperature, double epsilon,
-                              const std::string& backend) {
+                                  const Tensor& weights, const OptTensor& gate, const std::vector<bool>& need,
+                                  const std::string& constraint, double temperature, double epsilon,
+                                  const std::string& backend) {
   Tensor grad_logits = like(logits), grad_gate = grad_gate_for(gate, logits);
   OptStates grad_states = grad_states_for(states, need);
   const std::vector<TensorView> state_views = views(states, "states"), grad_views = views(grad_states, "grad_states");
@@ -596,8 +596,8 @@ GradOutputs history_skip_backward(Tensor grad_out, States states, Tensor logits,
 }
 
 PerStateGradOutputs history_skip_per_state_backward(Tensor grad_out, States states, Tensor logits, Tensor weights,
-                                           OptTensor gate, std::vector<bool> need_states, Str constraint,
-                                           double temperature, double epsilon, Str backend) {
+                                                    OptTensor gate, std::vector<bool> need_states, Str constraint,
+                                                    double temperature, double epsilon, Str backend) {
   return skip_backward(grad_out, states, logits, weights, gate, need_states, constraint, temperature, epsilon,
                        backend);
 }
