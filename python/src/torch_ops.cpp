@@ -149,7 +149,11 @@ Tensor empty(const Tensor& like, std::span<const int64_t> shape, int32_t dtype) 
   AtenTensorHandle out = nullptr;
   check(aoti_torch_empty_strided(rank, shape.data(), strides, dtype, type, index, &out), "empty_strided");
   Tensor t(out);
-  if (poison.load(std::memory_order_relaxed)) torch::stable::fill_(t, std::nan(""));
+  // Only floating outputs take NaN: a kernel handed an integer input allocates its output before the view of that
+  // input names the bad dtype, and filling an integer tensor with NaN would fail first, less clearly.
+  const bool floating = dtype == aoti_torch_dtype_float32() || dtype == aoti_torch_dtype_float64() ||
+                        dtype == aoti_torch_dtype_float16() || dtype == aoti_torch_dtype_bfloat16();
+  if (floating && poison.load(std::memory_order_relaxed)) torch::stable::fill_(t, std::nan(""));
   return t;
 }
 

@@ -254,3 +254,25 @@ def test_invalid_arguments_that_used_to_pass_or_fail_unclearly():
     for error, name, call in cases:
         with pytest.raises(error, match=name):
             call()
+
+
+def test_registered_ops_called_directly_name_the_bad_argument():
+    # torch.ops.mhc.* skip the public functions' Python checks: the C++ kernels and the core check for themselves.
+    x = torch.randn(T, n, C)
+    y, h_post, comb = torch.randn(T, C), torch.rand(T, n), torch.rand(T, n, n)
+    logits = torch.randn(T, n, n)
+    cases = [
+        ("x: unsupported dtype", lambda: torch.ops.mhc.post(x.int(), y, h_post, comb, "auto")),
+        ("y: expected shape", lambda: torch.ops.mhc.post(x, torch.randn(T + 1, C), h_post, comb, "auto")),
+        ("comb: expected shape", lambda: torch.ops.mhc.post(x, y, h_post, torch.rand(T, n, n + 1), "auto")),
+        ("backend: expected", lambda: torch.ops.mhc.post(x, y, h_post, comb, "tpu")),
+        ("logits: unsupported dtype", lambda: torch.ops.mhc.sinkhorn(logits.to(torch.int32), 20, 1e-6, "auto")),
+        ("iters", lambda: torch.ops.mhc.sinkhorn(logits, 0, 1e-6, "auto")),
+    ]
+    for name, call in cases:
+        with pytest.raises(RuntimeError, match=name):
+            call()
+    # A strided input is copied, not refused, and gives the contiguous input's result.
+    xt = torch.randn(C, n, T).permute(2, 1, 0)
+    assert torch.equal(torch.ops.mhc.post(xt, y, h_post, comb, "auto"),
+                       torch.ops.mhc.post(xt.contiguous(), y, h_post, comb, "auto"))
