@@ -35,8 +35,10 @@
   X(history_skip_backward, HistorySkipBackward, HistoryConfig)
 
 // X(query_name, ArgsStruct, ConfigStruct): the workspace bytes of the backward ops that reduce parameter
-// gradients over tokens (the caller allocates the workspace).
+// gradients over tokens and of the forward pre's fastest kernel (the caller allocates the workspace).
 #define MHC_FOR_EACH_WORKSPACE_QUERY(X)                                          \
+  X(pre_forward_workspace_bytes, PreForward, MhcConfig)                          \
+  X(post_pre_forward_workspace_bytes, PostPreForward, MhcConfig)                 \
   X(pre_backward_workspace_bytes, PreBackward, MhcConfig)                        \
   X(head_backward_workspace_bytes, HeadBackward, MhcConfig)                      \
   X(history_mix_backward_workspace_bytes, HistoryMixBackward, HistoryConfig)     \

@@ -77,6 +77,17 @@ SinkhornShape sinkhorn_logits(const ArgChecker& check, const TensorView& logits,
   return {T, n, logits.dtype};
 }
 
+// The forward pre's workspace is optional: present, it must be big enough and on the op's device.
+void optional_workspace(const ArgChecker& check, const TensorView& ws, std::size_t needed, Device device) {
+  if (ws.present()) check.workspace(ws, needed, device);
+}
+std::size_t forward_workspace(const PreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  MHC_DISPATCH(a.x.device, ctx, pre_forward_workspace_bytes(a, cfg, ctx));
+}
+std::size_t forward_workspace(const PostPreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  MHC_DISPATCH(a.x.device, ctx, post_pre_forward_workspace_bytes(a, cfg, ctx));
+}
+
 std::size_t backward_workspace(const PreBackward& a, const MhcConfig& cfg, const Context& ctx) {
   MHC_DISPATCH(a.x.device, ctx, pre_backward_workspace_bytes(a, cfg, ctx));
 }
@@ -91,11 +102,24 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) 
   const Streams s = leading_streams(check, a.x, "x", cfg);
   check_params(check, s, s.m, {3, "3"}, a.fn, a.base, a.scale);
   check_pre_outputs(check, s, a.layer_input, a.h_pre, a.h_post, a.comb, a.mixes, a.rstd, "h_post", "comb");
+  optional_workspace(check, a.workspace, forward_workspace(a, cfg, ctx), s.device);
   check_finite(a.x, "x", "pre_forward", cfg, ctx);
   check_finite(a.fn, "fn", "pre_forward", cfg, ctx);
   check_finite(a.base, "base", "pre_forward", cfg, ctx);
   check_finite(a.scale, "scale", "pre_forward", cfg, ctx);
   MHC_DISPATCH(a.x.device, ctx, pre_forward(a, cfg, ctx));
+}
+
+std::size_t pre_forward_workspace_bytes(const PreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("pre_forward");
+  leading_streams(check, a.x, "x", cfg);
+  return forward_workspace(a, cfg, ctx);
+}
+
+std::size_t post_pre_forward_workspace_bytes(const PostPreForward& a, const MhcConfig& cfg, const Context& ctx) {
+  const ArgChecker check("post_pre_forward");
+  leading_streams(check, a.x, "x", cfg);
+  return forward_workspace(a, cfg, ctx);
 }
 
 std::size_t pre_backward_workspace_bytes(const PreBackward& a, const MhcConfig& cfg, const Context& ctx) {
@@ -164,6 +188,7 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
   check.tensor(a.x_next, "x_next", {s.T, s.n, s.C}, s.storage, s.device);
   check_pre_outputs(check, s, a.layer_input, a.h_pre, a.h_post_next, a.comb_next, a.mixes, a.rstd,
                     "h_post_next", "comb_next");
+  optional_workspace(check, a.workspace, forward_workspace(a, cfg, ctx), s.device);
   for (auto [t, name] : {std::pair{&a.x, "x"}, {&a.y, "y"}, {&a.h_post, "h_post"}, {&a.comb, "comb"},
                          {&a.fn, "fn"}, {&a.base, "base"}, {&a.scale, "scale"}})
     check_finite(*t, name, "post_pre_forward", cfg, ctx);

@@ -37,8 +37,11 @@ struct PreForward {
   TensorView comb;         // out [T, n, n]; comb[i, o] = H_res[o, i]
   TensorView mixes;        // optional out [T, m]: (vec(x) @ fn^T) * rstd, saved for backward
   TensorView rstd;         // optional out [T]: rsqrt(mean(x^2) + norm_eps), saved for backward
+  TensorView workspace;    // optional bytes, pre_forward_workspace_bytes(): lets the fastest CUDA pre run
 };
 void pre_forward(const PreForward& args, const MhcConfig& cfg, const Context& ctx = {});
+// Workspace bytes that let pre_forward run its fastest kernel (0: it needs none). Without it the op still runs.
+std::size_t pre_forward_workspace_bytes(const PreForward& args, const MhcConfig& cfg, const Context& ctx = {});
 
 struct PreBackward {
   TensorView x, fn, base, scale;  // as in the forward (fn, scale absent in static mode)
@@ -86,8 +89,11 @@ struct PostPreForward {
   TensorView fn, base, scale;     // parameters of the next site
   TensorView x_next;              // out [T, n, C]
   TensorView layer_input, h_pre, h_post_next, comb_next, mixes, rstd;  // outs of the next pre
+  TensorView workspace;  // optional bytes, post_pre_forward_workspace_bytes()
 };
 void post_pre_forward(const PostPreForward& args, const MhcConfig& cfg, const Context& ctx = {});
+std::size_t post_pre_forward_workspace_bytes(const PostPreForward& args, const MhcConfig& cfg,
+                                             const Context& ctx = {});
 
 // ---- Sinkhorn on [T, n, n] logits ------------------------------------------------------------
 // comb = softmax(logits, -1) + eps; comb /= colsum + eps; (iters-1) x {rows; columns}.

@@ -219,7 +219,7 @@ Tensor workspace(std::size_t bytes, const Tensor& like_tensor) {
   return empty(like_tensor, {static_cast<int64_t>((bytes + 3) / 4)}, aoti_torch_dtype_float32());
 }
 
-// A backward's workspace, sized by the core's query and attached to its argument struct; the returned tensor
+// An op's workspace, sized by the core's query and attached to its argument struct; the returned tensor
 // owns the bytes for the call.
 template <class Args, class Config, class Query>
 Tensor attach_workspace(Args& a, Query query, const Config& cfg, const std::string& backend, const Tensor& on) {
@@ -264,7 +264,9 @@ PreOutputs pre(Tensor x, OptTensor fn, Tensor base, OptTensor scale, int64_t ite
   PreForward a;
   a.x = v(x, "x"), a.fn = v(fn, "fn"), a.base = v(base, "base"), a.scale = v(scale, "scale");
   fill_pre_outputs(v, a, out);
-  run(mhc::pre_forward, a, site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps), backend, x);
+  const MhcConfig cfg = site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps);
+  const Tensor ws = attach_workspace(a, mhc::pre_forward_workspace_bytes, cfg, backend, x);
+  run(mhc::pre_forward, a, cfg, backend, x);
   return out;
 }
 
@@ -338,7 +340,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> post_pre(
   a.layer_input = v(std::get<0>(next), "layer_input"), a.h_pre = v(std::get<1>(next), "h_pre");
   a.h_post_next = v(std::get<2>(next), "h_post_next"), a.comb_next = v(std::get<3>(next), "comb_next");
   a.mixes = v(std::get<4>(next), "mixes"), a.rstd = v(std::get<5>(next), "rstd");
-  run(mhc::post_pre_forward, a, site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps), backend, x);
+  const MhcConfig cfg = site_config(x.size(1), iters, post_mult, eps, norm_eps, pre_eps);
+  const Tensor ws = attach_workspace(a, mhc::post_pre_forward_workspace_bytes, cfg, backend, x);
+  run(mhc::post_pre_forward, a, cfg, backend, x);
   return {x_next, std::get<0>(next), std::get<1>(next), std::get<2>(next), std::get<3>(next), std::get<4>(next),
           std::get<5>(next)};
 }

@@ -344,7 +344,7 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
   const auto pre = MHC_CPU_PICK(pre_forward_range, a.x.dtype);
   const PostForward post_args{a.x, a.y, a.h_post, a.comb, a.x_next};
   const PreForward pre_args{a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next, a.comb_next,
-                            a.mixes, a.rstd};
+                            a.mixes, a.rstd, TensorView::absent()};
   const int64_t group = group_size(a.x.shape[1]);
   parallel_for(a.x.shape[0], kTokenGrain, ctx, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t += group) {
@@ -358,6 +358,9 @@ void head_forward(const HeadForward& a, const MhcConfig& cfg, const Context& ctx
   const auto kernel = MHC_CPU_PICK(head_forward_range, a.x.dtype);
   parallel_for(a.x.shape[0], kTokenGrain, ctx, [&](int64_t t0, int64_t t1) { kernel(a, cfg, t0, t1); });
 }
+
+std::size_t pre_forward_workspace_bytes(const PreForward&, const MhcConfig&, const Context&) { return 0; }
+std::size_t post_pre_forward_workspace_bytes(const PostPreForward&, const MhcConfig&, const Context&) { return 0; }
 
 std::size_t pre_backward_workspace_bytes(const PreBackward& a, const MhcConfig&, const Context&) {
   const int64_t n = a.x.shape[1];

@@ -145,6 +145,8 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context&) {
   }
 }
 
+std::size_t pre_forward_workspace_bytes(const PreForward&, const MhcConfig&, const Context&) { return 0; }
+std::size_t post_pre_forward_workspace_bytes(const PostPreForward&, const MhcConfig&, const Context&) { return 0; }
 std::size_t pre_backward_workspace_bytes(const PreBackward&, const MhcConfig&, const Context&) { return 0; }
 
 void pre_backward(const PreBackward& a, const MhcConfig& cfg, const Context&) {
@@ -249,7 +251,8 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
                .h_post = a.h_post_next,
                .comb = a.comb_next,
                .mixes = a.mixes,
-               .rstd = a.rstd},
+               .rstd = a.rstd,
+               .workspace = TensorView::absent()},
               cfg, ctx);
 }
 

@@ -758,13 +758,41 @@ bool try_fused(const TensorView& x, const TensorView* y, const TensorView* post_
 
 // ================================ entry points ======================================================
 
+namespace {
+// The pre of the next site that the unfused post+pre runs on the stored x_next.
+PreForward next_pre(const PostPreForward& a) {
+  return {a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next, a.comb_next, a.mixes, a.rstd,
+          a.workspace};
+}
+// Whether post+pre runs as the post kernel followed by the streaming (or wave) pre.
+bool post_pre_unfused(const PostPreForward& a) {
+  const int n = static_cast<int>(a.x.shape[1]);
+  return pre_path() == PrePath::stream && (a.x.shape[0] > kFusedPostPreTokens || n > 4) &&
+         pre_stream_supported(next_pre(a));
+}
+}  // namespace
+
+std::size_t pre_forward_workspace_bytes(const PreForward& a, const MhcConfig&, const Context&) {
+  if (a.x.shape[0] == 0 || generic_forced() || pre_path() == PrePath::cluster) return 0;
+  const DeviceGuard guard(a.x.device);
+  return pre_wave_workspace_bytes(a);
+}
+
+std::size_t post_pre_forward_workspace_bytes(const PostPreForward& a, const MhcConfig&, const Context&) {
+  if (a.x.shape[0] == 0 || generic_forced()) return 0;
+  const DeviceGuard guard(a.x.device);
+  return post_pre_unfused(a) ? pre_wave_workspace_bytes(next_pre(a)) : 0;
+}
+
 void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) {
   const int64_t T = a.x.shape[0], C = a.x.shape[2];
   const int n = static_cast<int>(a.x.shape[1]);
   if (T == 0) return;
   const DeviceGuard guard(a.x.device);
   const cudaStream_t stream = stream_of(ctx);
-  if (!generic_forced() && pre_path() != PrePath::cluster && pre_stream_forward(a, cfg, stream)) return;
+  if (!generic_forced() && pre_path() != PrePath::cluster &&
+      (pre_wave_forward(a, cfg, stream) || pre_stream_forward(a, cfg, stream)))
+    return;
   if (try_fused<false>(a.x, nullptr, nullptr, nullptr, nullptr, a.fn, a.base, a.scale, a.layer_input, a.h_pre,
                        a.h_post, a.comb, a.mixes, a.rstd, cfg, stream))
     return;
@@ -780,12 +808,10 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
   if (T == 0) return;
   const DeviceGuard guard(a.x.device);
   const cudaStream_t stream = stream_of(ctx);
-  const PreForward next{a.x_next, a.fn, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next, a.comb_next,
-                        a.mixes, a.rstd};
+  const PreForward next = next_pre(a);
   if (!generic_forced()) {
     const PrePath path = pre_path();
-    const int n = static_cast<int>(a.x.shape[1]);
-    const bool unfused = path == PrePath::stream && (T > kFusedPostPreTokens || n > 4) && pre_stream_supported(next);
+    const bool unfused = post_pre_unfused(a);
     if (path != PrePath::cluster && !unfused && post_pre_stream_forward(a, cfg, stream)) return;
     if (!unfused && try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input,
                                     a.h_pre, a.h_post_next, a.comb_next, a.mixes, a.rstd, cfg, stream))

@@ -13,6 +13,8 @@ namespace mhc::cuda_impl {
 //     faster on H200 there: docs/cuda_notes.md, v5)
 //   fused: the streaming pre, post+pre always fused into it
 //   cluster: the cluster kernels of pre.cu
+//   wave: the wave pre (pre_wave.cu) wherever it can run, the streaming pre elsewhere; by default the wave pre
+//     runs from two waves of tokens on when the caller gives its workspace
 enum class PrePath { stream, fused, cluster };
 PrePath pre_path();
 constexpr std::int64_t kFusedPostPreTokens = 16;
@@ -20,5 +22,11 @@ constexpr std::int64_t kFusedPostPreTokens = 16;
 bool pre_stream_supported(const PreForward& a);  // pre_stream_forward would run (default work split)
 bool pre_stream_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t stream);
 bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cudaStream_t stream);
+
+// The wave pre of src/cuda/pre_wave.cu (x read from device memory once): the workspace it needs for this call
+// (0 when it would not run), and the launch (false, having launched nothing, without that workspace or when
+// the shape is not one it takes).
+std::size_t pre_wave_workspace_bytes(const PreForward& a);
+bool pre_wave_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t stream);
 
 }  // namespace mhc::cuda_impl

@@ -119,6 +119,64 @@ def test_sinkhorn_head_expand_residual_match_cpu_reference():
         assert rel(got_grad, want_grad) <= COEF_TOL
 
 
+# The wave pre (x read from device memory once): forced by MHC_CUDA_PRE=wave at any token count, and by default
+# from two waves of tokens on (512 tokens a wave at n = 4, C = 4096 on an H200).
+WAVE_SHAPES = [(4, 1024, 600), (2, 64, 70), (4, 4096, 1), (4, 136, 7), (4, 1024, 4300), (2, 512, 2051)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n, C, T", WAVE_SHAPES)
+def test_wave_pre_matches_cpu_reference(n, C, T, dtype, monkeypatch):
+    monkeypatch.setenv("MHC_CUDA_PRE", "wave")
+    x, y, fn, base, scale = inputs(n, C, T, dtype)
+    got = ops.mhc_pre(x, fn, base, scale)
+    again = ops.mhc_pre(x, fn, base, scale)
+    got_pp = ops.mhc_post_pre(x, y, got[2], got[3], fn, base, scale)
+    cpu = [t.cpu() for t in (x, fn, base, scale)]
+    with ops.use_backend("reference"):
+        want = ops.mhc_pre(*cpu)
+        want_pp = ops.mhc_pre(got_pp[0].cpu(), *cpu[1:])  # the pre of post_pre reads x_next as stored
+    for name, g, w, g2, gp, wp in zip(["layer_input", "h_pre", "h_post", "comb"], got, want, again, got_pp[1:],
+                                      want_pp):
+        tol = STREAM_TOL[dtype] if name == "layer_input" else COEF_TOL
+        assert rel(g, w) <= tol, f"pre {name}: {rel(g, w):.2e}"
+        assert torch.equal(g, g2), f"pre {name}: repeat differs"
+        assert rel(gp, wp) <= tol, f"post_pre {name}: {rel(gp, wp):.2e}"
+
+
+def test_wave_pre_is_the_default_for_many_tokens_and_replays_in_a_cuda_graph(monkeypatch):
+    monkeypatch.delenv("MHC_CUDA_PRE", raising=False)
+    n, C, T = 4, 4096, 1100
+    x, _, fn, base, scale = inputs(n, C, T, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eager = ops.mhc_pre(x, fn, base, scale)
+        torch.cuda.synchronize()
+    assert any("pre_wave_kernel" in e.key for e in prof.key_averages()), "the default did not run the wave pre"
+    with ops.use_backend("reference"):
+        want = ops.mhc_pre(*[t.cpu() for t in (x, fn, base, scale)])
+    for name, g, w in zip(["layer_input", "h_pre", "h_post", "comb"], eager, want):
+        assert rel(g, w) <= (STREAM_TOL[torch.bfloat16] if name == "layer_input" else COEF_TOL), name
+    monkeypatch.setenv("MHC_CUDA_PRE", "stream")
+    stream = ops.mhc_pre(x, fn, base, scale)
+    monkeypatch.delenv("MHC_CUDA_PRE")
+    # the streaming pre sums the split-K partials in another order: equal to within fp32 rounding
+    assert rel(eager[1], stream[1]) <= 1e-5
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.mhc_pre(x, fn, base, scale)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.mhc_pre(x, fn, base, scale)
+    for _ in range(2):  # the counters are zeroed inside the graph: every replay runs afresh
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(captured, eager):
+            assert torch.equal(a, b)
+
+
 def test_compile_fullgraph_and_cuda_graph_replay_match_eager():
     n, C, T = 4, 512, 64
     x, y, fn, base, scale = inputs(n, C, T, torch.bfloat16, grad=True)

@@ -16,8 +16,9 @@ output written once, parameters included) over the measured device-to-device cop
 forward and 7nC + 4C forward + backward (plus parameters). "chain" is a stack of sites run the way a
 model runs them: expand -> pre -> F -> post_pre -> F -> ... -> post -> head, F = identity; its figures
 are per site (the chain's time / sites, expand and head included, and so are their bytes in the floor).
-Ops marked @fused fuse post_pre into the streaming pre at every size (MHC_CUDA_PRE=fused), @cluster run
-the cluster kernels (MHC_CUDA_PRE=cluster); unmarked ones the default.
+Ops marked @stream run the streaming pre without the wave pre (MHC_CUDA_PRE=stream), @fused fuse post_pre
+into the streaming pre at every size (MHC_CUDA_PRE=fused), @cluster run the cluster kernels
+(MHC_CUDA_PRE=cluster); unmarked ones the default.
 """
 
 from __future__ import annotations
@@ -111,10 +112,12 @@ def copy_bandwidth(nbytes: int = 1 << 31) -> float:
 # ---- inputs and byte counts ----------------------------------------------------------------------------
 
 CHAIN_SITES = 8
-# MHC_CUDA_PRE values: the streaming pre (post_pre unfused above 64 tokens), the streaming pre with post_pre
-# always fused into it, the cluster kernels; and the forward ops each one changes
-PATHS = ("stream", "fused", "cluster")
-PATH_OPS = {"stream": ("pre", "post_pre", "site_fwd", "chain_fwd"), "fused": ("post_pre", "chain_fwd"),
+# MHC_CUDA_PRE values: unset (the default: the wave pre from two waves of tokens on, else the streaming pre), the
+# streaming pre alone (post_pre unfused above 16 tokens), the streaming pre with post_pre always fused into it, the
+# cluster kernels; and the forward ops each one changes
+PATHS = ("default", "stream", "fused", "cluster")
+PATH_OPS = {"default": ("pre", "post_pre", "site_fwd", "chain_fwd"),
+            "stream": ("pre", "post_pre", "site_fwd", "chain_fwd"), "fused": ("post_pre", "chain_fwd"),
             "cluster": ("pre", "post_pre", "site_fwd", "chain_fwd")}
 ISSUE_SHAPES = [(4, 1024, 16384), (4, 2048, 16384), (4, 4096, 8192), (4, 7168, 4096), (8, 4096, 4096)]
 DECODE_SHAPES = [(4, 4096, 1), (4, 4096, 16), (4, 4096, 64), (4, 7168, 1), (4, 7168, 16), (4, 7168, 64),
@@ -324,10 +327,16 @@ def measure_paths(n: int, C: int, T: int, sets: int, only: Optional[List[str]], 
     """Our ops with the first pre path, then the forward ops again with each other one."""
     saved = os.environ.get("MHC_CUDA_PRE")
     try:
-        os.environ["MHC_CUDA_PRE"] = paths[0]
+        def select(path):
+            if path == "default":
+                os.environ.pop("MHC_CUDA_PRE", None)
+            else:
+                os.environ["MHC_CUDA_PRE"] = path
+
+        select(paths[0])
         out = measure("mhc", n, C, T, sets, {}, only)
         for path in paths[1:]:
-            os.environ["MHC_CUDA_PRE"] = path
+            select(path)
             fwd = [o for o in PATH_OPS[path] if not only or o in only]
             out.update(measure("mhc", n, C, T, sets, {}, fwd, with_backward=False, suffix="@" + path))
     finally:

@@ -102,6 +102,9 @@ void run_pre(DType d, const Shape& s, bool with_fn, bool with_saved) {
   PreForward a{dx.view(), with_fn ? dfn.view() : TensorView{}, dbase.view(), with_fn ? dscale.view() : TensorView{},
                dli.view(), dhp.view(), dhpo.view(), dcb.view(), with_saved ? dmx.view() : TensorView{},
                with_saved ? drs.view() : TensorView{}};
+  // the workspace that lets the fastest pre run (the wave pre: from two waves of tokens, or under MHC_CUDA_PRE=wave)
+  const DeviceWorkspace ws(pre_forward_workspace_bytes(a, cfg, cuda_ctx()));
+  a.workspace = ws.view();
   std::vector<Output> outs = {{"layer_input", &li, &dli, stream_tol(d)},
                               {"h_pre", &hp, &dhp, coef_tol(d)},
                               {"h_post", &hpo, &dhpo, coef_tol(d)},
@@ -134,6 +137,22 @@ TEST(CudaPre, ForwardLargeTile) {
   run_pre(DType::bf16, {4100, 4, 1024}, true, true);
   run_pre(DType::f16, {1030, 8, 1024}, true, true);
   run_pre(DType::bf16, {2051, 2, 512}, true, true);
+}
+
+// The wave pre (MHC_CUDA_PRE=wave forces it wherever it can run: bf16/f16, n in {2, 4}): one wave and several, token
+// counts that end inside a tile, a wave and a block's share, k-slices of one chunk to eight with a partial last one.
+TEST(CudaPre, ForwardWaveKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("wave");
+  const std::vector<Shape> shapes =
+      quick() ? std::vector<Shape>{{1, 4, 64}, {70, 2, 200}, {600, 4, 1024}, {4300, 4, 1024}}
+              : std::vector<Shape>{{1, 4, 64},     {7, 4, 136},    {70, 2, 200},   {333, 4, 1000}, {600, 4, 1024},
+                                   {1, 4, 4096},   {129, 4, 4096}, {2051, 2, 512}, {4300, 4, 1024}, {1100, 4, 4096},
+                                   {300, 4, 7168}, {9000, 2, 64}};
+  for (DType d : {DType::bf16, DType::f16})
+    for (const Shape& s : shapes) run_pre(d, s, true, true);
+  run_pre(DType::bf16, {1500, 4, 1024}, true, false);  // without mixes / rstd
+  run_pre(DType::bf16, {600, 4, 1024}, false, true);   // static mode: the stream pre's fallbacks
 }
 
 // The cluster kernel stays selectable (MHC_CUDA_PRE=cluster) and correct.
@@ -206,11 +225,11 @@ void run_post_pre(DType d, const Shape& s) {
   DeviceTensor dx(x, s.offset), dy(y, s.offset), dhpo(hpo), dcb(cb), dfn(p.fn), dbase(p.base), dscale(p.scale);
   DeviceTensor dxn(d, {s.T, n, s.C}, s.offset), dli(d, {s.T, s.C}, s.offset), dhp(k, {s.T, n}), dhpn(k, {s.T, n}),
       dcbn(k, {s.T, n, n}), dmx(k, {s.T, m}), drs(k, {s.T});
-  auto cuda_run = [&] {
-    post_pre_forward({dx.view(), dy.view(), dhpo.view(), dcb.view(), dfn.view(), dbase.view(), dscale.view(),
-                      dxn.view(), dli.view(), dhp.view(), dhpn.view(), dcbn.view(), dmx.view(), drs.view()},
-                     cfg, cuda_ctx());
-  };
+  PostPreForward a{dx.view(),  dy.view(),  dhpo.view(), dcb.view(),  dfn.view(), dbase.view(), dscale.view(),
+                   dxn.view(), dli.view(), dhp.view(),  dhpn.view(), dcbn.view(), dmx.view(),  drs.view()};
+  const DeviceWorkspace ws(post_pre_forward_workspace_bytes(a, cfg, cuda_ctx()));
+  a.workspace = ws.view();
+  auto cuda_run = [&] { post_pre_forward(a, cfg, cuda_ctx()); };
   cuda_run();
   Tensor stored = dxn.download();
   for (DeviceTensor* out : {&dxn, &dli, &dhp, &dhpn, &dcbn, &dmx, &drs}) out->poison();
@@ -239,6 +258,15 @@ TEST(CudaPostPre, ForwardClusterKernelMatchesReference) {
   const PrePathScope path("cluster");
   for (DType d : kDtypes)
     for (const Shape& s : site_shapes()) run_post_pre(d, s);
+}
+
+// Unfused post+pre (above 16 tokens) running the wave pre on the stored x_next.
+TEST(CudaPostPre, ForwardWaveKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("wave");
+  for (DType d : {DType::bf16, DType::f16})
+    for (const Shape& s : std::vector<Shape>{{7, 4, 136}, {70, 2, 200}, {600, 4, 1024}, {1100, 4, 4096}})
+      run_post_pre(d, s);
 }
 
 // The streaming post+pre fused at every size (the default fuses it only for few tokens).

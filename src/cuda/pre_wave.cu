@@ -1,0 +1,479 @@
+// Wave pre (n in {2, 4}, 16-bit streams): one persistent launch that reads x from device memory once.
+//
+// The streaming pre (pre_stream.cu) reads x twice, once to project it and once to aggregate it: (2n + 1)C bytes
+// per token against the floor's (n + 1)C. Here the tokens are cut into waves of about 16 MB of x, small enough to
+// stay in L2 between the two reads. Every block keeps one k-slice of fn in shared memory for the whole launch and,
+// for each wave w:
+//   1. project: the split-K partial projection (mixes and sum of squares) of its token tile of wave w over its
+//      k-slice, on tensor cores (16-bit x exact, fn = hi + lo as in pre_stream.cu), x through a cp.async ring.
+//      The partial row is parked in the token's layer_input row at slot = k-slice, then the block raises wave
+//      w's arrival counter.
+//   2. coefficients and aggregate of wave w - 1, once every block has arrived there: for the block's share of
+//      that wave's tokens, the fixed-order sum of the k-slices' partial rows, rstd, the sigmoids, Sinkhorn on
+//      warp 0 (a thread per token) and layer_input = sum_i h_pre[i] x[i] on the other warps, x now read from L2.
+// The ring keeps loading wave w + 1's x while step 2 runs, so the DRAM reads do not pause. Deterministic: every
+// sum has a fixed order and the counters are integers. Every block must be resident at once (a block waits for
+// all the others): the launch is cooperative, and the counters (one int per wave) are a caller-owned workspace
+// that the host zeroes on the stream before the launch.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda/coefficients.cuh"
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/pre_stream.hpp"
+#include "cuda/sinkhorn.cuh"
+#include "cuda/tuning.hpp"
+
+namespace mhc::cuda_impl {
+
+namespace {
+
+using std::int64_t;
+
+// ---- geometry ------------------------------------------------------------------------------------------------
+constexpr int kThreads = 256;
+constexpr int kChunk = 128;          // k elements per ring stage and token (256 bytes of 16-bit x)
+constexpr int kTile = 64;            // tokens of a block's tile in each wave
+constexpr int kStages = 5;           // ring depth
+constexpr int kMaxSliceChunks = 8;   // chunks of fn resident per block (its k-slice)
+constexpr int kMaxShare = 64;        // tokens a block aggregates per wave (kTile / slices, slices >= 1)
+constexpr int kXRow = kChunk + 8;    // 272 bytes: an odd number of 16-byte units (ldmatrix rows on distinct banks)
+constexpr int kFRow = kChunk + 8;    // 136 floats = 8 mod 32 (the float2 reads of a B fragment on distinct banks)
+constexpr int64_t kWaveBytes = int64_t(24) << 20;  // most x bytes per wave (two waves live in the 60 MB L2)
+
+// Warp tiling of a stage (kTile tokens x kChunk k): warp (wm, wk) holds m-tile wm (16 tokens), every column tile
+// and k-steps [wk * KSW, +KSW) of the 8 k-steps of 16.
+template <int N> struct WaveShape {
+  static constexpr int M = N * N + 2 * N;
+  static constexpr int PART = M + 1;  // projection row + sum of squares
+  static constexpr int NT = M / 8;    // column tiles of 8: 1 or 3
+  static constexpr int WM = kTile / 16, WK = kThreads / 32 / WM, KSW = kChunk / 16 / WK;
+  static_assert(NT * 8 == M && WM * WK * 32 == kThreads && KSW * WK * 16 == kChunk, "stage must tile the warps");
+};
+
+// Dynamic shared memory (bytes), in order: the ring, the resident fn slice, the warps' partial sums, and the
+// aggregate's token sums, h_pre and scratch.
+template <class S, int N> struct WaveSmem {
+  using Sh = WaveShape<N>;
+  static constexpr int STAGE = kTile * kXRow * int(sizeof(S));
+  static constexpr int FN_CHUNK = Sh::M * kFRow * 4;
+  static constexpr int RING = kStages * STAGE;
+  static constexpr int TAIL = (kTile * Sh::PART + kMaxShare * Sh::PART + kMaxShare * N + kThreads) * 4;
+  static int bytes(int slice_chunks) { return RING + slice_chunks * FN_CHUNK + TAIL; }
+  static_assert(STAGE % 128 == 0 && FN_CHUNK % 16 == 0, "stages stay 128-byte aligned");
+};
+
+template <class S> struct WaveArgs {
+  const S* x;            // [T, N, C]
+  const float* fn;       // [M, N*C]
+  const float* base;     // [M]
+  const float* scale;    // [3] or null
+  S* layer_input;        // [T, C]: holds the parked partial rows until the aggregate overwrites it
+  float* h_pre;          // [T, N]
+  float* h_post;         // [T, N]
+  float* comb;           // [T, N, N]
+  float* mixes;          // [T, M] or null
+  float* rstd;           // [T] or null
+  int* arrived;          // [waves]: blocks done projecting each wave (zero on entry)
+  int64_t T, C;
+  int slices;            // k-slices; block b projects slice b / tiles ...
+  int slice_chunks;      // ... of this many chunks ...
+  int tiles;             // ... for token tile b % tiles of every wave
+  int waves;
+  SiteConsts<float> k;
+};
+
+template <class S> __device__ __forceinline__ float* parked(S* layer_input, int64_t t, int64_t C) {
+  return reinterpret_cast<float*>(layer_input + t * C);
+}
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+template <class S, int N>
+__global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Sh = WaveShape<N>;
+  using L = WaveSmem<S, N>;
+  constexpr int M = Sh::M, PART = Sh::PART, P = kPack<S>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int cps = a.slice_chunks;
+  S* const ring = reinterpret_cast<S*>(smem);
+  float* const fn_s = reinterpret_cast<float*>(smem + L::RING);
+  float* const scratch = fn_s + cps * M * kFRow;  // [kTile, PART]
+  float* const sums = scratch + kTile * PART;     // [kMaxShare, PART]
+  float* const hp = sums + kMaxShare * PART;      // [kMaxShare, N]
+  float* const ways_sum = hp + kMaxShare * N;     // [kThreads]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int wm = warp % Sh::WM, wk = warp / Sh::WM;
+  const int64_t T = a.T, C = a.C, K = int64_t(N) * C;
+  const int grid = static_cast<int>(gridDim.x);
+  const int slice = static_cast<int>(blockIdx.x) / a.tiles, tile = static_cast<int>(blockIdx.x) % a.tiles;
+  const int64_t k_begin = int64_t(slice) * cps * kChunk;
+  const int64_t wave_tokens = int64_t(a.tiles) * kTile;
+  const int total = a.waves * cps;  // the block's chunks: wave-major, then the slice's chunks
+
+  // ---- 1. the block's fn slice, resident for the whole launch (one commit group ahead of the ring's)
+  for (int i = tid; i < cps * M * (kChunk / 4); i += kThreads) {
+    const int c = i / (M * (kChunk / 4)), r = i % (M * (kChunk / 4));
+    const int j = r / (kChunk / 4), kp = (r % (kChunk / 4)) * 4;
+    const int64_t k = k_begin + int64_t(c) * kChunk + kp;
+    const bool valid = k < K;
+    cp_async16(fn_s + (c * M + j) * kFRow + kp, valid ? a.fn + j * K + k : a.fn, valid);
+  }
+  cp_async_commit();
+
+  // ---- 2. ring loads: chunk q of the block's sequence into stage s, zero past T and K; one commit group per
+  // call (empty past the end, so the group count stays uniform)
+  auto issue = [&](int q, int s) {
+    if (q < total) {
+      const int w = q / cps, c = q % cps;
+      const int64_t t0 = w * wave_tokens + int64_t(tile) * kTile, k0 = k_begin + int64_t(c) * kChunk;
+      S* xs = ring + s * (kTile * kXRow);
+      for (int i = tid; i < kTile * (kChunk / P); i += kThreads) {
+        const int tl = i / (kChunk / P), kp = (i % (kChunk / P)) * P;
+        const int64_t t = t0 + tl, k = k0 + kp;
+        const bool valid = t < T && k < K;
+        cp_async16(xs + tl * kXRow + kp, valid ? a.x + t * K + k : a.x, valid);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // ---- 3. a stage's projection and squares on tensor cores
+  float acc[Sh::NT][4];
+  float sq[2];
+  auto clear = [&] {
+    sq[0] = sq[1] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < Sh::NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  };
+  auto mma_stage = [&](const S* xs, const float* fs) {
+#pragma unroll
+    for (int ks = 0; ks < Sh::KSW; ++ks) {
+      const int kk = (wk * Sh::KSW + ks) * 16;
+      std::uint32_t hi[Sh::NT][2], lo[Sh::NT][2];
+#pragma unroll
+      for (int nt = 0; nt < Sh::NT; ++nt) {
+        const float* row = fs + (nt * 8 + g) * kFRow + kk + 2 * tq;
+        split_pair<S>(*reinterpret_cast<const float2*>(row), hi[nt][0], lo[nt][0]);
+        split_pair<S>(*reinterpret_cast<const float2*>(row + 8), hi[nt][1], lo[nt][1]);
+      }
+      std::uint32_t af[4];
+      ldmatrix_x4(af, xs + (wm * 16 + (lane & 15)) * kXRow + kk + (lane >> 4) * 8);
+      sq[0] += sum_sq_pair<S>(af[0]) + sum_sq_pair<S>(af[2]);
+      sq[1] += sum_sq_pair<S>(af[1]) + sum_sq_pair<S>(af[3]);
+#pragma unroll
+      for (int nt = 0; nt < Sh::NT; ++nt) {
+        mma_16816<S>(acc[nt], af, lo[nt]);
+        mma_16816<S>(acc[nt], af, hi[nt]);
+      }
+    }
+  };
+
+  // ---- 4. end of wave w's projection: the k-warps' sums in scratch in a fixed order (k-warp 0 first), parked
+  // as partial row `slice` of the tile's tokens, then the wave's counter raised
+  auto finish_wave = [&](int w) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 1);
+      sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 2);
+    }
+    for (int round = 0; round < Sh::WK; ++round) {
+      if (wk == round) {
+        const int row = wm * 16 + g;
+#pragma unroll
+        for (int nt = 0; nt < Sh::NT; ++nt) {
+          float* d = scratch + row * PART + nt * 8 + 2 * tq;
+          if (round == 0) {
+            d[0] = acc[nt][0], d[1] = acc[nt][1], d[8 * PART] = acc[nt][2], d[8 * PART + 1] = acc[nt][3];
+          } else {
+            d[0] += acc[nt][0], d[1] += acc[nt][1], d[8 * PART] += acc[nt][2], d[8 * PART + 1] += acc[nt][3];
+          }
+        }
+        if (tq == 0) {
+          float* d = scratch + row * PART + M;
+          if (round == 0) d[0] = sq[0], d[8 * PART] = sq[1];
+          else d[0] += sq[0], d[8 * PART] += sq[1];
+        }
+      }
+      __syncthreads();
+    }
+    const int64_t t0 = w * wave_tokens + int64_t(tile) * kTile;
+    for (int i = tid; i < kTile * PART; i += kThreads) {
+      const int64_t t = t0 + i / PART;
+      if (t < T) parked(a.layer_input, t, C)[slice * PART + i % PART] = scratch[i];
+    }
+    __threadfence();  // this thread's parked rows are visible device-wide before the count says so
+    __syncthreads();
+    if (tid == 0) atomicAdd(a.arrived + w, 1);
+  };
+
+  // ---- 5. coefficients and aggregate of wave w, for the block's share of its tokens
+  const float s_pre = scale_of(a.scale, 0), s_post = scale_of(a.scale, 1), s_res = scale_of(a.scale, 2);
+  auto coefficients_and_aggregate = [&](int w) {
+    if (tid == 0)
+      while (load_acquire(a.arrived + w) < grid) __nanosleep(64);
+    __syncthreads();
+    const int64_t w0 = w * wave_tokens, in_wave = std::min(T, w0 + wave_tokens) - w0;
+    const int64_t t0 = w0 + in_wave * blockIdx.x / grid;
+    const int tokens = static_cast<int>(w0 + in_wave * (blockIdx.x + 1) / grid - t0);
+    if (tokens == 0) return;  // block-uniform
+
+    // 5a. fixed-order sum over the k-slices; `ways` threads share a (token, column) pair when pairs are few,
+    // each summing a contiguous range of slices (read through L2: other blocks wrote them)
+    const int pairs = tokens * PART;
+    const int ways = std::max(1, std::min(a.slices, kThreads / pairs));
+    const int per_way = (a.slices + ways - 1) / ways;
+    for (int q = tid; q < pairs * ways; q += kThreads) {
+      const int p = q / ways, wy = q % ways;
+      const float* src = parked(a.layer_input, t0 + p / PART, C) + p % PART;
+      const int s_end = std::min(a.slices, (wy + 1) * per_way);
+      float v = 0.f;
+      for (int s = wy * per_way; s < s_end; ++s) v += __ldcg(src + s * PART);
+      if (ways == 1) sums[p] = v;
+      else ways_sum[q] = v;
+    }
+    __syncthreads();
+    if (ways > 1) {
+      for (int p = tid; p < pairs; p += kThreads) {
+        float v = 0.f;
+        for (int wy = 0; wy < ways; ++wy) v += ways_sum[p * ways + wy];
+        sums[p] = v;
+      }
+      __syncthreads();
+    }
+
+    // 5b. rstd and the sigmoids, a thread per token
+    if (tid < tokens) {
+      const int64_t t = t0 + tid;
+      const float* row = sums + tid * PART;
+      const float rstd = rstd_from(row[M], float(N * C), a.k.norm_eps);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        hp[tid * N + i] = sigmoid_fast(row[i] * rstd * s_pre + __ldg(a.base + i)) + a.k.pre_eps;
+        a.h_pre[t * N + i] = hp[tid * N + i];
+      }
+      store_post_coefficients<N>(row, rstd, s_post, a.base, a.k, t, a.h_post, a.mixes, a.rstd);
+    }
+    __syncthreads();  // h_pre of every token; the parked rows are all read: layer_input may be written
+
+    // 5c. Sinkhorn on warp 0; layer_input = sum_i h_pre[i] x[i] on the others, two loads deep
+    if (warp == 0) {
+      for (int tl = lane; tl < tokens; tl += 32) {
+        const float* row = sums + tl * PART;
+        store_comb<N>(row, rstd_from(row[M], float(N * C), a.k.norm_eps), s_res, a.base, a.k, t0 + tl, a.comb);
+      }
+      return;
+    }
+    const int packs = static_cast<int>(C / P), work = tokens * packs, rank = tid - 32, stride = kThreads - 32;
+    auto x_at = [&](int q) { return a.x + (t0 + q / packs) * K + (q % packs) * P; };
+    auto aggregate = [&](int q, const Pack<S> (&xp)[N]) {
+      const int tl = q / packs;
+      float v[P];
+#pragma unroll
+      for (int e = 0; e < P; ++e) v[e] = 0.f;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float h = hp[tl * N + i];
+#pragma unroll
+        for (int e = 0; e < P; ++e) v[e] += h * to_math(xp[i].v[e]);
+      }
+      Pack<S> out;
+#pragma unroll
+      for (int e = 0; e < P; ++e) out.v[e] = from_math<S>(v[e]);
+      store_pack(a.layer_input + (t0 + tl) * C + (q % packs) * P, out);
+    };
+    if (rank >= work) return;
+    Pack<S> cur[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) cur[i] = load_pack_stream(x_at(rank) + i * C);
+    for (int q = rank;; q += stride) {
+      const bool more = q + stride < work;
+      Pack<S> nxt[N];
+      if (more)
+#pragma unroll
+        for (int i = 0; i < N; ++i) nxt[i] = load_pack_stream(x_at(q + stride) + i * C);
+      aggregate(q, cur);
+      if (!more) break;
+#pragma unroll
+      for (int i = 0; i < N; ++i) cur[i] = nxt[i];
+    }
+  };
+
+  // ---- the launch: project wave w through the ring, then aggregate wave w - 1 while wave w + 1 loads
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s, s);
+  clear();
+  int stage = 0;
+  for (int q = 0; q < total; ++q) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // chunk q (and fn) visible to all; every warp is done with the stage refilled next
+    issue(q + kStages - 1, stage == 0 ? kStages - 1 : stage - 1);
+    mma_stage(ring + stage * (kTile * kXRow), fn_s + (q % cps) * (M * kFRow));
+    stage = stage == kStages - 1 ? 0 : stage + 1;
+    if (q % cps == cps - 1) {
+      const int w = q / cps;
+      finish_wave(w);
+      clear();
+      if (w >= 1) coefficients_and_aggregate(w - 1);
+    }
+  }
+  cp_async_wait<0>();
+  coefficients_and_aggregate(a.waves - 1);
+#endif
+}
+
+// ---- host side ------------------------------------------------------------------------------------------------
+
+// Resident blocks per SM, once per (device, kernel, smem bytes).
+template <class Kernel> int resident_blocks(Kernel kernel, int smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int>, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(current_device_info().index, reinterpret_cast<const void*>(kernel), smem);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
+    cudaGetLastError();
+    blocks = 0;
+  }
+  return known[key] = blocks;
+}
+
+struct WavePlan {
+  int slices = 0, slice_chunks = 0, tiles = 0, waves = 0;
+  int64_t wave_tokens = 0;
+  int blocks() const { return slices * tiles; }
+};
+
+// The k-slicing that keeps the most SMs busy on real chunks: slices x tiles blocks (at most one per SM), each
+// slice at most kMaxSliceChunks chunks, every token's partial rows parked in its layer_input row. Ties go to the
+// longer slices (fewer partial rows). False when no slicing fits.
+bool plan_wave(WavePlan& p, int64_t T, int64_t C, int n, int part, int elem_bytes, int sms) {
+  const int64_t chunks = (int64_t(n) * C + kChunk - 1) / kChunk;
+  const int64_t parked_rows = C * elem_bytes / (4 * int64_t(part));
+  double best = 0;
+  for (int cps = 1; cps <= kMaxSliceChunks; ++cps) {
+    const int64_t slices = (chunks + cps - 1) / cps;
+    if (slices > parked_rows || slices > sms) continue;
+    const int64_t tiles_by_sm = sms / slices;
+    const int64_t tiles_by_l2 = std::max<int64_t>(1, kWaveBytes / (int64_t(kTile) * n * C * elem_bytes));
+    const int64_t tiles = std::min(tiles_by_sm, tiles_by_l2);
+    const double use = double(chunks) / double(slices * cps) * double(slices * tiles) / sms;
+    if (use >= best - 1e-9) {
+      best = use;
+      p.slices = static_cast<int>(slices), p.slice_chunks = cps, p.tiles = static_cast<int>(tiles);
+    }
+  }
+  if (best == 0) return false;
+  p.wave_tokens = int64_t(p.tiles) * kTile;
+  const int64_t waves = (T + p.wave_tokens - 1) / p.wave_tokens;
+  if (waves > (int64_t(1) << 30)) return false;
+  p.waves = static_cast<int>(waves);
+  return true;
+}
+
+// The shapes the wave kernel takes: 16-bit streams, n in {2, 4}, fn present, 16-byte aligned rows, a workspace.
+bool wave_shape_ok(const PreForward& a) {
+  const int n = static_cast<int>(a.x.shape[1]);
+  return a.fn.present() && (a.x.dtype == DType::bf16 || a.x.dtype == DType::f16) && (n == 2 || n == 4) &&
+         a.x.shape[2] % 8 == 0 && aligned16({&a.x, &a.layer_input, &a.fn});
+}
+
+// Whether the wave kernel runs for this call: MHC_CUDA_PRE=wave forces it where it can run, `stream` / `fused` /
+// `cluster` turn it off; by default it runs from two waves of tokens on (tuning key `wave`: 1 on, 0 off).
+bool wave_wanted(const PreForward& a, const WavePlan& p) {
+  const char* v = std::getenv("MHC_CUDA_PRE");
+  if (v && *v) return std::strcmp(v, "wave") == 0;
+  const TuningKey key{"pre_forward", static_cast<int>(a.x.shape[1]), a.x.dtype, a.x.shape[2], a.x.shape[0]};
+  return tuned(key, "wave", a.x.shape[0] >= 2 * p.wave_tokens ? 1 : 0) != 0;
+}
+
+template <class F> decltype(auto) with_wave_types(const PreForward& a, F&& f) {
+  const int n = static_cast<int>(a.x.shape[1]);
+  auto by_n = [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    return n == 2 ? f(TypeTag<S>{}, std::integral_constant<int, 2>{}) : f(TypeTag<S>{}, std::integral_constant<int, 4>{});
+  };
+  return a.x.dtype == DType::bf16 ? by_n(TypeTag<__nv_bfloat16>{}) : by_n(TypeTag<__half>{});
+}
+
+// The plan of a call, or false when the wave kernel does not run for it.
+bool wave_plan_for(const PreForward& a, WavePlan& p) {
+  if (a.x.shape[0] == 0 || !wave_shape_ok(a)) return false;
+  const int n = static_cast<int>(a.x.shape[1]);
+  const int elem = 2, part = n * n + 2 * n + 1;
+  const DeviceInfo& dev = current_device_info();
+  if (dev.major < 9) return false;
+  if (!plan_wave(p, a.x.shape[0], a.x.shape[2], n, part, elem, dev.sm_count)) return false;
+  if (!wave_wanted(a, p)) return false;
+  return with_wave_types(a, [&](auto tag, auto nc) {
+    using S = typename decltype(tag)::type;
+    constexpr int N = decltype(nc)::value;
+    const int smem = WaveSmem<S, N>::bytes(p.slice_chunks);
+    if (smem > dev.max_smem_optin) return false;
+    allow_dynamic_smem(&pre_wave_kernel<S, N>, std::size_t(smem));
+    return resident_blocks(&pre_wave_kernel<S, N>, smem) >= 1;
+  });
+}
+
+}  // namespace
+
+std::size_t pre_wave_workspace_bytes(const PreForward& a) {
+  WavePlan p;
+  if (!wave_plan_for(a, p)) return 0;
+  return (std::size_t(p.waves) * sizeof(int) + 15) / 16 * 16;
+}
+
+bool pre_wave_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t stream) {
+  WavePlan p;
+  if (!a.workspace.present() || !wave_plan_for(a, p)) return false;
+  if (a.workspace.numel() * dtype_size(a.workspace.dtype) < std::int64_t(p.waves) * int64_t(sizeof(int))) return false;
+  return with_wave_types(a, [&](auto tag, auto nc) {
+    using S = typename decltype(tag)::type;
+    constexpr int N = decltype(nc)::value;
+    WaveArgs<S> w{};
+    w.x = a.x.ptr<const S>();
+    w.fn = a.fn.ptr<const float>();
+    w.base = a.base.ptr<const float>();
+    w.scale = data_or_null<const float>(a.scale);
+    w.layer_input = a.layer_input.ptr<S>();
+    w.h_pre = a.h_pre.ptr<float>();
+    w.h_post = a.h_post.ptr<float>();
+    w.comb = a.comb.ptr<float>();
+    w.mixes = data_or_null<float>(a.mixes);
+    w.rstd = data_or_null<float>(a.rstd);
+    w.arrived = static_cast<int*>(a.workspace.data);
+    w.T = a.x.shape[0];
+    w.C = a.x.shape[2];
+    w.slices = p.slices;
+    w.slice_chunks = p.slice_chunks;
+    w.tiles = p.tiles;
+    w.waves = p.waves;
+    w.k = site_consts<float>(cfg);
+    MHC_CUDA_CHECK(cudaMemsetAsync(w.arrived, 0, std::size_t(p.waves) * sizeof(int), stream));
+    cudaLaunchConfig_t lc{};
+    lc.gridDim = dim3(static_cast<unsigned>(p.blocks()));
+    lc.blockDim = dim3(kThreads);
+    lc.dynamicSmemBytes = std::size_t(WaveSmem<S, N>::bytes(p.slice_chunks));
+    lc.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;  // every block resident at once, or the launch fails
+    attr[0].val.cooperative = 1;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+    MHC_CUDA_CHECK(cudaLaunchKernelEx(&lc, &pre_wave_kernel<S, N>, w));
+    return true;
+  });
+}
+
+}  // namespace mhc::cuda_impl
