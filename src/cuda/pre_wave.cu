@@ -9,8 +9,8 @@
 //      The partial row is parked in the token's layer_input row at slot = k-slice, then the block raises wave
 //      w's arrival counter.
 //   2. coefficients and aggregate of wave w - 1, once every block has arrived there: for the block's share of
-//      that wave's tokens, the fixed-order sum of the k-slices' partial rows, rstd, the sigmoids, Sinkhorn on
-//      warp 0 (a thread per token) and layer_input = sum_i h_pre[i] x[i] on the other warps, x now read from L2.
+//      that wave's tokens, the fixed-order sum of the k-slices' partial rows, rstd, the sigmoids and layer_input =
+//      sum_i h_pre[i] x[i], x now read from L2 (comb's Sinkhorns wait for the end of the launch).
 // The ring keeps loading wave w + 1's x while step 2 runs, so the DRAM reads do not pause. Deterministic: every
 // sum has a fixed order and the counters are integers. Every block must be resident at once (a block waits for
 // all the others): the launch is cooperative, and the counters (one int per wave) are a caller-owned workspace
@@ -40,27 +40,29 @@ constexpr int kStages = 5;           // ring depth
 constexpr int kMaxSliceChunks = 8;   // chunks of fn resident per block (its k-slice)
 constexpr int kMaxShare = 64;        // tokens a block aggregates per wave (kTile / slices, slices >= 1)
 constexpr int kXRow = kChunk + 8;    // 272 bytes: an odd number of 16-byte units (ldmatrix rows on distinct banks)
-constexpr int kFRow = kChunk + 8;    // 136 floats = 8 mod 32 (the float2 reads of a B fragment on distinct banks)
 constexpr int64_t kWaveBytes = int64_t(24) << 20;  // most x bytes per wave (two waves live in the 60 MB L2)
 
-// Warp tiling of a stage (kTile tokens x kChunk k): warp (wm, wk) holds m-tile wm (16 tokens), every column tile
-// and k-steps [wk * KSW, +KSW) of the 8 k-steps of 16.
+// Warp tiling of a stage (kTile tokens x kChunk k): warp w holds k-step w (16 k) of every chunk for all the
+// stage's m-tiles (16 tokens each) and column tiles, so each B fragment it loads serves every m-tile.
 template <int N> struct WaveShape {
   static constexpr int M = N * N + 2 * N;
   static constexpr int PART = M + 1;  // projection row + sum of squares
   static constexpr int NT = M / 8;    // column tiles of 8: 1 or 3
-  static constexpr int WM = kTile / 16, WK = kThreads / 32 / WM, KSW = kChunk / 16 / WK;
-  static_assert(NT * 8 == M && WM * WK * 32 == kThreads && KSW * WK * 16 == kChunk, "stage must tile the warps");
+  static constexpr int MTILES = kTile / 16;
+  static constexpr int KSTEPS = kChunk / 16;  // = warps
+  static constexpr int SLOTS = 4;             // scratch copies the 8 warps' sums meet in (two rounds)
+  static_assert(NT * 8 == M && KSTEPS * 32 == kThreads && 2 * SLOTS * 32 == kThreads, "stage must tile the warps");
 };
 
-// Dynamic shared memory (bytes), in order: the ring, the resident fn slice, the warps' partial sums, and the
-// aggregate's token sums, h_pre and scratch.
+// Dynamic shared memory (bytes), in order: the ring, the resident fn slice (split into hi + lo halves of x's type
+// and laid out as B fragments: per chunk [k-step][row][t] of {hi b0, hi b1, lo b0, lo b1}, one 16-byte load per
+// fragment pair and lane), the warps' partial sums, and the aggregate's token sums, h_pre and scratch.
 template <class S, int N> struct WaveSmem {
   using Sh = WaveShape<N>;
   static constexpr int STAGE = kTile * kXRow * int(sizeof(S));
-  static constexpr int FN_CHUNK = Sh::M * kFRow * 4;
+  static constexpr int FN_CHUNK = Sh::KSTEPS * Sh::M * 4 * 16;
   static constexpr int RING = kStages * STAGE;
-  static constexpr int TAIL = (kTile * Sh::PART + kMaxShare * Sh::PART + kMaxShare * N + kThreads) * 4;
+  static constexpr int TAIL = (Sh::SLOTS * kTile * Sh::PART + kMaxShare * Sh::PART + kMaxShare * N + kThreads) * 4;
   static int bytes(int slice_chunks) { return RING + slice_chunks * FN_CHUNK + TAIL; }
   static_assert(STAGE % 128 == 0 && FN_CHUNK % 16 == 0, "stages stay 128-byte aligned");
 };
@@ -104,15 +106,14 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
   extern __shared__ __align__(128) unsigned char smem[];
   const int cps = a.slice_chunks;
   S* const ring = reinterpret_cast<S*>(smem);
-  float* const fn_s = reinterpret_cast<float*>(smem + L::RING);
-  float* const scratch = fn_s + cps * M * kFRow;  // [kTile, PART]
-  float* const sums = scratch + kTile * PART;     // [kMaxShare, PART]
-  float* const hp = sums + kMaxShare * PART;      // [kMaxShare, N]
-  float* const ways_sum = hp + kMaxShare * N;     // [kThreads]
+  uint4* const fn_s = reinterpret_cast<uint4*>(smem + L::RING);
+  float* const scratch = reinterpret_cast<float*>(smem + L::RING + cps * L::FN_CHUNK);  // [SLOTS, kTile, PART]
+  float* const sums = scratch + Sh::SLOTS * kTile * PART;                              // [kMaxShare, PART]
+  float* const hp = sums + kMaxShare * PART;                                           // [kMaxShare, N]
+  float* const ways_sum = hp + kMaxShare * N;                                          // [kThreads]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
-  const int wm = warp % Sh::WM, wk = warp / Sh::WM;
   const int64_t T = a.T, C = a.C, K = int64_t(N) * C;
   const int grid = static_cast<int>(gridDim.x);
   const int slice = static_cast<int>(blockIdx.x) / a.tiles, tile = static_cast<int>(blockIdx.x) % a.tiles;
@@ -120,17 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
   const int64_t wave_tokens = int64_t(a.tiles) * kTile;
   const int total = a.waves * cps;  // the block's chunks: wave-major, then the slice's chunks
 
-  // ---- 1. the block's fn slice, resident for the whole launch (one commit group ahead of the ring's)
-  for (int i = tid; i < cps * M * (kChunk / 4); i += kThreads) {
-    const int c = i / (M * (kChunk / 4)), r = i % (M * (kChunk / 4));
-    const int j = r / (kChunk / 4), kp = (r % (kChunk / 4)) * 4;
-    const int64_t k = k_begin + int64_t(c) * kChunk + kp;
-    const bool valid = k < K;
-    cp_async16(fn_s + (c * M + j) * kFRow + kp, valid ? a.fn + j * K + k : a.fn, valid);
-  }
-  cp_async_commit();
-
-  // ---- 2. ring loads: chunk q of the block's sequence into stage s, zero past T and K; one commit group per
+  // ---- 1. ring loads: chunk q of the block's sequence into stage s, zero past T and K; one commit group per
   // call (empty past the end, so the group count stays uniform)
   auto issue = [&](int q, int s) {
     if (q < total) {
@@ -146,62 +137,88 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
     }
     cp_async_commit();
   };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s, s);
 
-  // ---- 3. a stage's projection and squares on tensor cores
-  float acc[Sh::NT][4];
-  float sq[2];
+  // ---- 2. the block's fn slice, split into hi + lo once and resident for the whole launch (made while the
+  // ring's first loads are in flight; zero past K)
+  for (int i = tid; i < cps * Sh::KSTEPS * M * 4; i += kThreads) {
+    const int t4 = i % 4, j = i / 4 % M, ks = i / (4 * M) % Sh::KSTEPS, c = i / (4 * M * Sh::KSTEPS);
+    const int64_t k = k_begin + int64_t(c) * kChunk + ks * 16 + 2 * t4;  // even, and K is a multiple of 8
+    const float* row = a.fn + j * K;
+    const float2 b0 = k < K ? __ldg(reinterpret_cast<const float2*>(row + k)) : float2{0.f, 0.f};
+    const float2 b1 = k + 8 < K ? __ldg(reinterpret_cast<const float2*>(row + k + 8)) : float2{0.f, 0.f};
+    uint4 o;
+    split_pair<S>(b0, o.x, o.z);
+    split_pair<S>(b1, o.y, o.w);
+    fn_s[i] = o;
+  }
+
+  // ---- 3. a stage's projection and squares on tensor cores. The squares are the diagonal of the m-tile's
+  // x x^T, from the A fragments already loaded (two more mma per m-tile instead of unpacking and squaring on
+  // the ALUs): D[r][c] of the first holds tokens (r, c), of the second (r, c + 8).
+  float acc[Sh::MTILES][Sh::NT][4];
+  float gram[Sh::MTILES][2][4];
   auto clear = [&] {
-    sq[0] = sq[1] = 0.f;
 #pragma unroll
-    for (int nt = 0; nt < Sh::NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    for (int mt = 0; mt < Sh::MTILES; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) gram[mt][0][e] = gram[mt][1][e] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < Sh::NT; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+    }
   };
-  auto mma_stage = [&](const S* xs, const float* fs) {
+  auto mma_stage = [&](const S* xs, const uint4* fc) {
+    std::uint32_t hi[Sh::NT][2], lo[Sh::NT][2];
 #pragma unroll
-    for (int ks = 0; ks < Sh::KSW; ++ks) {
-      const int kk = (wk * Sh::KSW + ks) * 16;
-      std::uint32_t hi[Sh::NT][2], lo[Sh::NT][2];
+    for (int nt = 0; nt < Sh::NT; ++nt) {
+      const uint4 v = fc[(warp * M + nt * 8 + g) * 4 + tq];
+      hi[nt][0] = v.x, hi[nt][1] = v.y, lo[nt][0] = v.z, lo[nt][1] = v.w;
+    }
 #pragma unroll
-      for (int nt = 0; nt < Sh::NT; ++nt) {
-        const float* row = fs + (nt * 8 + g) * kFRow + kk + 2 * tq;
-        split_pair<S>(*reinterpret_cast<const float2*>(row), hi[nt][0], lo[nt][0]);
-        split_pair<S>(*reinterpret_cast<const float2*>(row + 8), hi[nt][1], lo[nt][1]);
-      }
+    for (int mt = 0; mt < Sh::MTILES; ++mt) {
       std::uint32_t af[4];
-      ldmatrix_x4(af, xs + (wm * 16 + (lane & 15)) * kXRow + kk + (lane >> 4) * 8);
-      sq[0] += sum_sq_pair<S>(af[0]) + sum_sq_pair<S>(af[2]);
-      sq[1] += sum_sq_pair<S>(af[1]) + sum_sq_pair<S>(af[3]);
+      ldmatrix_x4(af, xs + (mt * 16 + (lane & 15)) * kXRow + warp * 16 + (lane >> 4) * 8);
 #pragma unroll
       for (int nt = 0; nt < Sh::NT; ++nt) {
-        mma_16816<S>(acc[nt], af, lo[nt]);
-        mma_16816<S>(acc[nt], af, hi[nt]);
+        mma_16816<S>(acc[mt][nt], af, lo[nt]);
+        mma_16816<S>(acc[mt][nt], af, hi[nt]);
       }
+      const std::uint32_t first[2] = {af[0], af[2]}, second[2] = {af[1], af[3]};
+      mma_16816<S>(gram[mt][0], af, first);
+      mma_16816<S>(gram[mt][1], af, second);
     }
   };
 
-  // ---- 4. end of wave w's projection: the k-warps' sums in scratch in a fixed order (k-warp 0 first), parked
-  // as partial row `slice` of the tile's tokens, then the wave's counter raised
+  // ---- 4. end of wave w's projection: the 8 warps' sums meet in SLOTS scratch copies in two rounds (warps 0-3
+  // store, warps 4-7 add), are summed over the copies in a fixed order and parked as partial row `slice` of the
+  // tile's tokens; then the wave's counter is raised
   auto finish_wave = [&](int w) {
+    float* slot = scratch + (warp % Sh::SLOTS) * (kTile * PART);
+    const bool diag = (g >> 1) == tq;  // this lane holds x x^T's diagonal for tokens g and g + 8
+    const int e = g & 1;
+    for (int round = 0; round < 2; ++round) {
+      if (warp / Sh::SLOTS == round) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 1);
-      sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 2);
-    }
-    for (int round = 0; round < Sh::WK; ++round) {
-      if (wk == round) {
-        const int row = wm * 16 + g;
+        for (int mt = 0; mt < Sh::MTILES; ++mt) {
+          const int row = mt * 16 + g;
 #pragma unroll
-        for (int nt = 0; nt < Sh::NT; ++nt) {
-          float* d = scratch + row * PART + nt * 8 + 2 * tq;
-          if (round == 0) {
-            d[0] = acc[nt][0], d[1] = acc[nt][1], d[8 * PART] = acc[nt][2], d[8 * PART + 1] = acc[nt][3];
-          } else {
-            d[0] += acc[nt][0], d[1] += acc[nt][1], d[8 * PART] += acc[nt][2], d[8 * PART + 1] += acc[nt][3];
+          for (int nt = 0; nt < Sh::NT; ++nt) {
+            float* d = slot + row * PART + nt * 8 + 2 * tq;
+            if (round == 0) {
+              d[0] = acc[mt][nt][0], d[1] = acc[mt][nt][1];
+              d[8 * PART] = acc[mt][nt][2], d[8 * PART + 1] = acc[mt][nt][3];
+            } else {
+              d[0] += acc[mt][nt][0], d[1] += acc[mt][nt][1];
+              d[8 * PART] += acc[mt][nt][2], d[8 * PART + 1] += acc[mt][nt][3];
+            }
           }
-        }
-        if (tq == 0) {
-          float* d = scratch + row * PART + M;
-          if (round == 0) d[0] = sq[0], d[8 * PART] = sq[1];
-          else d[0] += sq[0], d[8 * PART] += sq[1];
+          if (diag) {  // selects, not indexing by e: the accumulators stay in registers
+            const float own = e ? gram[mt][0][1] : gram[mt][0][0], own8 = e ? gram[mt][1][3] : gram[mt][1][2];
+            float* d = slot + row * PART + M;
+            if (round == 0) d[0] = own, d[8 * PART] = own8;
+            else d[0] += own, d[8 * PART] += own8;
+          }
         }
       }
       __syncthreads();
@@ -209,7 +226,10 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
     const int64_t t0 = w * wave_tokens + int64_t(tile) * kTile;
     for (int i = tid; i < kTile * PART; i += kThreads) {
       const int64_t t = t0 + i / PART;
-      if (t < T) parked(a.layer_input, t, C)[slice * PART + i % PART] = scratch[i];
+      float v = scratch[i];
+#pragma unroll
+      for (int c = 1; c < Sh::SLOTS; ++c) v += scratch[c * (kTile * PART) + i];
+      if (t < T) parked(a.layer_input, t, C)[slice * PART + i % PART] = v;
     }
     __threadfence();  // this thread's parked rows are visible device-wide before the count says so
     __syncthreads();
@@ -237,7 +257,13 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
       const float* src = parked(a.layer_input, t0 + p / PART, C) + p % PART;
       const int s_end = std::min(a.slices, (wy + 1) * per_way);
       float v = 0.f;
-      for (int s = wy * per_way; s < s_end; ++s) v += __ldcg(src + s * PART);
+      int s = wy * per_way;
+      for (; s + 4 <= s_end; s += 4) {  // four loads in flight, added in order
+        const float v0 = __ldcg(src + s * PART), v1 = __ldcg(src + (s + 1) * PART);
+        const float v2 = __ldcg(src + (s + 2) * PART), v3 = __ldcg(src + (s + 3) * PART);
+        v = (((v + v0) + v1) + v2) + v3;
+      }
+      for (; s < s_end; ++s) v += __ldcg(src + s * PART);
       if (ways == 1) sums[p] = v;
       else ways_sum[q] = v;
     }
@@ -251,7 +277,8 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
       __syncthreads();
     }
 
-    // 5b. rstd and the sigmoids, a thread per token
+    // 5b. rstd, the sigmoids and comb's Sinkhorn input, a thread per token (the Sinkhorns run at the end, all
+    // the block's tokens at once: one warp's serial chain per wave would hold the whole block)
     if (tid < tokens) {
       const int64_t t = t0 + tid;
       const float* row = sums + tid * PART;
@@ -262,72 +289,86 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
         a.h_pre[t * N + i] = hp[tid * N + i];
       }
       store_post_coefficients<N>(row, rstd, s_post, a.base, a.k, t, a.h_post, a.mixes, a.rstd);
+#pragma unroll
+      for (int r = 0; r < N * N; ++r) a.comb[t * N * N + r] = row[2 * N + r] * rstd * s_res + __ldg(a.base + 2 * N + r);
     }
     __syncthreads();  // h_pre of every token; the parked rows are all read: layer_input may be written
 
-    // 5c. Sinkhorn on warp 0; layer_input = sum_i h_pre[i] x[i] on the others, two loads deep
-    if (warp == 0) {
-      for (int tl = lane; tl < tokens; tl += 32) {
-        const float* row = sums + tl * PART;
-        store_comb<N>(row, rstd_from(row[M], float(N * C), a.k.norm_eps), s_res, a.base, a.k, t0 + tl, a.comb);
+    // 5c. layer_input = sum_i h_pre[i] x[i], x from L2, kBatch work items (token tl, pack pk) in flight per thread
+    constexpr int kBatch = N <= 2 ? 4 : 3;
+    const int packs = static_cast<int>(C / P);
+    int tl = tid / packs, pk = tid % packs;
+    while (tl < tokens) {
+      Pack<S> xp[kBatch][N];
+      int at_t[kBatch], at_p[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        at_t[b] = tl, at_p[b] = pk;
+        if (tl < tokens) {
+#pragma unroll
+          for (int i = 0; i < N; ++i) xp[b][i] = load_pack_stream(a.x + (t0 + tl) * K + i * C + int64_t(pk) * P);
+        }
+        pk += kThreads;
+        if (pk >= packs) tl += pk / packs, pk %= packs;
       }
-      return;
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        if (at_t[b] >= tokens) break;
+        float v[P];
+#pragma unroll
+        for (int e = 0; e < P; ++e) v[e] = 0.f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          const float h = hp[at_t[b] * N + i];
+#pragma unroll
+          for (int e = 0; e < P; ++e) v[e] += h * to_math(xp[b][i].v[e]);
+        }
+        Pack<S> out;
+#pragma unroll
+        for (int e = 0; e < P; ++e) out.v[e] = from_math<S>(v[e]);
+        store_pack(a.layer_input + (t0 + at_t[b]) * C + int64_t(at_p[b]) * P, out);
+      }
     }
-    const int packs = static_cast<int>(C / P), work = tokens * packs, rank = tid - 32, stride = kThreads - 32;
-    auto x_at = [&](int q) { return a.x + (t0 + q / packs) * K + (q % packs) * P; };
-    auto aggregate = [&](int q, const Pack<S> (&xp)[N]) {
-      const int tl = q / packs;
-      float v[P];
+  };
+
+  // ---- 6. comb = Sinkhorn of the inputs 5b stored there, for every token the block aggregated
+  auto sinkhorns = [&] {
+    __syncthreads();  // this block's comb inputs are written (by other threads of the block)
+    for (int w = 0; w < a.waves; ++w) {
+      const int64_t w0 = w * wave_tokens, in_wave = std::min(T, w0 + wave_tokens) - w0;
+      const int64_t t0 = w0 + in_wave * blockIdx.x / grid;
+      const int tokens = static_cast<int>(w0 + in_wave * (blockIdx.x + 1) / grid - t0);
+      for (int tl = tid; tl < tokens; tl += kThreads) {
+        float* c = a.comb + (t0 + tl) * N * N;
+        float p[N * N];
 #pragma unroll
-      for (int e = 0; e < P; ++e) v[e] = 0.f;
+        for (int r = 0; r < N * N; ++r) p[r] = c[r];
+        sinkhorn_forward_reg<N, true>(p, a.k.eps, a.k.iters);
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float h = hp[tl * N + i];
-#pragma unroll
-        for (int e = 0; e < P; ++e) v[e] += h * to_math(xp[i].v[e]);
+        for (int r = 0; r < N * N; ++r) c[r] = p[r];
       }
-      Pack<S> out;
-#pragma unroll
-      for (int e = 0; e < P; ++e) out.v[e] = from_math<S>(v[e]);
-      store_pack(a.layer_input + (t0 + tl) * C + (q % packs) * P, out);
-    };
-    if (rank >= work) return;
-    Pack<S> cur[N];
-#pragma unroll
-    for (int i = 0; i < N; ++i) cur[i] = load_pack_stream(x_at(rank) + i * C);
-    for (int q = rank;; q += stride) {
-      const bool more = q + stride < work;
-      Pack<S> nxt[N];
-      if (more)
-#pragma unroll
-        for (int i = 0; i < N; ++i) nxt[i] = load_pack_stream(x_at(q + stride) + i * C);
-      aggregate(q, cur);
-      if (!more) break;
-#pragma unroll
-      for (int i = 0; i < N; ++i) cur[i] = nxt[i];
     }
   };
 
   // ---- the launch: project wave w through the ring, then aggregate wave w - 1 while wave w + 1 loads
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s, s);
   clear();
   int stage = 0;
   for (int q = 0; q < total; ++q) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // chunk q (and fn) visible to all; every warp is done with the stage refilled next
     issue(q + kStages - 1, stage == 0 ? kStages - 1 : stage - 1);
-    mma_stage(ring + stage * (kTile * kXRow), fn_s + (q % cps) * (M * kFRow));
+    mma_stage(ring + stage * (kTile * kXRow), fn_s + (q % cps) * (L::FN_CHUNK / 16));
     stage = stage == kStages - 1 ? 0 : stage + 1;
     if (q % cps == cps - 1) {
       const int w = q / cps;
       finish_wave(w);
-      clear();
       if (w >= 1) coefficients_and_aggregate(w - 1);
+      clear();  // after the aggregate: the zeros need no registers there
     }
   }
   cp_async_wait<0>();
   coefficients_and_aggregate(a.waves - 1);
+  sinkhorns();
 #endif
 }
 
