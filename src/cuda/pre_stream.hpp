@@ -13,8 +13,8 @@ namespace mhc::cuda_impl {
 //     faster on H200 there: docs/cuda_notes.md, v5)
 //   fused: the streaming pre, post+pre always fused into it
 //   cluster: the cluster kernels of pre.cu
-//   wave: the wave pre (pre_wave.cu) wherever it can run, the streaming pre elsewhere; by default the wave pre
-//     runs from two waves of tokens on when the caller gives its workspace
+//   wave: the wave pre (pre_wave.cu) wherever it can run and the caller gives its workspace, the streaming pre
+//     elsewhere (off by default: slower than the streaming pre on the H200 so far)
 enum class PrePath { stream, fused, cluster };
 PrePath pre_path();
 constexpr std::int64_t kFusedPostPreTokens = 16;

@@ -16,6 +16,7 @@
 // all the others): the launch is cooperative, and the counters (one int per wave) are a caller-owned workspace
 // that the host zeroes on the stream before the launch.
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -84,6 +85,8 @@ template <class S> struct WaveArgs {
   int slice_chunks;      // ... of this many chunks ...
   int tiles;             // ... for token tile b % tiles of every wave
   int waves;
+  int probe;             // MHC_CUDA_WAVE_PROBE (diagnosis only): 1 prints per-phase cycles of a few blocks,
+                         // 2 also skips the waits (wrong results), 3 skips the aggregates (wrong results)
   SiteConsts<float> k;
 };
 
@@ -238,10 +241,15 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
 
   // ---- 5. coefficients and aggregate of wave w, for the block's share of its tokens
   const float s_pre = scale_of(a.scale, 0), s_post = scale_of(a.scale, 1), s_res = scale_of(a.scale, 2);
+  long long cycles_wait = 0, cycles_agg = 0, cycles_begin = clock64();
   auto coefficients_and_aggregate = [&](int w) {
-    if (tid == 0)
+    const long long c0 = clock64();
+    if (tid == 0 && a.probe != 2)
       while (load_acquire(a.arrived + w) < grid) __nanosleep(64);
     __syncthreads();
+    const long long c1 = clock64();
+    cycles_wait += c1 - c0;
+    if (a.probe == 3) return;
     const int64_t w0 = w * wave_tokens, in_wave = std::min(T, w0 + wave_tokens) - w0;
     const int64_t t0 = w0 + in_wave * blockIdx.x / grid;
     const int tokens = static_cast<int>(w0 + in_wave * (blockIdx.x + 1) / grid - t0);
@@ -362,13 +370,22 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
     if (q % cps == cps - 1) {
       const int w = q / cps;
       finish_wave(w);
-      if (w >= 1) coefficients_and_aggregate(w - 1);
+      if (w >= 1) {
+        const long long c = clock64();
+        coefficients_and_aggregate(w - 1);
+        cycles_agg += clock64() - c;
+      }
       clear();  // after the aggregate: the zeros need no registers there
     }
   }
   cp_async_wait<0>();
+  const long long c_last = clock64();
   coefficients_and_aggregate(a.waves - 1);
+  cycles_agg += clock64() - c_last;
   sinkhorns();
+  if (a.probe && tid == 0 && (blockIdx.x == 0 || blockIdx.x == 1 || blockIdx.x == gridDim.x - 1))
+    printf("wave probe block %d: total %lld cycles, waiting %lld, aggregating (with the waits) %lld, waves %d\n", int(blockIdx.x),
+           clock64() - cycles_begin, cycles_wait, cycles_agg, a.waves);
 #endif
 }
 
@@ -407,7 +424,9 @@ bool plan_wave(WavePlan& p, int64_t T, int64_t C, int n, int part, int elem_byte
     const int64_t slices = (chunks + cps - 1) / cps;
     if (slices > parked_rows || slices > sms) continue;
     const int64_t tiles_by_sm = sms / slices;
-    const int64_t tiles_by_l2 = std::max<int64_t>(1, kWaveBytes / (int64_t(kTile) * n * C * elem_bytes));
+    const char* mb = std::getenv("MHC_CUDA_WAVE_MB");  // diagnosis: another wave size
+    const int64_t wave_bytes = mb && std::atoi(mb) > 0 ? (int64_t(std::atoi(mb)) << 20) : kWaveBytes;
+    const int64_t tiles_by_l2 = std::max<int64_t>(1, wave_bytes / (int64_t(kTile) * n * C * elem_bytes));
     const int64_t tiles = std::min(tiles_by_sm, tiles_by_l2);
     const double use = double(chunks) / double(slices * cps) * double(slices * tiles) / sms;
     if (use >= best - 1e-9) {
@@ -431,12 +450,13 @@ bool wave_shape_ok(const PreForward& a) {
 }
 
 // Whether the wave kernel runs for this call: MHC_CUDA_PRE=wave forces it where it can run, `stream` / `fused` /
-// `cluster` turn it off; by default it runs from two waves of tokens on (tuning key `wave`: 1 on, 0 off).
-bool wave_wanted(const PreForward& a, const WavePlan& p) {
+// `cluster` turn it off. By default it is off (tuning key `wave` = 1 turns it on for a shape): on the H200 it is
+// slower than the streaming pre at every measured shape (docs/cuda_notes.md, "The wave pre").
+bool wave_wanted(const PreForward& a) {
   const char* v = std::getenv("MHC_CUDA_PRE");
   if (v && *v) return std::strcmp(v, "wave") == 0;
   const TuningKey key{"pre_forward", static_cast<int>(a.x.shape[1]), a.x.dtype, a.x.shape[2], a.x.shape[0]};
-  return tuned(key, "wave", a.x.shape[0] >= 2 * p.wave_tokens ? 1 : 0) != 0;
+  return tuned(key, "wave", 0) != 0;
 }
 
 template <class F> decltype(auto) with_wave_types(const PreForward& a, F&& f) {
@@ -450,13 +470,12 @@ template <class F> decltype(auto) with_wave_types(const PreForward& a, F&& f) {
 
 // The plan of a call, or false when the wave kernel does not run for it.
 bool wave_plan_for(const PreForward& a, WavePlan& p) {
-  if (a.x.shape[0] == 0 || !wave_shape_ok(a)) return false;
+  if (a.x.shape[0] == 0 || !wave_shape_ok(a) || !wave_wanted(a)) return false;
   const int n = static_cast<int>(a.x.shape[1]);
   const int elem = 2, part = n * n + 2 * n + 1;
   const DeviceInfo& dev = current_device_info();
   if (dev.major < 9) return false;
   if (!plan_wave(p, a.x.shape[0], a.x.shape[2], n, part, elem, dev.sm_count)) return false;
-  if (!wave_wanted(a, p)) return false;
   return with_wave_types(a, [&](auto tag, auto nc) {
     using S = typename decltype(tag)::type;
     constexpr int N = decltype(nc)::value;
@@ -501,6 +520,8 @@ bool pre_wave_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t st
     w.tiles = p.tiles;
     w.waves = p.waves;
     w.k = site_consts<float>(cfg);
+    const char* probe = std::getenv("MHC_CUDA_WAVE_PROBE");
+    w.probe = probe ? std::atoi(probe) : 0;
     MHC_CUDA_CHECK(cudaMemsetAsync(w.arrived, 0, std::size_t(p.waves) * sizeof(int), stream));
     cudaLaunchConfig_t lc{};
     lc.gridDim = dim3(static_cast<unsigned>(p.blocks()));

@@ -102,7 +102,7 @@ void run_pre(DType d, const Shape& s, bool with_fn, bool with_saved) {
   PreForward a{dx.view(), with_fn ? dfn.view() : TensorView{}, dbase.view(), with_fn ? dscale.view() : TensorView{},
                dli.view(), dhp.view(), dhpo.view(), dcb.view(), with_saved ? dmx.view() : TensorView{},
                with_saved ? drs.view() : TensorView{}};
-  // the workspace that lets the fastest pre run (the wave pre: from two waves of tokens, or under MHC_CUDA_PRE=wave)
+  // the workspace the wave pre needs where it runs (MHC_CUDA_PRE=wave; 0 bytes elsewhere)
   const DeviceWorkspace ws(pre_forward_workspace_bytes(a, cfg, cuda_ctx()));
   a.workspace = ws.view();
   std::vector<Output> outs = {{"layer_input", &li, &dli, stream_tol(d)},
