@@ -174,7 +174,10 @@ def test_kernel_calls_do_not_leak_their_string_arguments():
     logits = torch.rand(1, 2, 2)
     for _ in range(2000):
         ops._sinkhorn_op.kernel(logits, 2, 1e-6, "auto")
-    before = resident_mib()
-    for _ in range(200_000):
-        ops._sinkhorn_op.kernel(logits, 2, 1e-6, "auto")
-    assert resident_mib() - before < 3
+    growth = []
+    for _ in range(2):  # a leak grows the resident set every round; the allocator's own growth (after many other
+        before = resident_mib()  # tests in the process) shows once
+        for _ in range(200_000):
+            ops._sinkhorn_op.kernel(logits, 2, 1e-6, "auto")
+        growth.append(resident_mib() - before)
+    assert min(growth) < 3, growth
