@@ -11,7 +11,8 @@
 // Every tensor is contiguous, on one device, and owned by the caller: ops write into the given
 // outputs and never allocate. Outputs are overwritten, not accumulated into. Optional tensors are
 // TensorView::absent(). Backward ops that reduce parameter gradients over tokens take a workspace
-// whose size the matching *_workspace_bytes query returns (possibly 0).
+// whose size the matching *_workspace_bytes query returns (possibly 0); the forward pre and post+pre take an
+// optional one that lets a kernel needing it run (without it they run another).
 //
 // Bad arguments throw InvalidArgument / DTypeError / DeviceError naming the argument.
 #pragma once

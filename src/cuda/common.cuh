@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -117,6 +118,23 @@ template <class K> void allow_dynamic_smem(K kernel, std::size_t bytes, bool pre
     MHC_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   have = bytes > 0 ? bytes : 1;
+}
+
+// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that one SM holds at once (0: the kernel
+// does not fit), asked once per (device, kernel, threads, smem bytes).
+template <class K> int resident_blocks_per_sm(K kernel, int threads, int smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int, int>, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(current_device_info().index, reinterpret_cast<const void*>(kernel), threads, smem);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) {
+    cudaGetLastError();
+    blocks = 0;
+  }
+  return known[key] = blocks;
 }
 
 // ---- host-side dispatch over the storage type -------------------------------------------------

@@ -518,24 +518,6 @@ __global__ void __launch_bounds__(kThreads) coef_aggregate_kernel(const CoefArgs
 
 // ================================ host side ========================================================
 
-// Resident blocks per SM of a kernel (0: does not fit), once per (device, kernel).
-template <class K> int blocks_per_sm(K kernel, int smem) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, const void*>, int> known;
-  const int dev = current_device_info().index;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(dev, reinterpret_cast<const void*>(kernel));
-  const auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
-    cudaGetLastError();
-    blocks = 0;
-  }
-  known[key] = blocks;
-  return blocks;
-}
-
 // Most partial rows a tile of `cpt` chunks gets from runs of `per_block` chunks.
 int64_t max_runs_per_tile(int64_t cpt, int64_t per_block) {
   if (per_block % cpt == 0) return 1;
@@ -594,7 +576,7 @@ bool launch_stream(ProjArgs<S> pa, CoefArgs<S> ca, const TuningKey& key, cudaStr
   if (smem > current_device_info().max_smem_optin) return false;
   const auto project = &project_kernel<S, N, MT, kPost>;
   allow_dynamic_smem(project, std::size_t(smem));
-  const int resident = blocks_per_sm(project, smem);
+  const int resident = resident_blocks_per_sm(project, kThreads, smem);
   if (resident == 0) return false;
   const int64_t cpt = kPost ? (pa.C + Sh::KCC - 1) / Sh::KCC : (int64_t(N) * pa.C + kChunk - 1) / kChunk;
   StreamPlan plan;

@@ -391,22 +391,6 @@ __global__ void __launch_bounds__(kThreads, 1) pre_wave_kernel(const WaveArgs<S>
 
 // ---- host side ------------------------------------------------------------------------------------------------
 
-// Resident blocks per SM, once per (device, kernel, smem bytes).
-template <class Kernel> int resident_blocks(Kernel kernel, int smem) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, int>, int> known;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(current_device_info().index, reinterpret_cast<const void*>(kernel), smem);
-  const auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
-    cudaGetLastError();
-    blocks = 0;
-  }
-  return known[key] = blocks;
-}
-
 struct WavePlan {
   int slices = 0, slice_chunks = 0, tiles = 0, waves = 0;
   int64_t wave_tokens = 0;
@@ -482,7 +466,7 @@ bool wave_plan_for(const PreForward& a, WavePlan& p) {
     const int smem = WaveSmem<S, N>::bytes(p.slice_chunks);
     if (smem > dev.max_smem_optin) return false;
     allow_dynamic_smem(&pre_wave_kernel<S, N>, std::size_t(smem));
-    return resident_blocks(&pre_wave_kernel<S, N>, smem) >= 1;
+    return resident_blocks_per_sm(&pre_wave_kernel<S, N>, kThreads, smem) >= 1;
   });
 }
 
