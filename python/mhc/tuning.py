@@ -49,10 +49,11 @@ VERSION = 1
 # The parameters the CUDA backend reads, per op, with the values it accepts.
 # Per op, every parameter an entry may set: the cluster kernel's `cluster` and `tile` (f32, and any dtype under
 # MHC_CUDA_PRE=cluster), the streaming kernels' `stream_tile` (tokens per projection tile) and `stream_group`
-# (tokens per coefficient block) for 16-bit streams (the default path there; docs/TUNING.md).
+# (tokens per coefficient block) for 16-bit streams (the default path there; docs/TUNING.md), and `wave` (1: the wave
+# pre for that shape, where it runs; not searched by `mhc tune`: slower than the streaming pre on the H200 so far).
 PARAMS: Dict[str, Dict[str, Sequence[int]]] = {
     "pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32), "stream_tile": (16, 64, 128),
-                    "stream_group": (1, 2, 4, 8)},
+                    "stream_group": (1, 2, 4, 8), "wave": (0, 1)},
     "post_pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32), "stream_tile": (16, 64, 128),
                          "stream_group": (1, 2, 4, 8)},
 }
