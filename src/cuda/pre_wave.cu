@@ -11,7 +11,9 @@
 //   2. coefficients and aggregate of wave w - 1, once every block has arrived there: for the block's share of
 //      that wave's tokens, the fixed-order sum of the k-slices' partial rows, rstd, the sigmoids and layer_input =
 //      sum_i h_pre[i] x[i], x now read from L2 (comb's Sinkhorns wait for the end of the launch).
-// The ring keeps loading wave w + 1's x while step 2 runs, so the DRAM reads do not pause. Deterministic: every
+// Only the ring's prefetched stages load while step 2 runs: measured on the H200, step 2 takes 44 % of a block's
+// cycles with DRAM idle, and the kernel is slower than the streaming pre, so it is off by default (MHC_CUDA_PRE=wave
+// selects it; docs/cuda_notes.md, "The wave pre", has the figures and the warp-specialised fix). Deterministic: every
 // sum has a fixed order and the counters are integers. Every block must be resident at once (a block waits for
 // all the others): the launch is cooperative, and the counters (one int per wave) are a caller-owned workspace
 // that the host zeroes on the stream before the launch.
