@@ -445,13 +445,19 @@ bool wave_wanted(const PreForward& a) {
   return tuned(key, "wave", 0) != 0;
 }
 
-template <class F> decltype(auto) with_wave_types(const PreForward& a, F&& f) {
-  const int n = static_cast<int>(a.x.shape[1]);
-  auto by_n = [&](auto tag) {
+// f(TypeTag<S>{}, integral_constant<int, N>{}) through the backend's dtype and stream-count dispatch, instantiated
+// only for what wave_shape_ok admits (16-bit S, N in {2, 4}); false for anything else.
+template <class F> bool with_wave_types(const PreForward& a, F&& f) {
+  return dispatch_storage(a.x.dtype, [&](auto tag) -> bool {
     using S = typename decltype(tag)::type;
-    return n == 2 ? f(TypeTag<S>{}, std::integral_constant<int, 2>{}) : f(TypeTag<S>{}, std::integral_constant<int, 4>{});
-  };
-  return a.x.dtype == DType::bf16 ? by_n(TypeTag<__nv_bfloat16>{}) : by_n(TypeTag<__half>{});
+    return dispatch_streams(static_cast<int>(a.x.shape[1]), [&](auto nc) -> bool {
+      constexpr int N = decltype(nc)::value;
+      if constexpr ((std::is_same_v<S, __nv_bfloat16> || std::is_same_v<S, __half>) && (N == 2 || N == 4))
+        return f(tag, nc);
+      else
+        return false;
+    });
+  });
 }
 
 // The plan of a call, or false when the wave kernel does not run for it.
