@@ -174,6 +174,32 @@ TEST_F(Errors, WorkspaceTooSmall) {
   EXPECT_TRUE(throws<InvalidArgument>([&] { head_backward(ha, cfg, kFast); }, "workspace: expected at least"));
 }
 
+// The forward pre's workspace queries validate x like the op and need no bytes on the CPU backends; the ops take the
+// optional workspace present as well as absent.
+TEST_F(Errors, ForwardWorkspaceQueries) {
+  PreProblem p(s, rng);
+  PostPreProblem pp(s, rng);
+  for (const Context& ctx : {kRef, kFast}) {
+    EXPECT_EQ(pre_forward_workspace_bytes(p.args(), cfg, ctx), 0u);
+    EXPECT_EQ(post_pre_forward_workspace_bytes(pp.args(), cfg, ctx), 0u);
+  }
+  PreForward bad = p.args();
+  const Tensor flat(DType::f32, {s.T, s.n * s.C});
+  bad.x = flat.view();
+  EXPECT_TRUE(throws<InvalidArgument>([&] { pre_forward_workspace_bytes(bad, cfg, kFast); }, "x: expected a 3-D tensor"));
+  PostPreForward bad_pp = pp.args();
+  bad_pp.x = flat.view();
+  EXPECT_TRUE(
+      throws<InvalidArgument>([&] { post_pre_forward_workspace_bytes(bad_pp, cfg, kFast); }, "x: expected a 3-D tensor"));
+  const Tensor ws(DType::f32, {4});
+  PreForward a = p.args();
+  a.workspace = ws.view();
+  EXPECT_NO_THROW(pre_forward(a, cfg, kFast));
+  PostPreForward b = pp.args();
+  b.workspace = ws.view();
+  EXPECT_NO_THROW(post_pre_forward(b, cfg, kFast));
+}
+
 TEST_F(Errors, CudaTensors) {
   PreProblem p(s, rng);
   PreForward a = p.args();
