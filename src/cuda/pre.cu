@@ -811,6 +811,7 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
   const PreForward next = next_pre(a);
   if (!generic_forced()) {
     const PrePath path = pre_path();
+    if (path == PrePath::stream && post_pre_stream_forward(a, cfg, stream, /*direct_only=*/true)) return;
     const bool unfused = post_pre_unfused(a);
     if (path != PrePath::cluster && !unfused && post_pre_stream_forward(a, cfg, stream)) return;
     if (!unfused && try_fused<true>(a.x, &a.y, &a.h_post, &a.comb, &a.x_next, a.fn, a.base, a.scale, a.layer_input,

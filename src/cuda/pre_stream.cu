@@ -137,6 +137,26 @@ struct ChunkCursor {
   }
 };
 
+// Post of one pack: x_next[t, o, c..] = h_post[t, o] y[t, c..] + sum_i comb[t, i, o] x[t, i, c..], in the post
+// kernel's order of operations (so x_next is bit-identical whichever kernel writes it).
+template <class S, int N>
+__device__ __forceinline__ Pack<S> post_pack(const float* post_h, const float* post_comb, int64_t t, int o,
+                                             const Pack<S> (&xp)[N], const Pack<S>& yp) {
+  const float hp = __ldg(post_h + t * N + o);
+  float cb[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) cb[i] = __ldg(post_comb + (t * N + i) * N + o);
+  Pack<S> out;
+#pragma unroll
+  for (int e = 0; e < kPack<S>; ++e) {
+    float acc = hp * to_math(yp.v[e]);
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc += cb[i] * to_math(xp[i].v[e]);
+    out.v[e] = from_math<S>(acc);
+  }
+  return out;
+}
+
 template <class S, int N, int MT, bool kPost>
 __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) project_kernel(const ProjArgs<S> a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -223,18 +243,7 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
       const Pack<S> yp = *reinterpret_cast<const Pack<S>*>(ys + tl * KCC + cl);
 #pragma unroll 1  // one output stream at a time: the accumulators of the projection stay in registers
       for (int o = 0; o < N; ++o) {
-        const float hp = __ldg(a.post_h + t * N + o);
-        float cb[N];
-#pragma unroll
-        for (int st = 0; st < N; ++st) cb[st] = __ldg(a.post_comb + (t * N + st) * N + o);
-        Pack<S> out;
-#pragma unroll
-        for (int e = 0; e < P; ++e) {
-          float acc = hp * to_math(yp.v[e]);
-#pragma unroll
-          for (int st = 0; st < N; ++st) acc += cb[st] * to_math(xp[st].v[e]);
-          out.v[e] = from_math<S>(acc);
-        }
+        const Pack<S> out = post_pack<S, N>(a.post_h, a.post_comb, t, o, xp, yp);
         *reinterpret_cast<Pack<S>*>(xs + tl * Sh::XROW + o * KCC + cl) = out;
         store_pack(a.x_next + (t * N + o) * C + c, out);
       }
@@ -360,6 +369,259 @@ __global__ void __launch_bounds__(kThreads, ProjShape<N, MT>::MIN_BLOCKS) projec
     stage = stage == STAGES - 1 ? 0 : stage + 1;
   }
   cp_async_wait<0>();
+#endif
+}
+
+// ================================ A'. the direct projection (v6) ====================================
+
+// Why: project_kernel moves ~2.2 TB/s whatever its tile and ring, one 256-thread block per SM. A probe of plain
+// loads (docs/cuda_notes.md, v6) moved 2.0-2.9 TB/s with 8 warps per SM and 3.3-3.9 TB/s with 16-64, whatever the
+// run length per row: the warps per SM, not the access pattern, set the rate.
+//
+// Design: every warp streams its own token tiles over one k-slice, with no shared-memory x and no block barrier in
+// its loop. Lane (g, t) loads each of its token rows (g and g + 8 of every m-tile) as 16-byte vectors of 8
+// elements, and those registers ARE its mma A fragments, two k-steps per vector: inside a chunk the k order is
+// permuted (a permutation of k applied to x and fn alike leaves every dot product unchanged). The block's k-slice
+// of fn sits in shared memory, split into hi + lo halves of x's type once per block, in the same permuted order as
+// B fragments. The next chunk's loads are in flight while this one multiplies; two blocks of 8 warps per SM. A warp
+// tile yields one partial row per token and k-slice, parked in layer_input at slot = slice: the layout B reads
+// (runs of one chunk, chunks_per_tile = slices).
+//   pre (kPost = false): a chunk is 64 consecutive k, vector v of lane t holds k = 32 v + 8 t + 0..7; warp tiles
+//     of 32 tokens (two m-tiles).
+//   post+pre (kPost = true): a chunk is 32 channels of every stream, vector v = stream v, channels 8 t + 0..7;
+//     the lane computes x_next = h_post y + comb^T x for its vectors, stores it and projects the stored values;
+//     warp tiles of 16 tokens (registers). Bytes per token: x, y, x_next here, x_next and layer_input in B: the
+//     (3n + 2)C floor of a chained site.
+template <int N, bool kPost> struct DirectShape {
+  static constexpr int M = N * N + 2 * N, PART = M + 1, NT = M / 8;
+  static constexpr int V = kPost ? N : 2;      // 16-byte vectors per token row and chunk
+  static constexpr int MTW = kPost ? 1 : 2;    // m-tiles (16 tokens) per warp tile
+  static constexpr int TOK = 16 * MTW;         // tokens per warp tile
+  static constexpr int CK = 32 * V;            // k elements per chunk
+  static constexpr int MAX_KS = 1024;          // most k elements per slice (fn resident per block)
+  // fn fragments of one chunk: [column tile][part: hi of vector v, then lo of vector v][k-step half h][lane] uint2
+  static constexpr int CHUNK_FRAGS = NT * 2 * V * 2 * 32;  // uint2 per chunk
+  static constexpr int smem_bytes(int chunks) { return chunks * CHUNK_FRAGS * 8; }
+  static_assert(NT * 8 == M, "n * n + 2n must be a multiple of 8");
+};
+constexpr int kDirectWarps = 8, kDirectThreads = 32 * kDirectWarps;
+
+template <class S> struct DirectArgs {
+  const S* x;              // [T, N, C]: pre's x, post+pre's x
+  const S* y;              // post+pre: [T, C]
+  const float* post_h;     // post+pre: [T, N]
+  const float* post_comb;  // post+pre: [T, N, N]
+  S* x_next;               // post+pre: [T, N, C]
+  const float* fn;         // [M, N*C]
+  S* layer_input;          // [T, C]: the partials are parked in its rows
+  int64_t T, C;
+  int ks;                  // k elements per slice (a multiple of the chunk; post+pre: ks / N channels)
+  int slices;              // k-slices
+  int warps_per_slice;     // blocks per slice * kDirectWarps
+};
+
+__device__ __forceinline__ std::uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <class S, int N, bool kPost>
+__global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const DirectArgs<S> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Sh = DirectShape<N, kPost>;
+  constexpr int M = Sh::M, PART = Sh::PART, NT = Sh::NT, V = Sh::V, MTW = Sh::MTW, TOK = Sh::TOK, CK = Sh::CK;
+  extern __shared__ __align__(16) uint2 fn_frag[];
+  allow_dependent_launch();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int64_t T = a.T, C = a.C, K = int64_t(N) * C;
+  const int slice = static_cast<int>(blockIdx.x % a.slices);
+  // pre: k of the slice; post+pre: channels of the slice (every stream)
+  const int64_t s0 = kPost ? int64_t(slice) * (a.ks / N) : int64_t(slice) * a.ks;
+  const int64_t span = kPost ? C - s0 : K - s0;
+  constexpr int unit = kPost ? 32 : CK;  // slice elements (post+pre: channels) per chunk
+  const int chunks = static_cast<int>((std::min<int64_t>(kPost ? a.ks / N : a.ks, span) + unit - 1) / unit);
+  const int64_t tiles = (T + TOK - 1) / TOK;
+  const int64_t first_tile = int64_t(blockIdx.x / a.slices) * kDirectWarps + warp;
+  const int64_t my_tiles = first_tile < tiles ? (tiles - 1 - first_tile) / a.warps_per_slice + 1 : 0;
+  // Offset of vector v's first element in a token's row of x (zero past T or the row: K % 8 == 0, so a vector is
+  // whole or absent), and whether it is inside the row.
+  auto vec_k = [&](int c, int v) -> int64_t {
+    return kPost ? int64_t(v) * C + s0 + int64_t(c) * 32 + 8 * tq : s0 + int64_t(c) * CK + 32 * v + 8 * tq;
+  };
+  auto vec_in = [&](int c, int v) -> bool {
+    return kPost ? s0 + int64_t(c) * 32 + 8 * tq < C : s0 + int64_t(c) * CK + 32 * v + 8 * tq < K;
+  };
+
+  // ---- 1. a chunk of the tile into registers: rows g and g + 8 of each m-tile (post+pre: and y's channels)
+  using Frags = uint4[MTW][2][V];  // [m-tile][row g, g + 8][vector]
+  using YFrags = uint4[kPost ? MTW : 1][2];
+  auto load = [&](int64_t tile, int c, Frags& v, YFrags& yv) {
+#pragma unroll
+    for (int mt = 0; mt < MTW; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t t = tile * TOK + mt * 16 + g + 8 * r;
+#pragma unroll
+        for (int vv = 0; vv < V; ++vv)
+          v[mt][r][vv] = t < T && vec_in(c, vv) ? __ldcs(reinterpret_cast<const uint4*>(a.x + t * K + vec_k(c, vv)))
+                                                : make_uint4(0, 0, 0, 0);
+        if constexpr (kPost)
+          yv[mt][r] = t < T && vec_in(c, 0)
+                          ? __ldcs(reinterpret_cast<const uint4*>(a.y + t * C + s0 + int64_t(c) * 32 + 8 * tq))
+                          : make_uint4(0, 0, 0, 0);
+      }
+  };
+  Frags cur, nxt;
+  YFrags ycur, ynxt;
+  if (my_tiles > 0) load(first_tile, 0, cur, ycur);  // in flight while fn is staged
+
+  // ---- 2. fn's k-slice as hi/lo B fragments in the permuted order: lane (g, t), vector v of chunk c holds fn[row][k]
+  // for row = column tile * 8 + g and k = vec_k(c, v) + 0..7 of lane t; k-step half h takes words 2h, 2h + 1
+  for (int i = threadIdx.x; i < chunks * NT * V * 32; i += kDirectThreads) {
+    const int l = i % 32, vv = i / 32 % V, nt = i / (32 * V) % NT, c = i / (32 * V * NT);
+    const int lt = l & 3;
+    const int64_t row = nt * 8 + (l >> 2);
+    const int64_t k = kPost ? int64_t(vv) * C + s0 + int64_t(c) * 32 + 8 * lt : s0 + int64_t(c) * CK + 32 * vv + 8 * lt;
+    const bool in = kPost ? s0 + int64_t(c) * 32 + 8 * lt < C : k < K;
+    float4 f[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+    if (in) {
+      f[0] = __ldg(reinterpret_cast<const float4*>(a.fn + row * K + k));
+      f[1] = __ldg(reinterpret_cast<const float4*>(a.fn + row * K + k + 4));
+    }
+    std::uint32_t hi[4], lo[4];
+    split_pair<S>(make_float2(f[0].x, f[0].y), hi[0], lo[0]);
+    split_pair<S>(make_float2(f[0].z, f[0].w), hi[1], lo[1]);
+    split_pair<S>(make_float2(f[1].x, f[1].y), hi[2], lo[2]);
+    split_pair<S>(make_float2(f[1].z, f[1].w), hi[3], lo[3]);
+    uint2* d = fn_frag + (c * Sh::CHUNK_FRAGS) + (nt * 2 * V * 2) * 32 + l;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      d[(vv * 2 + h) * 32] = make_uint2(hi[2 * h], hi[2 * h + 1]);
+      d[((V + vv) * 2 + h) * 32] = make_uint2(lo[2 * h], lo[2 * h + 1]);
+    }
+  }
+  __syncthreads();
+  if (my_tiles == 0) return;
+
+  // ---- 3. post+pre: x_next = h_post y + comb^T x of the lane's vectors, stored, and kept (as stored) for the mma
+  auto post = [&](int64_t tile, int c, Frags& v, const YFrags& yv) {
+    if constexpr (kPost) {
+#pragma unroll
+      for (int mt = 0; mt < MTW; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t t = tile * TOK + mt * 16 + g + 8 * r;
+          if (t >= T || !vec_in(c, 0)) continue;  // zero in, zero out: the projection sees zeros there
+          Pack<S> xp[N], yp;
+#pragma unroll
+          for (int i = 0; i < N; ++i) *reinterpret_cast<uint4*>(&xp[i]) = v[mt][r][i];
+          *reinterpret_cast<uint4*>(&yp) = yv[mt][r];
+#pragma unroll 1  // one output stream at a time: registers for the next chunk's loads
+          for (int o = 0; o < N; ++o) {
+            const Pack<S> out = post_pack<S, N>(a.post_h, a.post_comb, t, o, xp, yp);
+            store_pack(a.x_next + t * K + vec_k(c, o), out);
+            // registers are indexed at compile time only: select the output vector by a switch on o
+#pragma unroll
+            for (int q = 0; q < N; ++q)
+              if (q == o) v[mt][r][q] = *reinterpret_cast<const uint4*>(&out);
+          }
+        }
+    }
+  };
+
+  // ---- 4. one chunk on tensor cores (lo, then hi: the order of every partial is fixed), squares on the ALUs
+  float acc[MTW][NT][4], sq[MTW][2];
+  auto clear = [&] {
+#pragma unroll
+    for (int mt = 0; mt < MTW; ++mt) {
+      sq[mt][0] = sq[mt][1] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+    }
+  };
+  auto multiply = [&](const Frags& v, int c) {
+    const uint2* fc = fn_frag + c * Sh::CHUNK_FRAGS + lane;
+#pragma unroll
+    for (int vv = 0; vv < V; ++vv)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        std::uint32_t bhi[NT][2], blo[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint2 fh = fc[((nt * 2 * V + vv) * 2 + h) * 32], fl = fc[((nt * 2 * V + V + vv) * 2 + h) * 32];
+          bhi[nt][0] = fh.x, bhi[nt][1] = fh.y, blo[nt][0] = fl.x, blo[nt][1] = fl.y;
+        }
+#pragma unroll
+        for (int mt = 0; mt < MTW; ++mt) {
+          const std::uint32_t af[4] = {word(v[mt][0][vv], 2 * h), word(v[mt][1][vv], 2 * h),
+                                       word(v[mt][0][vv], 2 * h + 1), word(v[mt][1][vv], 2 * h + 1)};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            mma_16816<S>(acc[mt][nt], af, blo[nt]);
+            mma_16816<S>(acc[mt][nt], af, bhi[nt]);
+          }
+        }
+      }
+#pragma unroll
+    for (int mt = 0; mt < MTW; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int vv = 0; vv < V; ++vv) {
+          const uint4& p = v[mt][r][vv];
+          sq[mt][r] += (sum_sq_pair<S>(p.x) + sum_sq_pair<S>(p.y)) + (sum_sq_pair<S>(p.z) + sum_sq_pair<S>(p.w));
+        }
+  };
+
+  // ---- 5. end of a tile: the partial rows of its tokens for this slice, parked at slot = slice
+  auto finish = [&](int64_t tile) {
+#pragma unroll
+    for (int mt = 0; mt < MTW; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float s = sq[mt][r];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        const int64_t t = tile * TOK + mt * 16 + g + 8 * r;
+        if (t >= T) continue;
+        float* row = parked(a.layer_input, t, C) + slice * PART;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          row[nt * 8 + 2 * tq] = acc[mt][nt][2 * r];
+          row[nt * 8 + 2 * tq + 1] = acc[mt][nt][2 * r + 1];
+        }
+        if (tq == 0) row[M] = s;
+      }
+  };
+
+  // ---- the warp's tiles: first_tile, + warps_per_slice, ...; chunk c + 1 loads while chunk c is worked on
+  clear();
+  int64_t tile = first_tile;
+  int c = 0;
+  for (int64_t left = my_tiles;;) {
+    const bool last_chunk = c + 1 == chunks;
+    const bool more = !last_chunk || left > 1;
+    const int64_t next_tile = last_chunk ? tile + a.warps_per_slice : tile;
+    const int next_c = last_chunk ? 0 : c + 1;
+    if (more) load(next_tile, next_c, nxt, ynxt);
+    post(tile, c, cur, ycur);
+    multiply(cur, c);
+    if (last_chunk) {
+      finish(tile);
+      clear();
+      if (--left == 0) break;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MTW; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int vv = 0; vv < V; ++vv) cur[mt][r][vv] = nxt[mt][r][vv];
+        if constexpr (kPost) ycur[mt][r] = ynxt[mt][r];
+      }
+    tile = next_tile;
+    c = next_c;
+  }
 #endif
 }
 
@@ -534,6 +796,13 @@ struct StreamPlan {
   int slices = 1;
 };
 
+// B's tokens per block: groups of up to 8 while that leaves >= 4 blocks per SM.
+int coef_group(int64_t T) {
+  int group = 1;
+  while (group < kMaxGroup && T / (2 * group) >= 4 * int64_t(current_device_info().sm_count)) group *= 2;
+  return group;
+}
+
 // False when the partial rows cannot be parked (layer_input rows too short for one).
 bool plan_stream(StreamPlan& p, int64_t T, int64_t C, int tile, int64_t cpt, int part_floats, int elem_bytes,
                  int resident_per_sm, const TuningKey& key) {
@@ -556,9 +825,7 @@ bool plan_stream(StreamPlan& p, int64_t T, int64_t C, int tile, int64_t cpt, int
   p.per_block = per_block;
   p.blocks = static_cast<int>((p.total + per_block - 1) / per_block);
   // B: groups of up to 8 tokens while that leaves >= 4 blocks per SM.
-  int group = 1;
-  while (group < kMaxGroup && T / (2 * group) >= 4 * int64_t(sms)) group *= 2;
-  group = tuned(key, "stream_group", group);
+  const int group = tuned(key, "stream_group", coef_group(T));
   p.group = (group >= 1 && group <= kMaxGroup && tile % group == 0) ? group : 1;
   return true;
 }
@@ -567,6 +834,21 @@ bool pdl_enabled() {
   if (current_device_info().major < 9) return false;
   const char* v = std::getenv("MHC_CUDA_PDL");
   return !(v && std::strcmp(v, "0") == 0);
+}
+
+// B, as a programmatic dependent launch of A (sm_90; MHC_CUDA_PDL=0: plain stream order): a block per group of
+// tokens and channel slice.
+template <class S, int N> void launch_coef_aggregate(const CoefArgs<S>& ca, int slices, cudaStream_t stream) {
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = dim3(static_cast<unsigned>((ca.T + ca.group - 1) / ca.group), static_cast<unsigned>(slices));
+  lc.blockDim = dim3(kThreads);
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  lc.attrs = attr;
+  lc.numAttrs = pdl_enabled() ? 1 : 0;
+  MHC_CUDA_CHECK(cudaLaunchKernelEx(&lc, &coef_aggregate_kernel<S, N>, ca));
 }
 
 template <class S, int N, int MT, bool kPost>
@@ -592,17 +874,63 @@ bool launch_stream(ProjArgs<S> pa, CoefArgs<S> ca, const TuningKey& key, cudaStr
   ca.tile = MT;
   ca.group = plan.group;
   ca.slice = plan.slice;
-  cudaLaunchConfig_t lc{};
-  lc.gridDim = dim3(static_cast<unsigned>((pa.T + plan.group - 1) / plan.group), static_cast<unsigned>(plan.slices));
-  lc.blockDim = dim3(kThreads);
-  lc.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  lc.attrs = attr;
-  lc.numAttrs = pdl_enabled() ? 1 : 0;
-  MHC_CUDA_CHECK(cudaLaunchKernelEx(&lc, &coef_aggregate_kernel<S, N>, ca));
+  launch_coef_aggregate<S, N>(ca, plan.slices, stream);
   return true;
+}
+
+// The direct projection (A') and B: false, having launched nothing, where it does not run (B's parked partial rows
+// must fit in a layer_input row: one per k-slice).
+template <class S, int N, bool kPost>
+bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaStream_t stream) {
+  using Sh = DirectShape<N, kPost>;
+  const int sms = current_device_info().sm_count;
+  const int64_t K = int64_t(N) * da.C;
+  const int64_t capacity = da.C * int64_t(sizeof(S)) / (4 * int64_t(Sh::PART));  // partial rows per layer_input row
+  const auto project = &project_direct_kernel<S, N, kPost>;
+  const int max_smem = Sh::smem_bytes(Sh::MAX_KS / Sh::CK);
+  allow_dynamic_smem(project, std::size_t(max_smem));
+  const int resident = resident_blocks_per_sm(project, kDirectThreads, max_smem);
+  if (resident == 0) return false;
+  const int64_t warps = int64_t(resident) * sms * kDirectWarps, tiles = (da.T + Sh::TOK - 1) / Sh::TOK;
+  // Slices of up to 1024 k (post+pre: 1024 / n channels of every stream), halved down to 256 k while the
+  // (tile, slice) units are fewer than the resident warps.
+  auto slices_of = [&](int ks) { return kPost ? (da.C + ks / N - 1) / (ks / N) : (K + ks - 1) / ks; };
+  int ks = std::clamp(tuned(key, "direct_ks", Sh::MAX_KS), Sh::CK, Sh::MAX_KS) / Sh::CK * Sh::CK;
+  while (ks / 2 >= std::max(256, Sh::CK) && ks / 2 % Sh::CK == 0 && tiles * slices_of(ks) < warps &&
+         slices_of(ks / 2) <= capacity)
+    ks /= 2;
+  const int64_t slices = slices_of(ks);
+  if (slices > capacity || slices > (1 << 20)) return false;
+  const int64_t per_slice = std::max<int64_t>(1, int64_t(resident) * sms / slices);
+  da.ks = ks;
+  da.slices = static_cast<int>(slices);
+  da.warps_per_slice = static_cast<int>(per_slice * kDirectWarps);
+  const int smem = Sh::smem_bytes(ks / Sh::CK);
+  project<<<static_cast<unsigned>(per_slice * slices), kDirectThreads, smem, stream>>>(da);
+  MHC_CUDA_CHECK_LAUNCH();
+
+  // B reads slice s's partial row at slot s: runs of one chunk, slices chunks per tile.
+  ca.chunks_per_tile = slices;
+  ca.per_block = 1;
+  ca.copy_stride = 0;
+  ca.tile = Sh::TOK;
+  ca.group = coef_group(da.T);
+  ca.slice = da.C;
+  launch_coef_aggregate<S, N>(ca, 1, stream);
+  return true;
+}
+
+// Whether the pre (and post+pre, fused) projects with the direct kernel: MHC_CUDA_PRE=direct takes it wherever it
+// runs (n in {2, 4}), any other set value but `stream` keeps it off (ring: project_kernel everywhere); otherwise a
+// tuning table's `direct` entry, else from kDirectMinTokens tokens (below that the warps' tiles are too few to keep
+// HBM busy).
+constexpr int64_t kDirectMinTokens = 1024;
+bool use_direct(const TuningKey& key, int n, int64_t T) {
+  if (n != 2 && n != 4) return false;
+  const char* v = std::getenv("MHC_CUDA_PRE");
+  if (v && std::strcmp(v, "direct") == 0) return true;
+  if (v && *v && std::strcmp(v, "stream") != 0) return false;
+  return tuned(key, "direct", T >= kDirectMinTokens ? 1 : 0) != 0;
 }
 
 // Outputs of the pre part, shared by both ops.
@@ -632,7 +960,7 @@ bool stream_shape_ok(const TensorView& x, const TensorView& fn, std::initializer
 // Shape checks and dispatch; `fill` sets the op's pointers of both kernels' arguments.
 template <bool kPost, class Fill>
 bool run_stream(const TensorView& x, const TensorView& fn, std::initializer_list<const TensorView*> rows,
-                const char* op, cudaStream_t stream, Fill fill) {
+                const char* op, cudaStream_t stream, Fill fill, bool direct_only = false) {
   const int64_t T = x.shape[0], C = x.shape[2];
   const int n = static_cast<int>(x.shape[1]);
   if (!stream_shape_ok(x, fn, rows)) return false;
@@ -653,6 +981,13 @@ bool run_stream(const TensorView& x, const TensorView& fn, std::initializer_list
           pa.C = ca.C = C;
           pa.fn = fn.ptr<const float>();
           fill(pa, ca);
+          if constexpr (N == 2 || N == 4) {
+            if (use_direct(key, n, T)) {
+              const DirectArgs<S> da{pa.x, pa.y, pa.post_h, pa.post_comb, pa.x_next, pa.fn, pa.layer_input, T, C, 0, 0, 0};
+              if (launch_direct<S, N, kPost>(da, ca, key, stream)) return true;
+            }
+          }
+          if (direct_only) return false;
           if (tile == 16) return launch_stream<S, N, 16, kPost>(pa, ca, key, stream);
           if (tile == 128) return launch_stream<S, N, 128, kPost>(pa, ca, key, stream);
           return launch_stream<S, N, 64, kPost>(pa, ca, key, stream);
@@ -693,7 +1028,7 @@ bool pre_stream_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t 
   });
 }
 
-bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cudaStream_t stream) {
+bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cudaStream_t stream, bool direct_only) {
   return run_stream<true>(a.x, a.fn, {&a.x, &a.y, &a.x_next, &a.layer_input}, "post_pre_forward", stream,
                           [&](auto& pa, auto& ca) {
                             using S = StorageOf<std::remove_reference_t<decltype(pa)>>;
@@ -707,7 +1042,8 @@ bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cuda
                             ca.x_ready = false;
                             set_coefficient_outputs(ca, a.base, a.scale, a.layer_input, a.h_pre, a.h_post_next,
                                                     a.comb_next, a.mixes, a.rstd, cfg);
-                          });
+                          },
+                          direct_only);
 }
 
 }  // namespace mhc::cuda_impl

@@ -8,9 +8,12 @@
 namespace mhc::cuda_impl {
 
 // Which fast pre forward runs, from MHC_CUDA_PRE (read at every call, so benchmarks can switch at run time):
-//   stream (default, or unset): the streaming pre; post+pre fused into it for n <= 4 and at most
-//     kFusedPostPreTokens tokens, else the post kernel followed by the streaming pre (each measured the
-//     faster on H200 there: docs/cuda_notes.md, v5)
+//   stream (default, or unset): the streaming pre, projecting with the direct kernel (v6) for n in {2, 4} from
+//     1024 tokens, where post+pre runs fused into it; elsewhere post+pre is fused into the ring projection for
+//     n <= 4 and at most kFusedPostPreTokens tokens, else the post kernel followed by the streaming pre (each
+//     measured the faster on H200 there: docs/cuda_notes.md, v5)
+//   direct: the direct projection wherever it runs (n in {2, 4}), post+pre fused into it
+//   ring: the streaming pre with its ring projection (project_kernel) at every size
 //   fused: the streaming pre, post+pre always fused into it
 //   cluster: the cluster kernels of pre.cu
 //   wave: the wave pre (pre_wave.cu) wherever it can run and the caller gives its workspace, the streaming pre
@@ -21,7 +24,10 @@ constexpr std::int64_t kFusedPostPreTokens = 16;
 
 bool pre_stream_supported(const PreForward& a);  // pre_stream_forward would run (default work split)
 bool pre_stream_forward(const PreForward& a, const MhcConfig& cfg, cudaStream_t stream);
-bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cudaStream_t stream);
+// direct_only: run only the fused post + direct projection (false where that does not run: the caller then
+// decides between the other paths).
+bool post_pre_stream_forward(const PostPreForward& a, const MhcConfig& cfg, cudaStream_t stream,
+                             bool direct_only = false);
 
 // The wave pre of src/cuda/pre_wave.cu (x read from device memory once): the workspace it needs for this call
 // (0 when it would not run), and the launch (false, having launched nothing, without that workspace or when

@@ -127,6 +127,12 @@ WAVE_SHAPES = [(4, 1024, 600), (2, 64, 70), (4, 4096, 1), (4, 136, 7), (4, 1024,
 @pytest.mark.parametrize("n, C, T", WAVE_SHAPES)
 def test_wave_pre_matches_cpu_reference(n, C, T, dtype, monkeypatch):
     monkeypatch.setenv("MHC_CUDA_PRE", "wave")
+    check_pre_and_post_pre(n, C, T, dtype)
+
+
+def check_pre_and_post_pre(n, C, T, dtype):
+    """pre and post_pre on the GPU against the fp64 CPU reference (post_pre's pre judged on x_next as stored), and a
+    repeated pre bit-identical."""
     x, y, fn, base, scale = inputs(n, C, T, dtype)
     got = ops.mhc_pre(x, fn, base, scale)
     again = ops.mhc_pre(x, fn, base, scale)
@@ -174,6 +180,41 @@ def test_wave_pre_runs_when_selected_and_replays_in_a_cuda_graph(monkeypatch):
         torch.cuda.synchronize()
         for a, b in zip(captured, eager):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["direct", "ring"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n, C, T", WAVE_SHAPES)
+def test_pre_projections_match_cpu_reference(n, C, T, dtype, path, monkeypatch):
+    # MHC_CUDA_PRE=direct: the direct projection at every size; ring: the ring projection (the default below 1024 tokens)
+    monkeypatch.setenv("MHC_CUDA_PRE", path)
+    check_pre_and_post_pre(n, C, T, dtype)
+
+
+def test_direct_projection_is_the_default_from_1024_tokens_and_replays_in_a_cuda_graph(monkeypatch):
+    monkeypatch.delenv("MHC_CUDA_PRE", raising=False)
+    n, C, T = 4, 4096, 1100
+    x, _, fn, base, scale = inputs(n, C, T, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eager = ops.mhc_pre(x, fn, base, scale)
+        torch.cuda.synchronize()
+    assert any("project_direct_kernel" in e.key for e in prof.key_averages()), "the default did not project directly"
+    monkeypatch.setenv("MHC_CUDA_PRE", "ring")
+    ring = ops.mhc_pre(x, fn, base, scale)
+    monkeypatch.delenv("MHC_CUDA_PRE")
+    assert rel(eager[1], ring[1]) <= 1e-5  # other split-K partials: equal to within fp32 rounding
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.mhc_pre(x, fn, base, scale)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        captured = ops.mhc_pre(x, fn, base, scale)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
 
 
 def test_compile_fullgraph_and_cuda_graph_replay_match_eager():

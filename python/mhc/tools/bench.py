@@ -16,7 +16,8 @@ output written once, parameters included) over the measured device-to-device cop
 forward and 7nC + 4C forward + backward (plus parameters). "chain" is a stack of sites run the way a
 model runs them: expand -> pre -> F -> post_pre -> F -> ... -> post -> head, F = identity; its figures
 are per site (the chain's time / sites, expand and head included, and so are their bytes in the floor).
-Ops marked @wave run the wave pre (MHC_CUDA_PRE=wave; x read from device memory once), @fused fuse post_pre
+Ops marked @ring project with the ring kernel at every size (MHC_CUDA_PRE=ring; the default takes the direct
+projection from 1024 tokens), @wave run the wave pre (MHC_CUDA_PRE=wave; x read from device memory once), @fused fuse post_pre
 into the streaming pre at every size (MHC_CUDA_PRE=fused), @cluster run the cluster kernels
 (MHC_CUDA_PRE=cluster); unmarked ones the default.
 """
@@ -112,10 +113,12 @@ def copy_bandwidth(nbytes: int = 1 << 31) -> float:
 # ---- inputs and byte counts ----------------------------------------------------------------------------
 
 CHAIN_SITES = 8
-# MHC_CUDA_PRE values: unset (the default: the streaming pre, post_pre unfused above 16 tokens), the wave pre, the
-# streaming pre with post_pre always fused into it, the cluster kernels; and the forward ops each one changes
-PATHS = ("default", "wave", "fused", "cluster")
+# MHC_CUDA_PRE values: unset (the default: the streaming pre, with the direct projection from 1024 tokens, post_pre
+# unfused above 16 tokens), the streaming pre with its ring projection at every size, the wave pre, the streaming pre
+# with post_pre always fused into it, the cluster kernels; and the forward ops each one changes
+PATHS = ("default", "ring", "wave", "fused", "cluster")
 PATH_OPS = {"default": ("pre", "post_pre", "site_fwd", "chain_fwd"),
+            "ring": ("pre", "post_pre", "site_fwd", "chain_fwd"),
             "wave": ("pre", "post_pre", "site_fwd", "chain_fwd"), "fused": ("post_pre", "chain_fwd"),
             "cluster": ("pre", "post_pre", "site_fwd", "chain_fwd")}
 ISSUE_SHAPES = [(4, 1024, 16384), (4, 2048, 16384), (4, 4096, 8192), (4, 7168, 4096), (8, 4096, 4096)]
@@ -428,12 +431,12 @@ def summary(rows: List[Dict], shapes, decode, bw: float) -> None:
     def ratio(a, b):
         return None if a is None or b is None or a != a or b != b or b == 0 else a / b
 
-    print(f"\nper site, us (x its floor; @fused: post_pre fused at every size; @wave: the wave pre); floors of a site: (3n+2)C forward, (7n+4)C with backward; the chain's per "
+    print(f"\nper site, us (x its floor; @ring: the ring projection; @fused: post_pre fused at every size; @wave: the wave pre); floors of a site: (3n+2)C forward, (7n+4)C with backward; the chain's per "
           f"site add expand's and head's bytes / {CHAIN_SITES} sites; x compile: torch.compile of one site (the same "
           "math) over ours per site:")
-    print("| n, C, tokens | site floor fwd | chain fwd | chain fwd@fused | chain fwd@wave | site fwd | compile fwd | "
+    print("| n, C, tokens | site floor fwd | chain fwd | chain fwd@ring | chain fwd@fused | chain fwd@wave | site fwd | compile fwd | "
           "chain x compile | site floor fwd+bwd | chain fwd+bwd | site fwd+bwd | compile fwd+bwd | chain x compile |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for sh in shapes:
         cells = []
         for fwd in (True, False):
@@ -442,14 +445,14 @@ def summary(rows: List[Dict], shapes, decode, bw: float) -> None:
             c, s_, comp = get(chain, sh), get(site, sh), get(site, sh, "compile_us")
             cells += [fmt(fl), f"{fmt(c)} ({fmt(ratio(c, get(chain, sh, 'floor_us')), 2)}x)"]
             if fwd:
-                for path in ("fused", "wave"):
+                for path in ("ring", "fused", "wave"):
                     cf = get("chain_fwd@" + path, sh)
                     cells.append(f"{fmt(cf)} ({fmt(ratio(cf, get(chain, sh, 'floor_us')), 2)}x)")
             cells += [f"{fmt(s_)} ({fmt(ratio(s_, fl), 2)}x)", fmt(comp), fmt(ratio(comp, c), 2)]
         print(f"| {sh[0]}, {sh[1]}, {sh[2]} | " + " | ".join(cells) + " |")
 
     print("\nstandalone ops, us (x floor); pre's floor is one read of x, (n + 1)C:")
-    standalone = ("pre", "pre@wave", "pre@cluster", "post_pre", "post_pre@fused", "post_pre@cluster", "post", "post_bwd", "pre_bwd")
+    standalone = ("pre", "pre@ring", "pre@wave", "pre@cluster", "post_pre", "post_pre@ring", "post_pre@fused", "post_pre@cluster", "post", "post_bwd", "pre_bwd")
     print("| n, C, tokens | " + " | ".join(standalone) + " |")
     print("|---|" + "---|" * len(standalone))
     for sh in shapes:

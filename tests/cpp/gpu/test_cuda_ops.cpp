@@ -139,11 +139,10 @@ TEST(CudaPre, ForwardLargeTile) {
   run_pre(DType::bf16, {2051, 2, 512}, true, true);
 }
 
-// The wave pre (MHC_CUDA_PRE=wave forces it wherever it can run: bf16/f16, n in {2, 4}): one wave and several, token
-// counts that end inside a tile, a wave and a block's share, k-slices of one chunk to eight with a partial last one.
-TEST(CudaPre, ForwardWaveKernelMatchesReference) {
-  MHC_REQUIRE_GPU();
-  const PrePathScope path("wave");
+// The shapes of the 16-bit projection kernels (wave, direct), both dtypes: one token and many, token counts that end
+// inside a tile or a block's share, k-slices of one chunk to sixteen with a partial last one; and one call without
+// mixes / rstd.
+void run_projection_shapes() {
   const std::vector<Shape> shapes =
       quick() ? std::vector<Shape>{{1, 4, 64}, {70, 2, 200}, {600, 4, 1024}, {4300, 4, 1024}}
               : std::vector<Shape>{{1, 4, 64},     {7, 4, 136},    {70, 2, 200},   {333, 4, 1000}, {600, 4, 1024},
@@ -151,8 +150,34 @@ TEST(CudaPre, ForwardWaveKernelMatchesReference) {
                                    {300, 4, 7168}, {9000, 2, 64}};
   for (DType d : {DType::bf16, DType::f16})
     for (const Shape& s : shapes) run_pre(d, s, true, true);
-  run_pre(DType::bf16, {1500, 4, 1024}, true, false);  // without mixes / rstd
-  run_pre(DType::bf16, {600, 4, 1024}, false, true);   // static mode: the stream pre's fallbacks
+  run_pre(DType::bf16, {1500, 4, 1024}, true, false);
+}
+
+// The wave pre (MHC_CUDA_PRE=wave forces it wherever it can run: bf16/f16, n in {2, 4}): one wave and several, token
+// counts that end inside a tile, a wave and a block's share, k-slices of one chunk to eight with a partial last one.
+TEST(CudaPre, ForwardWaveKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("wave");
+  run_projection_shapes();
+  run_pre(DType::bf16, {600, 4, 1024}, false, true);  // static mode: the stream pre's fallbacks
+}
+
+// The direct projection (MHC_CUDA_PRE=direct forces it wherever it runs: bf16/f16, n in {2, 4}; the default from
+// 1024 tokens): token counts that end inside a warp tile, one tile and many, k-slices of one chunk to sixteen with a
+// partial last chunk and slice, slices halved for few tiles, and slice sizes forced by the tuning table.
+TEST(CudaPre, ForwardDirectKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("direct");
+  run_projection_shapes();
+  run_pre(DType::bf16, {33, 4, 8}, true, true);  // rows too short to park a partial row: the fallbacks
+  for (const char* table : {R"({"op": "pre_forward", "params": {"direct_ks": 256}})",
+                            R"({"op": "pre_forward", "params": {"direct_ks": 64}})"}) {
+    SCOPED_TRACE(table);
+    const TuningScope tuning(table);
+    run_pre(DType::bf16, {333, 4, 1000}, true, true);
+    run_pre(DType::f16, {70, 2, 200}, true, true);
+    run_pre(DType::bf16, {2100, 4, 4096}, true, true);
+  }
 }
 
 // The cluster kernel stays selectable (MHC_CUDA_PRE=cluster) and correct.
@@ -269,6 +294,22 @@ TEST(CudaPostPre, ForwardWaveKernelMatchesReference) {
       run_post_pre(d, s);
 }
 
+// Post+pre fused into the direct projection (MHC_CUDA_PRE=direct at every size; the default from 1024 tokens, n in
+// {2, 4}): x_next computed, stored and projected by the same lanes; tails of tokens, channels and slices.
+TEST(CudaPostPre, ForwardDirectKernelMatchesReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("direct");
+  const std::vector<Shape> shapes =
+      quick() ? std::vector<Shape>{{7, 4, 136}, {70, 2, 200}, {1100, 4, 4096}}
+              : std::vector<Shape>{{1, 4, 64},     {7, 4, 136},     {33, 4, 8},      {70, 2, 200},   {600, 4, 1000},
+                                   {1100, 4, 4096}, {2051, 2, 512}, {4300, 4, 1024}, {300, 4, 7168}};
+  for (DType d : {DType::bf16, DType::f16})
+    for (const Shape& s : shapes) run_post_pre(d, s);
+  const TuningScope tuning(R"({"op": "post_pre_forward", "params": {"direct_ks": 256}})");
+  run_post_pre(DType::bf16, {333, 4, 1000});
+  run_post_pre(DType::f16, {2100, 2, 4096});
+}
+
 // The streaming post+pre fused at every size (the default fuses it only for few tokens).
 TEST(CudaPostPre, ForwardFusedStreamKernelMatchesReference) {
   MHC_REQUIRE_GPU();
@@ -280,7 +321,7 @@ TEST(CudaPostPre, ForwardFusedStreamKernelMatchesReference) {
 TEST(CudaPostPre, ForwardLargeTile) {
   MHC_REQUIRE_GPU();
   if (quick()) GTEST_SKIP() << "quick mode";
-  for (const char* path : {"stream", "fused"}) {
+  for (const char* path : {"stream", "ring", "fused"}) {
     SCOPED_TRACE(path);
     const PrePathScope scope(path);
     run_post_pre(DType::bf16, {4100, 4, 1024});
