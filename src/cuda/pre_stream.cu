@@ -418,6 +418,7 @@ template <class S> struct DirectArgs {
   int ks;                  // k elements per slice (a multiple of the chunk; post+pre: ks / N channels)
   int slices;              // k-slices
   int warps_per_slice;     // blocks per slice * kDirectWarps
+  int probe;               // diagnosis (MHC_CUDA_DIRECT_PROBE; wrong results): 1 skips the lo mma, 2 every mma
 };
 
 __device__ __forceinline__ std::uint32_t word(const uint4& v, int i) {
@@ -555,9 +556,10 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
         for (int mt = 0; mt < MTW; ++mt) {
           const std::uint32_t af[4] = {word(v[mt][0][vv], 2 * h), word(v[mt][1][vv], 2 * h),
                                        word(v[mt][0][vv], 2 * h + 1), word(v[mt][1][vv], 2 * h + 1)};
+          if (a.probe == 2) continue;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            mma_16816<S>(acc[mt][nt], af, blo[nt]);
+            if (a.probe != 1) mma_16816<S>(acc[mt][nt], af, blo[nt]);
             mma_16816<S>(acc[mt][nt], af, bhi[nt]);
           }
         }
@@ -905,6 +907,8 @@ bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaS
   da.ks = ks;
   da.slices = static_cast<int>(slices);
   da.warps_per_slice = static_cast<int>(per_slice * kDirectWarps);
+  const char* probe = std::getenv("MHC_CUDA_DIRECT_PROBE");
+  da.probe = probe ? std::atoi(probe) : 0;
   const int smem = Sh::smem_bytes(ks / Sh::CK);
   project<<<static_cast<unsigned>(per_slice * slices), kDirectThreads, smem, stream>>>(da);
   MHC_CUDA_CHECK_LAUNCH();
@@ -924,13 +928,15 @@ bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaS
 // runs (n in {2, 4}), any other set value but `stream` keeps it off (ring: project_kernel everywhere); otherwise a
 // tuning table's `direct` entry, else from kDirectMinTokens tokens (below that the warps' tiles are too few to keep
 // HBM busy).
+// Post+pre fused into it is not the default (measured slower than the post kernel followed by the pre: 454 against
+// 358 us at n = 4, C = 4096, 8192 tokens on the H200, docs/cuda_notes.md v6).
 constexpr int64_t kDirectMinTokens = 1024;
-bool use_direct(const TuningKey& key, int n, int64_t T) {
+bool use_direct(const TuningKey& key, int n, int64_t T, bool post) {
   if (n != 2 && n != 4) return false;
   const char* v = std::getenv("MHC_CUDA_PRE");
   if (v && std::strcmp(v, "direct") == 0) return true;
   if (v && *v && std::strcmp(v, "stream") != 0) return false;
-  return tuned(key, "direct", T >= kDirectMinTokens ? 1 : 0) != 0;
+  return tuned(key, "direct", !post && T >= kDirectMinTokens ? 1 : 0) != 0;
 }
 
 // Outputs of the pre part, shared by both ops.
@@ -982,8 +988,9 @@ bool run_stream(const TensorView& x, const TensorView& fn, std::initializer_list
           pa.fn = fn.ptr<const float>();
           fill(pa, ca);
           if constexpr (N == 2 || N == 4) {
-            if (use_direct(key, n, T)) {
-              const DirectArgs<S> da{pa.x, pa.y, pa.post_h, pa.post_comb, pa.x_next, pa.fn, pa.layer_input, T, C, 0, 0, 0};
+            if (use_direct(key, n, T, kPost)) {
+              const DirectArgs<S> da{pa.x,  pa.y, pa.post_h, pa.post_comb, pa.x_next, pa.fn, pa.layer_input,
+                                     T,     C,    0,         0,            0,         0};
               if (launch_direct<S, N, kPost>(da, ca, key, stream)) return true;
             }
           }

@@ -9,7 +9,7 @@ namespace mhc::cuda_impl {
 
 // Which fast pre forward runs, from MHC_CUDA_PRE (read at every call, so benchmarks can switch at run time):
 //   stream (default, or unset): the streaming pre, projecting with the direct kernel (v6) for n in {2, 4} from
-//     1024 tokens, where post+pre runs fused into it; elsewhere post+pre is fused into the ring projection for
+//     1024 tokens; post+pre is fused into the ring projection for
 //     n <= 4 and at most kFusedPostPreTokens tokens, else the post kernel followed by the streaming pre (each
 //     measured the faster on H200 there: docs/cuda_notes.md, v5)
 //   direct: the direct projection wherever it runs (n in {2, 4}), post+pre fused into it
