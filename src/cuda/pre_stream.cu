@@ -407,14 +407,7 @@ template <int N, bool kPost> struct DirectShape {
 constexpr int kDirectWarps = 8, kDirectThreads = 32 * kDirectWarps;
 
 template <class S> struct DirectArgs {
-  const S* x;              // [T, N, C]: pre's x, post+pre's x
-  const S* y;              // post+pre: [T, C]
-  const float* post_h;     // post+pre: [T, N]
-  const float* post_comb;  // post+pre: [T, N, N]
-  S* x_next;               // post+pre: [T, N, C]
-  const float* fn;         // [M, N*C]
-  S* layer_input;          // [T, C]: the partials are parked in its rows
-  int64_t T, C;
+  ProjArgs<S> io;          // the op's tensors and sizes (x .. layer_input, T, C); its work-split fields are unused
   int ks;                  // k elements per slice (a multiple of the chunk; post+pre: ks / N channels)
   int slices;              // k-slices
   int warps_per_slice;     // blocks per slice * kDirectWarps
@@ -434,7 +427,7 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
   allow_dependent_launch();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
-  const int64_t T = a.T, C = a.C, K = int64_t(N) * C;
+  const int64_t T = a.io.T, C = a.io.C, K = int64_t(N) * C;
   const int slice = static_cast<int>(blockIdx.x % a.slices);
   // pre: k of the slice; post+pre: channels of the slice (every stream)
   const int64_t s0 = kPost ? int64_t(slice) * (a.ks / N) : int64_t(slice) * a.ks;
@@ -464,11 +457,11 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
         const int64_t t = tile * TOK + mt * 16 + g + 8 * r;
 #pragma unroll
         for (int vv = 0; vv < V; ++vv)
-          v[mt][r][vv] = t < T && vec_in(c, vv) ? __ldcs(reinterpret_cast<const uint4*>(a.x + t * K + vec_k(c, vv)))
+          v[mt][r][vv] = t < T && vec_in(c, vv) ? __ldcs(reinterpret_cast<const uint4*>(a.io.x + t * K + vec_k(c, vv)))
                                                 : make_uint4(0, 0, 0, 0);
         if constexpr (kPost)
           yv[mt][r] = t < T && vec_in(c, 0)
-                          ? __ldcs(reinterpret_cast<const uint4*>(a.y + t * C + s0 + int64_t(c) * 32 + 8 * tq))
+                          ? __ldcs(reinterpret_cast<const uint4*>(a.io.y + t * C + s0 + int64_t(c) * 32 + 8 * tq))
                           : make_uint4(0, 0, 0, 0);
       }
   };
@@ -486,8 +479,8 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
     const bool in = kPost ? s0 + int64_t(c) * 32 + 8 * lt < C : k < K;
     float4 f[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
     if (in) {
-      f[0] = __ldg(reinterpret_cast<const float4*>(a.fn + row * K + k));
-      f[1] = __ldg(reinterpret_cast<const float4*>(a.fn + row * K + k + 4));
+      f[0] = __ldg(reinterpret_cast<const float4*>(a.io.fn + row * K + k));
+      f[1] = __ldg(reinterpret_cast<const float4*>(a.io.fn + row * K + k + 4));
     }
     std::uint32_t hi[4], lo[4];
     split_pair<S>(make_float2(f[0].x, f[0].y), hi[0], lo[0]);
@@ -519,8 +512,8 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
           *reinterpret_cast<uint4*>(&yp) = yv[mt][r];
 #pragma unroll 1  // one output stream at a time: registers for the next chunk's loads
           for (int o = 0; o < N; ++o) {
-            const Pack<S> out = post_pack<S, N>(a.post_h, a.post_comb, t, o, xp, yp);
-            store_pack(a.x_next + t * K + vec_k(c, o), out);
+            const Pack<S> out = post_pack<S, N>(a.io.post_h, a.io.post_comb, t, o, xp, yp);
+            store_pack(a.io.x_next + t * K + vec_k(c, o), out);
             // registers are indexed at compile time only: select the output vector by a switch on o
 #pragma unroll
             for (int q = 0; q < N; ++q)
@@ -586,7 +579,7 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
         s += __shfl_xor_sync(0xffffffffu, s, 2);
         const int64_t t = tile * TOK + mt * 16 + g + 8 * r;
         if (t >= T) continue;
-        float* row = parked(a.layer_input, t, C) + slice * PART;
+        float* row = parked(a.io.layer_input, t, C) + slice * PART;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           row[nt * 8 + 2 * tq] = acc[mt][nt][2 * r];
@@ -886,17 +879,17 @@ template <class S, int N, bool kPost>
 bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaStream_t stream) {
   using Sh = DirectShape<N, kPost>;
   const int sms = current_device_info().sm_count;
-  const int64_t K = int64_t(N) * da.C;
-  const int64_t capacity = da.C * int64_t(sizeof(S)) / (4 * int64_t(Sh::PART));  // partial rows per layer_input row
+  const int64_t T = da.io.T, C = da.io.C, K = int64_t(N) * C;
+  const int64_t capacity = C * int64_t(sizeof(S)) / (4 * int64_t(Sh::PART));  // partial rows per layer_input row
   const auto project = &project_direct_kernel<S, N, kPost>;
   const int max_smem = Sh::smem_bytes(Sh::MAX_KS / Sh::CK);
   allow_dynamic_smem(project, std::size_t(max_smem));
   const int resident = resident_blocks_per_sm(project, kDirectThreads, max_smem);
   if (resident == 0) return false;
-  const int64_t warps = int64_t(resident) * sms * kDirectWarps, tiles = (da.T + Sh::TOK - 1) / Sh::TOK;
+  const int64_t warps = int64_t(resident) * sms * kDirectWarps, tiles = (T + Sh::TOK - 1) / Sh::TOK;
   // Slices of up to 1024 k (post+pre: 1024 / n channels of every stream), halved down to 256 k while the
   // (tile, slice) units are fewer than the resident warps.
-  auto slices_of = [&](int ks) { return kPost ? (da.C + ks / N - 1) / (ks / N) : (K + ks - 1) / ks; };
+  auto slices_of = [&](int ks) { return kPost ? (C + ks / N - 1) / (ks / N) : (K + ks - 1) / ks; };
   int ks = std::clamp(tuned(key, "direct_ks", Sh::MAX_KS), Sh::CK, Sh::MAX_KS) / Sh::CK * Sh::CK;
   while (ks / 2 >= std::max(256, Sh::CK) && ks / 2 % Sh::CK == 0 && tiles * slices_of(ks) < warps &&
          slices_of(ks / 2) <= capacity)
@@ -918,8 +911,8 @@ bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaS
   ca.per_block = 1;
   ca.copy_stride = 0;
   ca.tile = Sh::TOK;
-  ca.group = coef_group(da.T);
-  ca.slice = da.C;
+  ca.group = coef_group(T);
+  ca.slice = C;
   launch_coef_aggregate<S, N>(ca, 1, stream);
   return true;
 }
@@ -989,9 +982,7 @@ bool run_stream(const TensorView& x, const TensorView& fn, std::initializer_list
           fill(pa, ca);
           if constexpr (N == 2 || N == 4) {
             if (use_direct(key, n, T, kPost)) {
-              const DirectArgs<S> da{pa.x,  pa.y, pa.post_h, pa.post_comb, pa.x_next, pa.fn, pa.layer_input,
-                                     T,     C,    0,         0,            0,         0};
-              if (launch_direct<S, N, kPost>(da, ca, key, stream)) return true;
+              if (launch_direct<S, N, kPost>(DirectArgs<S>{pa, 0, 0, 0, 0}, ca, key, stream)) return true;
             }
           }
           if (direct_only) return false;

@@ -149,6 +149,19 @@ def check_pre_and_post_pre(n, C, T, dtype):
         assert rel(gp, wp) <= tol, f"post_pre {name}: {rel(gp, wp):.2e}"
 
 
+def captured_pre(x, fn, base, scale):
+    """mhc_pre captured in a CUDA graph after a warm-up on a side stream: (graph, its outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.mhc_pre(x, fn, base, scale)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.mhc_pre(x, fn, base, scale)
+    return graph, captured
+
+
 def test_wave_pre_runs_when_selected_and_replays_in_a_cuda_graph(monkeypatch):
     monkeypatch.setenv("MHC_CUDA_PRE", "wave")
     n, C, T = 4, 4096, 1100
@@ -167,14 +180,7 @@ def test_wave_pre_runs_when_selected_and_replays_in_a_cuda_graph(monkeypatch):
     # the streaming pre sums the split-K partials in another order: equal to within fp32 rounding
     assert rel(eager[1], stream[1]) <= 1e-5
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ops.mhc_pre(x, fn, base, scale)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = ops.mhc_pre(x, fn, base, scale)
+    graph, captured = captured_pre(x, fn, base, scale)
     for _ in range(2):  # the counters are zeroed inside the graph: every replay runs afresh
         graph.replay()
         torch.cuda.synchronize()
@@ -203,14 +209,7 @@ def test_direct_projection_is_the_default_from_1024_tokens_and_replays_in_a_cuda
     ring = ops.mhc_pre(x, fn, base, scale)
     monkeypatch.delenv("MHC_CUDA_PRE")
     assert rel(eager[1], ring[1]) <= 1e-5  # other split-K partials: equal to within fp32 rounding
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ops.mhc_pre(x, fn, base, scale)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        captured = ops.mhc_pre(x, fn, base, scale)
+    graph, captured = captured_pre(x, fn, base, scale)
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
