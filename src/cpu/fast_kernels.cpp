@@ -321,6 +321,15 @@ MHC_INLINE void param_grad_impl(const S* x, int64_t T, int64_t K, const math_t<S
   }
 }
 
+// The Sinkhorn code below (one matrix and batches, and their entry points) is compiled without floating-point
+// contraction: the batch entries are target clones (x86-64-v4 / v3 have FMA) and the one-matrix ones are not, so with
+// GCC's default contraction a token's bits depended on how many tokens shared the call on an AVX2 machine (seen on
+// a Zen without AVX-512: grad_logits of fp64 n = 3 differed in the last bit). Without it every path does the same
+// IEEE operations in the same order.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
 // ---- Sinkhorn on one n x n matrix ------------------------------------------------------------------------
 // p = softmax(logits, rows) + eps. `e` may alias p.
 template <class M> MHC_INLINE void softmax_plus_eps(const M* logits, M* p, int n, M eps) {
@@ -588,6 +597,10 @@ MHC_INLINE void sinkhorn_backward_batch_impl(int count, const M* logits, int64_t
 
 }  // namespace
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 #define MHC_GEMM_ENTRIES(S)                                                                            \
   MHC_CPU_KERNEL void project(int tokens, const S* x, int64_t K, const math_t<S>* fn, int64_t rows,    \
                               math_t<S>* raw, math_t<S>* sumsq) {                                      \
@@ -664,6 +677,11 @@ void param_grad(const f16* x, int64_t T, int64_t K, const float* dP, int64_t row
 }
 #undef MHC_BY_F16_LEVEL
 
+// Without contraction, as the Sinkhorn code above (same options: the entries inline it).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
 // Sinkhorn is a few hundred scalar operations per token at the usual n: the baseline ISA will do,
 // but the common stream counts get their own instantiation (n a constant: loops fully unrolled).
 #define MHC_SINKHORN_BY_N(call) \
@@ -712,5 +730,8 @@ MHC_SINKHORN_BATCH_ENTRIES(float)
 MHC_SINKHORN_BATCH_ENTRIES(double)
 #undef MHC_SINKHORN_BATCH_ENTRIES
 #undef MHC_SINKHORN_BY_N
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 }  // namespace mhc::cpu_fast::kernels
