@@ -52,14 +52,15 @@ VERSION = 1
 # (tokens per coefficient block) for 16-bit streams (the default path there; docs/TUNING.md), `wave` (1: the wave
 # pre for that shape, where it runs; not searched by `mhc tune`: slower than the streaming pre on the H200 so far), and
 # the direct projection's `direct` (1: on, 0: the ring projection; default on from 1024 tokens for n in {2, 4}) and
-# `direct_ks` (k elements per slice); `mhc tune` searches neither: the direct and ring projections sum the split-K
+# `direct_ks` (k elements per slice) and `direct_prefetch` (chunks ahead prefetched into L2); `mhc tune` searches neither: the direct and ring projections sum the split-K
 # partials in different orders, so they differ in the last bits and a tuning must not change results.
 PARAMS: Dict[str, Dict[str, Sequence[int]]] = {
     "pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32), "stream_tile": (16, 64, 128),
                     "stream_group": (1, 2, 4, 8), "wave": (0, 1), "direct": (0, 1),
-                    "direct_ks": (64, 128, 256, 512, 1024)},
+                    "direct_ks": (64, 128, 256, 512, 1024), "direct_prefetch": (0, 1, 2, 3, 4, 6, 8)},
     "post_pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32), "stream_tile": (16, 64, 128),
-                         "stream_group": (1, 2, 4, 8), "direct": (0, 1), "direct_ks": (128, 256, 512, 1024)},
+                         "stream_group": (1, 2, 4, 8), "direct": (0, 1), "direct_ks": (128, 256, 512, 1024),
+                         "direct_prefetch": (0, 1, 2, 3, 4, 6, 8)},
 }
 
 # The parameters each kernel path reads.

@@ -411,8 +411,21 @@ template <class S> struct DirectArgs {
   int ks;                  // k elements per slice (a multiple of the chunk; post+pre: ks / N channels)
   int slices;              // k-slices
   int warps_per_slice;     // blocks per slice * kDirectWarps
-  int probe;               // diagnosis (MHC_CUDA_DIRECT_PROBE; wrong results): 1 skips the lo mma, 2 every mma
+  int probe;               // diagnosis (MHC_CUDA_DIRECT_PROBE, bits; wrong results): 1 skips the lo mma, 2 every
+                           // mma, 8 returns once fn is staged
+  int prefetch;            // chunks ahead whose rows are prefetched into L2 (0: none)
+  int prefetch_bulk;       // 1: the prefetch by the bulk-copy unit (cp.async.bulk.prefetch) instead of per line
+  int coalesced;           // pre: 1 loads whole rows of a chunk and shuffles them into fragments (not yet measured)
 };
+
+// One token row's span of x (16-byte aligned, a multiple of 16 bytes) into L2: no registers, no completion to wait
+// for; the register loads of that chunk then find it there.
+__device__ __forceinline__ void prefetch_l2(const void* p, int bytes, bool bulk) {
+  if (bulk)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+  else
+    for (int b = 0; b < bytes; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + b));
+}
 
 __device__ __forceinline__ std::uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -446,14 +459,31 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
     return kPost ? s0 + int64_t(c) * 32 + 8 * tq < C : s0 + int64_t(c) * CK + 32 * v + 8 * tq < K;
   };
 
-  // ---- 1. a chunk of the tile into registers: rows g and g + 8 of each m-tile (post+pre: and y's channels)
+  // ---- 1. a chunk of the tile into registers: rows g and g + 8 of each m-tile (post+pre: and y's channels), in
+  // fragment order: a load instruction reads 8 half rows (64 bytes each) of the chunk.
+  // coalesced (pre; MHC_CUDA_DIRECT_LOADS=coalesced): a load instruction reads 4 whole 128-byte rows instead; the chunk
+  // lands as [m-tile][row half r][h], lane l holding row 16 mt + 8 r + 4 h + l / 8, 16-byte piece (l % 8 + 4 h) % 8,
+  // and arrange() moves it into fragment order by shuffles. The same bytes loaded this way (wrong results) took the
+  // kernel from 96.8 to 86.7 us on the H200 (4 / 4096 / 8192); arranged after the next chunk's loads were issued
+  // (two chunks in flight) it is not yet measured: arranged before them it was slower (140 us, one chunk in flight).
   using Frags = uint4[MTW][2][V];  // [m-tile][row g, g + 8][vector]
   using YFrags = uint4[kPost ? MTW : 1][2];
+  const bool coalesced = !kPost && a.coalesced != 0;
   auto load = [&](int64_t tile, int c, Frags& v, YFrags& yv) {
 #pragma unroll
     for (int mt = 0; mt < MTW; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
+        if (coalesced) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t t = tile * TOK + mt * 16 + 8 * r + 4 * h + lane / 8;
+            const int64_t k = s0 + int64_t(c) * CK + 8 * ((lane % 8 + 4 * h) % 8);
+            v[mt][r][h] = t < T && k < K ? __ldcs(reinterpret_cast<const uint4*>(a.io.x + t * K + k))
+                                         : make_uint4(0, 0, 0, 0);
+          }
+          continue;
+        }
         const int64_t t = tile * TOK + mt * 16 + g + 8 * r;
 #pragma unroll
         for (int vv = 0; vv < V; ++vv)
@@ -465,37 +495,97 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
                           : make_uint4(0, 0, 0, 0);
       }
   };
-  Frags cur, nxt;
-  YFrags ycur, ynxt;
-  if (my_tiles > 0) load(first_tile, 0, cur, ycur);  // in flight while fn is staged
+  // pre: a landed chunk into fragment order, in place (lane (g, t), vector v = row 16 mt + 8 r + g, piece 4 v + t, as
+  // vec_k says). That piece sits in landing register h = g / 4 of lane 8 (g % 4) + 4 (v ^ h) + t; for a fixed v these
+  // source lanes are distinct, so each source lane selects the register its one reader needs (h = bit 2 of its
+  // lane ^ v).
+  auto arrange = [&](Frags& v) {
+    if (coalesced) {
+      const bool odd = (lane >> 2) & 1;
+#pragma unroll
+      for (int mt = 0; mt < MTW; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          uint4 out[V];
+#pragma unroll
+          for (int vv = 0; vv < V; ++vv) {
+            const int src = 8 * (g % 4) + 4 * (vv ^ (g >> 2)) + tq;
+            const uint4& mine = (odd != (vv != 0)) ? v[mt][r][1] : v[mt][r][0];
+            out[vv] = make_uint4(__shfl_sync(0xffffffffu, mine.x, src), __shfl_sync(0xffffffffu, mine.y, src),
+                                 __shfl_sync(0xffffffffu, mine.z, src), __shfl_sync(0xffffffffu, mine.w, src));
+          }
+#pragma unroll
+          for (int vv = 0; vv < V; ++vv) v[mt][r][vv] = out[vv];
+        }
+    }
+  };
+  // ---- 1b. chunk c of a tile into L2 ahead of its loads: lane l takes token row l of the tile (post+pre: row l % 16,
+  // streams l / 16, l / 16 + 2, .., and y from the lanes of the first half)
+  auto prefetch = [&](int64_t tile, int c) {
+    if (tile >= tiles) return;
+    const bool bulk = a.prefetch_bulk != 0;
+    if constexpr (kPost) {
+      const int64_t t = tile * TOK + (lane & 15), ch = s0 + int64_t(c) * 32;
+      if (t >= T || ch >= C) return;
+      const int bytes = static_cast<int>(std::min<int64_t>(32, C - ch)) * int(sizeof(S));
+      for (int v = lane >> 4; v < N; v += 2) prefetch_l2(a.io.x + t * K + int64_t(v) * C + ch, bytes, bulk);
+      if (lane < 16) prefetch_l2(a.io.y + t * C + ch, bytes, bulk);
+    } else {
+      const int64_t t = tile * TOK + lane, k = s0 + int64_t(c) * CK;
+      if (t >= T || k >= K) return;
+      prefetch_l2(a.io.x + t * K + k, static_cast<int>(std::min<int64_t>(CK, K - k)) * int(sizeof(S)), bulk);
+    }
+  };
+  auto prefetch_ahead = [&](int64_t tile, int c) {  // the chunk a.prefetch chunks after (tile, c) in the warp's order
+    const int ahead = c + a.prefetch;
+    prefetch(tile + int64_t(ahead / chunks) * a.warps_per_slice, ahead % chunks);
+  };
+  Frags buf0, buf1;  // chunks alternate between the two: one is worked on while the next lands in the other
+  YFrags ybuf0, ybuf1;
+  if (my_tiles > 0) {
+    load(first_tile, 0, buf0, ybuf0);  // in flight while fn is staged
+    for (int d = 1; d < a.prefetch; ++d) prefetch(first_tile + int64_t(d / chunks) * a.warps_per_slice, d % chunks);
+  }
 
   // ---- 2. fn's k-slice as hi/lo B fragments in the permuted order: lane (g, t), vector v of chunk c holds fn[row][k]
   // for row = column tile * 8 + g and k = vec_k(c, v) + 0..7 of lane t; k-step half h takes words 2h, 2h + 1
-  for (int i = threadIdx.x; i < chunks * NT * V * 32; i += kDirectThreads) {
-    const int l = i % 32, vv = i / 32 % V, nt = i / (32 * V) % NT, c = i / (32 * V * NT);
-    const int lt = l & 3;
-    const int64_t row = nt * 8 + (l >> 2);
-    const int64_t k = kPost ? int64_t(vv) * C + s0 + int64_t(c) * 32 + 8 * lt : s0 + int64_t(c) * CK + 32 * vv + 8 * lt;
-    const bool in = kPost ? s0 + int64_t(c) * 32 + 8 * lt < C : k < K;
-    float4 f[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
-    if (in) {
-      f[0] = __ldg(reinterpret_cast<const float4*>(a.io.fn + row * K + k));
-      f[1] = __ldg(reinterpret_cast<const float4*>(a.io.fn + row * K + k + 4));
-    }
-    std::uint32_t hi[4], lo[4];
-    split_pair<S>(make_float2(f[0].x, f[0].y), hi[0], lo[0]);
-    split_pair<S>(make_float2(f[0].z, f[0].w), hi[1], lo[1]);
-    split_pair<S>(make_float2(f[1].x, f[1].y), hi[2], lo[2]);
-    split_pair<S>(make_float2(f[1].z, f[1].w), hi[3], lo[3]);
-    uint2* d = fn_frag + (c * Sh::CHUNK_FRAGS) + (nt * 2 * V * 2) * 32 + l;
+  // Six items per thread and round, their loads issued together: one L2 round trip per round, not per item (12 items
+  // a thread at n = 4: two rounds). Item by item this stage took ~20 us of the kernel on the H200, four at a time ~10.
+  constexpr int kBatch = 6;
+  const int items = chunks * NT * V * 32;
+  for (int i0 = threadIdx.x; i0 < items; i0 += kBatch * kDirectThreads) {
+    float4 f[kBatch][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      d[(vv * 2 + h) * 32] = make_uint2(hi[2 * h], hi[2 * h + 1]);
-      d[((V + vv) * 2 + h) * 32] = make_uint2(lo[2 * h], lo[2 * h + 1]);
+    for (int b = 0; b < kBatch; ++b) {
+      const int i = i0 + b * kDirectThreads;
+      const int l = i % 32, vv = i / 32 % V, nt = i / (32 * V) % NT, c = i / (32 * V * NT);
+      const int lt = l & 3;
+      const int64_t row = nt * 8 + (l >> 2);
+      const int64_t k = kPost ? int64_t(vv) * C + s0 + int64_t(c) * 32 + 8 * lt : s0 + int64_t(c) * CK + 32 * vv + 8 * lt;
+      const bool in = i < items && (kPost ? s0 + int64_t(c) * 32 + 8 * lt < C : k < K);
+      f[b][0] = in ? __ldg(reinterpret_cast<const float4*>(a.io.fn + row * K + k)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      f[b][1] = in ? __ldg(reinterpret_cast<const float4*>(a.io.fn + row * K + k + 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int i = i0 + b * kDirectThreads;
+      if (i >= items) break;
+      const int l = i % 32, vv = i / 32 % V, nt = i / (32 * V) % NT, c = i / (32 * V * NT);
+      std::uint32_t hi[4], lo[4];
+      split_pair<S>(make_float2(f[b][0].x, f[b][0].y), hi[0], lo[0]);
+      split_pair<S>(make_float2(f[b][0].z, f[b][0].w), hi[1], lo[1]);
+      split_pair<S>(make_float2(f[b][1].x, f[b][1].y), hi[2], lo[2]);
+      split_pair<S>(make_float2(f[b][1].z, f[b][1].w), hi[3], lo[3]);
+      uint2* d = fn_frag + (c * Sh::CHUNK_FRAGS) + (nt * 2 * V * 2) * 32 + l;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        d[(vv * 2 + h) * 32] = make_uint2(hi[2 * h], hi[2 * h + 1]);
+        d[((V + vv) * 2 + h) * 32] = make_uint2(lo[2 * h], lo[2 * h + 1]);
+      }
     }
   }
   __syncthreads();
-  if (my_tiles == 0) return;
+  if (my_tiles == 0 || (a.probe & 8)) return;
 
   // ---- 3. post+pre: x_next = h_post y + comb^T x of the lane's vectors, stored, and kept (as stored) for the mma
   auto post = [&](int64_t tile, int c, Frags& v, const YFrags& yv) {
@@ -549,10 +639,10 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
         for (int mt = 0; mt < MTW; ++mt) {
           const std::uint32_t af[4] = {word(v[mt][0][vv], 2 * h), word(v[mt][1][vv], 2 * h),
                                        word(v[mt][0][vv], 2 * h + 1), word(v[mt][1][vv], 2 * h + 1)};
-          if (a.probe == 2) continue;
+          if (a.probe & 2) continue;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            if (a.probe != 1) mma_16816<S>(acc[mt][nt], af, blo[nt]);
+            if (!(a.probe & 1)) mma_16816<S>(acc[mt][nt], af, blo[nt]);
             mma_16816<S>(acc[mt][nt], af, bhi[nt]);
           }
         }
@@ -589,33 +679,55 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
       }
   };
 
-  // ---- the warp's tiles: first_tile, + warps_per_slice, ...; chunk c + 1 loads while chunk c is worked on
+  // ---- the warp's tiles: first_tile, + warps_per_slice, ...; chunk c + 1 lands while chunk c is worked on. The
+  // next loads are issued before this chunk's registers are read (arranged, multiplied), so two chunks are in flight
+  // while a warp waits. Loads in fragment order need no arranging and the copy at the end of a step only renames
+  // registers; coalesced loads are arranged in place, so there the buffers alternate, the loop unrolled by two.
   clear();
-  int64_t tile = first_tile;
+  int64_t tile = first_tile, left = my_tiles;
   int c = 0;
-  for (int64_t left = my_tiles;;) {
+  auto step = [&](Frags& now, YFrags& ynow, Frags& later, YFrags& ylater) -> bool {
     const bool last_chunk = c + 1 == chunks;
     const bool more = !last_chunk || left > 1;
     const int64_t next_tile = last_chunk ? tile + a.warps_per_slice : tile;
     const int next_c = last_chunk ? 0 : c + 1;
-    if (more) load(next_tile, next_c, nxt, ynxt);
-    post(tile, c, cur, ycur);
-    multiply(cur, c);
+    if (a.prefetch > 0) prefetch_ahead(tile, c);
+    if (more) load(next_tile, next_c, later, ylater);
+    arrange(now);
+    post(tile, c, now, ynow);
+    multiply(now, c);
     if (last_chunk) {
       finish(tile);
       clear();
-      if (--left == 0) break;
+      if (--left == 0) return false;
     }
-#pragma unroll
-    for (int mt = 0; mt < MTW; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-#pragma unroll
-        for (int vv = 0; vv < V; ++vv) cur[mt][r][vv] = nxt[mt][r][vv];
-        if constexpr (kPost) ycur[mt][r] = ynxt[mt][r];
-      }
     tile = next_tile;
     c = next_c;
+    return true;
+  };
+  if constexpr (kPost) {  // loads in fragment order: a copy renames them (unrolled by two, it spills twice as much)
+    while (step(buf0, ybuf0, buf1, ybuf1)) {
+#pragma unroll
+      for (int mt = 0; mt < MTW; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int vv = 0; vv < V; ++vv) buf0[mt][r][vv] = buf1[mt][r][vv];
+          ybuf0[mt][r] = ybuf1[mt][r];
+        }
+    }
+  } else if (coalesced) {
+    while (step(buf0, ybuf0, buf1, ybuf1) && step(buf1, ybuf1, buf0, ybuf0)) {
+    }
+  } else {  // fragment-order loads: a copy renames them, as for post+pre
+    while (step(buf0, ybuf0, buf1, ybuf1)) {
+#pragma unroll
+      for (int mt = 0; mt < MTW; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int vv = 0; vv < V; ++vv) buf0[mt][r][vv] = buf1[mt][r][vv];
+    }
   }
 #endif
 }
@@ -902,6 +1014,14 @@ bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaS
   da.warps_per_slice = static_cast<int>(per_slice * kDirectWarps);
   const char* probe = std::getenv("MHC_CUDA_DIRECT_PROBE");
   da.probe = probe ? std::atoi(probe) : 0;
+  const char* prefetch = std::getenv("MHC_CUDA_DIRECT_PREFETCH");  // chunks ahead; a leading 'b': the bulk unit
+  da.prefetch_bulk = prefetch && prefetch[0] == 'b';
+  // Off by default: with fn staged in batches it measured 1-5 % slower at every distance (pre and post+pre, H200).
+  const int prefetch_default = 0;
+  const char* loads = std::getenv("MHC_CUDA_DIRECT_LOADS");
+  da.coalesced = !kPost && loads && std::strcmp(loads, "coalesced") == 0;
+  da.prefetch = std::clamp(
+      prefetch ? std::atoi(prefetch + da.prefetch_bulk) : tuned(key, "direct_prefetch", prefetch_default), 0, 64);
   const int smem = Sh::smem_bytes(ks / Sh::CK);
   project<<<static_cast<unsigned>(per_slice * slices), kDirectThreads, smem, stream>>>(da);
   MHC_CUDA_CHECK_LAUNCH();

@@ -54,20 +54,27 @@ std::vector<Shape> site_shapes() {
 }
 
 // Selects the fast pre forward (MHC_CUDA_PRE: "stream", "fused" or "cluster") for the scope's duration.
-class PrePathScope {
+// Sets an environment variable for the scope's duration (the CUDA backend reads its switches at every call).
+class EnvScope {
  public:
-  explicit PrePathScope(const char* path) {
-    if (const char* old = std::getenv("MHC_CUDA_PRE")) saved_ = old, had_ = true;
-    setenv("MHC_CUDA_PRE", path, 1);
+  EnvScope(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) saved_ = old, had_ = true;
+    setenv(name, value, 1);
   }
-  ~PrePathScope() {
-    if (had_) setenv("MHC_CUDA_PRE", saved_.c_str(), 1);
-    else unsetenv("MHC_CUDA_PRE");
+  ~EnvScope() {
+    if (had_) setenv(name_.c_str(), saved_.c_str(), 1);
+    else unsetenv(name_.c_str());
   }
 
  private:
-  std::string saved_;
+  std::string name_, saved_;
   bool had_ = false;
+};
+
+// MHC_CUDA_PRE for a scope.
+class PrePathScope : EnvScope {
+ public:
+  explicit PrePathScope(const char* path) : EnvScope("MHC_CUDA_PRE", path) {}
 };
 
 // Loads a tuning table for the scope's duration (any device), then an empty one.
@@ -178,6 +185,17 @@ TEST(CudaPre, ForwardDirectKernelMatchesReference) {
     run_pre(DType::f16, {70, 2, 200}, true, true);
     run_pre(DType::bf16, {2100, 4, 4096}, true, true);
   }
+}
+
+// The direct projection with coalesced loads shuffled into fragments (MHC_CUDA_DIRECT_LOADS=coalesced): the same
+// shapes (rows past T and chunks past the row's end land as zeros in every lane that reads them).
+TEST(CudaPre, ForwardDirectCoalescedLoadsMatchReference) {
+  MHC_REQUIRE_GPU();
+  const PrePathScope path("direct");
+  const EnvScope loads("MHC_CUDA_DIRECT_LOADS", "coalesced");
+  run_projection_shapes();
+  const TuningScope tuning(R"({"op": "pre_forward", "params": {"direct_ks": 64}})");
+  run_pre(DType::bf16, {2100, 4, 4096}, true, true);
 }
 
 // The cluster kernel stays selectable (MHC_CUDA_PRE=cluster) and correct.
@@ -363,23 +381,6 @@ TEST(CudaPre, StreamWorkSplitsMatchReference) {
 // ---- pre backward ----------------------------------------------------------------------------------------------
 struct GradMask {
   bool layer_input = true, h_pre = true, h_post = true, comb = true, accum = true, fn = true;
-};
-
-// Sets an environment variable for the scope's duration (the CUDA backend reads its switches at every call).
-class EnvScope {
- public:
-  EnvScope(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) saved_ = old, had_ = true;
-    setenv(name, value, 1);
-  }
-  ~EnvScope() {
-    if (had_) setenv(name_.c_str(), saved_.c_str(), 1);
-    else unsetenv(name_.c_str());
-  }
-
- private:
-  std::string name_, saved_;
-  bool had_ = false;
 };
 
 // versions: the stage-C versions (MHC_CUDA_PRE_BWD) to run on the same inputs, each against the reference and
