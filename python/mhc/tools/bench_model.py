@@ -106,6 +106,13 @@ def profile_step(step: Callable[[], None], device: torch.device, label: str, row
 # ---- the GPT ----------------------------------------------------------------------------------------------------
 
 
+def _compiled(model: nn.Module, args) -> nn.Module:
+    """The model under torch.compile with the run's backend and mode (reduce-overhead: replayed from CUDA graphs, so
+    a host-bound step loses its per-op launch cost)."""
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    return torch.compile(model, backend=args.compile_backend, mode=mode)
+
+
 def gpt_variants(ns: List[int], recompute: str) -> List[Variant]:
     out = [Variant("residual", "residual")]
     for n in ns:
@@ -128,7 +135,7 @@ def gpt_step(size, variant: Variant, mode: str, args, device: torch.device):
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)  # bf16 streams; the mHC ops keep their coefficients in fp32
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    forward = torch.compile(model, backend=args.compile_backend) if mode == "compile" else model
+    forward = _compiled(model, args) if mode == "compile" else model
     tokens = torch.randint(0, 256, (batch, seq + 1), device=device)
     idx, targets = tokens[:, :-1], tokens[:, 1:]
 
@@ -183,7 +190,7 @@ def vision_step(variant: Variant, mode: str, shape: dict, args, device: torch.de
     torch.manual_seed(0)
     model = make_model(variant.kind, shape["channels"], shape["depth"]).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    forward = torch.compile(model, backend=args.compile_backend) if mode == "compile" else model
+    forward = _compiled(model, args) if mode == "compile" else model
     x = torch.randn(shape["batch"], 3, shape["size"], shape["size"], device=device)
     y = torch.randint(0, 10, (shape["batch"],), device=device)
 
@@ -331,6 +338,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small size and few steps: a smoke test")
     ap.add_argument("--modes", default="eager,compile", help="comma-separated subset of eager,compile")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                    help="torch.compile mode (reduce-overhead: CUDA graphs; default: inductor's default)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20, quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, quick 2)")
     ap.add_argument("--precision", choices=("bf16", "autocast", "fp32"), default=None,
@@ -366,7 +376,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     info = environment(device)
     print(f"# {info['device']}, torch {info['torch']}, mhc {info['mhc']} (commit {info['commit']}); "
-          f"{args.steps} timed steps after {args.warmup}")
+          f"{args.steps} timed steps after {args.warmup}"
+          + (f"; torch.compile mode {args.compile_mode}" if "compile" in args.modes else ""))
     result = {"info": info, "args": vars(args)}
     if args.model == "gpt":
         result["rows"] = run_gpt(args, device)
