@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_check.sh                         # all stages
 #   STAGES=build,test scripts/gpu_check.sh       # a subset: build,test,sanitize,python,bench,history_bench,demo,
-#                                                # and, not by default: host, model, tune
+#                                                # and, not by default: host, model, tune, sweep
 #   MODEL_ARGS="--sizes 4096 --n 4" VISION_ARGS="" STAGES=build,model scripts/gpu_check.sh  # mhc bench --model gpt (+vision)
 #   BENCH_ARGS="--quick" scripts/gpu_check.sh    # arguments for bench/python/bench_ops.py
 #   TUNE_ARGS="" STAGES=build,tune scripts/gpu_check.sh  # `mhc tune` (default --quick) into $OUT/tuning.json
@@ -112,6 +112,15 @@ if has bench; then
   fi
 fi
 
+if has sweep; then  # not in the default stages: the direct projection's switches (bench/python/sweep_direct.py)
+  if ls python/mhc/_C*.so >/dev/null 2>&1; then
+    run_stage sweep "${LIMIT_SWEEP:-180}" env PYTHONPATH="$ROOT/python" $PY bench/python/sweep_direct.py \
+      --json "$OUT/sweep_direct.json" ${SWEEP_ARGS:-}
+  else
+    note "sweep: skipped (no extension built)"
+  fi
+fi
+
 if has history_bench; then
   if ls python/mhc/_C*.so >/dev/null 2>&1; then
     run_stage history_bench "${LIMIT_HISTORY_BENCH:-240}" env PYTHONPATH="$ROOT/python" $PY bench/python/bench_history.py \
@@ -169,6 +178,7 @@ if [[ -f $OUT/gpu_tests.log ]]; then grep -E "^\[  (PASSED|FAILED) |tests? ran|F
 if [[ -f $OUT/python_tests.log ]]; then grep -E "passed|failed" "$OUT/python_tests.log" | tail -n 3; fi
 if [[ -f $OUT/bench.log ]]; then echo; tail -n 60 "$OUT/bench.log"; fi
 if [[ -f $OUT/tune.log ]]; then echo; tail -n 45 "$OUT/tune.log"; fi
+if [[ -f $OUT/sweep.log ]]; then echo; tail -n 60 "$OUT/sweep.log"; fi
 if [[ -f $OUT/demo.log ]]; then echo; tail -n 4 "$OUT/demo.log"; fi
 if [[ -f $OUT/host.log ]]; then echo; tail -n 12 "$OUT/host.log"; fi
 if [[ -f $OUT/model_gpt.log ]]; then echo; tail -n 30 "$OUT/model_gpt.log"; fi
