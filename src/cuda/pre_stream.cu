@@ -420,11 +420,15 @@ template <class S> struct DirectArgs {
 
 // One token row's span of x (16-byte aligned, a multiple of 16 bytes) into L2: no registers, no completion to wait
 // for; the register loads of that chunk then find it there.
+// (The bulk unit exists from sm_90; below, every prefetch is per line.)
 __device__ __forceinline__ void prefetch_l2(const void* p, int bytes, bool bulk) {
-  if (bulk)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (bulk) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-  else
-    for (int b = 0; b < bytes; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + b));
+    return;
+  }
+#endif
+  for (int b = 0; b < bytes; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + b));
 }
 
 __device__ __forceinline__ std::uint32_t word(const uint4& v, int i) {
