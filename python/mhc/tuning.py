@@ -51,9 +51,11 @@ VERSION = 1
 # MHC_CUDA_PRE=cluster), the streaming kernels' `stream_tile` (tokens per projection tile) and `stream_group`
 # (tokens per coefficient block) for 16-bit streams (the default path there; docs/TUNING.md), `wave` (1: the wave
 # pre for that shape, where it runs; not searched by `mhc tune`: slower than the streaming pre on the H200 so far), and
-# the direct projection's `direct` (1: on, 0: the ring projection; default on from 1024 tokens for n in {2, 4}) and
-# `direct_ks` (k elements per slice) and `direct_prefetch` (chunks ahead prefetched into L2); `mhc tune` searches neither: the direct and ring projections sum the split-K
-# partials in different orders, so they differ in the last bits and a tuning must not change results.
+# the direct projection's `direct` (1: on, 0: the ring projection; default on from 1024 tokens for n in {2, 4}),
+# `direct_ks` (k elements per slice) and `direct_prefetch` (chunks ahead prefetched into L2, default 0). `mhc tune`
+# searches none of the three: the direct and ring projections (and other slice sizes) sum the split-K partials in
+# different orders, so they differ in the last bits and a tuning must not change results; the prefetch changes no
+# bits but measured slower at every distance on the H200.
 PARAMS: Dict[str, Dict[str, Sequence[int]]] = {
     "pre_forward": {"cluster": (1, 2, 4, 8, 16), "tile": (16, 32), "stream_tile": (16, 64, 128),
                     "stream_group": (1, 2, 4, 8), "wave": (0, 1), "direct": (0, 1),
