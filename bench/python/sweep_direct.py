@@ -27,6 +27,9 @@ CONFIGS = {
     "probe: staging only": ({"MHC_CUDA_DIRECT_PROBE": "8"}, ("pre",)),
     "probe: no mma": ({"MHC_CUDA_DIRECT_PROBE": "2"}, ("pre",)),
     "probe: coalesced, no mma": ({"MHC_CUDA_DIRECT_LOADS": "coalesced", "MHC_CUDA_DIRECT_PROBE": "2"}, ("pre",)),
+    "probe: fused, no stores": ({"MHC_CUDA_PRE": "direct", "MHC_CUDA_DIRECT_PROBE": "16"}, ("post_pre",)),
+    "probe: fused, no post math": ({"MHC_CUDA_PRE": "direct", "MHC_CUDA_DIRECT_PROBE": "32"}, ("post_pre",)),
+    "probe: fused, no post math, no mma": ({"MHC_CUDA_PRE": "direct", "MHC_CUDA_DIRECT_PROBE": "34"}, ("post_pre",)),
 }
 SWITCHES = ("MHC_CUDA_PRE", "MHC_CUDA_DIRECT_LOADS", "MHC_CUDA_DIRECT_PREFETCH", "MHC_CUDA_DIRECT_PROBE")
 

@@ -412,7 +412,8 @@ template <class S> struct DirectArgs {
   int slices;              // k-slices
   int warps_per_slice;     // blocks per slice * kDirectWarps
   int probe;               // diagnosis (MHC_CUDA_DIRECT_PROBE, bits; wrong results): 1 skips the lo mma, 2 every
-                           // mma, 8 returns once fn is staged
+                           // mma, 8 returns once fn is staged; post+pre: 16 skips the stores of x_next, 32 the
+                           // post arithmetic too (x projected as loaded)
   int prefetch;            // chunks ahead whose rows are prefetched into L2 (0: none)
   int prefetch_bulk;       // 1: the prefetch by the bulk-copy unit (cp.async.bulk.prefetch) instead of per line
   int coalesced;           // pre: 1 loads whole rows of a chunk and shuffles them into fragments (not yet measured)
@@ -594,6 +595,7 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
   // ---- 3. post+pre: x_next = h_post y + comb^T x of the lane's vectors, stored, and kept (as stored) for the mma
   auto post = [&](int64_t tile, int c, Frags& v, const YFrags& yv) {
     if constexpr (kPost) {
+      if (a.probe & 32) return;  // diagnosis: x projected as loaded, nothing computed or stored
 #pragma unroll
       for (int mt = 0; mt < MTW; ++mt)
 #pragma unroll
@@ -607,7 +609,7 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
 #pragma unroll 1  // one output stream at a time: registers for the next chunk's loads
           for (int o = 0; o < N; ++o) {
             const Pack<S> out = post_pack<S, N>(a.io.post_h, a.io.post_comb, t, o, xp, yp);
-            store_pack(a.io.x_next + t * K + vec_k(c, o), out);
+            if (!(a.probe & 16)) store_pack(a.io.x_next + t * K + vec_k(c, o), out);
             // registers are indexed at compile time only: select the output vector by a switch on o
 #pragma unroll
             for (int q = 0; q < N; ++q)
