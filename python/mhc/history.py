@@ -398,7 +398,8 @@ class MHCSkip(nn.Module):
         states = _nonempty(_states_of(history, x)[: self.max_history], "MHCSkip")
         if self.detach_history:
             states = _detach_older(states)
-        logits = self.logits[: len(states)]
+        # all H states (every block after the first H - 1): the parameter itself, without a slice op and its node
+        logits = self.logits if len(states) == self.max_history else self.logits[: len(states)]
         if _exporting():  # standard ONNX ops: sort-based sparsemax, softmax, Mul/Add
             w = reference_project_logits(logits, self.constraint, temperature=self.temperature, epsilon=self.epsilon)
             return _unrolled_mix(x, states, w, self.gate)
@@ -517,7 +518,8 @@ class MatrixMHCSkip(nn.Module):
         """The doubly stochastic matrix over the first ``available`` states, projected in ``dtype`` (default: the
         logits' float32)."""
         n = self.max_history if available is None else available
-        logits = self.logits[:n, :n] if dtype is None else self.logits[:n, :n].to(dtype)
+        logits = self.logits if n == self.max_history else self.logits[:n, :n]  # all H: no slice ops, no nodes
+        logits = logits if dtype is None else logits.to(dtype)
         fn = reference_project_logits if _exporting() else project_logits
         return fn(logits, self.constraint, temperature=self.temperature, sinkhorn_iters=self.sinkhorn_iters)
 
