@@ -34,21 +34,12 @@ CONFIGS = {
 SWITCHES = ("MHC_CUDA_PRE", "MHC_CUDA_DIRECT_LOADS", "MHC_CUDA_DIRECT_PREFETCH", "MHC_CUDA_DIRECT_PROBE")
 
 
-def kernel_us(step, sets: int, calls: int = 10) -> dict:
-    """Device us per call of each kernel step(i) launches (torch.profiler), short names."""
-    for i in range(3):
-        step(i % sets)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for i in range(calls):
-            step(i % sets)
-        torch.cuda.synchronize()
+def kernel_us(step, sets: int) -> dict:
+    """Device us per call of each kernel step(i) launches (mhc.tools.bench.kernel_times), by short name."""
     out = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", 0) or 0
-        if t > 0:
-            name = e.key.split("<")[0].split("::")[-1]
-            out[name] = round(out.get(name, 0.0) + t / calls, 1)
+    for t, _, key in b.kernel_times(step, sets, reps=10):
+        name = key.split("<")[0].split("::")[-1]
+        out[name] = round(out.get(name, 0.0) + t, 1)
     return out
 
 

@@ -349,28 +349,33 @@ def measure_paths(n: int, C: int, T: int, sets: int, only: Optional[List[str]], 
     return out
 
 
-def profile_kernels(n: int, C: int, T: int, only: Optional[List[str]]) -> None:
-    """Per-kernel device time of each mhc op at one shape (torch.profiler), to see where an op spends."""
+def kernel_times(step: Callable[[int], None], sets: int = 1, reps: int = 5) -> List[tuple]:
+    """(device us per call, launches per call, kernel name) of each kernel step(i) runs, i cycling over sets, from
+    torch.profiler after a warm-up; the most time first."""
     from torch.profiler import ProfilerActivity, profile
 
+    for i in range(3):
+        step(i % sets)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(reps):
+            step(i % sets)
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if t > 0 and evt.key and not evt.key.startswith("cuda"):
+            rows.append((t / reps, evt.count // reps, evt.key))
+    return sorted(rows, reverse=True)
+
+
+def profile_kernels(n: int, C: int, T: int, only: Optional[List[str]]) -> None:
+    """Per-kernel device time of each mhc op at one shape (torch.profiler), to see where an op spends."""
     steps = make_steps("mhc", n, C, T, 1, {})
     for name in OP_ORDER:
         if name not in steps or (only and name not in only):
             continue
-        for _ in range(3):
-            steps[name](0)
-        torch.cuda.synchronize()
-        reps = 5
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                steps[name](0)
-            torch.cuda.synchronize()
-        rows = []
-        for evt in prof.key_averages():
-            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-            if t > 0 and evt.key and not evt.key.startswith("cuda"):
-                rows.append((t / reps, evt.count // reps, evt.key))
-        rows.sort(reverse=True)
+        rows = kernel_times(steps[name])
         print(f"-- {name}  n={n} C={C} tokens={T}: {sum(r[0] for r in rows):.1f} us of kernels per call")
         for t, count, key in rows[:8]:
             print(f"   {t:9.1f} us  x{count}  {key[:110]}")
