@@ -541,15 +541,14 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
       prefetch_l2(a.io.x + t * K + k, static_cast<int>(std::min<int64_t>(CK, K - k)) * int(sizeof(S)), bulk);
     }
   };
-  auto prefetch_ahead = [&](int64_t tile, int c) {  // the chunk a.prefetch chunks after (tile, c) in the warp's order
-    const int ahead = c + a.prefetch;
+  auto prefetch_ahead = [&](int64_t tile, int ahead) {  // the chunk `ahead` chunks after tile's first, in warp order
     prefetch(tile + int64_t(ahead / chunks) * a.warps_per_slice, ahead % chunks);
   };
   Frags buf0, buf1;  // chunks alternate between the two: one is worked on while the next lands in the other
   YFrags ybuf0, ybuf1;
   if (my_tiles > 0) {
     load(first_tile, 0, buf0, ybuf0);  // in flight while fn is staged
-    for (int d = 1; d < a.prefetch; ++d) prefetch(first_tile + int64_t(d / chunks) * a.warps_per_slice, d % chunks);
+    for (int d = 1; d < a.prefetch; ++d) prefetch_ahead(first_tile, d);
   }
 
   // ---- 2. fn's k-slice as hi/lo B fragments in the permuted order: lane (g, t), vector v of chunk c holds fn[row][k]
@@ -697,7 +696,7 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
     const bool more = !last_chunk || left > 1;
     const int64_t next_tile = last_chunk ? tile + a.warps_per_slice : tile;
     const int next_c = last_chunk ? 0 : c + 1;
-    if (a.prefetch > 0) prefetch_ahead(tile, c);
+    if (a.prefetch > 0) prefetch_ahead(tile, c + a.prefetch);
     if (more) load(next_tile, next_c, later, ylater);
     arrange(now);
     post(tile, c, now, ynow);
@@ -711,7 +710,10 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
     c = next_c;
     return true;
   };
-  if constexpr (kPost) {  // loads in fragment order: a copy renames them (unrolled by two, it spills twice as much)
+  if (coalesced) {  // (never for post+pre)
+    while (step(buf0, ybuf0, buf1, ybuf1) && step(buf1, ybuf1, buf0, ybuf0)) {
+    }
+  } else {  // fragment-order loads: a copy renames them (unrolled by two, post+pre spills twice as much)
     while (step(buf0, ybuf0, buf1, ybuf1)) {
 #pragma unroll
       for (int mt = 0; mt < MTW; ++mt)
@@ -719,20 +721,8 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
         for (int r = 0; r < 2; ++r) {
 #pragma unroll
           for (int vv = 0; vv < V; ++vv) buf0[mt][r][vv] = buf1[mt][r][vv];
-          ybuf0[mt][r] = ybuf1[mt][r];
+          if constexpr (kPost) ybuf0[mt][r] = ybuf1[mt][r];
         }
-    }
-  } else if (coalesced) {
-    while (step(buf0, ybuf0, buf1, ybuf1) && step(buf1, ybuf1, buf0, ybuf0)) {
-    }
-  } else {  // fragment-order loads: a copy renames them, as for post+pre
-    while (step(buf0, ybuf0, buf1, ybuf1)) {
-#pragma unroll
-      for (int mt = 0; mt < MTW; ++mt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int vv = 0; vv < V; ++vv) buf0[mt][r][vv] = buf1[mt][r][vv];
     }
   }
 #endif
