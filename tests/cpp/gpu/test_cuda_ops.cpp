@@ -53,7 +53,6 @@ std::vector<Shape> site_shapes() {
           {17, 8, 64, 1}, {40, 4, 2048}, {3, 16, 24}};
 }
 
-// Selects the fast pre forward (MHC_CUDA_PRE: "stream", "fused" or "cluster") for the scope's duration.
 // Sets an environment variable for the scope's duration (the CUDA backend reads its switches at every call).
 class EnvScope {
  public:
@@ -71,7 +70,8 @@ class EnvScope {
   bool had_ = false;
 };
 
-// MHC_CUDA_PRE for a scope.
+// Selects the fast pre forward (MHC_CUDA_PRE: "stream", "direct", "ring", "wave", "fused" or "cluster") for the
+// scope's duration.
 class PrePathScope : EnvScope {
  public:
   explicit PrePathScope(const char* path) : EnvScope("MHC_CUDA_PRE", path) {}
