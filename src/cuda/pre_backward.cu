@@ -32,7 +32,7 @@ enum class Site { pre, head };
 
 // ---- workspace layout ---------------------------------------------------------------------------
 struct BackwardLayout {
-  int64_t T = 0, n = 0, C = 0, m = 0, steps = 0, chunks = 0, chunks_v4 = 0, chunks_v4w = 0;
+  int64_t T = 0, n = 0, C = 0, m = 0, steps = 0, chunks = 0, chunks_v4 = 0, chunks_v4w = 0, chunks_head = 0;
   std::size_t elem = 4;
   // byte offsets
   std::size_t U = 0, DL = 0, DP = 0, XC = 0, H = 0, SC = 0, DIV = 0, GF = 0, total = 0;
@@ -78,6 +78,15 @@ int v4_chunks(int64_t T, int64_t nC, int64_t m, bool wide) {
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(slots / colblocks, tiles), 1, 64));
 }
 
+// The head's packed stage C (head_grad_x_packed): blocks of kHeadCols columns, token chunks for 2 blocks per SM
+// (128 registers at n = 4).
+constexpr int kHeadCols = 2048;
+int head_grad_chunks(int64_t T, int64_t nC) {
+  const int64_t colblocks = (nC + kHeadCols - 1) / kHeadCols;
+  const int64_t want = (2 * int64_t(current_device_info().sm_count) + colblocks - 1) / colblocks;
+  return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(want, (T + 31) / 32), 1, 256));
+}
+
 BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool has_fn, bool has_sinkhorn,
                                int iters, DType dtype) {
   BackwardLayout L;
@@ -105,7 +114,8 @@ BackwardLayout backward_layout(int64_t T, int64_t n, int64_t C, int64_t m, bool 
   L.DIV = take(T * L.steps * n);
   // sized for every version of stage C (MHC_CUDA_PRE_BWD may change between the query and the call)
   const int64_t split_chunks = has_sinkhorn ? pre_bwd_split_chunks(dtype, T, n, C, has_fn) : 0;  // pre only
-  L.GF = take(has_fn ? std::max({L.chunks, L.chunks_v4, L.chunks_v4w, split_chunks}) * m * n * C : 0);
+  L.chunks_head = has_fn && !has_sinkhorn ? head_grad_chunks(T, n * C) : 0;                     // head only
+  L.GF = take(has_fn ? std::max({L.chunks, L.chunks_v4, L.chunks_v4w, split_chunks, L.chunks_head}) * m * n * C : 0);
   L.total = off;
   return L;
 }
@@ -369,6 +379,91 @@ __global__ void __launch_bounds__(256) grad_x_fn_fast(const GradXArgs<S> a) {
     if (valid[e])
 #pragma unroll
       for (int j = 0; j < MR; ++j) a.GF[(int64_t(chunk) * MR + j) * nC + k0 + e] = gf[j][e];
+}
+
+// ---- C, the head (m = n), packed --------------------------------------------------------------------------
+// Why: the head ran grad_x_fn_mma<4> (tensor-core tiles built for m = 24; 378 us at n = 4, C = 4096, 8192 tokens on
+// the H200, 2.6x its bytes). With m = n the projection terms are n FMA per element, so CUDA cores suffice: a thread
+// owns one 16-byte pack of columns (kHeadCols per block of 256), keeps fn[:, pack] and its grad_fn partials in
+// registers over a token chunk, and streams x and g four tokens at a time (their loads issued together).
+//   grad_x[t, k] = w[t, i] g[t, c] + XC[t] x[t, k] + sum_j DP[t, j] fn[j, k]    (k = i C + c)
+//   grad_fn partial[chunk, j, k] = sum over the chunk's tokens of DP[t, j] x[t, k]
+template <class S, int N>
+__global__ void __launch_bounds__(256) head_grad_x_packed(const GradXArgs<S> a) {
+  constexpr int P = kPack<S>, TB = 32, kBatch = 4;
+  __shared__ float dp_s[TB][N], h_s[TB][N], xc_s[TB];
+  const int64_t C = a.C, nC = int64_t(N) * C;
+  const int64_t k = int64_t(blockIdx.x) * kHeadCols + int64_t(threadIdx.x) * P;
+  const bool valid = k < nC;
+  const int stream_i = valid ? static_cast<int>(k / C) : 0;
+  const int64_t chan = valid ? k % C : 0;
+  const int64_t per_chunk = (a.T + a.chunks - 1) / a.chunks;
+  const int64_t t_begin = std::min<int64_t>(a.T, blockIdx.y * per_chunk), t_end = std::min<int64_t>(a.T, t_begin + per_chunk);
+  // -- fn's columns of the pack, and zeroed partials
+  float fnr[N][P], gf[N][P];
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      fnr[j][e] = valid ? a.fn[j * nC + k + e] : 0.f;
+      gf[j][e] = 0.f;
+    }
+  for (int64_t tb = t_begin; tb < t_end; tb += TB) {
+    const int count = static_cast<int>(std::min<int64_t>(TB, t_end - tb));
+    // -- the step's per-token coefficients into shared memory
+    __syncthreads();
+    for (int q = threadIdx.x; q < count * N; q += blockDim.x) {
+      dp_s[q / N][q % N] = a.DP[(tb + q / N) * N + q % N];
+      h_s[q / N][q % N] = a.g ? a.H[(tb + q / N) * N + q % N] : 0.f;
+    }
+    for (int q = threadIdx.x; q < count; q += blockDim.x) xc_s[q] = a.XC[tb + q];
+    __syncthreads();
+    if (!valid) continue;
+    for (int u0 = 0; u0 < count; u0 += kBatch) {
+      // -- the batch's packs of x and g, loads issued together
+      Pack<S> xv[kBatch], gv[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t t = tb + u0 + u;
+        const bool ok = u0 + u < count;
+        *reinterpret_cast<uint4*>(&xv[u]) = ok ? __ldcs(reinterpret_cast<const uint4*>(a.x + t * nC + k)) : make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(&gv[u]) =
+            ok && a.g ? __ldg(reinterpret_cast<const uint4*>(a.g + t * C + chan)) : make_uint4(0, 0, 0, 0);
+      }
+      // -- grad_x of each token, the partials of grad_fn
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int tt = u0 + u;
+        if (tt >= count) break;
+        const float h = h_s[tt][stream_i], xc = xc_s[tt];
+        float out[P];
+#pragma unroll
+        for (int e = 0; e < P; ++e) {
+          const float xe = to_math(xv[u].v[e]);
+          out[e] = h * to_math(gv[u].v[e]) + xc * xe;
+        }
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float d = dp_s[tt][j];
+#pragma unroll
+          for (int e = 0; e < P; ++e) {
+            out[e] += d * fnr[j][e];
+            gf[j][e] += d * to_math(xv[u].v[e]);
+          }
+        }
+        Pack<S> o;
+#pragma unroll
+        for (int e = 0; e < P; ++e) o.v[e] = from_math<S>(out[e]);
+        __stcs(reinterpret_cast<uint4*>(a.grad_x + (tb + tt) * nC + k), *reinterpret_cast<const uint4*>(&o));
+      }
+    }
+  }
+  // -- this chunk's partials (zeros for an empty chunk)
+  if (valid)
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+      for (int e = 0; e < P; ++e) a.GF[(int64_t(blockIdx.y) * N + j) * nC + k + e] = gf[j][e];
 }
 
 // Tensor-core version of stage C for bf16 streams. A block owns 128 columns of x viewed as
@@ -1120,6 +1215,19 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
       ga.chunks = pre_bwd_split_launch(sa, stream);
       fast_done = true;
     }
+  }
+  if constexpr (kSite == Site::head && kFloat) {
+    if (has_fn && C % kPack<S> == 0 && aligned16({io.x, io.g, io.grad_x}) && !grad_generic_forced())
+      dispatch_streams(n, [&](auto nc) {
+        constexpr int N = decltype(nc)::value;
+        if constexpr (N > 0) {
+          ga.chunks = static_cast<int>(L.chunks_head);
+          const dim3 grid(static_cast<unsigned>((nC + kHeadCols - 1) / kHeadCols), static_cast<unsigned>(ga.chunks));
+          head_grad_x_packed<S, N><<<grid, 256, 0, stream>>>(ga);
+          MHC_CUDA_CHECK_LAUNCH();
+          fast_done = true;
+        }
+      });
   }
   if (const BwdVersion v = bwd_version(); !fast_done && kSite == Site::pre && v != BwdVersion::v2)
     fast_done = stage_c_v4<S>(ga, io, L, v == BwdVersion::v4_wide, stream);

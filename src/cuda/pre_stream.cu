@@ -416,7 +416,6 @@ template <class S> struct DirectArgs {
                            // post arithmetic too (x projected as loaded)
   int prefetch;            // chunks ahead whose rows are prefetched into L2 (0: none)
   int prefetch_bulk;       // 1: the prefetch by the bulk-copy unit (cp.async.bulk.prefetch) instead of per line
-  int coalesced;           // pre: 1 loads whole rows of a chunk and shuffles them into fragments (not yet measured)
 };
 
 // One token row's span of x (16-byte aligned, a multiple of 16 bytes) into L2: no registers, no completion to wait
@@ -436,7 +435,10 @@ __device__ __forceinline__ std::uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <class S, int N, bool kPost>
+// kCoalesced (pre only): whole-row loads arranged into fragments by shuffles (MHC_CUDA_DIRECT_LOADS=coalesced). A
+// template parameter, not a runtime flag: with the flag's branches in its loop the default kernel measured 150 us
+// instead of 96.8 at 4 / 4096 / 8192 (H200), so each variant is compiled on its own.
+template <class S, int N, bool kPost, bool kCoalesced>
 __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const DirectArgs<S> a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Sh = DirectShape<N, kPost>;
@@ -473,13 +475,13 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
   // (two chunks in flight) it is not yet measured: arranged before them it was slower (140 us, one chunk in flight).
   using Frags = uint4[MTW][2][V];  // [m-tile][row g, g + 8][vector]
   using YFrags = uint4[kPost ? MTW : 1][2];
-  const bool coalesced = !kPost && a.coalesced != 0;
+  constexpr bool coalesced = !kPost && kCoalesced;
   auto load = [&](int64_t tile, int c, Frags& v, YFrags& yv) {
 #pragma unroll
     for (int mt = 0; mt < MTW; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        if (coalesced) {
+        if constexpr (coalesced) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int64_t t = tile * TOK + mt * 16 + 8 * r + 4 * h + lane / 8;
@@ -505,7 +507,7 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
   // source lanes are distinct, so each source lane selects the register its one reader needs (h = bit 2 of its
   // lane ^ v).
   auto arrange = [&](Frags& v) {
-    if (coalesced) {
+    if constexpr (coalesced) {
       const bool odd = (lane >> 2) & 1;
 #pragma unroll
       for (int mt = 0; mt < MTW; ++mt)
@@ -515,9 +517,13 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
 #pragma unroll
           for (int vv = 0; vv < V; ++vv) {
             const int src = 8 * (g % 4) + 4 * (vv ^ (g >> 2)) + tq;
-            const uint4& mine = (odd != (vv != 0)) ? v[mt][r][1] : v[mt][r][0];
-            out[vv] = make_uint4(__shfl_sync(0xffffffffu, mine.x, src), __shfl_sync(0xffffffffu, mine.y, src),
-                                 __shfl_sync(0xffffffffu, mine.z, src), __shfl_sync(0xffffffffu, mine.w, src));
+            // selected word by word: a reference chosen at run time would put the buffers in local memory
+            const bool hi = odd != (vv != 0);
+            const uint4 a0 = v[mt][r][0], a1 = v[mt][r][1];
+            out[vv] = make_uint4(__shfl_sync(0xffffffffu, hi ? a1.x : a0.x, src),
+                                 __shfl_sync(0xffffffffu, hi ? a1.y : a0.y, src),
+                                 __shfl_sync(0xffffffffu, hi ? a1.z : a0.z, src),
+                                 __shfl_sync(0xffffffffu, hi ? a1.w : a0.w, src));
           }
 #pragma unroll
           for (int vv = 0; vv < V; ++vv) v[mt][r][vv] = out[vv];
@@ -711,7 +717,7 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
     c = next_c;
     return true;
   };
-  if (coalesced) {  // (never for post+pre)
+  if constexpr (coalesced) {  // (never for post+pre)
     while (step(buf0, ybuf0, buf1, ybuf1) && step(buf1, ybuf1, buf0, ybuf0)) {
     }
   } else {  // fragment-order loads: a copy renames them (unrolled by two, post+pre spills twice as much)
@@ -990,7 +996,9 @@ bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaS
   const int sms = current_device_info().sm_count;
   const int64_t T = da.io.T, C = da.io.C, K = int64_t(N) * C;
   const int64_t capacity = C * int64_t(sizeof(S)) / (4 * int64_t(Sh::PART));  // partial rows per layer_input row
-  const auto project = &project_direct_kernel<S, N, kPost>;
+  const char* loads = std::getenv("MHC_CUDA_DIRECT_LOADS");
+  const bool coalesced = !kPost && loads && std::strcmp(loads, "coalesced") == 0;
+  const auto project = coalesced ? &project_direct_kernel<S, N, kPost, !kPost> : &project_direct_kernel<S, N, kPost, false>;
   const int max_smem = Sh::smem_bytes(Sh::MAX_KS / Sh::CK);
   allow_dynamic_smem(project, std::size_t(max_smem));
   const int resident = resident_blocks_per_sm(project, kDirectThreads, max_smem);
@@ -1015,8 +1023,6 @@ bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaS
   da.prefetch_bulk = prefetch && prefetch[0] == 'b';
   // Off by default: with fn staged in batches it measured 1-5 % slower at every distance (pre and post+pre, H200).
   const int prefetch_default = 0;
-  const char* loads = std::getenv("MHC_CUDA_DIRECT_LOADS");
-  da.coalesced = !kPost && loads && std::strcmp(loads, "coalesced") == 0;
   da.prefetch = std::clamp(
       prefetch ? std::atoi(prefetch + da.prefetch_bulk) : tuned(key, "direct_prefetch", prefetch_default), 0, 64);
   const int smem = Sh::smem_bytes(ks / Sh::CK);
