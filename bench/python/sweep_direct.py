@@ -4,7 +4,7 @@ B = coef_aggregate_kernel, whose figure includes its programmatic wait for A), o
 The switches are read at every call, so one process runs them all. Probe rows give wrong results on purpose.
 
     python bench/python/sweep_direct.py                   # every configuration below
-    python bench/python/sweep_direct.py --configs direct coalesced --json sweep.json
+    python bench/python/sweep_direct.py --configs direct fragment --json sweep.json
 """
 
 import argparse
@@ -21,12 +21,12 @@ SHAPES = [(4, 4096, 8192), (4, 1024, 16384), (4, 7168, 4096), (2, 4096, 8192)]
 CONFIGS = {
     "ring": ({"MHC_CUDA_PRE": "ring"}, ("pre",)),
     "direct": ({}, ("pre", "post_pre")),
-    "coalesced": ({"MHC_CUDA_DIRECT_LOADS": "coalesced"}, ("pre", "post_pre")),
+    "fragment": ({"MHC_CUDA_DIRECT_LOADS": "fragment"}, ("pre", "post_pre")),
     "prefetch1": ({"MHC_CUDA_DIRECT_PREFETCH": "1"}, ("pre",)),
     "fused": ({"MHC_CUDA_PRE": "direct"}, ("post_pre",)),
     "probe: staging only": ({"MHC_CUDA_DIRECT_PROBE": "8"}, ("pre",)),
     "probe: no mma": ({"MHC_CUDA_DIRECT_PROBE": "2"}, ("pre",)),
-    "probe: coalesced, no mma": ({"MHC_CUDA_DIRECT_LOADS": "coalesced", "MHC_CUDA_DIRECT_PROBE": "2"}, ("pre",)),
+    "probe: fragment, no mma": ({"MHC_CUDA_DIRECT_LOADS": "fragment", "MHC_CUDA_DIRECT_PROBE": "2"}, ("pre",)),
     "probe: fused, no stores": ({"MHC_CUDA_PRE": "direct", "MHC_CUDA_DIRECT_PROBE": "16"}, ("post_pre",)),
     "probe: fused, no post math": ({"MHC_CUDA_PRE": "direct", "MHC_CUDA_DIRECT_PROBE": "32"}, ("post_pre",)),
     "probe: fused, no post math, no mma": ({"MHC_CUDA_PRE": "direct", "MHC_CUDA_DIRECT_PROBE": "34"}, ("post_pre",)),

@@ -78,11 +78,13 @@ int v4_chunks(int64_t T, int64_t nC, int64_t m, bool wide) {
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(slots / colblocks, tiles), 1, 64));
 }
 
-// The head's packed stage C (head_grad_x_packed): blocks of kHeadCols columns, token chunks for 2 blocks per SM
-// (128 registers at n = 4).
-constexpr int kHeadCols = 2048;
+// The head's packed stage C (head_grad_x_packed): blocks of 256 threads x one 16-byte pack of columns (2048 for
+// 16-bit streams, 1024 for f32), token chunks for 2 blocks per SM (128 registers at n = 4), counted for the widest
+// blocks (f32 launches more column blocks over the same chunks).
+constexpr int kHeadThreads = 256;
+template <class S> constexpr int kHeadCols = kHeadThreads * kPack<S>;
 int head_grad_chunks(int64_t T, int64_t nC) {
-  const int64_t colblocks = (nC + kHeadCols - 1) / kHeadCols;
+  const int64_t colblocks = (nC + kHeadCols<__nv_bfloat16> - 1) / kHeadCols<__nv_bfloat16>;
   const int64_t want = (2 * int64_t(current_device_info().sm_count) + colblocks - 1) / colblocks;
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(want, (T + 31) / 32), 1, 256));
 }
@@ -384,16 +386,16 @@ __global__ void __launch_bounds__(256) grad_x_fn_fast(const GradXArgs<S> a) {
 // ---- C, the head (m = n), packed --------------------------------------------------------------------------
 // Why: the head ran grad_x_fn_mma<4> (tensor-core tiles built for m = 24; 378 us at n = 4, C = 4096, 8192 tokens on
 // the H200, 2.6x its bytes). With m = n the projection terms are n FMA per element, so CUDA cores suffice: a thread
-// owns one 16-byte pack of columns (kHeadCols per block of 256), keeps fn[:, pack] and its grad_fn partials in
+// owns one 16-byte pack of columns (kHeadCols<S> per block), keeps fn[:, pack] and its grad_fn partials in
 // registers over a token chunk, and streams x and g four tokens at a time (their loads issued together).
 //   grad_x[t, k] = w[t, i] g[t, c] + XC[t] x[t, k] + sum_j DP[t, j] fn[j, k]    (k = i C + c)
 //   grad_fn partial[chunk, j, k] = sum over the chunk's tokens of DP[t, j] x[t, k]
 template <class S, int N>
-__global__ void __launch_bounds__(256) head_grad_x_packed(const GradXArgs<S> a) {
+__global__ void __launch_bounds__(kHeadThreads) head_grad_x_packed(const GradXArgs<S> a) {
   constexpr int P = kPack<S>, TB = 32, kBatch = 4;
   __shared__ float dp_s[TB][N], h_s[TB][N], xc_s[TB];
   const int64_t C = a.C, nC = int64_t(N) * C;
-  const int64_t k = int64_t(blockIdx.x) * kHeadCols + int64_t(threadIdx.x) * P;
+  const int64_t k = int64_t(blockIdx.x) * kHeadCols<S> + int64_t(threadIdx.x) * P;
   const bool valid = k < nC;
   const int stream_i = valid ? static_cast<int>(k / C) : 0;
   const int64_t chan = valid ? k % C : 0;
@@ -1021,12 +1023,21 @@ __global__ void reduce_chunks(const M* __restrict__ GF, M* __restrict__ grad_fn,
 }
 
 // Block b sums column b of src [T, cols] over tokens: grad_base (src = DL) and grad_scale (src = SC).
+// Eight independent partial sums a thread, added in a fixed order: with one, its loads formed a serial chain
+// (14.8 us a call at 8192 tokens on the H200, two calls a site).
 template <class M>
 __global__ void reduce_tokens(const M* __restrict__ src, int cols, int64_t T, M* __restrict__ out, int out_count) {
+  constexpr int U = 8;
   __shared__ M scratch[32];
   for (int col = blockIdx.x; col < out_count; col += gridDim.x) {
-    M acc[1] = {0};
-    for (int64_t t = threadIdx.x; t < T; t += blockDim.x) acc[0] += src[t * cols + col];
+    M part[U] = {};
+    for (int64_t t0 = threadIdx.x; t0 < T; t0 += int64_t(blockDim.x) * U)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t t = t0 + int64_t(u) * blockDim.x;
+        if (t < T) part[u] += src[t * cols + col];
+      }
+    M acc[1] = {((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))};
     block_sum<1>(acc, scratch);
     if (threadIdx.x == 0) out[col] = acc[0];
   }
@@ -1222,8 +1233,8 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
         constexpr int N = decltype(nc)::value;
         if constexpr (N > 0) {
           ga.chunks = static_cast<int>(L.chunks_head);
-          const dim3 grid(static_cast<unsigned>((nC + kHeadCols - 1) / kHeadCols), static_cast<unsigned>(ga.chunks));
-          head_grad_x_packed<S, N><<<grid, 256, 0, stream>>>(ga);
+          const dim3 grid(static_cast<unsigned>((nC + kHeadCols<S> - 1) / kHeadCols<S>), static_cast<unsigned>(ga.chunks));
+          head_grad_x_packed<S, N><<<grid, kHeadThreads, 0, stream>>>(ga);
           MHC_CUDA_CHECK_LAUNCH();
           fast_done = true;
         }

@@ -435,7 +435,8 @@ __device__ __forceinline__ std::uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// kCoalesced (pre only): whole-row loads arranged into fragments by shuffles (MHC_CUDA_DIRECT_LOADS=coalesced). A
+// kCoalesced (pre only, the default): whole-row loads arranged into fragments by shuffles (MHC_CUDA_DIRECT_LOADS=fragment
+// turns it off). A
 // template parameter, not a runtime flag: with the flag's branches in its loop the default kernel measured 150 us
 // instead of 96.8 at 4 / 4096 / 8192 (H200), so each variant is compiled on its own.
 template <class S, int N, bool kPost, bool kCoalesced>
@@ -468,11 +469,11 @@ __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const
 
   // ---- 1. a chunk of the tile into registers: rows g and g + 8 of each m-tile (post+pre: and y's channels), in
   // fragment order: a load instruction reads 8 half rows (64 bytes each) of the chunk.
-  // coalesced (pre; MHC_CUDA_DIRECT_LOADS=coalesced): a load instruction reads 4 whole 128-byte rows instead; the chunk
-  // lands as [m-tile][row half r][h], lane l holding row 16 mt + 8 r + 4 h + l / 8, 16-byte piece (l % 8 + 4 h) % 8,
-  // and arrange() moves it into fragment order by shuffles. The same bytes loaded this way (wrong results) took the
-  // kernel from 96.8 to 86.7 us on the H200 (4 / 4096 / 8192); arranged after the next chunk's loads were issued
-  // (two chunks in flight) it is not yet measured: arranged before them it was slower (140 us, one chunk in flight).
+  // coalesced (pre, the default; MHC_CUDA_DIRECT_LOADS=fragment turns it off): a load instruction reads 4 whole
+  // 128-byte rows instead; the chunk lands as [m-tile][row half r][h], lane l holding row 16 mt + 8 r + 4 h + l / 8,
+  // 16-byte piece (l % 8 + 4 h) % 8, and arrange() moves it into fragment order by shuffles, after the next chunk's
+  // loads are issued (two chunks in flight). H200, 4 / 4096 / 8192: A 100.5 us against 109.2 for fragment order;
+  // arranged before the next loads it was 140 us (one chunk in flight).
   using Frags = uint4[MTW][2][V];  // [m-tile][row g, g + 8][vector]
   using YFrags = uint4[kPost ? MTW : 1][2];
   constexpr bool coalesced = !kPost && kCoalesced;
@@ -997,7 +998,9 @@ bool launch_direct(DirectArgs<S> da, CoefArgs<S> ca, const TuningKey& key, cudaS
   const int64_t T = da.io.T, C = da.io.C, K = int64_t(N) * C;
   const int64_t capacity = C * int64_t(sizeof(S)) / (4 * int64_t(Sh::PART));  // partial rows per layer_input row
   const char* loads = std::getenv("MHC_CUDA_DIRECT_LOADS");
-  const bool coalesced = !kPost && loads && std::strcmp(loads, "coalesced") == 0;
+  // Coalesced loads by default (pre): 100.5 against 109.2 us for A at 4 / 4096 / 8192, 44.6 against 49.4 at n = 2, the
+  // same at the other shapes (H200); MHC_CUDA_DIRECT_LOADS=fragment keeps the fragment-order loads.
+  const bool coalesced = !kPost && !(loads && std::strcmp(loads, "fragment") == 0);
   const auto project = coalesced ? &project_direct_kernel<S, N, kPost, !kPost> : &project_direct_kernel<S, N, kPost, false>;
   const int max_smem = Sh::smem_bytes(Sh::MAX_KS / Sh::CK);
   allow_dynamic_smem(project, std::size_t(max_smem));

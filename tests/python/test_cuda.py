@@ -188,15 +188,15 @@ def test_wave_pre_runs_when_selected_and_replays_in_a_cuda_graph(monkeypatch):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("path", ["direct", "direct-coalesced", "ring"])
+@pytest.mark.parametrize("path", ["direct", "direct-fragment", "ring"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n, C, T", WAVE_SHAPES)
 def test_pre_projections_match_cpu_reference(n, C, T, dtype, path, monkeypatch):
-    # MHC_CUDA_PRE=direct: the direct projection at every size (-coalesced: its loads of whole rows, shuffled into
-    # fragments); ring: the ring projection (the default below 1024 tokens)
+    # MHC_CUDA_PRE=direct: the direct projection at every size (its default loads of whole rows shuffled into
+    # fragments; -fragment: loads in fragment order); ring: the ring projection (the default below 1024 tokens)
     monkeypatch.setenv("MHC_CUDA_PRE", path.split("-")[0])
-    if path.endswith("coalesced"):
-        monkeypatch.setenv("MHC_CUDA_DIRECT_LOADS", "coalesced")
+    if path.endswith("fragment"):
+        monkeypatch.setenv("MHC_CUDA_DIRECT_LOADS", "fragment")
     check_pre_and_post_pre(n, C, T, dtype)
 
 
