@@ -54,12 +54,14 @@ int grad_fn_chunks(int64_t T, int64_t nC, int m) {
 // h and XC, one wave of resident blocks), and a packed static-mode kernel.
 // v4-wide: the same kernel with 512 threads and twice the columns per block (1 KB runs per token row for n <= 4,
 // 512 bytes for n = 8), one block per SM: the same bytes in flight per SM as v4, so the pair measures the
-// run-length reading of docs/cuda_notes.md directly. Read at every call.
-enum class BwdVersion { v2, v4, v4_wide };
+// run-length reading of docs/cuda_notes.md directly.
+// v5: grad_x_fn_v4 with one block barrier per tile (kLean, below). Read at every call.
+enum class BwdVersion { v2, v4, v4_wide, v5 };
 BwdVersion bwd_version() {  // v4 by default: 20-21 % less time than v2 at n = 4 and 8 on the H200 (docs/cuda_notes.md)
   const char* v = std::getenv("MHC_CUDA_PRE_BWD");
   if (v && std::strcmp(v, "v2") == 0) return BwdVersion::v2;
   if (v && std::strcmp(v, "v4-wide") == 0) return BwdVersion::v4_wide;
+  if (v && std::strcmp(v, "v5") == 0) return BwdVersion::v5;
   return BwdVersion::v4;
 }
 
@@ -660,7 +662,13 @@ __global__ void __launch_bounds__(256) grad_x_fn_mma(const GradXArgs<__nv_bfloat
 //     grad_fn partials of 80 rows); kWide (v4-wide): 512 threads, twice the columns, one block per SM;
 //   - one wave: token chunks = resident slots / column blocks, so no block waits for a second wave;
 //   - blocks of the same channels of the n streams adjacent in launch order (one g row serves n blocks from L2).
-template <int MR, bool kWide> struct V4Geom {
+// kLean (v5, MHC_CUDA_PRE_BWD=v5): one block barrier per tile instead of three. ncu found v4 latency-bound (58 % of
+// cycles with no eligible warp, 0.66 eligible warps a scheduler): every tile waits at a barrier for the block's DP
+// fragments and at another for the staged DP . fn. In v5 each warp splits the DP fragments it needs itself (16
+// fragment words a lane at n = 4, from shared memory), and the epilogue runs in the mma's output layout (a lane
+// finishes the 2 x 2 elements of each 8-column tile it accumulated, reading x, g and accum from the stage), so
+// nothing is staged between warps; the freed shared memory (no `part`, no fragments) buys a fourth stage at n <= 4.
+template <int MR, bool kWide, bool kLean = false> struct V4Geom {
   static constexpr int kThreads = kWide ? 512 : 256, kWarps = kThreads / 32;
   static constexpr int kBlocksPerSm = v4_blocks_per_sm(kWide);
   static constexpr int N = MR == 8 ? 2 : MR == 24 ? 4 : 8;  // streams: m = n^2 + 2n
@@ -668,7 +676,7 @@ template <int MR, bool kWide> struct V4Geom {
   static constexpr int KS = MP / 16;              // k steps of DP . fn = row tiles of DP^T . x
   static constexpr int W = v4_cols(MR, kWide);    // columns of x ([T, nC]) per block
   static constexpr int TT = kV4Tokens;            // tokens per tile (one m tile of DP . fn, one k step of DP^T . x)
-  static constexpr int kStages = MR <= 24 ? 3 : 4;
+  static constexpr int kStages = MR <= 24 ? (kLean ? 4 : 3) : 4;
   static constexpr int WC = W / kWarps;           // columns per warp
   static constexpr int NT = WC / 8;               // 8-column mma tiles per warp
   static constexpr int PR = W / 8;                // 16-byte packs per tile row
@@ -677,15 +685,18 @@ template <int MR, bool kWide> struct V4Geom {
   static constexpr int SD = MP + 4;               // DP row stride (floats): conflict-free DP^T fragment reads
   static constexpr int PS = W + 8;                // staged DP . fn row stride (floats): conflict-free float2 stores
   static constexpr int HS = 8;                    // h row stride (floats), n <= 8
+  // g and accum row stride (elements): v5 reads them in the mma output layout, 4 bytes a lane, conflict-free as x
+  static constexpr int GS = kLean ? W + 8 : W;
   // one ring stage, byte offsets
-  static constexpr int kX = 0, kG = kX + TT * XS * 2, kA = kG + TT * W * 2, kDP = kA + TT * W * 2,
+  static constexpr int kX = 0, kG = kX + TT * XS * 2, kA = kG + TT * GS * 2, kDP = kA + TT * GS * 2,
                        kH = kDP + TT * SD * 4, kXC = kH + TT * HS * 4, kStage = kXC + TT * 4;
   static constexpr int kPart = kStages * kStage;
   // DP of the current tile as bf16 hi / lo mma A fragments, [layout][k step][lane] 16 bytes each:
-  // layout 0 = A of DP . fn (rows = tokens), layout 1 = A of DP^T . x (rows = j)
+  // layout 0 = A of DP . fn (rows = tokens), layout 1 = A of DP^T . x (rows = j); v5 has neither these nor `part`
   static constexpr int kFragH = kPart + TT * PS * 4, kFragL = kFragH + 2 * KS * 32 * 16;
-  static constexpr int kSmem = kFragL + 2 * KS * 32 * 16;
+  static constexpr int kSmem = kLean ? kPart : kFragL + 2 * KS * 32 * 16;
   static_assert(NT % 2 == 0 && PPT >= 1 && TT * PR % kThreads == 0 && kThreads % PR == 0, "v4 geometry");
+  static_assert(!kLean || !kWide, "v5 has the 256-thread geometry");
   static_assert(N * N + 2 * N == MR && N <= HS, "n in {2, 4, 8}");
   static_assert(MR % 4 == 0 && kStage % 16 == 0, "16-byte copies of DP rows and stages");
   static_assert(kBlocksPerSm * (kSmem + 1024) <= 228 * 1024, "shared memory of the resident blocks");
@@ -696,11 +707,37 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool val
                "r"(valid ? 4 : 0));
 }
 
-template <int MR, bool kWide>
-__global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>::kBlocksPerSm)
+// The bf16 hi / lo A fragment words of DP (the tile in shared memory, row stride SD floats) that lane `ln` holds for
+// k step (or row tile) idx: layout 0 = A of DP . fn (rows = tokens, k = j), 1 = A of DP^T . x (rows = j, k = tokens).
+template <int SD>
+__device__ __forceinline__ void dp_fragment(const float* dps, int layout, int idx, int ln, uint4& hi, uint4& lo) {
+  const int gq = ln >> 2, tl4 = ln & 3;
+  float2 v[4];
+  if (layout == 0) {
+    const float* r0 = dps + gq * SD + idx * 16 + 2 * tl4;
+    const float* r1 = r0 + 8 * SD;
+    v[0] = *reinterpret_cast<const float2*>(r0);
+    v[1] = *reinterpret_cast<const float2*>(r1);
+    v[2] = *reinterpret_cast<const float2*>(r0 + 8);
+    v[3] = *reinterpret_cast<const float2*>(r1 + 8);
+  } else {
+    const int j0 = idx * 16 + gq, k0 = 2 * tl4;
+    v[0] = make_float2(dps[k0 * SD + j0], dps[(k0 + 1) * SD + j0]);
+    v[1] = make_float2(dps[k0 * SD + j0 + 8], dps[(k0 + 1) * SD + j0 + 8]);
+    v[2] = make_float2(dps[(k0 + 8) * SD + j0], dps[(k0 + 9) * SD + j0]);
+    v[3] = make_float2(dps[(k0 + 8) * SD + j0 + 8], dps[(k0 + 9) * SD + j0 + 8]);
+  }
+  split_pair<__nv_bfloat16>(v[0], hi.x, lo.x);
+  split_pair<__nv_bfloat16>(v[1], hi.y, lo.y);
+  split_pair<__nv_bfloat16>(v[2], hi.z, lo.z);
+  split_pair<__nv_bfloat16>(v[3], hi.w, lo.w);
+}
+
+template <int MR, bool kWide, bool kLean>
+__global__ void __launch_bounds__(V4Geom<MR, kWide, kLean>::kThreads, V4Geom<MR, kWide, kLean>::kBlocksPerSm)
     grad_x_fn_v4(const GradXArgs<__nv_bfloat16> a) {
   using S = __nv_bfloat16;
-  using G = V4Geom<MR, kWide>;
+  using G = V4Geom<MR, kWide, kLean>;
   extern __shared__ __align__(16) unsigned char smem[];
   float* part = reinterpret_cast<float*>(smem + G::kPart);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, tq = lane & 3;
@@ -745,8 +782,8 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
         const int64_t t = tb + tl;
         const bool ok = col_ok && t < t_end;
         cp_async16(xs + tl * G::XS + pk * 8, ok ? a.x + t * nC + col : a.x, ok);
-        if (a.g) cp_async16(gs + tl * G::W + pk * 8, ok ? a.g + t * C + chan : a.g, ok);
-        if (a.accum) cp_async16(as + tl * G::W + pk * 8, ok ? a.accum + t * nC + col : a.accum, ok);
+        if (a.g) cp_async16(gs + tl * G::GS + pk * 8, ok ? a.g + t * C + chan : a.g, ok);
+        if (a.accum) cp_async16(as + tl * G::GS + pk * 8, ok ? a.accum + t * nC + col : a.accum, ok);
       }
       for (int q = tid; q < G::TT * (MR / 4); q += G::kThreads) {
         const int tl = q / (MR / 4), c4 = q % (MR / 4);
@@ -794,6 +831,13 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
         split_pair<S>(make_float2(f0, f1), fh[ks][nt][h], fl[ks][nt][h]);
       }
     }
+  // v5: the stream of each of the lane's 8-column tiles (h's column in the epilogue)
+  int lean_stream[G::NT];
+#pragma unroll
+  for (int nt = 0; nt < G::NT; ++nt) {
+    const int64_t c = col0 + nb + nt * 8;
+    lean_stream[nt] = c < nC ? static_cast<int>(c / C) : 0;
+  }
   float gf[G::KS][G::NT][4];
 #pragma unroll
   for (int mj = 0; mj < G::KS; ++mj)
@@ -814,32 +858,20 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
 
     // -- DP split into bf16 hi + lo A fragments once per block (not once per warp): fragment q is what lane
     // q % 32 holds for k step (q / 32) % KS of layout q / (32 KS), as the per-warp code of v2 computes it.
-    for (int q = tid; q < 2 * G::KS * 32; q += G::kThreads) {
-      const int ln = q & 31, idx = (q >> 5) % G::KS, gq = ln >> 2, tl4 = ln & 3;
-      float2 v[4];
-      if (q < G::KS * 32) {  // A of DP . fn: A[row = token][k = j]
-        const float* r0 = dps + gq * G::SD + idx * 16 + 2 * tl4;
-        const float* r1 = r0 + 8 * G::SD;
-        v[0] = *reinterpret_cast<const float2*>(r0);
-        v[1] = *reinterpret_cast<const float2*>(r1);
-        v[2] = *reinterpret_cast<const float2*>(r0 + 8);
-        v[3] = *reinterpret_cast<const float2*>(r1 + 8);
-      } else {  // A of DP^T . x: A[row = j][k = token]
-        const int j0 = idx * 16 + gq, k0 = 2 * tl4;
-        v[0] = make_float2(dps[k0 * G::SD + j0], dps[(k0 + 1) * G::SD + j0]);
-        v[1] = make_float2(dps[k0 * G::SD + j0 + 8], dps[(k0 + 1) * G::SD + j0 + 8]);
-        v[2] = make_float2(dps[(k0 + 8) * G::SD + j0], dps[(k0 + 9) * G::SD + j0]);
-        v[3] = make_float2(dps[(k0 + 8) * G::SD + j0 + 8], dps[(k0 + 9) * G::SD + j0 + 8]);
-      }
-      uint4 hi, lo;
-      split_pair<S>(v[0], hi.x, lo.x);
-      split_pair<S>(v[1], hi.y, lo.y);
-      split_pair<S>(v[2], hi.z, lo.z);
-      split_pair<S>(v[3], hi.w, lo.w);
-      frag_h[q] = hi;
-      frag_l[q] = lo;
+    // (v5: each warp splits its own, below, with no barrier.)
+    if constexpr (!kLean) {
+      for (int q = tid; q < 2 * G::KS * 32; q += G::kThreads)
+        dp_fragment<G::SD>(dps, q / (32 * G::KS), (q >> 5) % G::KS, q & 31, frag_h[q], frag_l[q]);
+      __syncthreads();  // fragments complete
     }
-    __syncthreads();  // fragments complete
+    auto fragment = [&](int layout, int idx, uint4& h4, uint4& l4) {
+      if constexpr (kLean) {
+        dp_fragment<G::SD>(dps, layout, idx, lane, h4, l4);
+      } else {
+        h4 = frag_h[(layout * G::KS + idx) * 32 + lane];
+        l4 = frag_l[(layout * G::KS + idx) * 32 + lane];
+      }
+    };
 
     // -- DP . fn for the tile's 16 tokens x the warp's columns (3 mma: fp32-level), staged for the epilogue.
     {
@@ -848,7 +880,8 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
       for (int nt = 0; nt < G::NT; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.f;
 #pragma unroll
       for (int ks = 0; ks < G::KS; ++ks) {
-        const uint4 h4 = frag_h[ks * 32 + lane], l4 = frag_l[ks * 32 + lane];
+        uint4 h4, l4;
+        fragment(0, ks, h4, l4);
         const std::uint32_t ah[4] = {h4.x, h4.y, h4.z, h4.w}, al[4] = {l4.x, l4.y, l4.z, l4.w};
 #pragma unroll
         for (int nt = 0; nt < G::NT; ++nt) {
@@ -857,11 +890,48 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
           mma_16816<S>(d[nt], ah, fh[ks][nt]);
         }
       }
+      if constexpr (!kLean) {
 #pragma unroll
-      for (int nt = 0; nt < G::NT; ++nt) {
-        const int c = nb + nt * 8 + 2 * tq;
-        *reinterpret_cast<float2*>(part + g8 * G::PS + c) = make_float2(d[nt][0], d[nt][1]);
-        *reinterpret_cast<float2*>(part + (g8 + 8) * G::PS + c) = make_float2(d[nt][2], d[nt][3]);
+        for (int nt = 0; nt < G::NT; ++nt) {
+          const int c = nb + nt * 8 + 2 * tq;
+          *reinterpret_cast<float2*>(part + g8 * G::PS + c) = make_float2(d[nt][0], d[nt][1]);
+          *reinterpret_cast<float2*>(part + (g8 + 8) * G::PS + c) = make_float2(d[nt][2], d[nt][3]);
+        }
+      } else {
+        // -- v5 epilogue, in the mma's output layout: rows g8, g8 + 8, columns nb + 8 nt + 2 tq (+1). The same terms
+        // in the same order as v4's epilogue: DP . fn + XC x + h g (+ accum).
+        const S* gs = reinterpret_cast<const S*>(st + G::kG);
+        const S* as = reinterpret_cast<const S*>(st + G::kA);
+        const float* hs = reinterpret_cast<const float*>(st + G::kH);
+        const float* xcs = reinterpret_cast<const float*>(st + G::kXC);
+        const int64_t tb = t_begin + int64_t(it) * G::TT;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int tl = g8 + 8 * r;
+          const int64_t t = tb + tl;
+          if (t >= t_end) continue;
+          const float xc = xcs[tl];
+#pragma unroll
+          for (int nt = 0; nt < G::NT; ++nt) {
+            const int c = nb + nt * 8 + 2 * tq;
+            if (col0 + c >= nC) continue;
+            const __nv_bfloat162 xv = *reinterpret_cast<const __nv_bfloat162*>(xs + tl * G::XS + c);
+            float o0 = d[nt][2 * r] + xc * __low2float(xv), o1 = d[nt][2 * r + 1] + xc * __high2float(xv);
+            if (a.g) {
+              const float h = hs[tl * G::HS + lean_stream[nt]];
+              const __nv_bfloat162 gv = *reinterpret_cast<const __nv_bfloat162*>(gs + tl * G::GS + c);
+              o0 += h * __low2float(gv);
+              o1 += h * __high2float(gv);
+            }
+            if (a.accum) {
+              const __nv_bfloat162 av = *reinterpret_cast<const __nv_bfloat162*>(as + tl * G::GS + c);
+              o0 += __low2float(av);
+              o1 += __high2float(av);
+            }
+            const __nv_bfloat162 o = __halves2bfloat162(from_math<S>(o0), from_math<S>(o1));
+            __stcs(reinterpret_cast<unsigned*>(a.grad_x + t * nC + col0 + c), *reinterpret_cast<const unsigned*>(&o));
+          }
+        }
       }
     }
 
@@ -879,7 +949,8 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
       }
 #pragma unroll
       for (int mj = 0; mj < G::KS; ++mj) {
-        const uint4 h4 = frag_h[(G::KS + mj) * 32 + lane], l4 = frag_l[(G::KS + mj) * 32 + lane];
+        uint4 h4, l4;
+        fragment(1, mj, h4, l4);
         const std::uint32_t ah[4] = {h4.x, h4.y, h4.z, h4.w}, al[4] = {l4.x, l4.y, l4.z, l4.w};
 #pragma unroll
         for (int nt = 0; nt < G::NT; ++nt) {
@@ -888,10 +959,10 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
         }
       }
     }
-    __syncthreads();  // `part` complete
+    if constexpr (!kLean) __syncthreads();  // `part` complete
 
-    // -- epilogue: grad_x = DP . fn + XC x + h g (+ accum), every operand already in shared memory.
-    {
+    // -- epilogue: grad_x = DP . fn + XC x + h g (+ accum), every operand already in shared memory (v5: above).
+    if constexpr (!kLean) {
       const S* gs = reinterpret_cast<const S*>(st + G::kG);
       const S* as = reinterpret_cast<const S*>(st + G::kA);
       const float* hs = reinterpret_cast<const float*>(st + G::kH);
@@ -911,12 +982,12 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide>::kThreads, V4Geom<MR, kWide>
         for (int e = 0; e < 8; ++e) out[e] += xc * to_math(xv.v[e]);
         if (a.g) {
           const float h = hs[tl * G::HS + stream_i];
-          const Pack<S> gv = *reinterpret_cast<const Pack<S>*>(gs + tl * G::W + pk * 8);
+          const Pack<S> gv = *reinterpret_cast<const Pack<S>*>(gs + tl * G::GS + pk * 8);
 #pragma unroll
           for (int e = 0; e < 8; ++e) out[e] += h * to_math(gv.v[e]);
         }
         if (a.accum) {
-          const Pack<S> av = *reinterpret_cast<const Pack<S>*>(as + tl * G::W + pk * 8);
+          const Pack<S> av = *reinterpret_cast<const Pack<S>*>(as + tl * G::GS + pk * 8);
 #pragma unroll
           for (int e = 0; e < 8; ++e) out[e] += to_math(av.v[e]);
         }
@@ -1069,7 +1140,9 @@ struct BackwardIo {
 // of 8 and 16-byte aligned data; static mode for any 16-bit or f32 streams in packs. Returns false, having
 // launched nothing, otherwise (the caller runs v2). Sets ga.chunks to the chunks it wrote.
 template <class S>
-bool stage_c_v4(GradXArgs<S>& ga, const BackwardIo& io, const BackwardLayout& L, bool wide, cudaStream_t stream) {
+bool stage_c_v4(GradXArgs<S>& ga, const BackwardIo& io, const BackwardLayout& L, BwdVersion version,
+                cudaStream_t stream) {
+  const bool wide = version == BwdVersion::v4_wide, lean = version == BwdVersion::v5;
   if (grad_generic_forced()) return false;
   const int64_t C = L.C, nC = L.n * L.C;
   const bool accum_ok = !io.accum || aligned16({io.accum});
@@ -1094,24 +1167,26 @@ bool stage_c_v4(GradXArgs<S>& ga, const BackwardIo& io, const BackwardLayout& L,
     if (!v4_rows(L.m) || C % 8 != 0 || !accum_ok || !aligned16({io.x, io.g, io.grad_x, io.workspace}) || chunks < 1)
       return false;
     ga.chunks = static_cast<int>(chunks);
-    auto launch = [&](auto mr_tag, auto wide_tag) {
+    auto launch = [&](auto mr_tag, auto wide_tag, auto lean_tag) {
       constexpr int MR = decltype(mr_tag)::value;
-      constexpr bool kWide = decltype(wide_tag)::value;
-      using G = V4Geom<MR, kWide>;
+      constexpr bool kWide = decltype(wide_tag)::value, kLean = decltype(lean_tag)::value;
+      using G = V4Geom<MR, kWide, kLean>;
+      const auto kernel = &grad_x_fn_v4<MR, kWide, kLean>;
       // The largest shared-memory carveout: v4's resident blocks need it (2 x 105 KB at n = 4).
-      allow_dynamic_smem(grad_x_fn_v4<MR, kWide>, std::size_t(G::kSmem), /*prefer_max_shared=*/true);
+      allow_dynamic_smem(kernel, std::size_t(G::kSmem), /*prefer_max_shared=*/true);
       const dim3 grid(static_cast<unsigned>((nC + G::W - 1) / G::W), static_cast<unsigned>(ga.chunks));
-      grad_x_fn_v4<MR, kWide><<<grid, G::kThreads, G::kSmem, stream>>>(ga);
+      kernel<<<grid, G::kThreads, G::kSmem, stream>>>(ga);
       MHC_CUDA_CHECK_LAUNCH();
     };
-    auto by_rows = [&](auto wide_tag) {
+    auto by_rows = [&](auto wide_tag, auto lean_tag) {
       using std::integral_constant;
-      if (L.m == 8) launch(integral_constant<int, 8>{}, wide_tag);
-      else if (L.m == 24) launch(integral_constant<int, 24>{}, wide_tag);
-      else launch(integral_constant<int, 80>{}, wide_tag);
+      if (L.m == 8) launch(integral_constant<int, 8>{}, wide_tag, lean_tag);
+      else if (L.m == 24) launch(integral_constant<int, 24>{}, wide_tag, lean_tag);
+      else launch(integral_constant<int, 80>{}, wide_tag, lean_tag);
     };
-    if (wide) by_rows(std::true_type{});
-    else by_rows(std::false_type{});
+    if (wide) by_rows(std::true_type{}, std::false_type{});
+    else if (lean) by_rows(std::false_type{}, std::true_type{});
+    else by_rows(std::false_type{}, std::false_type{});
     return true;
   }
 }
@@ -1241,7 +1316,7 @@ void run_backward(const BackwardIo& io, const MhcConfig& cfg, cudaStream_t strea
       });
   }
   if (const BwdVersion v = bwd_version(); !fast_done && kSite == Site::pre && v != BwdVersion::v2)
-    fast_done = stage_c_v4<S>(ga, io, L, v == BwdVersion::v4_wide, stream);
+    fast_done = stage_c_v4<S>(ga, io, L, v, stream);
   if constexpr (std::is_same_v<S, __nv_bfloat16>) {
     const bool vec_ok = C % kPack<S> == 0 && aligned16({io.x, io.g, io.grad_x}) &&
                         (!io.accum || aligned16({io.accum})) && (reinterpret_cast<std::uintptr_t>(io.fn->data) & 7u) == 0;

@@ -478,7 +478,7 @@ TEST(CudaPre, BackwardPartialGradsAndStatic) {
 // block) vs 1004 and 37, n = 3, misaligned data, f16 / f32 with fn. T = 0, 1, 7, 333 and 4096 (many chunks).
 TEST(CudaPreBwdV4, MatchesReferenceAndV2) {
   MHC_REQUIRE_GPU();
-  const std::vector<const char*> both = {"v2", "v4", "v4-wide"};
+  const std::vector<const char*> both = {"v2", "v4", "v4-wide", "v5"};
   const std::vector<Shape> bf16_shapes =
       quick() ? std::vector<Shape>{{0, 4, 256}, {7, 4, 1000}, {333, 8, 136}, {4096, 4, 256}, {33, 2, 200}, {5, 3, 40}}
               : std::vector<Shape>{{0, 4, 256},    {1, 4, 4096},   {7, 4, 4096},  {333, 4, 1000}, {333, 4, 4104},
