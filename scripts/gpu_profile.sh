@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profiling companion of gpu_check.sh (run it after a build stage): cluster-size and Sinkhorn
-# variants of the fused pre, then Nsight Compute warp-stall hot spots of the fused pre and the
-# tensor-core pre backward. Writes $OUT/variants.txt, $OUT/ncu_pre.txt, $OUT/ncu_bwd.txt.
+# variants of the fused pre, then Nsight Compute warp-stall hot spots of the default pre projection
+# (project_direct_kernel) and the pre backward's stage C (grad_x_fn_v4). Writes $OUT/variants.txt, $OUT/ncu_pre.txt, $OUT/ncu_bwd.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -45,8 +45,9 @@ ncu_hot() {
   ncu -i "/tmp/$name.ncu-rep" --page source --csv --print-source sass >"/tmp/${name}_src.csv" 2>&1
   $B --ncu-hotspots "/tmp/${name}_src.csv" >>"$OUT/ncu_$name.txt" 2>&1
 }
-ncu_hot pre pre_fused WarpStateStats SchedulerStats Occupancy LaunchStats SourceCounters -- 4 1024 16384 --ops pre
-ncu_hot bwd grad_x_fn_mma WarpStateStats SchedulerStats Occupancy MemoryWorkloadAnalysis SourceCounters -- 4 4096 4096 --ops pre_bwd
+# the default kernels: the pre's direct projection, and the pre backward's stage C (v4)
+ncu_hot pre project_direct WarpStateStats SchedulerStats Occupancy LaunchStats SourceCounters -- 4 4096 8192 --ops pre
+ncu_hot bwd grad_x_fn_v4 WarpStateStats SchedulerStats Occupancy MemoryWorkloadAnalysis SourceCounters -- 4 4096 8192 --ops pre_bwd
 for f in pre bwd; do
   echo "==== $f"
   grep -iE "stall|warp cycles per|achieved occupancy|eligible warps|issued warp|duration|throughput" "$OUT/ncu_$f.txt" | head -30
