@@ -853,6 +853,11 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide, kLean>::kThreads, V4Geom<MR,
     const unsigned char* st = smem + (it % G::kStages) * G::kStage;
     const S* xs = reinterpret_cast<const S*>(st + G::kX);
     const float* dps = reinterpret_cast<const float*>(st + G::kDP);
+    const S* gs = reinterpret_cast<const S*>(st + G::kG);
+    const S* as = reinterpret_cast<const S*>(st + G::kA);
+    const float* hs = reinterpret_cast<const float*>(st + G::kH);
+    const float* xcs = reinterpret_cast<const float*>(st + G::kXC);
+    const int64_t tb = t_begin + int64_t(it) * G::TT;  // the tile's first token
     uint4* frag_h = reinterpret_cast<uint4*>(smem + G::kFragH);
     uint4* frag_l = reinterpret_cast<uint4*>(smem + G::kFragL);
 
@@ -900,11 +905,6 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide, kLean>::kThreads, V4Geom<MR,
       } else {
         // -- v5 epilogue, in the mma's output layout: rows g8, g8 + 8, columns nb + 8 nt + 2 tq (+1). The same terms
         // in the same order as v4's epilogue: DP . fn + XC x + h g (+ accum).
-        const S* gs = reinterpret_cast<const S*>(st + G::kG);
-        const S* as = reinterpret_cast<const S*>(st + G::kA);
-        const float* hs = reinterpret_cast<const float*>(st + G::kH);
-        const float* xcs = reinterpret_cast<const float*>(st + G::kXC);
-        const int64_t tb = t_begin + int64_t(it) * G::TT;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int tl = g8 + 8 * r;
@@ -963,11 +963,6 @@ __global__ void __launch_bounds__(V4Geom<MR, kWide, kLean>::kThreads, V4Geom<MR,
 
     // -- epilogue: grad_x = DP . fn + XC x + h g (+ accum), every operand already in shared memory (v5: above).
     if constexpr (!kLean) {
-      const S* gs = reinterpret_cast<const S*>(st + G::kG);
-      const S* as = reinterpret_cast<const S*>(st + G::kA);
-      const float* hs = reinterpret_cast<const float*>(st + G::kH);
-      const float* xcs = reinterpret_cast<const float*>(st + G::kXC);
-      const int64_t tb = t_begin + int64_t(it) * G::TT;
 #pragma unroll
       for (int r = 0; r < G::PPT; ++r) {
         const int tl = (tid + r * G::kThreads) / G::PR;
