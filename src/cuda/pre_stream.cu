@@ -436,9 +436,8 @@ __device__ __forceinline__ std::uint32_t word(const uint4& v, int i) {
 }
 
 // kCoalesced (pre only, the default): whole-row loads arranged into fragments by shuffles (MHC_CUDA_DIRECT_LOADS=fragment
-// turns it off). A
-// template parameter, not a runtime flag: with the flag's branches in its loop the default kernel measured 150 us
-// instead of 96.8 at 4 / 4096 / 8192 (H200), so each variant is compiled on its own.
+// turns it off). A template parameter, not a runtime flag: with the flag's branches in its loop the default kernel
+// measured 150 us instead of 96.8 at 4 / 4096 / 8192 (H200), so each variant is compiled on its own.
 template <class S, int N, bool kPost, bool kCoalesced>
 __global__ void __launch_bounds__(kDirectThreads, 2) project_direct_kernel(const DirectArgs<S> a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
