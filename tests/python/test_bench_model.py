@@ -75,3 +75,19 @@ def test_help_and_bad_modes(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["bench", "--model", "gpt", "--device", "cpu", "--modes", "jit"])
     assert stop.value.code == 2 and "--modes" in capsys.readouterr().err
+
+
+def test_gpt_rounds_alternate_the_variants(tmp_path, capsys):
+    out = tmp_path / "gpt.json"
+    assert cli.main(["bench", "--model", "gpt", *FAST, "--precision", "fp32", "--n", "2", "--recompute", "off",
+                     "--modes", "eager", "--rounds", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # residual, mHC, residual, mHC: each round against its own residual step
+    assert [(r["round"], r["name"]) for r in rows] == [(0, "residual"), (0, "mhc-2"), (1, "residual"), (1, "mhc-2")]
+    for base, r in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert r["time_overhead_pct"] == pytest.approx(100 * (r["step_ms"] / base["step_ms"] - 1))
+    printed = capsys.readouterr().out
+    assert "eager, over 2 rounds (median; min-max of the overhead):" in printed
+    assert "| mhc-2 |" in printed.split("over 2 rounds")[1]
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--model", "gpt", *FAST, "--rounds", "0"])

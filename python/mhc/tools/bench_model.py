@@ -168,17 +168,38 @@ def run_gpt(args, device: torch.device) -> List[dict]:
         print(f"\n# GPT width {width}, depth {depth} ({2 * depth} sites), {heads} heads, {batch} x {seq} tokens, "
               f"{args.precision}")
         for mode in args.modes:
-            _print_header(mode)
-            base = None
-            for variant in gpt_variants(args.n, args.recompute):
-                row = {"model": "gpt", "size": size_name, "width": width, "depth": depth, "heads": heads,
-                       "batch": batch, "seq": seq, "mode": mode, **asdict(variant)}
-                row.update(_measure(lambda: gpt_step(size, variant, mode, args, device), device, args,
-                                    f"gpt {size_name} {mode} {variant.name}"))
-                base = _relative(row, base)
-                rows.append(row)
-                _print_row(row)
+            mode_rows = []
+            for rnd in range(args.rounds):
+                _print_header(mode if args.rounds == 1 else f"{mode}, round {rnd + 1} of {args.rounds}")
+                base = None
+                for variant in gpt_variants(args.n, args.recompute):
+                    row = {"model": "gpt", "size": size_name, "width": width, "depth": depth, "heads": heads,
+                           "batch": batch, "seq": seq, "mode": mode, "round": rnd, **asdict(variant)}
+                    row.update(_measure(lambda: gpt_step(size, variant, mode, args, device), device, args,
+                                        f"gpt {size_name} {mode} {variant.name}"))
+                    base = _relative(row, base)
+                    mode_rows.append(row)
+                    _print_row(row)
+            if args.rounds > 1:
+                _print_rounds(mode, mode_rows)
+            rows += mode_rows
     return rows
+
+
+def _print_rounds(mode: str, rows: List[dict]) -> None:
+    """Per variant over the rounds (each round runs every variant once, in order, so a drift of the GPU's clocks
+    during the run shows as a spread instead of landing on the later variants): median step and overhead."""
+    print(f"\n{mode}, over {1 + max(r['round'] for r in rows)} rounds (median; min-max of the overhead):")
+    print("| variant | step ms | time overhead | overhead range |")
+    print("|---|---|---|---|")
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name and "error" not in r]
+        if not mine:
+            continue
+        over = [r["time_overhead_pct"] for r in mine if r.get("time_overhead_pct") is not None]
+        step = statistics.median(r["step_ms"] for r in mine)
+        text = f"{statistics.median(over):+.1f}% | {min(over):+.1f}% to {max(over):+.1f}%" if over else "- | -"
+        print(f"| {name} | {step:.2f} | {text} |", flush=True)
 
 
 # ---- the vision model -----------------------------------------------------------------------------------------
@@ -356,6 +377,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                  "the 4096 size)")
     ap.add_argument("--history", type=int, nargs="+", default=[4], help="vision: MHCSequential max_history (4)")
     ap.add_argument("--no-ops", action="store_true", help="vision: skip the one-hot op rows")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="GPT: run every variant this many times, in turn (residual, mHC, ..., residual, mHC, ...), "
+                         "and print the median over the rounds (clock drift during a run shows as spread)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's per-kernel table of one step")
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--json", default=None, help="write every figure here")
@@ -368,6 +392,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bad = [m for m in args.modes if m not in ("eager", "compile")]
     if bad or not args.modes:
         ap.error(f"--modes: expected a subset of eager,compile, got {','.join(args.modes) or 'nothing'}")
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected a count >= 1, got {args.rounds}")
     args.steps = args.steps or (3 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.precision = args.precision or ("bf16" if args.model == "gpt" else "fp32")
