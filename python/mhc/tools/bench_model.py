@@ -2,6 +2,7 @@
 
     mhc bench --model gpt                      # C 4096 (4 layers, 4 x 1024 tokens) and C 2048 (8 layers, 8 x 1024)
     mhc bench --model gpt --sizes 4096 --modes compile --n 4
+    mhc bench --model gpt --sizes 4096 --modes eager --n 4 --rounds 3   # variants in turn, 3 times: the median
     mhc bench --model gpt --width 2048 --depth 8 --heads 16 --batch 1 --seq 32768 --n 4   # long context
     mhc bench --model vision                   # the 50-layer vision model, MHCSequential (H = 4) vs residual
     mhc bench --model gpt --quick --device cpu --json out.json   # smoke test
