@@ -89,5 +89,6 @@ def test_gpt_rounds_alternate_the_variants(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "eager, over 2 rounds (median; min-max of the overhead):" in printed
     assert "| mhc-2 |" in printed.split("over 2 rounds")[1]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         cli.main(["bench", "--model", "gpt", *FAST, "--rounds", "0"])
+    assert stop.value.code == 2 and "--rounds: expected a count >= 1, got 0" in capsys.readouterr().err

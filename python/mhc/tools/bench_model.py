@@ -182,15 +182,15 @@ def run_gpt(args, device: torch.device) -> List[dict]:
                     mode_rows.append(row)
                     _print_row(row)
             if args.rounds > 1:
-                _print_rounds(mode, mode_rows)
+                _print_rounds(mode, args.rounds, mode_rows)
             rows += mode_rows
     return rows
 
 
-def _print_rounds(mode: str, rows: List[dict]) -> None:
+def _print_rounds(mode: str, rounds: int, rows: List[dict]) -> None:
     """Per variant over the rounds (each round runs every variant once, in order, so a drift of the GPU's clocks
     during the run shows as a spread instead of landing on the later variants): median step and overhead."""
-    print(f"\n{mode}, over {1 + max(r['round'] for r in rows)} rounds (median; min-max of the overhead):")
+    print(f"\n{mode}, over {rounds} rounds (median; min-max of the overhead):")
     print("| variant | step ms | time overhead | overhead range |")
     print("|---|---|---|---|")
     for name in dict.fromkeys(r["name"] for r in rows):
