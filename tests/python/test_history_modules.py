@@ -6,6 +6,8 @@ blocks, inject_mhc, presets, autocast, torch.compile."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -291,6 +293,33 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, eager)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+_COMPILE_FIRST = """
+import torch
+from torch import nn
+from mhc.history import MHCBasicBlock, MHCSequential, freeze_mhc
+
+def mlp(depth, **kwargs):
+    return MHCSequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(depth)], max_history=3, **kwargs)
+
+models = [(mlp(3), torch.randn(4, 8)), (mlp(3, constraint="doubly_stochastic"), torch.randn(4, 8)),
+          (freeze_mhc(mlp(3)), torch.randn(4, 8)),
+          (MHCSequential(*[MHCBasicBlock(4, max_history=3) for _ in range(2)]), torch.randn(2, 4, 4, 4))]
+for model, x in models:  # compiled before any eager call of the process
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x))
+print("compiled", len(models))
+"""
+
+
+def test_torch_compile_fullgraph_as_the_first_call():
+    # A fresh process whose first call of the history modules is compiled: the ONNX-export check in their forward
+    # must trace without a graph break (torch 2.11's dynamo refuses the exporter's internal flags).
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FIRST], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled 4" in proc.stdout
 
 
 @requires_cuda
