@@ -244,7 +244,8 @@ class HistoryBuffer:
         """Bytes the states currently held occupy (the whole ring in ring mode)."""
         if self._ring_mode:
             return self.allocated_nbytes
-        return sum(s.numel() * s.element_size() for s in self._states)
+        states = self._states
+        return states[0].numel() * sum(s.element_size() for s in states) if states else 0  # one shape
 
 
     # -- push / read --
@@ -258,7 +259,7 @@ class HistoryBuffer:
         if self._count and ring != self._ring_mode:
             raise RuntimeError("HistoryBuffer.push: autograd was switched on or off in the middle of a sequence; "
                                "call clear() first")
-        if self._count and tuple(self.shape) != tuple(x.shape):
+        if self._count and self.shape != x.shape:
             raise ValueError(f"HistoryBuffer.push: x: expected shape {tuple(self.shape)} like the held states, got "
                              f"{tuple(x.shape)}")
         self._ring_mode = ring
@@ -272,7 +273,7 @@ class HistoryBuffer:
             self._slots[self._head].copy_(x)
             self._count = min(self._count + 1, self.max_history)
         else:
-            self._states = ([x.to(dtype)] + self._states)[: self.max_history]
+            self._states = ([x if x.dtype == dtype else x.to(dtype)] + self._states)[: self.max_history]
             self._count = len(self._states)
         if not special:  # bookkeeping for the audit; nothing to trace
             self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
@@ -381,7 +382,9 @@ class MHCSkip(nn.Module):
         init = torch.zeros(config.max_history)
         init[0] = config.init_newest
         self.logits = nn.Parameter(init)
-        self.gate = nn.Parameter(torch.full((1,), float(config.gate_init))) if config.use_gating else None
+        # Registered even when None, so forward reads both from _parameters.
+        self.register_parameter("gate", nn.Parameter(torch.full((1,), float(config.gate_init)))
+                                if config.use_gating else None)
 
     @classmethod
     def from_config(cls, config: MHCSkipConfig) -> "MHCSkip":
@@ -400,13 +403,16 @@ class MHCSkip(nn.Module):
         states = _nonempty(_states_of(history, x)[: self.max_history], "MHCSkip")
         if self.detach_history:
             states = _detach_older(states)
-        # all H states (every block after the first H - 1): the parameter itself, without a slice op and its node
-        logits = self.logits if len(states) == self.max_history else self.logits[: len(states)]
+        # The parameters from _parameters: attribute access through nn.Module.__getattr__ costs about 1 us each.
+        params = self._parameters
+        logits, gate = params["logits"], params.get("gate")
+        if len(states) != self.max_history:  # all H states (every block after the first H - 1): the parameter
+            logits = logits[: len(states)]   # itself, without a slice op and its autograd node
         if _exporting():  # standard ONNX ops: sort-based sparsemax, softmax, Mul/Add
             w = reference_project_logits(logits, self.constraint, temperature=self.temperature, epsilon=self.epsilon)
-            return _unrolled_mix(x, states, w, self.gate)
+            return _unrolled_mix(x, states, w, gate)
         out, _ = history_skip(x, states, logits, constraint=self.constraint, temperature=self.temperature,
-                              epsilon=self.epsilon, gate=self.gate)
+                              epsilon=self.epsilon, gate=gate)
         return out
 
     @torch.no_grad()

@@ -29,13 +29,14 @@ differentiable. The backend follows :func:`mhc.ops.use_backend` (``"reference"``
 from __future__ import annotations
 
 import collections.abc
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _C
-from ._plumbing import Op, eager, kernel, register
+from ._plumbing import _PLAIN, Op, _intercepted, eager, kernel, register
 from ._plumbing import get_backend as _backend
 from ._plumbing import needs_grad as _needs_grad
 from ._plumbing import new as _new
@@ -419,11 +420,12 @@ _skip_kernel = kernel(_skip_op)
 class _SkipFunction(torch.autograd.Function):
     """Eager path of mhc::history_skip: the C++ kernels, with the states last, unpacked, so autograd sees each."""
 
+    # hyper = (constraint, temperature, epsilon, backend), one argument: each argument of apply costs host time.
     @staticmethod
-    def forward(ctx, x, logits, gate, constraint, temperature, epsilon, backend, *states):
-        out, weights = _skip_kernel(x, x, list(states), logits, gate, constraint, temperature, epsilon, backend)
+    def forward(ctx, x, logits, gate, hyper, *states):
+        out, weights = _skip_kernel(x, x, list(states), logits, gate, *hyper)
         ctx.has_gate = gate is not None
-        ctx.hyper = (constraint, temperature, epsilon, backend)
+        ctx.hyper = hyper
         ctx.save_for_backward(logits, weights, gate, *states)
         ctx.mark_non_differentiable(weights)
         return out, weights
@@ -431,18 +433,51 @@ class _SkipFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_weights):
         logits, weights, gate, *states = ctx.saved_tensors
-        need_x, need_logits, need_gate = ctx.needs_input_grad[:3]
-        need_each = list(ctx.needs_input_grad[7:])  # detached states: no gradient computed or written
-        grad_out = grad_out.contiguous()
+        need = ctx.needs_input_grad
+        need_each = list(need[4:])  # detached states: no gradient computed or written
         grad_logits = grad_gate = None
         grad_states = [None] * len(states)
-        if any(need_each) or need_logits or need_gate:
+        if need[1] or need[2] or True in need_each:
+            grad_out = grad_out.contiguous()
             grad_logits, grad_gate, computed = _skip_per_state_backward_kernel(grad_out, grad_out, states, logits,
                                                                                weights, gate, need_each, *ctx.hyper)
             grad_gate = grad_gate if ctx.has_gate else None
             if computed:
                 grad_states = computed
-        return (grad_out if need_x else None, grad_logits, grad_gate, None, None, None, None, *grad_states)
+        return (grad_out if need[0] else None, grad_logits, grad_gate, None, *grad_states)
+
+
+_COEF_OF = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float16: torch.float32,
+            torch.float64: torch.float64}
+
+
+def _skip_common_case(x, states, logits, constraint, temperature, epsilon, gate) -> Optional[Tuple[Tensor, Tensor]]:
+    """history_skip's result for the call a model makes every block, or None for any other call (which then takes
+    the checks that name a bad argument). The common case: a plain eager call without gate, a list of 1..H
+    contiguous states of x's dtype, shape and device, logits [H] in the coefficient dtype, a vector constraint
+    and float hyper-parameters in range. In one pass, since a small layer's call is mostly its host cost."""
+    if (type(x) not in _PLAIN or gate is not None or type(states) is not list or type(logits) not in _PLAIN
+            or constraint not in VECTOR_CONSTRAINTS or type(temperature) is not float or type(epsilon) is not float
+            or not (0.0 < temperature < math.inf and 0.0 <= epsilon <= 1.0)):
+        return None
+    dtype, shape, device = x.dtype, x.shape, x.device
+    H = len(states)
+    if (_COEF_OF.get(dtype) is not logits.dtype or logits.shape != (H,) or not 1 <= H <= _C.MAX_HISTORY
+            or logits.device != device or x.is_meta or not x.is_contiguous() or not logits.is_contiguous()
+            or x.dim() > _MAX_RANK or x.numel() == 0):
+        return None
+    grad = x.requires_grad or logits.requires_grad
+    for s in states:
+        if (type(s) not in _PLAIN or s.dtype != dtype or s.shape != shape or s.device != device
+                or not s.is_contiguous()):
+            return None
+        grad = grad or s.requires_grad
+    if _intercepted():
+        return None
+    hyper = (constraint, temperature, epsilon, _backend())
+    if grad and torch.is_grad_enabled():
+        return _SkipFunction.apply(x, logits, None, hyper, *states)
+    return _skip_kernel(x, x, states, logits, None, *hyper)
 
 
 def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str = "simplex", temperature: float = 1.0,
@@ -452,6 +487,9 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     ``logits`` is ``[H]``, one per state (newest first). The weights are returned for inspection; they
     are not differentiable (differentiate ``out``, which depends on ``logits``).
     """
+    fast = _skip_common_case(x, states, logits, constraint, temperature, epsilon, gate)
+    if fast is not None:
+        return fast
     op = "history_skip"
     check_tensor(op, "x", x)
     states = _state_list(op, states, "x", x)
@@ -481,7 +519,7 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     hyper = (constraint, temperature, epsilon, _backend())
     if eager(x_in, logits, gate, *states):
         if _needs_grad((x_in, logits, gate, *states)):
-            out, weights = _SkipFunction.apply(x_in, logits, gate, *hyper, *states)
+            out, weights = _SkipFunction.apply(x_in, logits, gate, hyper, *states)
         else:  # nothing to differentiate: the kernel alone (an autograd.Function costs several us)
             out, weights = _skip_kernel(x_in, x_in, states, logits, gate, *hyper)
     else:

@@ -266,6 +266,25 @@ def test_eager_function_and_custom_op_agree(gated):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("constraint", CONSTRAINTS)
+def test_common_case_and_checked_path_agree(constraint):
+    # A list of states with float hyper-parameters takes history_skip's one-test common case; a tuple of states and
+    # an int temperature take the checked path. Same kernels, so the same bits, detached states included.
+    x = _rand(2, 3, 5, grad=True)
+    states = [_rand(2, 3, 5, grad=True), _rand(2, 3, 5), _rand(2, 3, 5, grad=True)]
+    logits = torch.tensor([0.4, -0.3, 0.2], requires_grad=True)
+    leaves = [x, states[0], states[2], logits]
+    results = []
+    for given, temperature in ((list(states), 2.0), (tuple(states), 2)):
+        out, w = hops.history_skip(x, given, logits, constraint=constraint, temperature=temperature, epsilon=0.25)
+        results.append((out, w, *torch.autograd.grad(out.square().sum(), leaves)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(hops.history_skip(x, states, logits, constraint=constraint, temperature=2.0)[0],
+                           hops.history_skip(x, tuple(states), logits, constraint=constraint, temperature=2)[0])
+
+
 def test_compile_fullgraph_forward_and_backward():
     def f(x, states, logits, w):
         out, _ = hops.history_skip(x, states, logits, constraint="simplex")
