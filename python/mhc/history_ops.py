@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._plumbing import _PLAIN, Op, _intercepted, eager, kernel, register
+from ._plumbing import _PLAIN, Op, _intercepted, eager, eager_apply, kernel, register
 from ._plumbing import get_backend as _backend
 from ._plumbing import needs_grad as _needs_grad
 from ._plumbing import new as _new
@@ -301,6 +301,9 @@ class _MixFunction(torch.autograd.Function):
         return (grad_out if (ctx.has_x and need_x) else None, grad_weights, grad_gate, None, *grad_states)
 
 
+_mix_apply = eager_apply(_MixFunction)
+
+
 def _as_list(states: States) -> List[Tensor]:
     if isinstance(states, Tensor):
         if states.dim() < 1:
@@ -357,7 +360,7 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
     gate = None if gate is None else gate.to(coef).reshape(1).contiguous()
     if eager(x, weights, gate, *states):
         if _needs_grad((x, weights, gate, *states)):
-            out = _MixFunction.apply(x, weights, gate, _backend(), *states)
+            out = _mix_apply(x, weights, gate, _backend(), *states)
         else:  # nothing to differentiate: the kernel alone (an autograd.Function costs several us)
             out = _mix_kernel(states[0], x, states, weights, gate, _backend())
     else:
@@ -447,6 +450,7 @@ class _SkipFunction(torch.autograd.Function):
         return (grad_out if need[0] else None, grad_logits, grad_gate, None, *grad_states)
 
 
+_skip_apply = eager_apply(_SkipFunction)
 _COEF_OF = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float16: torch.float32,
             torch.float64: torch.float64}
 
@@ -476,7 +480,7 @@ def _skip_common_case(x, states, logits, constraint, temperature, epsilon, gate)
         return None
     hyper = (constraint, temperature, epsilon, _backend())
     if grad and torch.is_grad_enabled():
-        return _SkipFunction.apply(x, logits, None, hyper, *states)
+        return _skip_apply(x, logits, None, hyper, *states)
     return _skip_kernel(x, x, states, logits, None, *hyper)
 
 
@@ -519,7 +523,7 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
     hyper = (constraint, temperature, epsilon, _backend())
     if eager(x_in, logits, gate, *states):
         if _needs_grad((x_in, logits, gate, *states)):
-            out, weights = _SkipFunction.apply(x_in, logits, gate, hyper, *states)
+            out, weights = _skip_apply(x_in, logits, gate, hyper, *states)
         else:  # nothing to differentiate: the kernel alone (an autograd.Function costs several us)
             out, weights = _skip_kernel(x_in, x_in, states, logits, gate, *hyper)
     else:

@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._plumbing import BACKENDS, Op, eager, get_backend, new, set_backend, use_backend
+from ._plumbing import BACKENDS, Op, eager, eager_apply, get_backend, new, set_backend, use_backend
 from ._checks import check_expand, check_head, check_post, check_pre, check_residual_add_agg, check_sinkhorn
 from .reference import coef_dtype
 
@@ -379,12 +379,16 @@ class _PairedPostPre(torch.autograd.Function):
         return (None, None, *rest)
 
 
+# Paired calls are plain eager ones (_pairing): the autograd Functions' C entry point, without apply's wrapper.
+_paired_pre, _paired_post, _paired_post_pre = map(eager_apply, (_PairedPre, _PairedPost, _PairedPostPre))
+
+
 def _pre_maybe_paired(x: Tensor, fn, base, scale, hyper) -> Tuple[Tensor, ...]:
     """The pre op on flat x; paired (its public comb carries the link) when x takes gradients in eager autograd."""
     if not _pairing(x):
         return _pre_op(x, fn, base, scale, *hyper), None
     link = _PairLink()
-    return _PairedPre.apply(link, x, fn, base, scale, *hyper), link
+    return _paired_pre(link, x, fn, base, scale, *hyper), link
 
 
 def _tie(link: Optional[_PairLink], x: Tensor, h_post: Tensor, comb: Tensor) -> None:
@@ -462,7 +466,7 @@ def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor) -> Tensor:
     flat = _post_inputs("mhc_post", x, y, h_post, comb)
     link = _claimed_link(x, h_post, comb)
     if link is not None:
-        x_next = _PairedPost.apply(link, *flat, get_backend())
+        x_next = _paired_post(link, *flat, get_backend())
     else:
         x_next = _post_op(*flat, get_backend())
     return x_next if x.dim() == 3 else x_next.view(x.shape)
@@ -481,7 +485,7 @@ def mhc_post_pre(x: Tensor, y: Tensor, h_post: Tensor, comb: Tensor, fn: Optiona
     *lead, n, C = x.shape
     link = _claimed_link(x, h_post, comb)
     if link is not None:
-        outs = _PairedPostPre.apply(link, *flat, fn, base, scale, *hyper)
+        outs = _paired_post_pre(link, *flat, fn, base, scale, *hyper)
     else:
         outs = _post_pre_op(*flat, fn, base, scale, *hyper)
     x_next, layer_input, h_pre, h_post_next, comb_next = outs[:5]
