@@ -27,6 +27,7 @@ import contextlib
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor, nn
 
 from . import _C
@@ -100,8 +101,24 @@ def eager(*tensors: Optional[Tensor]) -> bool:
 
 
 def _intercepted() -> bool:
-    """Something traces or intercepts the dispatcher: torch.compile, a function or dispatch mode, functorch, jit."""
-    return _is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active() or _jit_tracing()
+    """Something traces or intercepts the dispatcher: torch.compile, a function or dispatch mode, functorch, jit; or
+    a forward-mode AD level is open (the dispatcher route then refuses dual inputs: :func:`refuse_forward_ad`)."""
+    return (_is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active() or _jit_tracing()
+            or _forward_ad._current_level >= 0)
+
+
+def refuse_forward_ad(op: str, tensors) -> None:
+    """Raises for an input that carries a forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp): the ops
+    have no forward derivative, and a custom op would silently give its outputs none (a zero jvp). Only called
+    while a dual level is open, so its per-tensor test costs nothing otherwise."""
+    if _forward_ad._current_level < 0:
+        return
+    for t in tensors:
+        for u in (t if isinstance(t, (list, tuple)) else (t,)):
+            if isinstance(u, Tensor) and _forward_ad.unpack_dual(u).tangent is not None:
+                raise RuntimeError(f"mhc.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                                   "supported: the op has no forward derivative; use reverse mode "
+                                   "(torch.autograd.grad, torch.func.vjp)")
 
 
 # The raw functions of eager(): each call through its public wrapper costs a few tenths of a microsecond more.
@@ -182,6 +199,7 @@ class Op:
 
     def __init__(self, name: str, fake: Callable, *, setup_context: Optional[Callable] = None,
                  backward: Optional[Callable] = None):
+        self.name = name
         self.dispatch = register(name, fake, setup_context=setup_context, backward=backward)
         self.tensor_args, self._device_arg = _tensor_args(self.dispatch)
         self._kernel = kernel(self.dispatch)
@@ -198,16 +216,20 @@ class Op:
         """Every output, without autograd (for autograd Functions built around the op)."""
         return self.kernel(*args) if eager(*args[:self.tensor_args]) else self.dispatch(*args)
 
+    def _dispatched(self, args):
+        refuse_forward_ad(self.name, args[:self.tensor_args])
+        return self.dispatch(*args)
+
     def __call__(self, *args):
         # eager() and needs_grad() in one pass over the tensors: a small op's call is mostly this.
         grad = False
         for t in args[:self.tensor_args]:
             if t is not None:
                 if type(t) not in _PLAIN or t.is_meta:
-                    return self.dispatch(*args)
+                    return self._dispatched(args)
                 grad = grad or t.requires_grad
         if _intercepted():
-            return self.dispatch(*args)
+            return self._dispatched(args)
         if grad and self.function is not None and torch.is_grad_enabled():
             return self._apply(*args)
         return self._kernel(args[self._device_arg], *args)

@@ -160,6 +160,9 @@ class MHCSkipConfig:
             raise ValueError(f"temperature: expected > 0, got {self.temperature}")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon: expected a value in [0, 1], got {self.epsilon}")
+        int_arg("MHCSkipConfig", "sinkhorn_iters", self.sinkhorn_iters, 1)
+        real_arg("MHCSkipConfig", "gate_init", self.gate_init)
+        real_arg("MHCSkipConfig", "init_newest", self.init_newest)
         _storage_dtype(self.history_dtype)
 
     @classmethod
@@ -203,9 +206,7 @@ class HistoryBuffer:
     """
 
     def __init__(self, max_history: int, dtype: Optional[Union[torch.dtype, str]] = None):
-        if not 1 <= int(max_history) <= 64:
-            raise ValueError(f"HistoryBuffer: max_history: expected 1 to 64, got {max_history}")
-        self.max_history = int(max_history)
+        self.max_history = int_arg("HistoryBuffer", "max_history", max_history, 1, 64)
         self.dtype = _storage_dtype(dtype)
         self._ring: Optional[Tensor] = None
         self._slots: List[Tensor] = []  # the ring's H slot views, made once (indexing the ring costs ~2 us a view)
@@ -264,8 +265,10 @@ class HistoryBuffer:
                              f"{tuple(x.shape)}")
         self._ring_mode = ring
         if ring:
+            # A ring made under inference_mode is an inference tensor, which only inference mode may write.
             if (self._ring is None or self._ring.shape[1:] != x.shape or self._ring.dtype != dtype
-                    or self._ring.device != x.device):
+                    or self._ring.device != x.device
+                    or (self._ring.is_inference() and not torch.is_inference_mode_enabled())):
                 self._ring = torch.empty((self.max_history, *x.shape), dtype=dtype, device=x.device)
                 self._slots = list(self._ring.unbind(0))
                 self._count = 0
@@ -403,9 +406,11 @@ class MHCSkip(nn.Module):
         states = _nonempty(_states_of(history, x)[: self.max_history], "MHCSkip")
         if self.detach_history:
             states = _detach_older(states)
-        # The parameters from _parameters: attribute access through nn.Module.__getattr__ costs about 1 us each.
+        # The parameters from _parameters: attribute access through nn.Module.__getattr__ costs about 1 us each. A
+        # parametrized one (weight_norm, register_parametrization, pruning) has left _parameters for a property.
         params = self._parameters
-        logits, gate = params["logits"], params.get("gate")
+        logits = params["logits"] if "logits" in params else self.logits
+        gate = params["gate"] if "gate" in params else getattr(self, "gate", None)
         if len(states) != self.max_history:  # all H states (every block after the first H - 1): the parameter
             logits = logits[: len(states)]   # itself, without a slice op and its autograd node
         if _exporting():  # standard ONNX ops: sort-based sparsemax, softmax, Mul/Add
@@ -685,7 +690,7 @@ class MHCSequential(nn.Module):
     shape (a downsampling stage): its output gets no skip and the history restarts from it.
     """
 
-    def __init__(self, *modules: Union[nn.Module, Iterable[nn.Module]], max_history: int = 4,
+    def __init__(self, *modules: Union[nn.Module, Iterable[nn.Module]], max_history: Optional[int] = None,
                  config: Optional[MHCSkipConfig] = None, allow_shape_change: bool = False, **skip_kwargs):
         super().__init__()
         if len(modules) == 1 and isinstance(modules[0], Iterable) and not isinstance(modules[0], nn.Module):
@@ -695,10 +700,9 @@ class MHCSequential(nn.Module):
         for i, m in enumerate(modules):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"MHCSequential: modules[{i}]: expected an nn.Module, got {type(m).__name__}")
-        if config is None:
-            config = MHCSkipConfig(max_history=max_history, **skip_kwargs)
-        elif skip_kwargs:
-            config = dataclasses.replace(config, **skip_kwargs)
+        if max_history is not None:  # given beside a config, it overrides the config's like any skip keyword
+            skip_kwargs["max_history"] = max_history
+        config = MHCSkipConfig(**skip_kwargs) if config is None else dataclasses.replace(config, **skip_kwargs)
         self.config = config
         self.allow_shape_change = allow_shape_change
         self.blocks = nn.ModuleList(modules)
@@ -708,14 +712,20 @@ class MHCSequential(nn.Module):
         self.max_history = max(m.skip.max_history if isinstance(m, MHCBlock) else config.max_history
                                for m in modules)
         self._history = HistoryBuffer(self.max_history, config.history_dtype)
+        # The buffers no call is using. A call takes one (list.pop is atomic), or makes its own while other threads
+        # hold them all, and gives it back: concurrent calls never share a buffer.
+        self._idle = [self._history]
 
     @property
     def history(self) -> HistoryBuffer:
+        """The buffer of the latest call."""
         return self._history
 
     def clear_history(self) -> None:
-        """Drop the held states and free the pre-allocated history buffer."""
-        self._history.release()
+        """Drop the held states and free the pre-allocated history buffers."""
+        for buffer in [self._history, *self._idle]:
+            buffer.release()
+        self._idle[:] = [self._history]
 
     def history_nbytes(self) -> int:
         """Peak bytes the history held during the last forward (measured)."""
@@ -730,9 +740,22 @@ class MHCSequential(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_tensor("MHCSequential", "x", x)  # the history mixes x: a floating tensor
-        history = self._history
-        if _special_mode():
-            history = HistoryBuffer(self.max_history, self.config.history_dtype)  # functional: a fresh local one
+        if _special_mode():  # functional: a fresh local buffer
+            return self._run(x, HistoryBuffer(self.max_history, self.config.history_dtype))
+        idle = self.__dict__.get("_idle")
+        if idle is None:  # a module pickled before the buffers were pooled
+            idle = self._idle = [self._history]
+        try:
+            history = idle.pop()
+        except IndexError:  # other threads are running this module: a buffer of this call's own
+            history = HistoryBuffer(self.max_history, self.config.history_dtype)
+        try:
+            return self._run(x, history)
+        finally:
+            self._history = history
+            idle.append(history)
+
+    def _run(self, x: Tensor, history: HistoryBuffer) -> Tensor:
         history.clear()
         history.peak_nbytes = 0
         history.push(x)

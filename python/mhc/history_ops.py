@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._plumbing import _PLAIN, Op, _intercepted, eager, eager_apply, kernel, register
+from ._plumbing import _PLAIN, Op, _intercepted, eager, eager_apply, kernel, refuse_forward_ad, register
 from ._plumbing import get_backend as _backend
 from ._plumbing import needs_grad as _needs_grad
 from ._plumbing import new as _new
@@ -364,6 +364,7 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
         else:  # nothing to differentiate: the kernel alone (an autograd.Function costs several us)
             out = _mix_kernel(states[0], x, states, weights, gate, _backend())
     else:
+        refuse_forward_ad(op, (x, states, weights, gate))
         out = _mix_op(x, states, weights, gate, _backend())
     return out.view(out_shape) if flatten else out
 
@@ -527,6 +528,7 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
         else:  # nothing to differentiate: the kernel alone (an autograd.Function costs several us)
             out, weights = _skip_kernel(x_in, x_in, states, logits, gate, *hyper)
     else:
+        refuse_forward_ad(op, (x_in, states, logits, gate))
         out, weights = _skip_op(x_in, states, logits, gate, *hyper)
     return (out.view(x.shape) if flatten else out), weights
 

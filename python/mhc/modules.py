@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
-from ._checks import check_tensor, int_arg
+from ._checks import check_tensor, int_arg, real_arg
 
 __all__ = ["MHCState", "MHC", "MHCLayer", "StreamExpand", "MHCHead"]
 
@@ -105,7 +105,10 @@ class MHC(nn.Module):
         super().__init__()
         n, C = _width_args("MHC", n, C)
         self.n, self.C = n, C
-        self.iters, self.post_mult, self.eps, self.norm_eps, self.pre_eps = iters, post_mult, eps, norm_eps, pre_eps
+        # Checked here as the ops check them, so a bad value fails at construction, not at the first call.
+        self.iters, self.post_mult = int_arg("MHC", "iters", iters, 1), real_arg("MHC", "post_mult", post_mult)
+        self.eps, self.norm_eps, self.pre_eps = (real_arg("MHC", name, value, low=0.0) for name, value in
+                                                 (("eps", eps), ("norm_eps", norm_eps), ("pre_eps", pre_eps)))
         self.alpha_init, self.static = alpha_init, static
         _impl(impl)
         self.impl = impl
@@ -178,21 +181,38 @@ class MHC(nn.Module):
 
     def _pre(self, x: Tensor) -> Tuple[Tensor, MHCState]:
         fn, base, scale = self._parameters_for_ops(x)
-        layer_input, h_pre, h_post, comb = _IMPLS[self.impl].mhc_pre(
-            x, fn, base, scale, iters=self.iters, post_mult=self.post_mult, eps=self.eps, norm_eps=self.norm_eps,
-            pre_eps=self.pre_eps)
+        try:
+            layer_input, h_pre, h_post, comb = _IMPLS[self.impl].mhc_pre(
+                x, fn, base, scale, iters=self.iters, post_mult=self.post_mult, eps=self.eps, norm_eps=self.norm_eps,
+                pre_eps=self.pre_eps)
+        except ValueError:
+            self._check_width(x)
+            raise
         return layer_input, MHCState(h_pre, h_post, comb)
 
     def _post_pre(self, x: Tensor, y: Tensor, state: MHCState) -> Tuple[Tensor, Tensor, MHCState]:
         fn, base, scale = self._parameters_for_ops(x)
-        x_next, layer_input, h_pre, h_post, comb = _IMPLS[self.impl].mhc_post_pre(
-            x, y, state.h_post, state.comb, fn, base, scale, iters=self.iters, post_mult=self.post_mult,
-            eps=self.eps, norm_eps=self.norm_eps, pre_eps=self.pre_eps)
+        try:
+            x_next, layer_input, h_pre, h_post, comb = _IMPLS[self.impl].mhc_post_pre(
+                x, y, state.h_post, state.comb, fn, base, scale, iters=self.iters, post_mult=self.post_mult,
+                eps=self.eps, norm_eps=self.norm_eps, pre_eps=self.pre_eps)
+        except ValueError:
+            self._check_width(x)
+            raise
         return x_next, layer_input, MHCState(h_pre, h_post, comb)
+
+    def _check_width(self, x) -> None:
+        """After the op refused the call: an x of another site's width is the error to name (the op, which does not
+        know this site's n and C, would name the parameter that disagrees with x)."""
+        if isinstance(x, Tensor) and x.dim() >= 2 and tuple(x.shape[-2:]) != (self.n, self.C):
+            raise ValueError(f"mhc.MHC: x: expected [..., n, C] = [..., {self.n}, {self.C}] (this site's n and C), "
+                             f"got shape {list(x.shape)}")
 
     def _parameters_for_ops(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
         p = self._parameters
-        return _parameters_for_ops(self, x, (p["fn"], p["base"], p["scale"]))
+        if len(p) == 3:  # all three there (a parametrization moves its tensor out of _parameters: read it below)
+            return _parameters_for_ops(self, x, (p["fn"], p["base"], p["scale"]))
+        return _parameters_for_ops(self, x, (self.fn, self.base, self.scale))
 
     def extra_repr(self) -> str:
         return (f"n={self.n}, C={self.C}, iters={self.iters}, post_mult={self.post_mult}, static={self.static}, "

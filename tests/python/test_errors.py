@@ -276,3 +276,27 @@ def test_registered_ops_called_directly_name_the_bad_argument():
     xt = torch.randn(C, n, T).permute(2, 1, 0)
     assert torch.equal(torch.ops.mhc.post(xt, y, h_post, comb, "auto"),
                        torch.ops.mhc.post(xt.contiguous(), y, h_post, comb, "auto"))
+
+
+def test_forward_mode_ad_is_refused_not_silently_zero():
+    # The ops have no forward derivative; a custom op would give its outputs no tangent (a jvp of 0) without a word.
+    import torch.autograd.forward_ad as forward_ad
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    fn, base, scale = (p.double() for p in site_params(2, 4))
+    weights = torch.rand(2, dtype=torch.float64)
+    cases = {
+        "pre": lambda x: ops.mhc_pre(x, fn, base, scale)[0],
+        "post": lambda x: ops.mhc_post(x, x[:, 0], weights.expand(3, 2), torch.rand(3, 2, 2, dtype=torch.float64)),
+        "sinkhorn": lambda x: ops.sinkhorn(x[:, :, :2]),
+        "history_mix": lambda x: ops.history_mix(x[:, 0], [x[:, 1], x[:, 0]], weights),
+        "history_skip": lambda x: ops.history_skip(x[:, 0], [x[:, 1], x[:, 0]], weights)[0],
+    }
+    for name, f in cases.items():
+        with pytest.raises(RuntimeError, match=f"mhc.{name}: forward-mode AD"):
+            torch.func.jvp(f, (x,), (torch.randn_like(x),))
+        with forward_ad.dual_level():
+            with pytest.raises(RuntimeError, match=f"mhc.{name}: forward-mode AD"):
+                f(forward_ad.make_dual(x, torch.randn_like(x)))
+            assert f(x).shape[0] == 3  # inputs without a tangent still run inside a dual level

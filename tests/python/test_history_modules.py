@@ -411,3 +411,91 @@ def test_invalid_module_arguments_raise_naming_them():
     frozen = MHCSkip(max_history=3).freeze()  # a [H, H] table: fewer states use their own row, more the newest H
     states = [torch.randn(2, 5) for _ in range(4)]
     torch.testing.assert_close(frozen(x, states), frozen(x, states[:3]))
+
+
+# ---- found by a review of the modules as a new user meets them ---------------------------------------------
+
+
+def _linear_sequential(depth=3, width=8, **kwargs):
+    return MHCSequential(*[nn.Linear(width, width) for _ in range(depth)], **kwargs)
+
+
+def test_no_grad_after_inference_mode_reuses_no_inference_ring():
+    # A ring made under inference_mode is an inference tensor; a later no_grad call must not write into it.
+    torch.manual_seed(0)
+    model = _linear_sequential(max_history=3)
+    _randomise_skips(model)
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        first = model(x)
+    with torch.no_grad():
+        again = model(x)
+    with torch.inference_mode():
+        third = model(x)
+    assert torch.equal(first, again) and torch.equal(first, third)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_concurrent_calls_from_threads_give_each_its_own_history(grad):
+    # One module called from two threads (an inference server): each call runs on a buffer of its own.
+    import threading
+
+    torch.manual_seed(0)
+    width = 128
+    model = _linear_sequential(6, width, max_history=4, constraint="softmax").eval()
+    xs = [torch.randn(32, width) for _ in range(2)]
+    with torch.set_grad_enabled(grad):
+        want = [model(x).detach().clone() for x in xs]
+    wrong = [0, 0]
+    errors = []
+
+    def worker(i):
+        try:
+            with torch.set_grad_enabled(grad):
+                for _ in range(60):
+                    wrong[i] += not torch.equal(model(xs[i]).detach(), want[i])
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and wrong == [0, 0]
+
+
+def test_max_history_beside_a_config_overrides_it():
+    cfg = MHCSkipConfig.preset("stable")  # max_history 4
+    model = MHCSequential(nn.Linear(8, 8), nn.Linear(8, 8), config=cfg, max_history=2)
+    assert model.max_history == 2 and all(s.max_history == 2 for s in model.skips)
+    assert model.skips[0].constraint == "identity"
+    assert MHCSequential(nn.Linear(8, 8), config=cfg).max_history == 4
+    assert MHCSequential(nn.Linear(8, 8)).max_history == 4
+
+
+def test_parametrized_skip_logits():
+    # A parametrization moves the logits out of _parameters; the skip must read them through the module.
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    torch.manual_seed(0)
+    skip = MHCSkip(3)
+    plain = copy.deepcopy(skip)
+    with torch.no_grad():
+        plain.logits.mul_(2)
+    parametrize.register_parametrization(skip, "logits", Double())
+    x, states = torch.randn(4, 8), torch.randn(3, 4, 8)
+    assert torch.equal(skip(x, states), plain(x, states))
+
+
+def test_bad_hyper_parameters_fail_at_construction():
+    with pytest.raises(ValueError, match="sinkhorn_iters"):
+        MHCSkipConfig(sinkhorn_iters=0)
+    with pytest.raises(ValueError, match="gate_init"):
+        MHCSkipConfig(gate_init=float("nan"))
+    with pytest.raises(TypeError, match="max_history"):
+        HistoryBuffer(2.5)

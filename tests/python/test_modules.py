@@ -249,3 +249,37 @@ def test_deepcopy_and_repr():
     x = torch.randn(2, 4, 8)
     assert torch.equal(layer(x), clone(x))
     assert "n=4" in repr(layer) and "impl='fused'" in repr(layer)
+
+
+def test_x_of_another_width_is_named():
+    # The op alone would name the parameter that disagrees with x (fn, or base for a static site).
+    for static in (False, True):
+        site = mhc.MHC(3, 8, static=static)
+        with pytest.raises(ValueError, match=r"mhc.MHC: x: expected \[\.\.\., n, C\] = \[\.\.\., 3, 8\]"):
+            site.pre(torch.randn(2, 4, 8))
+        layer_input, state = site.pre(torch.randn(2, 3, 8))
+        with pytest.raises(ValueError, match="x: expected"):
+            site.post_pre(torch.randn(2, 4, 8), layer_input, state, site)
+
+
+def test_bad_hyper_parameters_fail_at_construction():
+    with pytest.raises(ValueError, match="mhc.MHC: iters"):
+        mhc.MHC(2, 4, iters=0)
+    with pytest.raises(ValueError, match="mhc.MHC: eps"):
+        mhc.MHC(2, 4, eps=-1.0)
+    with pytest.raises(TypeError, match="mhc.MHC: iters"):
+        mhc.MHC(2, 4, iters=2.5)
+
+
+def test_parametrized_fn():
+    # weight_norm moves fn out of _parameters; the site must read it through the module.
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    site = mhc.MHC(3, 8)
+    plain = copy.deepcopy(site)
+    weight_norm(site, "fn")
+    x = torch.randn(2, 3, 8)
+    assert_close(site.pre(x)[0], plain.pre(x)[0])
+    site.pre(x)[0].sum().backward()
+    assert site.parametrizations.fn.original0.grad is not None
