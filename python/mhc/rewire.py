@@ -294,29 +294,34 @@ class AutoPatcher:
             raise TypeError(f"mhc.AutoPatcher.patch: select: expected None, a regex string or a callable, got "
                             f"{type(select).__name__}")
 
-        targets = []
-        for name, module in model.named_modules():
+        targets = []  # every position of a layer used at several (one wrapper for all of them: the layer stays shared)
+        for name, module in model.named_modules(remove_duplicate=False):
             if not name or isinstance(module, MHCRewire) or _inside_rewire(model, name):
                 continue
             if is_square_linear(module) and wanted(name, module):
                 targets.append((name, module))
         report = PatchReport(model_parameters=_model_size(model))
         static = bool(mhc_kwargs.get("static", False))
-        added = sum(_site_parameters(n_streams, module.in_features, static) for _, module in targets)
+        layers = {id(module): module for _, module in targets}
+        added = sum(_site_parameters(n_streams, module.in_features, static) for module in layers.values())
         if max_added_fraction is not None and added > max_added_fraction * report.model_parameters:
             raise ValueError(
-                f"mhc.AutoPatcher.patch: max_added_fraction: {len(targets)} site(s) with n_streams = {n_streams} would "
+                f"mhc.AutoPatcher.patch: max_added_fraction: {len(layers)} site(s) with n_streams = {n_streams} would "
                 f"add {added:,} parameters to a model of {report.model_parameters:,} (more than "
                 f"{max_added_fraction:g} of it); use fewer streams, select fewer layers, static=True, or pass a "
                 f"larger max_added_fraction (None: no limit)")
+        wrappers = {}
         for name, module in targets:
             width = module.in_features
-            wrapper = MHCRewire(module, width, n_streams, io="plain", residual=residual, **mhc_kwargs)
+            wrapper = wrappers.get(id(module))
+            if wrapper is None:
+                wrapper = wrappers[id(module)] = MHCRewire(module, width, n_streams, io="plain", residual=residual,
+                                                           **mhc_kwargs)
+                report.added_parameters += sum(p.numel() for p in wrapper.mhc.parameters())
             _set_submodule(model, name, wrapper)
             report.patched.append(name)
             report.widths.append(width)
             report.layer_types.append(type(module).__name__)
-            report.added_parameters += sum(p.numel() for p in wrapper.mhc.parameters())
         return report
 
     @staticmethod
@@ -324,7 +329,8 @@ class AutoPatcher:
         """Replace every :class:`MHCRewire` in ``model`` by the module it wraps; returns their names."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"mhc.AutoPatcher.unpatch: model: expected an nn.Module, got {type(model).__name__}")
-        names = [name for name, module in model.named_modules() if isinstance(module, MHCRewire) and name]
+        names = [name for name, module in model.named_modules(remove_duplicate=False)
+                 if isinstance(module, MHCRewire) and name]
         names = [name for name in names if not _inside_rewire(model, name)]
         for name in names:
             _set_submodule(model, name, model.get_submodule(name).module)
@@ -339,13 +345,15 @@ class AutoPatcher:
         (a dynamic site, the default, never folds)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"mhc.AutoPatcher.fold: model: expected an nn.Module, got {type(model).__name__}")
-        sites = [(name, module) for name, module in model.named_modules() if name and isinstance(module, MHCRewire)
-                 and not _inside_rewire(model, name)]
-        folded, kept = [], []
+        sites = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
+                 if name and isinstance(module, MHCRewire) and not _inside_rewire(model, name)]
+        folded, kept, layers = [], [], {}  # layers: a site used at several positions folds once, stays shared
         for name, site in sites:
             refusal = site.fold_refusal()
             if refusal is None:
-                _set_submodule(model, name, site.fold())
+                if id(site) not in layers:
+                    layers[id(site)] = site.fold()
+                _set_submodule(model, name, layers[id(site)])
                 folded.append(name)
             else:
                 kept.append(f"{name} ({str(refusal).removeprefix('mhc.MHCRewire.fold: ')})")

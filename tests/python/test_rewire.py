@@ -415,3 +415,20 @@ def test_autopatcher_states_and_bounds_the_parameter_cost():
     dynamic = mhc.AutoPatcher.patch(model, 4, max_added_fraction=0.5)
     assert dynamic.added_parameters == 4 * (24 * (4 * 48 + 1) + 3) == sum(
         p.numel() for m in model.modules() if isinstance(m, mhc.MHC) for p in m.parameters())
+
+
+def test_a_layer_used_at_two_positions_is_patched_at_both():
+    # named_modules() lists a shared layer once; every position gets the one wrapper, so the layer stays shared.
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(2, 8)
+    want = model(x)
+    report = mhc.AutoPatcher.patch(model, 2, static=True, max_added_fraction=None)
+    assert report.patched == ["0", "2"] and model[0] is model[2] and isinstance(model[2], mhc.MHCRewire)
+    assert report.added_parameters == sum(p.numel() for p in model[0].mhc.parameters())
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    assert mhc.AutoPatcher.fold(model) == ["0", "2"] and model[0] is model[2] and type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    mhc.AutoPatcher.patch(model, 2, max_added_fraction=None)
+    assert mhc.AutoPatcher.unpatch(model) == ["0", "2"] and model[0] is model[2] and type(model[0]) is nn.Linear
