@@ -107,6 +107,11 @@ def _intercepted() -> bool:
             or _forward_ad._current_level >= 0)
 
 
+def in_functorch() -> bool:
+    """A torch.func transform is active (and torch.compile, which handles those transforms itself, is not)."""
+    return _functorch_active() and not _is_compiling()
+
+
 def refuse_forward_ad(op: str, tensors) -> None:
     """Raises for an input that carries a forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp): the ops
     have no forward derivative, and a custom op would silently give its outputs none (a zero jvp). Only called
@@ -142,6 +147,43 @@ def eager_apply(function: type) -> Callable:
     same C entry point, 3 us a call."""
     raw = torch._C._FunctionBase.__dict__.get("apply")
     return raw.__get__(None, function) if raw is not None else function.apply
+
+
+def transformable_function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
+    """An autograd Function for calls under torch.func transforms (grad, vjp, jacrev, vmap of them): ``forward``
+    dispatches the op through every key (so vmap reaches its batching), ``setup_context`` and ``backward`` are the
+    op's registered formula. torch.func needs this form of Function, and refuses the one
+    ``torch.library.register_autograd`` builds (torch 2.11); vmap of it runs the op per batch element."""
+    return type(f"{name}_transformable", (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+    })
+
+
+def register_vmap_by_element(op) -> None:
+    """vmap of ``op`` (a ``torch.ops.mhc`` overload) as one call per batch element, the results stacked: for the ops
+    that take a list of tensors, for which torch has no fallback ("Batching rule not implemented"). A list argument's
+    in_dims is a list with one entry per tensor."""
+
+    def select(arg, dim, i):
+        if isinstance(arg, (list, tuple)):
+            dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(arg)
+            return [select(a, d, i) for a, d in zip(arg, dims)]
+        return arg if dim is None or arg is None else arg.select(dim, i)
+
+    def stack(results):
+        first = results[0]
+        if isinstance(first, (list, tuple)):
+            parts = [stack([r[k] for r in results]) for k in range(len(first))]
+            return type(first)(p[0] for p in parts), type(first)(p[1] for p in parts)
+        return torch.stack(results), 0
+
+    def rule(info, in_dims, *args):
+        return stack([op(*select(args, list(in_dims), i)) for i in range(info.batch_size)])
+
+    torch.library.register_vmap(op)(rule)
 
 
 def _eager_function(name: str, kernel: Callable, setup_context: Callable, backward: Callable):
@@ -203,10 +245,11 @@ class Op:
         self.dispatch = register(name, fake, setup_context=setup_context, backward=backward)
         self.tensor_args, self._device_arg = _tensor_args(self.dispatch)
         self._kernel = kernel(self.dispatch)
-        self.function = self._apply = None
+        self.function = self._apply = self.transformable = None
         if backward is not None:
             self.function = _eager_function(name, self.kernel, setup_context, backward)
             self._apply = eager_apply(self.function)
+            self.transformable = transformable_function(name, self.dispatch, setup_context, backward)
 
     def kernel(self, *args):
         """The C++ kernel of the tensors' device, without autograd (a plain eager call only)."""
@@ -218,6 +261,8 @@ class Op:
 
     def _dispatched(self, args):
         refuse_forward_ad(self.name, args[:self.tensor_args])
+        if self.transformable is not None and in_functorch():
+            return self.transformable.apply(*args)
         return self.dispatch(*args)
 
     def __call__(self, *args):

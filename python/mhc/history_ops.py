@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._plumbing import _PLAIN, Op, _intercepted, eager, eager_apply, kernel, refuse_forward_ad, register
+from ._plumbing import (_PLAIN, Op, _intercepted, eager, eager_apply, in_functorch, kernel, refuse_forward_ad,
+                        register, register_vmap_by_element, transformable_function)
 from ._plumbing import get_backend as _backend
 from ._plumbing import needs_grad as _needs_grad
 from ._plumbing import new as _new
@@ -304,6 +305,32 @@ class _MixFunction(torch.autograd.Function):
 _mix_apply = eager_apply(_MixFunction)
 
 
+def _mix_transformable_setup_context(ctx, inputs, output):
+    x, weights, gate, backend, *states = inputs
+    _mix_setup_context(ctx, (x, states, weights, gate, backend), output)
+
+
+def _mix_transformable_backward(ctx, grad_out):
+    weights, gate, *states = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, weights, gate, backend, *states
+    need_states = any(need[4:])
+    grad_weights = grad_gate = None
+    grad_states = [None] * len(states)
+    if need_states or need[1] or need[2]:
+        grad_weights, grad_gate, computed = _mix_backward_op(grad_out.contiguous(), states, weights, gate, need_states,
+                                                             ctx.backend)
+        grad_gate = grad_gate if ctx.has_gate else None
+        if need_states:
+            grad_states = list(computed)
+    return (grad_out if (ctx.has_x and need[0]) else None, grad_weights, grad_gate, None, *grad_states)
+
+
+# Under torch.func transforms: the op dispatched with the states unpacked, so the transforms see each.
+_MixTransformable = transformable_function(
+    "history_mix", lambda x, weights, gate, backend, *states: _mix_op(x, list(states), weights, gate, backend),
+    _mix_transformable_setup_context, _mix_transformable_backward)
+
+
 def _as_list(states: States) -> List[Tensor]:
     if isinstance(states, Tensor):
         if states.dim() < 1:
@@ -365,7 +392,10 @@ def history_mix(x: Optional[Tensor], states: States, weights: Tensor, *, gate: O
             out = _mix_kernel(states[0], x, states, weights, gate, _backend())
     else:
         refuse_forward_ad(op, (x, states, weights, gate))
-        out = _mix_op(x, states, weights, gate, _backend())
+        if in_functorch():
+            out = _MixTransformable.apply(x, weights, gate, _backend(), *states)
+        else:
+            out = _mix_op(x, states, weights, gate, _backend())
     return out.view(out_shape) if flatten else out
 
 
@@ -418,6 +448,8 @@ def _skip_backward(ctx, grad_out, _grad_weights):
 
 # -> (out = x + gate * sum_k project(logits)[k] * states[k], weights = project(logits)).
 _skip_op = register("history_skip", _skip_fake, setup_context=_skip_setup_context, backward=_skip_backward)
+for _op in (_mix_op, _mix_backward_op, _skip_op, _skip_backward_op):  # they take the states as a list
+    register_vmap_by_element(_op)
 _skip_kernel = kernel(_skip_op)
 
 
@@ -452,6 +484,31 @@ class _SkipFunction(torch.autograd.Function):
 
 
 _skip_apply = eager_apply(_SkipFunction)
+
+
+def _skip_transformable_setup_context(ctx, inputs, output):
+    x, logits, gate, hyper, *states = inputs
+    _skip_setup_context(ctx, (x, states, logits, gate, *hyper), output)
+
+
+def _skip_transformable_backward(ctx, grad_out, _grad_weights):
+    logits, weights, gate, *states = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, logits, gate, hyper, *states
+    need_states = any(need[4:])
+    grad_logits = grad_gate = None
+    grad_states = [None] * len(states)
+    if need_states or need[1] or need[2]:
+        grad_logits, grad_gate, computed = _skip_backward_op(grad_out.contiguous(), states, logits, weights, gate,
+                                                             need_states, *ctx.hyper)
+        grad_gate = grad_gate if ctx.has_gate else None
+        if need_states:
+            grad_states = list(computed)
+    return (grad_out if need[0] else None, grad_logits, grad_gate, None, *grad_states)
+
+
+_SkipTransformable = transformable_function(
+    "history_skip", lambda x, logits, gate, hyper, *states: _skip_op(x, list(states), logits, gate, *hyper),
+    _skip_transformable_setup_context, _skip_transformable_backward)
 _COEF_OF = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float16: torch.float32,
             torch.float64: torch.float64}
 
@@ -529,7 +586,10 @@ def history_skip(x: Tensor, states: States, logits: Tensor, *, constraint: str =
             out, weights = _skip_kernel(x_in, x_in, states, logits, gate, *hyper)
     else:
         refuse_forward_ad(op, (x_in, states, logits, gate))
-        out, weights = _skip_op(x_in, states, logits, gate, *hyper)
+        if in_functorch():
+            out, weights = _SkipTransformable.apply(x_in, logits, gate, hyper, *states)
+        else:
+            out, weights = _skip_op(x_in, states, logits, gate, *hyper)
     return (out.view(x.shape) if flatten else out), weights
 
 
