@@ -74,9 +74,11 @@ def _storage_dtype(dtype) -> Optional[torch.dtype]:
 
 
 def _special_mode() -> bool:
-    """True while tracing for torch.compile, torch.jit or ONNX export: history must stay functional."""
+    """True while tracing for torch.compile, torch.jit or ONNX export, or under a torch.func transform (vmap's
+    batched states cannot be copied into a ring): history must stay functional."""
     compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-    return compiling or torch.jit.is_tracing() or torch.jit.is_scripting() or _exporting()
+    return (compiling or torch.jit.is_tracing() or torch.jit.is_scripting() or _exporting()
+            or torch._C._are_functorch_transforms_active())
 
 
 _ONNX_FLAGS: list = []  # the two flags torch.onnx.is_in_onnx_export reads, found once (or [None]: use it)

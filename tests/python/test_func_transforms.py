@@ -96,3 +96,44 @@ def test_history_ops(gated):
                 lambda x: mix(x[:, 0], [x[:, 1], *states], project(logits), gate=gate).square().sum(), x)
     _transforms(lambda l: ops.project_logits(l, "softmax").square().sum(),
                 lambda l: project(l, "softmax").square().sum(), logits)
+
+
+def test_per_sample_gradients_of_modules():
+    # functional_call + vmap(grad): per-sample gradients of an n-stream layer and of a history stack, against a loop.
+    from torch import nn
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    width = 8
+    models = [
+        nn.Sequential(mhc.StreamExpand(n), mhc.MHCLayer(n, width, nn.Linear(width, width)), mhc.MHCHead(n, width)),
+        mhc.MHCSequential(*[nn.Linear(width, width) for _ in range(3)], max_history=3, constraint="softmax"),
+    ]
+    x = torch.randn(5, 2, width)
+    for model in models:
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, sample):
+            return functional_call(model, p, (sample[None],)).square().sum()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+        for i in range(x.shape[0]):
+            model.zero_grad()
+            model(x[i:i + 1]).square().sum().backward()
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_vmap_of_a_history_stack_without_grad():
+    # Under a transform the history holds references (a batched state cannot be copied into the ring).
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = mhc.MHCSequential(*[nn.Linear(8, 8) for _ in range(3)], max_history=3, constraint="softmax")
+    x = torch.randn(5, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = torch.func.vmap(lambda sample: model(sample[None]))(x)
+        torch.testing.assert_close(batched[:, 0], model(x), rtol=1e-6, atol=1e-6)
