@@ -148,6 +148,8 @@ def _site_params(op: str, x: Tensor, fn, base, scale, *, head: bool = False) -> 
     _param_shape(op, "scale", scale, (scales,), f"[{scales}]")
     if fn is not None and scale is None:
         raise ValueError(f"mhc.{op}: scale: required when fn is given (both None is static mode)")
+    if fn is None and scale is not None:  # it would scale nothing: static mode has no projection
+        raise ValueError(f"mhc.{op}: scale: expected None when fn is None (static mode), got a tensor")
 
 
 def check_pre(op: str, x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps) -> tuple:

@@ -300,3 +300,14 @@ def test_forward_mode_ad_is_refused_not_silently_zero():
             with pytest.raises(RuntimeError, match=f"mhc.{name}: forward-mode AD"):
                 f(forward_ad.make_dual(x, torch.randn_like(x)))
             assert f(x).shape[0] == 3  # inputs without a tangent still run inside a dual level
+
+
+def test_scale_without_fn_is_refused():
+    # Static mode (fn None) has no projection for scale to scale: a given scale would be ignored without a word.
+    fn, base, scale = site_params(n, C)
+    x = torch.randn(T, n, C)
+    for impl in (ops, mhc.reference):
+        with pytest.raises(ValueError, match="scale: expected None when fn is None"):
+            impl.mhc_pre(x, None, base, scale)
+    with pytest.raises(ValueError, match="scale: expected None when fn is None"):
+        ops.mhc_head(x, None, base[:n], scale[:1])
