@@ -36,6 +36,7 @@ void check_params(const ArgChecker& check, const Streams& s, Dim rows, Dim scale
   check.optional(fn, "fn", {rows, s.nC}, s.coef, s.device);
   check.tensor(base, "base", {rows}, s.coef, s.device);
   if (fn.present() && !scale.present()) check.fail("scale: required when fn is given");
+  if (!fn.present() && scale.present()) check.fail("scale: expected absent when fn is absent (static mode)");
   check.optional(scale, "scale", {scales}, s.coef, s.device);
 }
 

@@ -129,6 +129,9 @@ TEST_F(Errors, MissingRequiredTensor) {
   PreProblem q(s, rng);
   q.p.scale = Tensor();
   EXPECT_TRUE(throws<InvalidArgument>([&] { q.run(cfg, kFast); }, "scale: required when fn is given"));
+  PreProblem u(s, rng);  // a scale with nothing to scale (static mode) is refused, not ignored
+  u.p.fn = Tensor();
+  EXPECT_TRUE(throws<InvalidArgument>([&] { u.run(cfg, kFast); }, "scale: expected absent when fn is absent"));
   PreBackwardProblem b(s, rng, cfg);
   b.grad_fn = Tensor();
   EXPECT_TRUE(throws<InvalidArgument>([&] { b.run(cfg, kFast); }, "grad_fn: required tensor is missing"));
