@@ -383,9 +383,10 @@ class _PairedPostPre(torch.autograd.Function):
 _paired_pre, _paired_post, _paired_post_pre = map(eager_apply, (_PairedPre, _PairedPost, _PairedPostPre))
 
 
-def _pre_maybe_paired(x: Tensor, fn, base, scale, hyper) -> Tuple[Tensor, ...]:
-    """The pre op on flat x; paired (its public comb carries the link) when x takes gradients in eager autograd."""
-    if not _pairing(x):
+def _pre_maybe_paired(x: Tensor, fn, base, scale, hyper, paired: bool) -> Tuple[Tensor, ...]:
+    """The pre op on flat x; paired (its public comb carries the link) when x takes gradients in eager autograd
+    (``paired``: _pairing of the public x)."""
+    if not paired:
         return _pre_op(x, fn, base, scale, *hyper), None
     link = _PairLink()
     return _paired_pre(link, x, fn, base, scale, *hyper), link
@@ -440,11 +441,12 @@ def mhc_pre(x: Tensor, fn: Optional[Tensor], base: Tensor, scale: Optional[Tenso
     """
     hyper = check_pre("mhc_pre", x, fn, base, scale, iters, post_mult, eps, norm_eps, pre_eps)
     fn, base, scale = _params(x, fn, base, scale)
-    if x.dim() == 3 and not _pairing(x):  # the common case (tokens already flat, nothing paired), kept short
+    paired = _pairing(x)
+    if x.dim() == 3 and not paired:  # the common case (tokens already flat, nothing paired), kept short
         outs = _pre_op(x, fn, base, scale, *hyper, get_backend())
         return outs[0], outs[1], outs[2], outs[3]
     *lead, n, C = x.shape
-    outs, link = _pre_maybe_paired(_tokens(x, 2, n, C), fn, base, scale, (*hyper, get_backend()))
+    outs, link = _pre_maybe_paired(_tokens(x, 2, n, C), fn, base, scale, (*hyper, get_backend()), paired)
     layer_input, h_pre, h_post, comb = outs[:4]
     h_post, comb = _restore(h_post, lead, n), _restore(comb, lead, n, n)
     _tie(link, x, h_post, comb)
