@@ -213,9 +213,32 @@ def register(name: str, fake: Callable, *, setup_context: Optional[Callable] = N
     returns the op, ``torch.ops.mhc.<name>.default`` (its call dispatches through everything)."""
     qualname = f"mhc::{name}"
     torch.library.register_fake(qualname)(fake)
-    if backward is not None:
-        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    if backward is not None:  # once differentiable: a second backward through it raises instead of giving zeros
+        torch.library.register_autograd(qualname, once_differentiable(backward), setup_context=setup_context)
     return getattr(torch.ops.mhc, name).default
+
+
+def once_differentiable(backward: Callable) -> Callable:
+    """torch.autograd.function.once_differentiable for a backward formula whose results may hold lists of tensors
+    (the history ops' gradients of their states): under create_graph=True each gradient is tied to a node that raises
+    when differentiated again, where it would otherwise carry no graph (a zero second derivative, silently)."""
+
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            result = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or not any(isinstance(g, Tensor) and g.requires_grad for g in grads):
+            return result
+        flat, spec = torch.utils._pytree.tree_flatten(result)
+        where = [i for i, t in enumerate(flat) if isinstance(t, Tensor)]
+        if where:
+            refuse = torch._C._functions.DelayedError(
+                b"trying to differentiate twice a function that was marked with @once_differentiable", len(where))
+            tied = refuse(*[flat[i].detach().requires_grad_() for i in where])
+            for i, t in zip(where, tied if isinstance(tied, tuple) else (tied,)):
+                flat[i] = t
+        return torch.utils._pytree.tree_unflatten(flat, spec)
+
+    return wrapper
 
 
 def kernel(op) -> Callable:

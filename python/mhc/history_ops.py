@@ -286,6 +286,7 @@ class _MixFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, grad_out):
         weights, gate, *states = ctx.saved_tensors
         need_x, need_weights, need_gate = ctx.needs_input_grad[:3]
@@ -467,6 +468,7 @@ class _SkipFunction(torch.autograd.Function):
         return out, weights
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, grad_out, _grad_weights):
         logits, weights, gate, *states = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -341,6 +341,7 @@ class _PairedPre(torch.autograd.Function):
         return outs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, _grad_mixes, _grad_rstd):
         x, fn, base, scale, mixes, rstd = ctx.saved_tensors
         grad_x, grad_fn, grad_base, grad_scale = _pre_backward_op(
@@ -358,6 +359,7 @@ class _PairedPost(torch.autograd.Function):
         return x_next
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, grad_x_next):
         grad_x, *rest = _post_backward(ctx, grad_x_next)
         ctx.link.deposit(grad_x)
@@ -373,6 +375,7 @@ class _PairedPostPre(torch.autograd.Function):
         return outs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, *grad_outputs):
         grad_x, *rest = _post_pre_backward(ctx, *grad_outputs)
         ctx.link.deposit(grad_x)

@@ -311,3 +311,33 @@ def test_scale_without_fn_is_refused():
             impl.mhc_pre(x, None, base, scale)
     with pytest.raises(ValueError, match="scale: expected None when fn is None"):
         ops.mhc_head(x, None, base[:n], scale[:1])
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    # The backward ops have no derivative of their own: differentiating a gradient through them (create_graph=True,
+    # a gradient penalty) must raise, on every route (paired site, eager Functions, the dispatcher), not give zeros.
+    from torch import nn
+
+    torch.manual_seed(0)
+    lin, site = nn.Linear(4, 4).double(), mhc.MHC(2, 4).double()
+    h = lin(torch.randn(3, 2, 4, dtype=torch.float64))
+    layer_input, state = site.pre(h)
+    out = site.post(h, torch.tanh(layer_input), state) + 0.1 * h ** 2
+    penalty, = torch.autograd.grad(out.square().sum(), lin.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        penalty.square().sum().backward()
+
+    states = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    logits = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    for skip in (lambda: ops.history_skip(2 * states[0], states, logits)[0],
+                 lambda: ops.history_mix(2 * states[0], states, torch.softmax(logits, 0)),
+                 lambda: torch.ops.mhc.history_skip(2 * states[0], states, logits, None, "simplex", 1.0, 0.1,
+                                                    "auto")[0]):
+        grad, = torch.autograd.grad(skip().square().sum(), states[1], create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            grad.square().sum().backward()
+    logits_nn = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    grad, = torch.autograd.grad(torch.ops.mhc.sinkhorn(logits_nn, 20, 1e-6, "auto").square().sum(), logits_nn,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
