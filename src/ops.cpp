@@ -103,6 +103,9 @@ void pre_forward(const PreForward& a, const MhcConfig& cfg, const Context& ctx) 
   const Streams s = leading_streams(check, a.x, "x", cfg);
   check_params(check, s, s.m, {3, "3"}, a.fn, a.base, a.scale);
   check_pre_outputs(check, s, a.layer_input, a.h_pre, a.h_post, a.comb, a.mixes, a.rstd, "h_post", "comb");
+  check.disjoint({{a.layer_input, "layer_input"}, {a.h_pre, "h_pre"}, {a.h_post, "h_post"}, {a.comb, "comb"},
+                  {a.mixes, "mixes"}, {a.rstd, "rstd"}},
+                 {{a.x, "x"}, {a.fn, "fn"}, {a.base, "base"}, {a.scale, "scale"}});
   optional_workspace(check, a.workspace, forward_workspace(a, cfg, ctx), s.device);
   check_finite(a.x, "x", "pre_forward", cfg, ctx);
   check_finite(a.fn, "fn", "pre_forward", cfg, ctx);
@@ -143,6 +146,13 @@ void pre_backward(const PreBackward& a, const MhcConfig& cfg, const Context& ctx
   check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
   check_param_grads(check, s, s.m, {3, "3"}, a.fn, a.scale, a.grad_fn, a.grad_base, a.grad_scale);
   check.workspace(a.workspace, backward_workspace(a, cfg, ctx), s.device);
+  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_fn, "grad_fn"}, {a.grad_base, "grad_base"}, {a.grad_scale, "grad_scale"}},
+                 {{a.x, "x"}, {a.fn, "fn"}, {a.base, "base"}, {a.scale, "scale"}, {a.mixes, "mixes"}, {a.rstd, "rstd"},
+                  {a.grad_layer_input, "grad_layer_input"}, {a.grad_h_pre, "grad_h_pre"},
+                  {a.grad_h_post, "grad_h_post"}, {a.grad_comb, "grad_comb"}});
+  // grad_x may be grad_x_accum itself (accumulated elementwise)
+  check.disjoint({{a.grad_fn, "grad_fn"}, {a.grad_base, "grad_base"}, {a.grad_scale, "grad_scale"}},
+                 {{a.grad_x_accum, "grad_x_accum"}});
   for (auto [t, name] : {std::pair{&a.grad_layer_input, "grad_layer_input"}, {&a.grad_h_pre, "grad_h_pre"},
                          {&a.grad_h_post, "grad_h_post"}, {&a.grad_comb, "grad_comb"},
                          {&a.grad_x_accum, "grad_x_accum"}})
@@ -157,6 +167,7 @@ void post_forward(const PostForward& a, const MhcConfig& cfg, const Context& ctx
   check.tensor(a.h_post, "h_post", {s.T, s.n}, s.coef, s.device);
   check.tensor(a.comb, "comb", {s.T, s.n, s.n}, s.coef, s.device);
   check.tensor(a.x_next, "x_next", {s.T, s.n, s.C}, s.storage, s.device);
+  check.disjoint({{a.x_next, "x_next"}}, {{a.x, "x"}, {a.y, "y"}, {a.h_post, "h_post"}, {a.comb, "comb"}});
   check_finite(a.x, "x", "post_forward", cfg, ctx);
   check_finite(a.y, "y", "post_forward", cfg, ctx);
   check_finite(a.h_post, "h_post", "post_forward", cfg, ctx);
@@ -175,6 +186,8 @@ void post_backward(const PostBackward& a, const MhcConfig& cfg, const Context& c
   check.tensor(a.grad_y, "grad_y", {s.T, s.C}, s.storage, s.device);
   check.tensor(a.grad_h_post, "grad_h_post", {s.T, s.n}, s.coef, s.device);
   check.tensor(a.grad_comb, "grad_comb", {s.T, s.n, s.n}, s.coef, s.device);
+  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_y, "grad_y"}, {a.grad_h_post, "grad_h_post"}, {a.grad_comb, "grad_comb"}},
+                 {{a.grad_x_next, "grad_x_next"}, {a.x, "x"}, {a.y, "y"}, {a.h_post, "h_post"}, {a.comb, "comb"}});
   check_finite(a.grad_x_next, "grad_x_next", "post_backward", cfg, ctx);
   MHC_DISPATCH(a.x.device, ctx, post_backward(a, cfg, ctx));
 }
@@ -189,6 +202,10 @@ void post_pre_forward(const PostPreForward& a, const MhcConfig& cfg, const Conte
   check.tensor(a.x_next, "x_next", {s.T, s.n, s.C}, s.storage, s.device);
   check_pre_outputs(check, s, a.layer_input, a.h_pre, a.h_post_next, a.comb_next, a.mixes, a.rstd,
                     "h_post_next", "comb_next");
+  check.disjoint({{a.x_next, "x_next"}, {a.layer_input, "layer_input"}, {a.h_pre, "h_pre"},
+                  {a.h_post_next, "h_post_next"}, {a.comb_next, "comb_next"}, {a.mixes, "mixes"}, {a.rstd, "rstd"}},
+                 {{a.x, "x"}, {a.y, "y"}, {a.h_post, "h_post"}, {a.comb, "comb"}, {a.fn, "fn"}, {a.base, "base"},
+                  {a.scale, "scale"}});
   optional_workspace(check, a.workspace, forward_workspace(a, cfg, ctx), s.device);
   for (auto [t, name] : {std::pair{&a.x, "x"}, {&a.y, "y"}, {&a.h_post, "h_post"}, {&a.comb, "comb"},
                          {&a.fn, "fn"}, {&a.base, "base"}, {&a.scale, "scale"}})
@@ -220,6 +237,7 @@ void expand_forward(const ExpandForward& a, const MhcConfig& cfg, const Context&
   check.streams(cfg.n, cfg, "n");
   if (a.x.shape[1] < 1) check.fail("x: the width C must be >= 1, got 0");
   check.tensor(a.out, "out", {{a.x.shape[0], "T"}, {cfg.n, "n"}, {a.x.shape[1], "C"}}, a.x.dtype, a.x.device);
+  check.disjoint({{a.out, "out"}}, {{a.x, "x"}});
   check_finite(a.x, "x", "expand_forward", cfg, ctx);
   MHC_DISPATCH(a.x.device, ctx, expand_forward(a, cfg, ctx));
 }
@@ -228,6 +246,7 @@ void expand_backward(const ExpandBackward& a, const MhcConfig& cfg, const Contex
   const ArgChecker check("expand_backward");
   const Streams s = leading_streams(check, a.grad_out, "grad_out", cfg);
   check.tensor(a.grad_x, "grad_x", {s.T, s.C}, s.storage, s.device);
+  check.disjoint({{a.grad_x, "grad_x"}}, {{a.grad_out, "grad_out"}});
   MHC_DISPATCH(a.grad_out.device, ctx, expand_backward(a, cfg, ctx));
 }
 
@@ -239,8 +258,12 @@ void head_forward(const HeadForward& a, const MhcConfig& cfg, const Context& ctx
   check.tensor(a.weights, "weights", {s.T, s.n}, s.coef, s.device);
   check.optional(a.mixes, "mixes", {s.T, s.n}, s.coef, s.device);
   check.optional(a.rstd, "rstd", {s.T}, s.coef, s.device);
+  check.disjoint({{a.out, "out"}, {a.weights, "weights"}, {a.mixes, "mixes"}, {a.rstd, "rstd"}},
+                 {{a.x, "x"}, {a.fn, "fn"}, {a.base, "base"}, {a.scale, "scale"}});
   check_finite(a.x, "x", "head_forward", cfg, ctx);
   check_finite(a.fn, "fn", "head_forward", cfg, ctx);
+  check_finite(a.base, "base", "head_forward", cfg, ctx);
+  check_finite(a.scale, "scale", "head_forward", cfg, ctx);
   MHC_DISPATCH(a.x.device, ctx, head_forward(a, cfg, ctx));
 }
 
@@ -261,6 +284,9 @@ void head_backward(const HeadBackward& a, const MhcConfig& cfg, const Context& c
   check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
   check_param_grads(check, s, s.n, {1, "1"}, a.fn, a.scale, a.grad_fn, a.grad_base, a.grad_scale);
   check.workspace(a.workspace, backward_workspace(a, cfg, ctx), s.device);
+  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_fn, "grad_fn"}, {a.grad_base, "grad_base"}, {a.grad_scale, "grad_scale"}},
+                 {{a.x, "x"}, {a.fn, "fn"}, {a.base, "base"}, {a.scale, "scale"}, {a.mixes, "mixes"}, {a.rstd, "rstd"},
+                  {a.grad_out, "grad_out"}, {a.grad_weights, "grad_weights"}});
   check_finite(a.grad_out, "grad_out", "head_backward", cfg, ctx);
   MHC_DISPATCH(a.x.device, ctx, head_backward(a, cfg, ctx));
 }
@@ -272,6 +298,8 @@ void residual_add_agg_forward(const ResidualAddAggForward& a, const MhcConfig& c
   check.tensor(a.h_pre, "h_pre", {s.T, s.n}, s.coef, s.device);
   check.tensor(a.x_out, "x_out", {s.T, s.n, s.C}, s.storage, s.device);
   check.tensor(a.agg, "agg", {s.T, s.C}, s.storage, s.device);
+  // x_out may be x or res itself (elementwise); agg sums every stream of a token
+  check.disjoint({{a.agg, "agg"}}, {{a.x, "x"}, {a.res, "res"}, {a.h_pre, "h_pre"}, {a.x_out, "x_out"}});
   check_finite(a.x, "x", "residual_add_agg_forward", cfg, ctx);
   check_finite(a.res, "res", "residual_add_agg_forward", cfg, ctx);
   check_finite(a.h_pre, "h_pre", "residual_add_agg_forward", cfg, ctx);
@@ -286,6 +314,9 @@ void residual_add_agg_backward(const ResidualAddAggBackward& a, const MhcConfig&
   check.tensor(a.h_pre, "h_pre", {s.T, s.n}, s.coef, s.device);
   check.tensor(a.grad_sum, "grad_sum", {s.T, s.n, s.C}, s.storage, s.device);
   check.tensor(a.grad_h_pre, "grad_h_pre", {s.T, s.n}, s.coef, s.device);
+  check.disjoint({{a.grad_h_pre, "grad_h_pre"}, {a.grad_sum, "grad_sum"}},
+                 {{a.x_out, "x_out"}, {a.h_pre, "h_pre"}, {a.grad_agg, "grad_agg"}});
+  check.disjoint({{a.grad_h_pre, "grad_h_pre"}}, {{a.grad_x_out, "grad_x_out"}});
   check_finite(a.grad_x_out, "grad_x_out", "residual_add_agg_backward", cfg, ctx);
   check_finite(a.grad_agg, "grad_agg", "residual_add_agg_backward", cfg, ctx);
   MHC_DISPATCH(a.x_out.device, ctx, residual_add_agg_backward(a, cfg, ctx));

@@ -1,6 +1,9 @@
 #include "common/validate.hpp"
 
 #include <cmath>
+#include <cstdint>
+#include <iterator>
+#include <utility>
 
 #include "backend.hpp"
 #include "common/float_types.hpp"
@@ -47,9 +50,43 @@ void ArgChecker::fail_device(const std::string& message) const {
 void ArgChecker::present(const TensorView& t, const char* name) const {
   if (!t.present()) fail(std::string(name) + ": required tensor is missing");
   if (t.rank < 0 || t.rank > kMaxRank) fail(std::string(name) + ": invalid rank " + std::to_string(t.rank));
-  for (int d = 0; d < t.rank; ++d)
+  if (static_cast<unsigned>(t.dtype) > static_cast<unsigned>(DType::f64))
+    fail_dtype(std::string(name) + ": invalid dtype value " + std::to_string(static_cast<unsigned>(t.dtype)));
+  if (t.device.type != DeviceType::cpu && t.device.type != DeviceType::cuda)
+    fail_device(std::string(name) + ": invalid device type " + std::to_string(static_cast<unsigned>(t.device.type)));
+  if (t.device.index < 0) fail_device(std::string(name) + ": negative device index " + std::to_string(t.device.index));
+  // The element count and the byte size in int64 (numel() would wrap, and a wrapped 0 hides a null pointer).
+  std::int64_t count = 1, bytes = 0;
+  bool overflow = false;
+  for (int d = 0; d < t.rank; ++d) {
     if (t.shape[d] < 0) fail(std::string(name) + ": negative dimension in shape " + t.shape_string());
-  if (t.numel() > 0 && t.data == nullptr) fail(std::string(name) + ": data pointer is null");
+    overflow = overflow || __builtin_mul_overflow(count, t.shape[d], &count);
+  }
+  overflow = overflow || __builtin_mul_overflow(count, static_cast<std::int64_t>(dtype_size(t.dtype)), &bytes);
+  if (overflow) fail(std::string(name) + ": shape " + t.shape_string() + " is too large (its size overflows int64)");
+  if (count > 0 && t.data == nullptr) fail(std::string(name) + ": data pointer is null");
+}
+
+void ArgChecker::disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) const {
+  auto range = [](const TensorView& t) {
+    const auto begin = reinterpret_cast<std::uintptr_t>(t.data);
+    return std::pair{begin, begin + static_cast<std::uintptr_t>(t.numel()) * dtype_size(t.dtype)};
+  };
+  auto overlap = [&](const TensorView& a, const TensorView& b) {
+    if (!a.present() || !b.present() || a.numel() == 0 || b.numel() == 0) return false;
+    const auto [a0, a1] = range(a);
+    const auto [b0, b1] = range(b);
+    return a0 < b1 && b0 < a1;
+  };
+  for (auto out = outputs.begin(); out != outputs.end(); ++out) {
+    for (const Named& in : inputs)
+      if (overlap(out->t, in.t))
+        fail(std::string(out->name) + ": shares memory with the input " + in.name + " (outputs must not overlap inputs)");
+    for (auto other = std::next(out); other != outputs.end(); ++other)
+      if (overlap(out->t, other->t))
+        fail(std::string(out->name) + ": shares memory with the output " + other->name +
+             " (outputs must not overlap each other)");
+  }
 }
 
 void ArgChecker::workspace(const TensorView& ws, std::size_t needed, Device device) const {

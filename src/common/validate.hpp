@@ -43,6 +43,13 @@ class ArgChecker {
   void workspace(const TensorView& ws, std::size_t needed, Device device) const;
   void streams(std::int64_t n, const MhcConfig& cfg, const char* name) const;
   void config(const MhcConfig& cfg) const;
+  // No output shares memory with an input or another output (the kernels read inputs at other elements than they
+  // write); absent and empty views are skipped. Call after the tensors' own checks (they are then contiguous).
+  struct Named {
+    const TensorView& t;
+    const char* name;
+  };
+  void disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) const;
 
  private:
   const char* op_;

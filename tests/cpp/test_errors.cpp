@@ -222,6 +222,56 @@ TEST_F(Errors, CudaTensors) {
                                   "backend cuda was requested for CPU tensors"));
 }
 
+// ---- sizes, dtype and device values, aliasing --------------------------------------------------------
+
+// An element count that overflows int64 would wrap numel() (to 0, hiding the null pointer): refused by name.
+TEST_F(Errors, SizeOverflowIsRefused) {
+  MhcConfig c = config_for(4);
+  const std::int64_t T = std::int64_t(1) << 62;
+  const ExpandForward huge{TensorView::contiguous(nullptr, DType::f32, {T, 4}),
+                           TensorView::contiguous(nullptr, DType::f32, {T, 4, 4})};
+  EXPECT_TRUE(throws<InvalidArgument>([&] { expand_forward(huge, c, kFast); }, "x: shape"));
+  PostProblem p(s, rng);
+  PostForward a = p.args();
+  a.x = TensorView::contiguous(nullptr, DType::f32, {std::int64_t(1) << 40, s.n, std::int64_t(1) << 30});
+  EXPECT_TRUE(throws<InvalidArgument>([&] { post_forward(a, cfg, kFast); }, "too large"));
+}
+
+TEST_F(Errors, InvalidDtypeAndDeviceValuesAreNamed) {
+  PostProblem p(s, rng);
+  PostForward a = p.args();
+  a.y.dtype = static_cast<DType>(7);
+  EXPECT_TRUE(throws<DTypeError>([&] { post_forward(a, cfg, kFast); }, "y: invalid dtype value 7"));
+  a = p.args();
+  a.comb.device = {static_cast<DeviceType>(9), 0};
+  EXPECT_TRUE(throws<DeviceError>([&] { post_forward(a, cfg, kFast); }, "comb: invalid device type"));
+  a = p.args();
+  a.x.device.index = -3;
+  EXPECT_TRUE(throws<DeviceError>([&] { post_forward(a, cfg, kFast); }, "x: negative device index"));
+}
+
+// The kernels read inputs at other elements than they write: an output over an input is refused, not garbage.
+TEST_F(Errors, OutputsOverlappingInputsAreRefused) {
+  PostProblem p(s, rng);
+  PostForward a = p.args();
+  a.x_next = a.x;
+  EXPECT_TRUE(throws<InvalidArgument>([&] { post_forward(a, cfg, kFast); }, "x_next: shares memory with the input x"));
+  PostBackwardProblem b(s, rng);
+  PostBackward g = b.args();
+  g.grad_x = g.grad_x_next;
+  EXPECT_TRUE(throws<InvalidArgument>([&] { post_backward(g, cfg, kRef); }, "grad_x: shares memory with the input"));
+  PreProblem q(s, rng);
+  PreForward f = q.args();
+  f.h_pre = f.h_post;
+  EXPECT_TRUE(throws<InvalidArgument>([&] { pre_forward(f, cfg, kFast); }, "h_pre: shares memory with the output"));
+  // In place where the op is elementwise: residual_add_agg's x_out over x.
+  ResidualAddAggProblem r(s, rng);
+  ResidualAddAggProblem ref = r;
+  residual_add_agg_forward({r.x.view(), r.res.view(), r.h_pre.view(), r.x.view(), r.agg.view()}, cfg, kFast);
+  ref.forward(cfg, kFast);
+  for (std::int64_t i = 0; i < r.x.numel(); ++i) ASSERT_EQ(r.x.get(i), ref.x_out.get(i));
+}
+
 // ---- nan_policy = check ---------------------------------------------------------------------------
 class NanPolicyCheck : public Errors {
  protected:
@@ -261,6 +311,15 @@ TEST_F(NanPolicyCheck, NamesTheArgument) {
   ResidualAddAggProblem ra({2, 4, 5, DType::bf16}, rng);
   ra.res.set(1, std::numeric_limits<double>::quiet_NaN());
   EXPECT_TRUE(throws<NonFiniteError>([&] { ra.forward(checked(), kFast); }, "res: contains"));
+}
+
+TEST_F(NanPolicyCheck, HeadScansItsParameters) {
+  HeadProblem h(s, rng);
+  h.p.base.set(1, std::numeric_limits<double>::quiet_NaN());
+  EXPECT_TRUE(throws<NonFiniteError>([&] { h.forward(checked(), kFast); }, "head_forward: base: contains"));
+  HeadProblem g(s, rng);
+  g.p.scale.set(0, std::numeric_limits<double>::infinity());
+  EXPECT_TRUE(throws<NonFiniteError>([&] { g.forward(checked(), kFast); }, "head_forward: scale: contains"));
 }
 
 // A NonFiniteError is an InvalidArgument (Python: ValueError).
