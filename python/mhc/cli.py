@@ -44,7 +44,22 @@ def _add_demo_arguments(p: argparse.ArgumentParser):
 
 
 def _run_demo(args) -> int:
-    from .demo.train import default_config, resolve_device, run_demo
+    try:
+        cfg = _demo_config(args)
+    except (ValueError, RuntimeError, OSError) as error:  # a user's mistake: its message, not a traceback
+        print(f"mhc demo: error: {error}", file=sys.stderr)
+        return 2
+    from .demo.train import run_demo
+
+    run_demo(cfg)
+    return 0
+
+
+def _demo_config(args):
+    """The demo's configuration from the flags, checked (device, values, corpus, output folder) before it runs."""
+    from pathlib import Path
+
+    from .demo.train import default_config, resolve_device
 
     device = resolve_device(args.device)
     cfg = default_config(device, args.preset)
@@ -63,8 +78,11 @@ def _run_demo(args) -> int:
         cfg.warmup_steps = min(cfg.warmup_steps, max(cfg.steps // 10, 1))
     cfg.recompute = args.recompute or args.recompute_block is not None
     cfg.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    run_demo(cfg)
-    return 0
+    cfg.validate()
+    if cfg.corpus is not None and not Path(cfg.corpus).is_file():
+        raise ValueError(f"corpus: expected a text file, got {cfg.corpus!r} (no such file)")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return cfg
 
 
 # ---- info ---------------------------------------------------------------------------------------------------------

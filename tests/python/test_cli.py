@@ -100,13 +100,11 @@ def test_demo_variants_flag_and_errors(tmp_path):
     assert cli.main(["demo", "--device", "cpu", "--steps", "4", "--width", "16", "--depth", "1", "--batch-size", "2",
                      "--seq-len", "8", "--variants", "residual,hc", "--threads", "1", "--out", str(out)]) == 0
     assert set(json.loads((out / "demo.json").read_text())["runs"]) == {"residual", "hc"}
-    with pytest.raises(ValueError, match="variants"):
-        cli.main(["demo", "--device", "cpu", "--variants", "residual,dense", "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="device"):
-        cli.main(["demo", "--device", "tpu", "--out", str(tmp_path / "y")])
+    # A mistake is a message and exit status 2, not a traceback.
+    assert cli.main(["demo", "--device", "cpu", "--variants", "residual,dense", "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["demo", "--device", "tpu", "--out", str(tmp_path / "y")]) == 2
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="device"):
-            cli.main(["demo", "--device", "cuda", "--out", str(tmp_path / "z")])
+        assert cli.main(["demo", "--device", "cuda", "--out", str(tmp_path / "z")]) == 2
 
 
 # ---- the tuning file in `mhc info`, and `mhc tune` without a GPU ----------------------------------------
@@ -154,3 +152,33 @@ def test_tune_help_lists_its_options(capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--dry-run" in out and "MHC_TUNING_FILE" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "steps: expected >= 1"),
+    (["--lr", "-1"], "lr: expected > 0"),
+    (["--variants", "foo"], "variants: expected"),
+    (["--device", "foo"], "device: expected"),
+    (["--corpus", "/nonexistent/corpus.txt"], "corpus: expected a text file"),
+])
+def test_demo_mistakes_get_a_message_and_exit_2(flags, message, capsys):
+    from mhc import cli
+
+    assert cli.main(["demo", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mhc demo: error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "foo"], "--device: expected"),
+    (["--history", "0"], "--history: expected values >= 1"),
+    (["--n", "0"], "--n: expected values >= 1"),
+    (["--steps", "0"], "--steps: expected values >= 1"),
+    (["--json", "/nonexistent/x.json"], "--json: no folder"),
+])
+def test_bench_model_mistakes_are_refused_before_running(flags, message, capsys):
+    from mhc import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--model", "vision", "--device", "cpu", "--quick", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

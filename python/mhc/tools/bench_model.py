@@ -385,7 +385,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--json", default=None, help="write every figure here")
     args = ap.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        ap.error(f"--device: expected cpu, cuda or cuda:i, got {args.device!r}")
+    for flag, values, low in (("--n", args.n, 1), ("--history", args.history, 1), ("--steps", [args.steps], 1),
+                              ("--warmup", [args.warmup], 0)):
+        bad = [v for v in values if v is not None and v < low]
+        if bad:
+            ap.error(f"{flag}: expected values >= {low}, got {bad[0]}")
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        ap.error(f"--json: no folder {str(Path(args.json).resolve().parent)!r} to write {args.json!r} into")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("mhc bench --model: no CUDA device found (use --device cpu for a smoke test)", file=sys.stderr)
         return 1
@@ -395,7 +405,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error(f"--modes: expected a subset of eager,compile, got {','.join(args.modes) or 'nothing'}")
     if args.rounds < 1:
         ap.error(f"--rounds: expected a count >= 1, got {args.rounds}")
-    args.steps = args.steps or (3 if args.quick else 20)
+    args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.precision = args.precision or ("bf16" if args.model == "gpt" else "fp32")
     if device.type == "cuda":
