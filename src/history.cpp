@@ -36,6 +36,9 @@ std::vector<TensorView> unstack(const TensorView& stacked) {
   check.present(stacked, "stacked");
   if (stacked.rank < 1) check.fail("stacked: expected a tensor [H, *shape]");
   if (!stacked.is_contiguous()) check.fail("stacked: expected a contiguous tensor");
+  if (stacked.shape[0] > kMaxHistory)  // no op takes more states (and a vector of 2^50 views is no error message)
+    check.fail("stacked: expected at most " + std::to_string(kMaxHistory) + " states [H, *shape], got H = " +
+               std::to_string(stacked.shape[0]));
   std::vector<TensorView> slots(static_cast<std::size_t>(stacked.shape[0]));
   const std::int64_t slot_elems = stacked.shape[0] ? stacked.numel() / stacked.shape[0] : 0;
   for (std::size_t k = 0; k < slots.size(); ++k) {

@@ -561,6 +561,8 @@ TEST(HistoryHelpers, UnstackAndMemoryFormula) {
   EXPECT_EQ(slots[2].shape[1], 5);
   EXPECT_EQ(static_cast<unsigned char*>(slots[2].data) - static_cast<const unsigned char*>(stacked.data()), 2 * 10 * 2);
   EXPECT_EQ(history_memory_bytes(8, 64, 32 * 32, 4, DType::f16), 8LL * 64 * 1024 * 4 * 2);
+  const TensorView huge = TensorView::contiguous(stacked.data(), DType::bf16, {std::int64_t(1) << 50, 1});
+  EXPECT_TRUE(throws<InvalidArgument>([&] { unstack(huge); }, "stacked: expected at most 64 states"));
 }
 
 }  // namespace
