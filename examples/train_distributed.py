@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,6 +379,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.distributed != "none" and world < 2:  # the launcher's mistake: a message, not a traceback
+        sys.exit(f"train_distributed.py: error: --distributed {cfg.distributed} needs 2 or more processes: launch "
+                 f"with torchrun --nproc_per_node=N (got WORLD_SIZE={world})")
     try:
         train(cfg)
     finally:
