@@ -7,7 +7,7 @@ enum class NanPolicy {
   propagate,  // default: non-finite inputs flow through like any float arithmetic
   check,      // a forward scans its floating inputs first, a backward its incoming gradients (the saved forward
               // inputs were scanned by the forward); a non-finite value throws NonFiniteError naming the argument
-              // naming the argument (on CUDA this synchronises the stream: a debugging aid)
+              // (on CUDA this synchronises the stream: a debugging aid)
 };
 
 // docs/MATH.md section 1. Defaults are the paper's.
