@@ -13,7 +13,10 @@ two routes:
   when a gradient is needed: this saves the dispatcher's autograd and Python layers, most of an eager call's host
   cost (docs/PERFORMANCE.md, host cost);
 - everything else (torch.compile, fake and meta tensors, tensor subclasses such as DTensor, FlopCounterMode,
-  export) dispatches ``torch.ops.mhc.<name>``.
+  export) dispatches ``torch.ops.mhc.<name>``; under a torch.func transform (grad, vjp, jacrev, vmap) through an
+  autograd Function of the form torch.func accepts, built from the same formula (:func:`transformable_function`).
+  Forward-mode AD is refused (:func:`refuse_forward_ad`), and a second backward through any route raises
+  (:func:`once_differentiable`).
 
 :class:`Op` puts the two together for ops whose arguments begin with their tensors (it builds the eager
 ``autograd.Function`` from the registered formula); ops that take a list of tensors (the history states) build
