@@ -135,6 +135,7 @@ _torch_function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _jit_tracing = torch._C._is_tracing
+_functorch_level = torch._C._functorch.maybe_current_level  # not None inside a torch.func transform, backward too
 
 
 def needs_grad(tensors) -> bool:
@@ -161,7 +162,7 @@ def transformable_function(name: str, forward: Callable, setup_context: Callable
         "generate_vmap_rule": True,
         "forward": staticmethod(forward),
         "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+        "backward": staticmethod(once_differentiable(backward)),
     })
 
 
@@ -201,7 +202,7 @@ def _eager_function(name: str, kernel: Callable, setup_context: Callable, backwa
 
     return type(f"{name}_function", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+        "backward": staticmethod(once_differentiable(backward)),
     })
 
 
@@ -221,22 +222,31 @@ def register(name: str, fake: Callable, *, setup_context: Optional[Callable] = N
     return getattr(torch.ops.mhc, name).default
 
 
+def _requiring_grad(t: Tensor) -> Tensor:
+    t.requires_grad = True  # the attribute, as torch's decorator sets it: torch.func refuses requires_grad_()
+    return t
+
+
 def once_differentiable(backward: Callable) -> Callable:
-    """torch.autograd.function.once_differentiable for a backward formula whose results may hold lists of tensors
-    (the history ops' gradients of their states): under create_graph=True each gradient is tied to a node that raises
-    when differentiated again, where it would otherwise carry no graph (a zero second derivative, silently)."""
+    """torch.autograd.function.once_differentiable for every backward of this package: under create_graph=True each
+    gradient is tied to a node that raises when differentiated again, where it would otherwise carry no graph (a zero
+    second derivative, silently). Unlike torch's, it ties them whatever the incoming gradients: with a loss linear in
+    the op's output those carry no graph, yet the gradient still depends on the op's inputs. It also takes results
+    that hold lists of tensors (the history ops' gradients of their states)."""
 
     def wrapper(ctx, *grads):
         with torch.no_grad():
             result = backward(ctx, *grads)
-        if not torch.is_grad_enabled() or not any(isinstance(g, Tensor) and g.requires_grad for g in grads):
+        if not torch.is_grad_enabled():  # create_graph=False: nothing will differentiate the gradients
             return result
+        if _functorch_level() is not None and not any(isinstance(g, Tensor) and g.requires_grad for g in grads):
+            return result  # inside a torch.func transform (vmap refuses the tie): as torch's decorator decides
         flat, spec = torch.utils._pytree.tree_flatten(result)
         where = [i for i, t in enumerate(flat) if isinstance(t, Tensor)]
         if where:
             refuse = torch._C._functions.DelayedError(
                 b"trying to differentiate twice a function that was marked with @once_differentiable", len(where))
-            tied = refuse(*[flat[i].detach().requires_grad_() for i in where])
+            tied = refuse(*[_requiring_grad(flat[i].detach()) for i in where])
             for i, t in zip(where, tied if isinstance(tied, tuple) else (tied,)):
                 flat[i] = t
         return torch.utils._pytree.tree_unflatten(flat, spec)

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._plumbing import (_PLAIN, Op, _intercepted, eager, eager_apply, in_functorch, kernel, refuse_forward_ad,
-                        register, register_vmap_by_element, transformable_function)
+from ._plumbing import (_PLAIN, Op, _intercepted, eager, eager_apply, in_functorch, kernel, once_differentiable,
+                        refuse_forward_ad, register, register_vmap_by_element, transformable_function)
 from ._plumbing import get_backend as _backend
 from ._plumbing import needs_grad as _needs_grad
 from ._plumbing import new as _new
@@ -286,7 +286,7 @@ class _MixFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
+    @once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, grad_out):
         weights, gate, *states = ctx.saved_tensors
         need_x, need_weights, need_gate = ctx.needs_input_grad[:3]
@@ -468,7 +468,7 @@ class _SkipFunction(torch.autograd.Function):
         return out, weights
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
+    @once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, grad_out, _grad_weights):
         logits, weights, gate, *states = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -33,7 +33,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._plumbing import BACKENDS, Op, eager, eager_apply, get_backend, new, set_backend, use_backend
+from ._plumbing import (BACKENDS, Op, eager, eager_apply, get_backend, new, once_differentiable, set_backend,
+                        use_backend)
 from ._checks import check_expand, check_head, check_post, check_pre, check_residual_add_agg, check_sinkhorn
 from .reference import coef_dtype
 
@@ -341,7 +342,7 @@ class _PairedPre(torch.autograd.Function):
         return outs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
+    @once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, grad_layer_input, grad_h_pre, grad_h_post, grad_comb, _grad_mixes, _grad_rstd):
         x, fn, base, scale, mixes, rstd = ctx.saved_tensors
         grad_x, grad_fn, grad_base, grad_scale = _pre_backward_op(
@@ -359,7 +360,7 @@ class _PairedPost(torch.autograd.Function):
         return x_next
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
+    @once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, grad_x_next):
         grad_x, *rest = _post_backward(ctx, grad_x_next)
         ctx.link.deposit(grad_x)
@@ -375,7 +376,7 @@ class _PairedPostPre(torch.autograd.Function):
         return outs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: refused, not wrong
+    @once_differentiable  # no double backward: refused, not wrong
     def backward(ctx, *grad_outputs):
         grad_x, *rest = _post_pre_backward(ctx, *grad_outputs)
         ctx.link.deposit(grad_x)

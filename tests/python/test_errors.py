@@ -336,6 +336,13 @@ def test_double_backward_is_refused_not_silently_wrong():
         grad, = torch.autograd.grad(skip().square().sum(), states[1], create_graph=True)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             grad.square().sum().backward()
+    # A loss linear in the op's output: the incoming gradient carries no graph, the op's gradient still depends on x.
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    fn, base, scale = (t.double().requires_grad_() for t in site_params(2, 4))
+    layer_input = ops.mhc_pre(x, fn, base, scale)[0]
+    grad, = torch.autograd.grad(layer_input.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (layer_input.sum() + grad.square().sum()).backward()
     logits_nn = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
     grad, = torch.autograd.grad(torch.ops.mhc.sinkhorn(logits_nn, 20, 1e-6, "auto").square().sum(), logits_nn,
                                 create_graph=True)
