@@ -116,6 +116,11 @@ def _tuning_file(cuda_ready: bool):
         return f"none (looked for {path}; set MHC_TUNING_FILE or run `mhc tune`)", None
     problem = tuning.file_problem(path)
     status = _C.reload_tuning() if cuda_ready else None  # what the CUDA backend itself makes of the file
+    if status is not None and not status["error"] and problem is not None:
+        # The CUDA backend loaded it (it clamps what it cannot use); the stricter check found values outside the
+        # sets the kernels are known to take.
+        return (f"{path}: loaded ({status['entries']} entries), with values outside the known sets",
+                f"mhc info: WARNING: the tuning file {path} is in use, but: {problem}")
     if problem is None and status is not None:
         problem = status["error"] or None
     if problem is not None:

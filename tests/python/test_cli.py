@@ -182,3 +182,21 @@ def test_bench_model_mistakes_are_refused_before_running(flags, message, capsys)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--model", "vision", "--device", "cpu", "--quick", *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_info_says_a_file_the_cuda_backend_loads_is_in_use(tmp_path, monkeypatch):
+    # The Python check knows each parameter's kernel values and is stricter than the C++ reader, which clamps: when
+    # the backend reports the file loaded, `mhc info` says so (with a warning), not "ignored".
+    from mhc import _C
+
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"format": "mhc-tuning", "version": 1, "entries": [
+        {"op": "post_pre_forward", "params": {"direct_ks": 64}}]}))
+    monkeypatch.setenv("MHC_TUNING_FILE", str(path))
+    monkeypatch.setattr(_C, "reload_tuning", lambda: {"entries": 1, "error": ""})
+    line, warning = cli._tuning_file(True)
+    assert "loaded (1 entries)" in line and "MALFORMED" not in line
+    assert "in use" in warning and "direct_ks" in warning
+    monkeypatch.setattr(_C, "reload_tuning", lambda: {"entries": 0, "error": "bad"})
+    line, warning = cli._tuning_file(True)
+    assert "MALFORMED, ignored" in line
