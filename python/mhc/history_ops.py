@@ -311,19 +311,25 @@ def _mix_transformable_setup_context(ctx, inputs, output):
     _mix_setup_context(ctx, (x, states, weights, gate, backend), output)
 
 
-def _mix_transformable_backward(ctx, grad_out):
-    weights, gate, *states = ctx.saved_tensors
-    need = ctx.needs_input_grad  # x, weights, gate, backend, *states
+def _transformable_backward(ctx, grad_out, states, backward_op, has_x: bool = True):
+    """The backward of a transformable history Function, whose inputs are (x, coefficients, gate, the non-tensor
+    arguments, *states): ``backward_op(grad_out, need_states)`` -> (grad of the coefficients, grad_gate, grad_states)."""
+    need = ctx.needs_input_grad
     need_states = any(need[4:])
-    grad_weights = grad_gate = None
+    grad_coef = grad_gate = None
     grad_states = [None] * len(states)
     if need_states or need[1] or need[2]:
-        grad_weights, grad_gate, computed = _mix_backward_op(grad_out.contiguous(), states, weights, gate, need_states,
-                                                             ctx.backend)
+        grad_coef, grad_gate, computed = backward_op(grad_out.contiguous(), need_states)
         grad_gate = grad_gate if ctx.has_gate else None
         if need_states:
             grad_states = list(computed)
-    return (grad_out if (ctx.has_x and need[0]) else None, grad_weights, grad_gate, None, *grad_states)
+    return (grad_out if (has_x and need[0]) else None, grad_coef, grad_gate, None, *grad_states)
+
+
+def _mix_transformable_backward(ctx, grad_out):
+    weights, gate, *states = ctx.saved_tensors
+    return _transformable_backward(
+        ctx, grad_out, states, lambda g, need: _mix_backward_op(g, states, weights, gate, need, ctx.backend), ctx.has_x)
 
 
 # Under torch.func transforms: the op dispatched with the states unpacked, so the transforms see each.
@@ -495,22 +501,14 @@ def _skip_transformable_setup_context(ctx, inputs, output):
 
 def _skip_transformable_backward(ctx, grad_out, _grad_weights):
     logits, weights, gate, *states = ctx.saved_tensors
-    need = ctx.needs_input_grad  # x, logits, gate, hyper, *states
-    need_states = any(need[4:])
-    grad_logits = grad_gate = None
-    grad_states = [None] * len(states)
-    if need_states or need[1] or need[2]:
-        grad_logits, grad_gate, computed = _skip_backward_op(grad_out.contiguous(), states, logits, weights, gate,
-                                                             need_states, *ctx.hyper)
-        grad_gate = grad_gate if ctx.has_gate else None
-        if need_states:
-            grad_states = list(computed)
-    return (grad_out if need[0] else None, grad_logits, grad_gate, None, *grad_states)
+    return _transformable_backward(
+        ctx, grad_out, states, lambda g, need: _skip_backward_op(g, states, logits, weights, gate, need, *ctx.hyper))
 
 
 _SkipTransformable = transformable_function(
     "history_skip", lambda x, logits, gate, hyper, *states: _skip_op(x, list(states), logits, gate, *hyper),
     _skip_transformable_setup_context, _skip_transformable_backward)
+
 _COEF_OF = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float16: torch.float32,
             torch.float64: torch.float64}
 
