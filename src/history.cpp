@@ -248,6 +248,14 @@ void project_logits_backward(const ProjectLogitsBackward& a, const HistoryConfig
 
 // ---- mix ------------------------------------------------------------------------------------------
 
+namespace {
+// The states (or their gradients) as named views for ArgChecker::disjoint; absent entries are skipped there.
+void add_named(std::vector<ArgChecker::Named>& into, std::span<const TensorView> views, const char* name) {
+  for (std::size_t k = 0; k < views.size(); ++k)
+    into.push_back({views[k], std::string(name) + "[" + std::to_string(k) + "]"});
+}
+}  // namespace
+
 void history_mix_forward(const HistoryMixForward& a, const HistoryConfig& cfg, const Context& ctx) {
   const ArgChecker check("history_mix_forward");
   check_config(check, cfg);
@@ -255,6 +263,12 @@ void history_mix_forward(const HistoryMixForward& a, const HistoryConfig& cfg, c
   if (a.x.present()) {
     if (L.matrix) check_shaped(check, a.x, "x", {L.R}, a.states[0], a.out.dtype, a.out.device, "like out");
     else check_shaped(check, a.x, "x", {}, a.states[0], a.out.dtype, a.out.device, "like out");
+  }
+  {  // out may be x itself (elementwise), not a state (the matrix form's rows lie over other elements)
+    std::vector<ArgChecker::Named> inputs{{a.weights, "weights"}, {a.gate, "gate"}};
+    add_named(inputs, a.states, "states");
+    const ArgChecker::Named outputs[] = {{a.out, "out"}};
+    check.disjoint(outputs, inputs);
   }
   const char* op = "history_mix_forward";
   check_finite(a.x, "x", op, cfg, ctx);
@@ -275,6 +289,11 @@ void check_mix_backward(const ArgChecker& check, const HistoryMixBackward& a, co
   if (a.grad_gate.present() && !a.gate.present()) check.fail("grad_gate: given but gate is absent");
   check.optional(a.grad_gate, "grad_gate", {{1, "1"}}, L.coef, device);
   check_grad_states(check, a.grad_states, a.states, device);
+  std::vector<ArgChecker::Named> outputs{{a.grad_weights, "grad_weights"}, {a.grad_gate, "grad_gate"}};
+  add_named(outputs, a.grad_states, "grad_states");
+  std::vector<ArgChecker::Named> inputs{{a.grad_out, "grad_out"}, {a.weights, "weights"}, {a.gate, "gate"}};
+  add_named(inputs, a.states, "states");
+  check.disjoint(outputs, inputs);
 }
 }  // namespace
 
@@ -313,6 +332,14 @@ void history_skip_forward(const HistorySkipForward& a, const HistoryConfig& cfg,
   check_small(check, a.logits, "logits", {H}, coef, device);
   check_small(check, a.weights, "weights", {H}, coef, device);
   check.optional(a.gate, "gate", {{1, "1"}}, coef, device);
+  {  // out may be x itself (elementwise)
+    std::vector<ArgChecker::Named> inputs{{a.logits, "logits"}, {a.gate, "gate"}};
+    add_named(inputs, a.states, "states");
+    const ArgChecker::Named outputs[] = {{a.out, "out"}, {a.weights, "weights"}};
+    check.disjoint(outputs, inputs);
+    const ArgChecker::Named weights[] = {{a.weights, "weights"}}, x[] = {{a.x, "x"}};
+    check.disjoint(weights, x);
+  }
   const char* op = "history_skip_forward";
   check_finite(a.x, "x", op, cfg, ctx);
   check_finite(a.logits, "logits", op, cfg, ctx);
@@ -340,6 +367,12 @@ void check_skip_backward(const ArgChecker& check, const HistorySkipBackward& a, 
   if (a.grad_gate.present() && !a.gate.present()) check.fail("grad_gate: given but gate is absent");
   check.optional(a.grad_gate, "grad_gate", {{1, "1"}}, coef, device);
   check_grad_states(check, a.grad_states, a.states, device);
+  std::vector<ArgChecker::Named> outputs{{a.grad_logits, "grad_logits"}, {a.grad_gate, "grad_gate"}};
+  add_named(outputs, a.grad_states, "grad_states");
+  std::vector<ArgChecker::Named> inputs{{a.grad_out, "grad_out"}, {a.logits, "logits"}, {a.weights, "weights"},
+                                        {a.gate, "gate"}};
+  add_named(inputs, a.states, "states");
+  check.disjoint(outputs, inputs);
 }
 }  // namespace
 

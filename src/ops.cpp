@@ -146,7 +146,8 @@ void pre_backward(const PreBackward& a, const MhcConfig& cfg, const Context& ctx
   check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
   check_param_grads(check, s, s.m, {3, "3"}, a.fn, a.scale, a.grad_fn, a.grad_base, a.grad_scale);
   check.workspace(a.workspace, backward_workspace(a, cfg, ctx), s.device);
-  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_fn, "grad_fn"}, {a.grad_base, "grad_base"}, {a.grad_scale, "grad_scale"}},
+  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_fn, "grad_fn"}, {a.grad_base, "grad_base"},
+                  {a.grad_scale, "grad_scale"}},
                  {{a.x, "x"}, {a.fn, "fn"}, {a.base, "base"}, {a.scale, "scale"}, {a.mixes, "mixes"}, {a.rstd, "rstd"},
                   {a.grad_layer_input, "grad_layer_input"}, {a.grad_h_pre, "grad_h_pre"},
                   {a.grad_h_post, "grad_h_post"}, {a.grad_comb, "grad_comb"}});
@@ -186,7 +187,8 @@ void post_backward(const PostBackward& a, const MhcConfig& cfg, const Context& c
   check.tensor(a.grad_y, "grad_y", {s.T, s.C}, s.storage, s.device);
   check.tensor(a.grad_h_post, "grad_h_post", {s.T, s.n}, s.coef, s.device);
   check.tensor(a.grad_comb, "grad_comb", {s.T, s.n, s.n}, s.coef, s.device);
-  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_y, "grad_y"}, {a.grad_h_post, "grad_h_post"}, {a.grad_comb, "grad_comb"}},
+  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_y, "grad_y"}, {a.grad_h_post, "grad_h_post"},
+                  {a.grad_comb, "grad_comb"}},
                  {{a.grad_x_next, "grad_x_next"}, {a.x, "x"}, {a.y, "y"}, {a.h_post, "h_post"}, {a.comb, "comb"}});
   check_finite(a.grad_x_next, "grad_x_next", "post_backward", cfg, ctx);
   MHC_DISPATCH(a.x.device, ctx, post_backward(a, cfg, ctx));
@@ -284,7 +286,8 @@ void head_backward(const HeadBackward& a, const MhcConfig& cfg, const Context& c
   check.tensor(a.grad_x, "grad_x", {s.T, s.n, s.C}, s.storage, s.device);
   check_param_grads(check, s, s.n, {1, "1"}, a.fn, a.scale, a.grad_fn, a.grad_base, a.grad_scale);
   check.workspace(a.workspace, backward_workspace(a, cfg, ctx), s.device);
-  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_fn, "grad_fn"}, {a.grad_base, "grad_base"}, {a.grad_scale, "grad_scale"}},
+  check.disjoint({{a.grad_x, "grad_x"}, {a.grad_fn, "grad_fn"}, {a.grad_base, "grad_base"},
+                  {a.grad_scale, "grad_scale"}},
                  {{a.x, "x"}, {a.fn, "fn"}, {a.base, "base"}, {a.scale, "scale"}, {a.mixes, "mixes"}, {a.rstd, "rstd"},
                   {a.grad_out, "grad_out"}, {a.grad_weights, "grad_weights"}});
   check_finite(a.grad_out, "grad_out", "head_backward", cfg, ctx);

@@ -63,11 +63,12 @@ void ArgChecker::present(const TensorView& t, const char* name) const {
     overflow = overflow || __builtin_mul_overflow(count, t.shape[d], &count);
   }
   overflow = overflow || __builtin_mul_overflow(count, static_cast<std::int64_t>(dtype_size(t.dtype)), &bytes);
-  if (overflow) fail(std::string(name) + ": shape " + t.shape_string() + " is too large (its size overflows int64)");
+  if (overflow)
+    fail(std::string(name) + ": shape " + t.shape_string() + " is too large (its size overflows int64)");
   if (count > 0 && t.data == nullptr) fail(std::string(name) + ": data pointer is null");
 }
 
-void ArgChecker::disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) const {
+void ArgChecker::disjoint(std::span<const Named> outputs, std::span<const Named> inputs) const {
   auto range = [](const TensorView& t) {
     const auto begin = reinterpret_cast<std::uintptr_t>(t.data);
     return std::pair{begin, begin + static_cast<std::uintptr_t>(t.numel()) * dtype_size(t.dtype)};
@@ -81,11 +82,10 @@ void ArgChecker::disjoint(std::initializer_list<Named> outputs, std::initializer
   for (auto out = outputs.begin(); out != outputs.end(); ++out) {
     for (const Named& in : inputs)
       if (overlap(out->t, in.t))
-        fail(std::string(out->name) + ": shares memory with the input " + in.name + " (outputs must not overlap inputs)");
+        fail(out->name + ": shares memory with the input " + in.name + " (outputs must not overlap inputs)");
     for (auto other = std::next(out); other != outputs.end(); ++other)
       if (overlap(out->t, other->t))
-        fail(std::string(out->name) + ": shares memory with the output " + other->name +
-             " (outputs must not overlap each other)");
+        fail(out->name + ": shares memory with the output " + other->name + " (outputs must not overlap each other)");
   }
 }
 

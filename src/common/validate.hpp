@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <span>
 #include <string>
 
 #include "mhc/config.hpp"
@@ -47,9 +48,13 @@ class ArgChecker {
   // write); absent and empty views are skipped. Call after the tensors' own checks (they are then contiguous).
   struct Named {
     const TensorView& t;
-    const char* name;
+    std::string name;
   };
-  void disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) const;
+  void disjoint(std::span<const Named> outputs, std::span<const Named> inputs) const;
+  void disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) const {
+    disjoint(std::span<const Named>(outputs.begin(), outputs.size()),
+             std::span<const Named>(inputs.begin(), inputs.size()));
+  }
 
  private:
   const char* op_;

@@ -553,6 +553,31 @@ TEST(HistoryErrors, NanPolicyCheckNamesTheTensor) {
                                "states[1]"));
 }
 
+// An output over an input (or another output) is refused; out over x itself is elementwise and allowed.
+TEST(HistoryErrors, OutputsOverlappingInputsAreRefused) {
+  std::mt19937 rng(12);
+  auto states = random_states(3, DType::f32, {4, 5}, rng);
+  Tensor x = random_tensor(DType::f32, {4, 5}, rng), w = random_tensor(DType::f32, {3}, rng);
+  Tensor out = poisoned_tensor(DType::f32, {4, 5});
+  auto sv = views(states);
+  EXPECT_TRUE(throws<InvalidArgument>([&] { history_mix_forward({x.view(), sv, w.view(), {}, sv[1]}, {}); },
+                                      "out: shares memory with the input states[1]"));
+  history_mix_forward({x.view(), sv, w.view(), {}, out.view()}, {});
+  Tensor in_place = x;
+  history_mix_forward({in_place.view(), sv, w.view(), {}, in_place.view()}, {});
+  for (std::int64_t i = 0; i < out.numel(); ++i) ASSERT_EQ(in_place.get(i), out.get(i));
+
+  Tensor grad_out = random_tensor(DType::f32, {4, 5}, rng), grad_w = poisoned_tensor(DType::f32, {3});
+  std::vector<Tensor> gs;
+  for (int k = 0; k < 3; ++k) gs.push_back(poisoned_tensor(DType::f32, {4, 5}));
+  std::vector<TensorView> gsv = views(gs);
+  gsv[0] = sv[2];  // a state's gradient written over another state
+  Tensor ws(DType::f32, {1 << 16});
+  EXPECT_TRUE(throws<InvalidArgument>(
+      [&] { history_mix_backward({grad_out.view(), sv, w.view(), {}, grad_w.view(), {}, gsv, ws.view()}, {}); },
+      "grad_states[0]: shares memory with the input states[2]"));
+}
+
 TEST(HistoryHelpers, UnstackAndMemoryFormula) {
   Tensor stacked = poisoned_tensor(DType::bf16, {3, 2, 5});
   const auto slots = unstack(stacked.view());
