@@ -14,6 +14,10 @@
 // whose size the matching *_workspace_bytes query returns (possibly 0); the forward pre and post+pre take an
 // optional one that lets a kernel needing it run (without it they run another).
 //
+// No output may share memory with an input or another output (InvalidArgument names both), except where the op is
+// elementwise: residual_add_agg_forward's x_out may be x or res, pre_backward's grad_x may be grad_x_accum, and
+// (history.hpp) history_mix / history_skip's out may be x.
+//
 // Bad arguments throw InvalidArgument / DTypeError / DeviceError naming the argument.
 #pragma once
 
