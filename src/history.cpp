@@ -251,8 +251,7 @@ void project_logits_backward(const ProjectLogitsBackward& a, const HistoryConfig
 namespace {
 // The states (or their gradients) as named views for ArgChecker::disjoint; absent entries are skipped there.
 void add_named(std::vector<ArgChecker::Named>& into, std::span<const TensorView> views, const char* name) {
-  for (std::size_t k = 0; k < views.size(); ++k)
-    into.push_back({views[k], std::string(name) + "[" + std::to_string(k) + "]"});
+  for (std::size_t k = 0; k < views.size(); ++k) into.push_back({views[k], name, static_cast<int>(k)});
 }
 }  // namespace
 

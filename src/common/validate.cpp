@@ -82,10 +82,11 @@ void ArgChecker::disjoint(std::span<const Named> outputs, std::span<const Named>
   for (auto out = outputs.begin(); out != outputs.end(); ++out) {
     for (const Named& in : inputs)
       if (overlap(out->t, in.t))
-        fail(out->name + ": shares memory with the input " + in.name + " (outputs must not overlap inputs)");
+        fail(out->label() + ": shares memory with the input " + in.label() + " (outputs must not overlap inputs)");
     for (auto other = std::next(out); other != outputs.end(); ++other)
       if (overlap(out->t, other->t))
-        fail(out->name + ": shares memory with the output " + other->name + " (outputs must not overlap each other)");
+        fail(out->label() + ": shares memory with the output " + other->label() +
+             " (outputs must not overlap each other)");
   }
 }
 

@@ -48,7 +48,9 @@ class ArgChecker {
   // write); absent and empty views are skipped. Call after the tensors' own checks (they are then contiguous).
   struct Named {
     const TensorView& t;
-    std::string name;
+    const char* name;
+    int index = -1;  // >= 0: the entry name[index] of a list argument (the states)
+    std::string label() const { return index < 0 ? name : std::string(name) + "[" + std::to_string(index) + "]"; }
   };
   void disjoint(std::span<const Named> outputs, std::span<const Named> inputs) const;
   void disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) const {
