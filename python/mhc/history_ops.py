@@ -509,9 +509,6 @@ _SkipTransformable = transformable_function(
     "history_skip", lambda x, logits, gate, hyper, *states: _skip_op(x, list(states), logits, gate, *hyper),
     _skip_transformable_setup_context, _skip_transformable_backward)
 
-_COEF_OF = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float16: torch.float32,
-            torch.float64: torch.float64}
-
 
 def _skip_common_case(x, states, logits, constraint, temperature, epsilon, gate) -> Optional[Tuple[Tensor, Tensor]]:
     """history_skip's result for the call a model makes every block, or None for any other call (which then takes
@@ -524,7 +521,7 @@ def _skip_common_case(x, states, logits, constraint, temperature, epsilon, gate)
         return None
     dtype, shape, device = x.dtype, x.shape, x.device
     H = len(states)
-    if (_COEF_OF.get(dtype) is not logits.dtype or logits.shape != (H,) or not 1 <= H <= _C.MAX_HISTORY
+    if (dtype not in STREAM_DTYPES or coef_dtype(dtype) is not logits.dtype or logits.shape != (H,) or not 1 <= H <= _C.MAX_HISTORY
             or logits.device != device or x.is_meta or not x.is_contiguous() or not logits.is_contiguous()
             or x.dim() > _MAX_RANK or x.numel() == 0):
         return None
