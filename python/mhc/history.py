@@ -725,9 +725,14 @@ class MHCSequential(nn.Module):
 
     def clear_history(self) -> None:
         """Drop the held states and free the pre-allocated history buffers."""
-        for buffer in [self._history, *self._idle]:
+        for buffer in {id(b): b for b in [self._history, *self._idle]}.values():
             buffer.release()
         self._idle[:] = [self._history]
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "_idle" not in self.__dict__:  # a module pickled before the buffers were pooled
+            self._idle = [self._history]
 
     def history_nbytes(self) -> int:
         """Peak bytes the history held during the last forward (measured)."""
@@ -744,9 +749,7 @@ class MHCSequential(nn.Module):
         check_tensor("MHCSequential", "x", x)  # the history mixes x: a floating tensor
         if _special_mode():  # functional: a fresh local buffer
             return self._run(x, HistoryBuffer(self.max_history, self.config.history_dtype))
-        idle = self.__dict__.get("_idle")
-        if idle is None:  # a module pickled before the buffers were pooled
-            idle = self._idle = [self._history]
+        idle = self._idle
         try:
             history = idle.pop()
         except IndexError:  # other threads are running this module: a buffer of this call's own
