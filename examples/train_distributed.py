@@ -128,12 +128,20 @@ class MHCTransformer(nn.Module):
 # ---- parallelism --------------------------------------------------------------------------------------------------
 
 
+def launch_problem(cfg: TrainConfig, world: int) -> Optional[str]:
+    """Why cfg.distributed cannot run on `world` processes, or None."""
+    if cfg.distributed != "none" and world < 2:
+        return (f"--distributed {cfg.distributed}: needs a process group of 2 or more ranks: launch with torchrun "
+                f"--nproc_per_node=N (got WORLD_SIZE={world})")
+    return None
+
+
 def parallelize(model: MHCTransformer, cfg: TrainConfig, device: torch.device) -> nn.Module:
     """Applies cfg.distributed to model (tensor parallelism, then compile, then the data-parallel wrapper)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if cfg.distributed != "none" and world < 2:
-        raise RuntimeError(f"--distributed {cfg.distributed}: needs a process group of 2 or more ranks: launch "
-                           f"with torchrun --nproc_per_node=N (got WORLD_SIZE={world})")
+    problem = launch_problem(cfg, world)
+    if problem:
+        raise RuntimeError(problem)
     if cfg.distributed == "tp":
         _tensor_parallel(model, world, device)
     if cfg.compile:
@@ -379,10 +387,9 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.distributed != "none" and world < 2:  # the launcher's mistake: a message, not a traceback
-        sys.exit(f"train_distributed.py: error: --distributed {cfg.distributed} needs 2 or more processes: launch "
-                 f"with torchrun --nproc_per_node=N (got WORLD_SIZE={world})")
+    problem = launch_problem(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if problem:  # the launcher's mistake: a message, not a traceback
+        sys.exit(f"train_distributed.py: error: {problem}")
     try:
         train(cfg)
     finally:
